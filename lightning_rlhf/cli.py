@@ -1,0 +1,32 @@
+"""``lightning-rlhf``: LightningCLI over the stage modules and DataModules.
+
+    lightning-rlhf fit --config configs/sft.yaml [--trainer.max_steps 100] [--model.init_args.dtype bfloat16]
+
+Any ``LightningModule`` / ``LightningDataModule`` can be named by ``class_path``; the model's
+``model_name_or_path`` is shared with the DataModule's tokenizer, so the two always agree.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+
+class RLHFCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
+
+
+def main(args: list[str] | None = None) -> None:
+    RLHFCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Record formats, tokenization, collators and DataModules."""

@@ -1,0 +1,199 @@
+"""DataModules for demonstrations (SFT), comparisons (reward model, DPO) and prompts (PPO, sampling).
+
+Each reads records (``records.py``), tokenizes them under one truncation policy (``tokenization.py``) and
+batches them (``collate.py``). Validation data is a file of its own or a seeded held-out fraction of training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Sampler
+
+from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollator, PromptCollator
+from lightning_rlhf.data.records import Record, read_records
+from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.toy import toy_path
+
+log = logging.getLogger(__name__)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on ``(seed, epoch)``, so a resumed run sees the same order.
+
+    Lightning calls ``set_epoch`` at the start of every epoch (and wraps this for distributed runs).
+    """
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class RecordDataModule(L.LightningDataModule):
+    """Shared reading, splitting and loading; subclasses name the record kind, tokenization and collator."""
+
+    kind: str = ""
+    default_train_path: str | None = None
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        val_fraction: float = 0.05,
+        tokenizer_name_or_path: str | None = None,
+        max_length: int = 512,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        columns: dict[str, str] | None = None,
+        split: str = "train",
+        val_split: str = "validation",
+        skip_invalid: bool = False,
+    ):
+        """
+        Args:
+            train_path: .jsonl / .json / .parquet file, saved dataset directory or ``datasets`` name.
+                ``None`` uses the embedded toy task's data.
+            val_path: validation records; ``None`` holds out ``val_fraction`` of the training records.
+            val_fraction: fraction of training records held out when there is no ``val_path`` (0 for none).
+            tokenizer_name_or_path: the model's directory or hub name; ``None`` for the byte-level default.
+            max_length: most tokens of prompt + response (prompts are never cut; see ``tokenization.py``).
+            batch_size: examples (for comparisons: prompts with all their responses) per batch and device.
+            val_batch_size: defaults to ``batch_size``.
+            num_workers: DataLoader worker processes.
+            seed: shuffling and the held-out split.
+            columns: our field -> the source's column, e.g. ``{"prompt": "question", "response": "answer"}``.
+            split: split of a ``datasets`` source to train on.
+            val_split: split of a ``datasets`` ``val_path`` to validate on.
+            skip_invalid: skip invalid records (counted and reported) instead of stopping with an error.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} must lie in [0, 1)")
+        self.tokenizer = None
+        self.train_examples: list[Any] = []
+        self.val_examples: list[Any] = []
+
+    # -- what a subclass defines ------------------------------------------------------------------------
+    def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
+        raise NotImplementedError
+
+    def collator(self):
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------
+    def _read(self, path: str, split: str) -> list[Record]:
+        hp = self.hparams
+        records, report = read_records(path, self.kind, hp.columns, hp.skip_invalid, split)
+        rank_zero_info(report.summary())
+        for reason in report.reasons[:5]:
+            log.warning("skipped %s", reason)
+        return records
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
+        train_path = hp.train_path or self.default_train_path
+        if train_path is None:
+            raise ValueError(f"{type(self).__name__} needs train_path")
+        train_records = self._read(train_path, hp.split)
+        if hp.val_path:
+            val_records = self._read(hp.val_path, hp.val_split)
+        else:
+            order = torch.randperm(len(train_records), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+            n_val = round(len(train_records) * hp.val_fraction)
+            val_records = [train_records[i] for i in order[:n_val]]
+            train_records = [train_records[i] for i in sorted(order[n_val:])]
+        tokenizer = Tokenizer(self.tokenizer, hp.max_length, hp.skip_invalid)
+        self.train_examples = self.tokenize(tokenizer, train_records)
+        self.val_examples = self.tokenize(tokenizer, val_records)
+        if not self.train_examples:
+            raise ValueError(
+                f"{train_path}: no training examples left after tokenization ({tokenizer.report.summary()})"
+            )
+        rank_zero_info(
+            f"{type(self).__name__}: {len(self.train_examples)} train / {len(self.val_examples)} val examples; "
+            f"{tokenizer.report.summary()}"
+        )
+        self.tokenize_report = tokenizer.report
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.train_examples,
+            batch_size=hp.batch_size,
+            sampler=EpochShuffleSampler(len(self.train_examples), hp.seed),
+            collate_fn=self.collator(),
+            num_workers=hp.num_workers,
+            drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        hp = self.hparams
+        if not self.val_examples:
+            return []
+        return DataLoader(
+            self.val_examples,
+            batch_size=hp.val_batch_size or hp.batch_size,
+            shuffle=False,
+            collate_fn=self.collator(),
+            num_workers=hp.num_workers,
+        )
+
+
+class DemonstrationDataModule(RecordDataModule):
+    """``{"prompt", "response"}`` records for supervised fine-tuning; batches from ``DemonstrationCollator``."""
+
+    kind = "demonstration"
+    default_train_path = toy_path("demonstrations")
+
+    def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
+        return tokenizer.demonstrations(records)
+
+    def collator(self) -> DemonstrationCollator:
+        return DemonstrationCollator(self.tokenizer.pad_token_id)
+
+
+class ComparisonDataModule(RecordDataModule):
+    """``{"prompt", "responses", "ranks"}`` (or ``chosen`` / ``rejected``) records, batched by prompt."""
+
+    kind = "comparison"
+    default_train_path = None
+
+    def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
+        return tokenizer.comparisons(records)
+
+    def collator(self) -> ComparisonCollator:
+        return ComparisonCollator(self.tokenizer.pad_token_id)
+
+
+class PromptDataModule(RecordDataModule):
+    """``{"prompt"}`` records, left-padded for generation; ``max_length`` bounds the prompt alone."""
+
+    kind = "prompt"
+    default_train_path = toy_path("prompts")
+
+    def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
+        return tokenizer.prompts(records)
+
+    def collator(self) -> PromptCollator:
+        return PromptCollator(self.tokenizer.pad_token_id)

@@ -1,0 +1,239 @@
+"""Reading and validating records: demonstrations, comparisons, prompts and pretraining text.
+
+A source is a ``.jsonl`` / ``.json`` / ``.parquet`` file, a directory written by ``datasets.save_to_disk``, or a
+``datasets`` name. Every record keeps where it came from (``file line N`` / ``file row N``) so that any error
+can name the file, the record and the field. Invalid records raise ``RecordError`` unless the caller asked to
+skip them, in which case they are counted in ``ReadReport.skipped`` (never dropped silently).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FILE_TYPES = (".jsonl", ".json", ".parquet")
+
+
+class RecordError(ValueError):
+    """A record that does not match its format; the message names file, record and field."""
+
+
+@dataclass
+class Record:
+    """A validated record and where it came from (e.g. ``data/train.jsonl line 7``)."""
+
+    location: str
+    fields: dict[str, Any]
+
+
+@dataclass
+class ReadReport:
+    """What reading a source found: records kept and, when skipping was asked for, what was skipped and why."""
+
+    source: str
+    kept: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.kept} records"
+        if self.skipped:
+            text += f", {self.skipped} invalid records skipped (first: {self.reasons[0]})"
+        return text
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def _check_text_or_messages(record: Mapping[str, Any], name: str) -> Any:
+    if name not in record or record[name] is None:
+        raise RecordError(f"field {name!r} is missing")
+    value = record[name]
+    if _is_text(value):
+        if not value:
+            raise RecordError(f"field {name!r} is an empty string")
+        return value
+    if _is_messages(value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise RecordError(
+        f"field {name!r} must be a string or a list of chat messages {{'role': str, 'content': str}}, "
+        f"got {type(value).__name__}"
+    )
+
+
+def validate_demonstration(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt": _check_text_or_messages(record, "prompt"),
+        "response": _check_text_or_messages(record, "response"),
+    }
+
+
+def validate_prompt(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {"prompt": _check_text_or_messages(record, "prompt")}
+
+
+def validate_text(record: Mapping[str, Any]) -> dict[str, Any]:
+    value = record.get("text")
+    if not isinstance(value, str) or not value:
+        raise RecordError(f"field 'text' must be a non-empty string, got {type(value).__name__}")
+    return {"text": value}
+
+
+def validate_comparison(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``responses`` + ``ranks`` (0 best, ties equal), or the pairwise ``chosen`` / ``rejected`` shorthand."""
+    prompt = _check_text_or_messages(record, "prompt")
+    if "responses" not in record and "chosen" in record:
+        chosen = _check_text_or_messages(record, "chosen")
+        rejected = _check_text_or_messages(record, "rejected")
+        if chosen == rejected:
+            raise RecordError("fields 'chosen' and 'rejected' are the same response")
+        return {"prompt": prompt, "responses": [chosen, rejected], "ranks": [0, 1]}
+    responses, ranks = record.get("responses"), record.get("ranks")
+    if not isinstance(responses, list):
+        raise RecordError("field 'responses' must be a list of responses (or give 'chosen' and 'rejected')")
+    if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        raise RecordError("field 'ranks' must be a list of integers, one per response (0 = best)")
+    if len(ranks) != len(responses):
+        raise RecordError(f"field 'ranks' has {len(ranks)} entries but 'responses' has {len(responses)}")
+    if len(responses) < 2:
+        raise RecordError(f"field 'responses' has {len(responses)} response; a comparison needs at least 2")
+    if any(r < 0 or r >= len(ranks) for r in ranks):
+        raise RecordError(f"field 'ranks' = {ranks}: each rank must lie in 0..{len(ranks) - 1}")
+    if len(set(ranks)) == 1:
+        raise RecordError(f"field 'ranks' = {ranks}: all responses tie, so there is no preference to learn")
+    checked = [_check_text_or_messages({"response": r}, "response") for r in responses]
+    seen: dict[str, int] = {}
+    for response, rank in zip(checked, ranks, strict=True):
+        key = json.dumps(response)
+        if seen.setdefault(key, rank) != rank:
+            raise RecordError(f"field 'responses': the same response appears with ranks {seen[key]} and {rank}")
+    return {"prompt": prompt, "responses": checked, "ranks": ranks}
+
+
+VALIDATORS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    "demonstration": validate_demonstration,
+    "comparison": validate_comparison,
+    "prompt": validate_prompt,
+    "text": validate_text,
+}
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            location = f"{path} line {number}"
+            try:
+                yield location, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield location, RecordError(f"invalid JSON ({err.msg} at column {err.colno})")
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{path}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise RecordError(f"{path}: expected a JSON list of records (or {{'data': [...]}}), got {type(data).__name__}")
+    for number, row in enumerate(data):
+        yield f"{path} record {number}", row
+
+
+def _read_table(rows: Any, name: str) -> Iterator[tuple[str, Any]]:
+    for number, row in enumerate(rows):
+        yield f"{name} row {number}", row
+
+
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Raw rows of ``source`` with their location. A row may be a ``RecordError`` (e.g. a malformed JSON line)."""
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return _read_table(pq.read_table(path).to_pylist(), str(path))
+        raise RecordError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
+    import datasets
+
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+        return _read_table(dataset, f"{path}[{split}]")
+    if path.suffix.lower() in FILE_TYPES:
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; say what was tried
+        raise RecordError(
+            f"{source}: not a file, a saved dataset directory, or a loadable dataset name ({err})"
+        ) from err
+    return _read_table(dataset, f"{source}[{split}]")
+
+
+def read_records(
+    source: str,
+    kind: str,
+    columns: Mapping[str, str] | None = None,
+    skip_invalid: bool = False,
+    split: str = "train",
+) -> tuple[list[Record], ReadReport]:
+    """Validated records of ``kind`` (see ``VALIDATORS``) from ``source``.
+
+    Args:
+        source: file, saved dataset directory or ``datasets`` name.
+        kind: ``demonstration``, ``comparison``, ``prompt`` or ``text``.
+        columns: our field name -> the source's column name, e.g. ``{"prompt": "question"}``.
+        skip_invalid: count and skip invalid records instead of raising.
+        split: the split to read from a dataset with several.
+
+    Raises:
+        RecordError: on the first invalid record (naming file, record and field), or when nothing is left.
+    """
+    validate = VALIDATORS[kind]
+    rename = {source_name: ours for ours, source_name in (columns or {}).items()}
+    report = ReadReport(source=source)
+    records = []
+    for location, row in read_rows(source, split):
+        try:
+            if isinstance(row, RecordError):
+                raise row
+            if not isinstance(row, Mapping):
+                raise RecordError(f"expected a JSON object, got {type(row).__name__}")
+            fields = validate({rename.get(key, key): value for key, value in row.items()})
+        except RecordError as err:
+            if not skip_invalid:
+                raise RecordError(f"{location}: {err}") from None
+            report.skipped += 1
+            report.reasons.append(f"{location}: {err}")
+            continue
+        records.append(Record(location, fields))
+    report.kept = len(records)
+    if not records:
+        what = "no records" if not report.skipped else f"no valid records ({report.skipped} skipped)"
+        raise RecordError(f"{source}: {what} of kind {kind!r}")
+    return records, report

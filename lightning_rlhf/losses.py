@@ -1,0 +1,191 @@
+"""Pure tensor functions for the RLHF objectives: no Lightning, no models.
+
+Shapes: ``b`` batch, ``t`` time, ``v`` vocabulary, ``k`` responses per prompt.
+Every function here is pinned by hand-computed values in ``tests/test_losses.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits)[token] in float32, one chunk of rows at a time, forward and backward.
+
+    ``torch.log_softmax(logits.float())`` would hold a float32 copy of the whole ``(b, t, v)`` tensor,
+    and autograd would keep it for backward. Here only the per-row log-normaliser is kept and the
+    softmax is recomputed chunk by chunk in backward, so the extra memory is one float32 chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, chunk_rows: int) -> Tensor:  # (n, v), (n,) -> (n,)
+        lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(chunk_rows)])
+        picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float()
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.chunk_rows = chunk_rows
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, tokens, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.size(0), ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            # d/dlogits [logit_y - logsumexp(logits)] = onehot(y) - softmax(logits)
+            grad = -torch.exp(logits[rows].float() - lse[rows, None])
+            grad.scatter_add_(-1, tokens[rows, None], torch.ones_like(grad[:, :1]))
+            grad_logits[rows] = (grad * grad_out[rows, None]).to(logits.dtype)
+        return grad_logits, None, None
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int = 1024) -> Tensor:
+    """Log-probability of each token under its own logits, no shift inside.
+
+    ``logits[:, t]`` scores ``tokens[:, t]``: to score next tokens, callers pass ``logits[:, :-1]`` and
+    ``tokens[:, 1:]``. Positions whose token is negative (``IGNORE_INDEX``) get 0.
+
+    Args:
+        logits: ``(b, t, v)`` in any float dtype (bf16 included).
+        tokens: ``(b, t)`` token ids.
+        chunk_rows: rows of ``b * t`` normalised at once in float32; bounds the extra memory.
+
+    Returns:
+        ``(b, t)`` float32 log-probabilities, exact in float32 for the given logits.
+    """
+    valid = tokens >= 0
+    flat = _TokenLogprobs.apply(logits.reshape(-1, logits.size(-1)), tokens.clamp(min=0).reshape(-1), chunk_rows)
+    return flat.view(tokens.shape) * valid
+
+
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``values`` where ``mask`` is true (over ``dim``, or everything)."""
+    masked = values * mask
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` where ``mask`` is true, over ``dim`` or everything. An empty mask gives 0."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked entries of ``values`` (Bessel-corrected by default)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        var = var * count / (count - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise the masked entries of ``values`` to unit variance (and zero mean unless ``shift_mean=False``).
+
+    The statistics use the masked entries only (unbiased variance); entries past the mask come out 0.
+    Used to whiten PPO advantages (Schulman et al. 2017 implementations; Ziegler et al. 2019).
+    """
+    mean = masked_mean(values, mask)
+    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def ranking_loss(rewards: Tensor, ranks: Tensor, margin: float = 0.0, center_coef: float = 0.0) -> Tensor:
+    """InstructGPT reward-model loss over K ranked responses per prompt (Ouyang et al. 2022, eq. 1).
+
+    ``loss = mean_prompts[ -1/|P| * sum_{(w, l) in P} log σ(r_w - r_l - margin) ] + center_coef * mean(r²)``
+    where ``P`` holds the ordered pairs of a prompt with ``rank_w < rank_l`` (rank 0 is best). Equal ranks are
+    ties and make no pair; a negative rank marks an absent response (padding for a smaller K). With K = 2 this
+    is the pairwise ``-log σ(r_chosen - r_rejected)``; with all K ranked distinctly ``|P| = C(K, 2)``.
+
+    Args:
+        rewards: ``(b, k)`` scalar rewards, each response scored once.
+        ranks: ``(b, k)`` integer ranks.
+        margin: required reward gap between the better and the worse response.
+        center_coef: weight of the reward-centering term (Eisenstein et al. 2023) over present responses.
+
+    Returns:
+        Scalar loss. Prompts without any ordered pair are left out of the mean.
+    """
+    present = ranks >= 0
+    # better[b, i, j]: response i is ranked strictly above response j, both present.
+    better = (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
+    pair_losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :] - margin)  # (b, k, k)
+    pairs_per_prompt = better.sum(dim=(1, 2))
+    per_prompt = masked_sum(pair_losses, better, dim=(1, 2)) / pairs_per_prompt.clamp(min=1)
+    loss = masked_mean(per_prompt, pairs_per_prompt > 0)
+    if center_coef:
+        loss = loss + center_coef * masked_mean(rewards**2, present)
+    return loss
+
+
+def _dpo_sigmoid(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # DPO (Rafailov et al. 2023, eq. 7); label_smoothing > 0 is conservative DPO (cDPO).
+    return -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
+
+
+def _dpo_hinge(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # SLiC-style hinge (Zhao et al. 2023) on the DPO log-ratio.
+    return torch.relu(1 - beta * logits)
+
+
+def _dpo_ipo(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # IPO (Azar et al. 2023, eq. 17), beta playing the role of tau; pass per-token averaged log-probs.
+    return (logits - 1 / (2 * beta)) ** 2
+
+
+def _dpo_robust(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # Robust DPO (Chowdhury et al. 2024, eq. 6): unbiased under label-flip rate epsilon = label_smoothing.
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits)) / (1 - 2 * eps)
+
+
+DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "sigmoid": _dpo_sigmoid,
+    "hinge": _dpo_hinge,
+    "ipo": _dpo_ipo,
+    "robust": _dpo_robust,
+}
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference optimisation losses, per example.
+
+    With ``d = (π_c - ref_c) - (π_r - ref_r)`` (sequence log-probs):
+    ``sigmoid`` -log σ(βd); ``hinge`` relu(1 - βd); ``ipo`` (d - 1/(2β))²;
+    ``robust`` [-(1-ε) log σ(βd) + ε log σ(-βd)] / (1 - 2ε).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``(b,)``.
+        beta: strength of the implicit KL constraint to the reference.
+        loss_type: one of ``DPO_LOSSES``.
+        label_smoothing: assumed rate ε of flipped labels (``sigmoid``: cDPO, ``robust``: rDPO).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``(b,)``; the implicit rewards are
+        ``beta * (policy_logps - ref_logps)``, detached.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {sorted(DPO_LOSSES)}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 0.5)")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    losses = DPO_LOSSES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

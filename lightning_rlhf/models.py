@@ -1,0 +1,178 @@
+"""Loading causal LMs and tokenizers, sequence log-probs, and atomic Hugging Face export.
+
+``model_name_or_path=None`` means the embedded default: a small Llama-style model built from a config
+(random init, trained from scratch) with an offline byte-level tokenizer, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from lightning_rlhf.losses import IGNORE_INDEX, masked_sum, token_logprobs
+
+BYTE_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+
+# A minimal chat template for the byte tokenizer, so chat-message records work without a hub tokenizer.
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# The embedded default: 2 layers, width 64 (about 115k parameters with the byte vocabulary).
+DEFAULT_MODEL_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """An offline tokenizer: one token per UTF-8 byte plus <pad>, <s>, </s> (259 ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = list(BYTE_SPECIAL_TOKENS.values())
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **BYTE_SPECIAL_TOKENS)
+    tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model (local directory or hub name), or the byte-level default.
+
+    A tokenizer without a pad token gets its EOS token as pad: padding is always masked out, so sharing
+    the id is safe, and it keeps the vocabulary (and the embedding matrix) unchanged.
+    """
+    tokenizer = byte_level_tokenizer() if name_or_path is None else AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token; set one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_model_config(tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any] | None = None) -> LlamaConfig:
+    """The embedded default Llama config, sized to ``tokenizer``, with ``overrides`` applied."""
+    return LlamaConfig(
+        **{
+            **DEFAULT_MODEL_CONFIG,
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **(overrides or {}),
+        }
+    )
+
+
+def load_causal_lm(
+    name_or_path: str | None,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: str | torch.dtype = "float32",
+    model_config: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """A causal LM from a local Hugging Face directory or hub name, or the embedded default when ``None``.
+
+    ``model_config`` overrides fields of the default config (e.g. ``{"num_hidden_layers": 4}``); it is an error
+    with a pretrained model, whose architecture is fixed by its checkpoint. The model comes back in train mode.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if name_or_path is None:
+        model = AutoModelForCausalLM.from_config(default_model_config(tokenizer, model_config), dtype=torch_dtype)
+    else:
+        if model_config:
+            raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+            f"{model.get_input_embeddings().num_embeddings}: they do not belong together"
+        )
+    return model.train()
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that count real tokens only, so left- and right-padded rows see the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``(b, t, v)`` logits with padding-independent positions."""
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).logits
+
+
+def shifted_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token log-probs of ``labels`` under ``logits``: ``(b, t-1)`` values and the mask of scored tokens.
+
+    ``logits[:, t]`` predicts token ``t + 1``; label ``IGNORE_INDEX`` (prompt, padding) is not scored.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return token_logprobs(logits[:, :-1], targets), mask
+
+
+def sequence_logprobs(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Summed log-prob of the labelled tokens of each sequence, ``(b,)``, and their count, ``(b,)``."""
+    logprobs, mask = shifted_logprobs(forward_logits(model, input_ids, attention_mask), labels)
+    return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
+
+
+def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> Path:
+    """Write ``save_pretrained`` output for model and tokenizer atomically.
+
+    Everything is written into a temporary sibling directory first, which then replaces ``directory`` by rename,
+    so a crash mid-export never leaves a half-written model where a finished one was.
+    """
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            previous = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(previous)
+            staging.rename(target)
+            shutil.rmtree(previous)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target

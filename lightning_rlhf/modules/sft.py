@@ -1,0 +1,111 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+Next-token loss on prompt ⊕ response, counted on response tokens only by default: the prompt is given,
+not demonstrated. The loss is the mean over all scored tokens of the batch (token-weighted, as in
+``transformers``), and validation perplexity is ``exp`` of the token-weighted mean over the whole set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
+from lightning_rlhf.models import export_pretrained, forward_logits, load_causal_lm, load_tokenizer, shifted_logprobs
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def sft_loss_inputs(batch: dict[str, Tensor], loss_on: str) -> Tensor:
+    """The labels to score: the batch's (response only) or every real token when ``loss_on="all"``."""
+    if loss_on == "response":
+        return batch["labels"]
+    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+
+
+class SFTModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        loss_on: Literal["response", "all"] = "response",
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """
+        Args:
+            model_name_or_path: local Hugging Face directory or hub name; ``None`` builds the embedded default.
+            model_config: overrides of the embedded default's Llama config (e.g. ``{"num_hidden_layers": 4}``).
+            dtype: parameter dtype, ``float32`` / ``bfloat16`` / ``float16``.
+            loss_on: ``response`` (prompt masked) or ``all`` tokens.
+            optimizer: built over the trainable parameters once the model exists.
+            scheduler: stepped every optimiser step.
+            export_dir: where the trained model and tokenizer are saved (``save_pretrained``) when fit ends.
+            gradient_checkpointing: trade compute for activation memory.
+        """
+        super().__init__()
+        if loss_on not in ("response", "all"):
+            raise ValueError(f"loss_on={loss_on!r} must be 'response' or 'all'")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        self.model = None
+        self.val_loss = MeanMetric()
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config)
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+
+    def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = forward_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        logprobs, mask = shifted_logprobs(logits, sft_loss_inputs(batch, self.hparams.loss_on))
+        return -masked_mean(logprobs, mask), mask.sum()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, n_scored = self._loss(batch)
+        self.tokens_seen += self.all_gather(batch["attention_mask"].sum()).sum()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("train/tokens_seen", self.tokens_seen.float())
+        self.log("train/scored_tokens", n_scored.float())
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, n_scored = self._loss(batch)
+        self.val_loss.update(loss, weight=n_scored)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True)  # compute() already reduced over ranks
+        self.log("val/ppl", torch.exp(loss))
+        self.val_loss.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            export_pretrained(self.model, self.tokenizer, self.hparams.export_dir)
+        self.trainer.strategy.barrier("sft-export")

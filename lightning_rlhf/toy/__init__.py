@@ -1,0 +1,5 @@
+"""The embedded default task: string reversal with a programmatic gold judge (see ``reverse.py``)."""
+
+from lightning_rlhf.toy.reverse import DATA_DIR, gold_score, make_demonstrations, make_prompts, toy_path
+
+__all__ = ["DATA_DIR", "gold_score", "make_demonstrations", "make_prompts", "toy_path"]

@@ -1,0 +1,59 @@
+"""String reversal: a task small enough to learn on a CPU in seconds, with a known right answer.
+
+Prompt ``"Reverse: abcde\\n"``, ideal response ``"edcba"``. The gold judge scores a response by its similarity
+to the ideal one (1.0 exact). Half of the shipped demonstrations carry a *systematic* error (the last character
+is dropped): random typos would average out under greedy decoding, a systematic one leaves the SFT model with
+something for preference learning to fix — like AlpacaFarm's simulated annotators, the judge stands in for people.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+from pathlib import Path
+
+DATA_DIR = Path(__file__).parent / "data"
+PROMPT_PREFIX = "Reverse: "
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def toy_path(name: str) -> str:
+    """Path of a shipped toy file, e.g. ``toy_path("demonstrations")``."""
+    return str(DATA_DIR / f"{name}.jsonl")
+
+
+def _word(rng: random.Random, min_len: int = 3, max_len: int = 8) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(min_len, max_len)))
+
+
+def make_prompt(word: str) -> str:
+    return f"{PROMPT_PREFIX}{word}\n"
+
+
+def ideal_response(prompt: str) -> str:
+    if not prompt.startswith(PROMPT_PREFIX):
+        raise ValueError(f"not a toy prompt: {prompt!r}")
+    return prompt[len(PROMPT_PREFIX) :].strip()[::-1]
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """Similarity in [0, 1] between ``response`` and the reversed word (1.0 = exactly right)."""
+    return difflib.SequenceMatcher(None, response.strip(), ideal_response(prompt)).ratio()
+
+
+def make_demonstrations(n: int, seed: int = 0, error_rate: float = 0.5) -> list[dict[str, str]]:
+    """``n`` demonstrations; a fraction ``error_rate`` drop the last character of the answer."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        prompt = make_prompt(_word(rng))
+        response = ideal_response(prompt)
+        if rng.random() < error_rate:
+            response = response[:-1]
+        records.append({"prompt": prompt, "response": response})
+    return records
+
+
+def make_prompts(n: int, seed: int = 1) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [{"prompt": make_prompt(_word(rng))} for _ in range(n)]
