@@ -177,7 +177,7 @@ class ComparisonDataModule(RecordDataModule):
     """``{"prompt", "responses", "ranks"}`` (or ``chosen`` / ``rejected``) records, batched by prompt."""
 
     kind = "comparison"
-    default_train_path = None
+    default_train_path = toy_path("comparisons")
 
     def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
         return tokenizer.comparisons(records)

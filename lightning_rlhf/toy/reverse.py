@@ -57,3 +57,34 @@ def make_demonstrations(n: int, seed: int = 0, error_rate: float = 0.5) -> list[
 def make_prompts(n: int, seed: int = 1) -> list[dict[str, str]]:
     rng = random.Random(seed)
     return [{"prompt": make_prompt(_word(rng))} for _ in range(n)]
+
+
+def _corrupt(rng: random.Random, text: str) -> str:
+    """``text`` with one character replaced by a different one."""
+    position = rng.randrange(len(text))
+    replacement = rng.choice(ALPHABET.replace(text[position], ""))
+    return text[:position] + replacement + text[position + 1 :]
+
+
+def make_comparisons(n: int, seed: int = 2) -> list[dict]:
+    """``n`` prompts, each with 3-4 candidate responses ranked by ``gold_score`` (0 best, equal scores tie).
+
+    Candidates: the ideal reversal, the systematic error of the demonstrations (last character dropped), one
+    random corruption, and for half the prompts the word itself unreversed. Duplicates (e.g. a palindrome) are
+    kept once; the order of the candidates is shuffled so that position says nothing about rank.
+    """
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        word = _word(rng)
+        prompt = make_prompt(word)
+        ideal = ideal_response(prompt)
+        candidates = [ideal, ideal[:-1], _corrupt(rng, ideal)]
+        if rng.random() < 0.5:
+            candidates.append(word)
+        responses = list(dict.fromkeys(candidates))
+        rng.shuffle(responses)
+        scores = [round(gold_score(prompt, r), 6) for r in responses]
+        distinct = sorted(set(scores), reverse=True)
+        records.append({"prompt": prompt, "responses": responses, "ranks": [distinct.index(s) for s in scores]})
+    return records

@@ -1,0 +1,67 @@
+"""Loading from a local Hugging Face directory, padding-independent log-probs, atomic export."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_rlhf.models import (
+    export_pretrained,
+    forward_logits,
+    load_causal_lm,
+    load_tokenizer,
+    sequence_logprobs,
+)
+
+
+def test_local_directory_loads_the_saved_weights_and_tokenizer(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    saved = load_file(f"{tiny_model_dir}/model.safetensors")
+    state = model.state_dict()
+    assert set(saved) <= set(state)
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    assert model.training and model.config.num_hidden_layers == 2
+    assert tokenizer("héllo")["input_ids"] == load_tokenizer(None)("héllo")["input_ids"]
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_model_config_overrides_are_refused_for_pretrained_models(tiny_model_dir):
+    with pytest.raises(ValueError, match="only applies to the embedded default"):
+        load_causal_lm(tiny_model_dir, load_tokenizer(tiny_model_dir), model_config={"hidden_size": 8})
+
+
+def test_left_and_right_padding_give_the_same_sequence_logprobs(tiny_model_dir):
+    """The same 5-token sequence, padded by 3 on either side, scores the same: positions come from the mask."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer).eval()
+    seq, pad = [5, 6, 7, 8, 9], tokenizer.pad_token_id
+    input_ids = torch.tensor([seq + [pad] * 3, [pad] * 3 + seq])
+    attention_mask = torch.tensor([[1] * 5 + [0] * 3, [0] * 3 + [1] * 5])
+    labels = torch.tensor([[-100, -100, 7, 8, 9] + [-100] * 3, [-100] * 3 + [-100, -100, 7, 8, 9]])
+    with torch.no_grad():
+        logps, counts = sequence_logprobs(model, input_ids, attention_mask, labels)
+        unpadded = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+    brute_force = sum(unpadded[t - 1, seq[t]] for t in (2, 3, 4))
+    assert counts.tolist() == [3, 3]
+    torch.testing.assert_close(logps.double(), torch.stack([brute_force, brute_force]), atol=1e-5, rtol=0)
+    assert forward_logits(model, input_ids, attention_mask).shape == (2, 8, len(tokenizer))
+
+
+def test_export_replaces_atomically_and_keeps_the_old_one_on_failure(tmp_path, tiny_model_dir, monkeypatch):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    target = tmp_path / "export"
+    export_pretrained(model, tokenizer, target)
+    before = (target / "model.safetensors").read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    monkeypatch.setattr(tokenizer, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_pretrained(model, tokenizer, target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging directory left behind

@@ -1,0 +1,115 @@
+"""SFTModule: the loss scores exactly the response tokens, it learns, and it resumes where it stopped."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_rlhf import DemonstrationDataModule, SFTModule
+from lightning_rlhf.data.collate import DemonstrationCollator
+from lightning_rlhf.data.records import Record
+from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.models import load_tokenizer
+from tests.helpers import TINY_CONFIG
+
+
+def tiny_sft(**kwargs) -> SFTModule:
+    module = SFTModule(model_config=TINY_CONFIG, **kwargs)
+    module.configure_model()
+    return module
+
+
+def make_batch(pairs, max_length=64):
+    tokenizer = Tokenizer(load_tokenizer(None), max_length)
+    examples = tokenizer.demonstrations(
+        [Record(f"test {i}", {"prompt": p, "response": r}) for i, (p, r) in enumerate(pairs)]
+    )
+    return DemonstrationCollator(tokenizer.tokenizer.pad_token_id)(examples)
+
+
+def test_sft_loss_scores_each_response_token_from_its_prefix():
+    """Brute force, token by token: run the model on input[:t] and read log p(input[t]) from the last position,
+    for every response position t (response tokens + EOS); the loss is minus their mean over the batch.
+    An off-by-one shift, a scored prompt token or a scored pad token would all change the number."""
+    torch.manual_seed(0)
+    module = tiny_sft().eval()
+    batch = make_batch([("Reverse: abc\n", "cba"), ("Reverse: hello\n", "olleh")])
+    with torch.no_grad():
+        loss, n_scored = module._loss(batch)
+        terms = []
+        for row, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+            for t in (labels != -100).nonzero().flatten().tolist():
+                logits = module.model(row[None, :t]).logits[0, -1].double()
+                terms.append(torch.log_softmax(logits, -1)[row[t]])
+    assert n_scored == len(terms) == (3 + 1) + (5 + 1)
+    torch.testing.assert_close(loss.double(), -torch.stack(terms).mean(), atol=1e-5, rtol=0)
+
+
+def test_loss_on_all_scores_every_real_token_but_the_first():
+    module = tiny_sft(loss_on="all")
+    batch = make_batch([("Reverse: abc\n", "cba"), ("Reverse: hello\n", "olleh")])
+    _, n_scored = module._loss(batch)
+    assert n_scored == batch["attention_mask"].sum() - 2
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def toy_datamodule(tmp_path, n=8, batch_size=4):
+    rows = [
+        {"prompt": f"Reverse: {w}\n", "response": w[::-1]}
+        for w in ["abc", "hello", "xyz", "lightning", "rlhf", "qwerty", "moon", "sun"][:n]
+    ]
+    path = tmp_path / "demos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return DemonstrationDataModule(train_path=str(path), val_fraction=0, batch_size=batch_size, max_length=32)
+
+
+def trainer(tmp_path, **kwargs):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(default_root_dir=tmp_path, **{**defaults, **kwargs})
+
+
+def test_sft_overfits_a_handful_of_demonstrations(tmp_path):
+    L.seed_everything(0)
+    recorder = LossRecorder()
+    module = SFTModule(model_config=TINY_CONFIG, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer(tmp_path, max_steps=80, callbacks=[recorder], enable_checkpointing=False).fit(
+        module, toy_datamodule(tmp_path)
+    )
+    start, end = sum(recorder.losses[:2]) / 2, sum(recorder.losses[-2:]) / 2
+    assert start > 4.0  # about ln(259) = 5.6 for an untrained byte model
+    assert end < 0.25 * start, (start, end)
+
+
+def test_resume_from_checkpoint_continues_with_the_same_losses(tmp_path):
+    """Two epochs straight vs one epoch, checkpoint, resume for the second: the second epoch's losses agree
+    (model, optimiser, scheduler and data order all restored)."""
+
+    def run(max_epochs, ckpt_path=None, root=tmp_path / "run"):
+        L.seed_everything(0)
+        recorder = LossRecorder()
+        module = SFTModule(
+            model_config=TINY_CONFIG,
+            optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3),
+            scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.2, total_iters=8),
+        )
+        checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
+        trainer(root, max_epochs=max_epochs, callbacks=[recorder, checkpoint]).fit(
+            module, toy_datamodule(tmp_path), ckpt_path=ckpt_path
+        )
+        return recorder.losses
+
+    straight = run(2, root=tmp_path / "straight")
+    first = run(1, root=tmp_path / "interrupted")
+    resumed = run(2, ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"), root=tmp_path / "interrupted")
+    assert len(straight) == 4 and first == pytest.approx(straight[:2], abs=1e-6)
+    assert resumed == pytest.approx(straight[2:], abs=1e-5)
+    assert straight[2] != straight[0]
