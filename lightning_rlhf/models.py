@@ -153,17 +153,23 @@ def sequence_logprobs(
     return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
 
 
-def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> Path:
+def export_pretrained(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: str | os.PathLike,
+    state_dict: dict[str, Tensor] | None = None,
+) -> Path:
     """Write ``save_pretrained`` output for model and tokenizer atomically.
 
     Everything is written into a temporary sibling directory first, which then replaces ``directory`` by rename,
-    so a crash mid-export never leaves a half-written model where a finished one was.
+    so a crash mid-export never leaves a half-written model where a finished one was. ``state_dict`` replaces the
+    model's own weights (e.g. the full weights gathered from a sharded model).
     """
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if target.exists():
             previous = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -176,3 +182,21 @@ def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         if staging.exists():
             shutil.rmtree(staging)
     return target
+
+
+def export_from_trainer(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike):
+    """Export ``trainer.lightning_module.<attribute>`` in Hugging Face format, whatever the strategy.
+
+    The strategy gathers the full weights (FSDP included; a collective, so every rank calls this), global rank 0
+    writes them with ``export_pretrained``, and all ranks wait for the export to exist before going on.
+    """
+    if getattr(trainer.strategy, "_state_dict_type", "full") != "full":
+        raise ValueError(
+            "exporting a Hugging Face model needs the full state dict: set the strategy's state_dict_type='full'"
+        )
+    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        prefix = f"{attribute}."
+        weights = {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+        export_pretrained(getattr(trainer.lightning_module, attribute), tokenizer, directory, state_dict=weights)
+    trainer.strategy.barrier("export")

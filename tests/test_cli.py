@@ -92,3 +92,18 @@ def test_ddp_on_two_cpu_processes_keeps_replicas_identical(tmp_path):
     assert min(report["local_tokens"]) > 0
     rank0_batch, rank1_batch = report["first_batches"]
     assert rank0_batch != rank1_batch
+
+
+def test_fsdp_config_builds_its_wrap_policy_from_class_paths():
+    """The YAML names decoder-layer classes by import path; they must become a real FSDP wrap policy."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=FSDPStrategy)
+    config = yaml.safe_load((REPO / "configs" / "sft_fsdp.yaml").read_text())["trainer"]["strategy"]
+    strategy = parser.instantiate(parser.parse_object({"strategy": config})).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}

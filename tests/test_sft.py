@@ -113,3 +113,50 @@ def test_resume_from_checkpoint_continues_with_the_same_losses(tmp_path):
     assert len(straight) == 4 and first == pytest.approx(straight[:2], abs=1e-6)
     assert resumed == pytest.approx(straight[2:], abs=1e-5)
     assert straight[2] != straight[0]
+
+
+class NormRecordingSGD(torch.optim.SGD):
+    """SGD that records the total gradient norm it is asked to apply (i.e. after any clipping)."""
+
+    norms: list[float] = []
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        NormRecordingSGD.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        super().step()
+        return loss
+
+
+def test_gradient_clip_val_bounds_the_applied_gradient_norm(tmp_path):
+    """Clipping goes through SFTModule.configure_gradient_clipping (FSDP-aware); on CPU it must still clip."""
+    NormRecordingSGD.norms = []
+    module = SFTModule(model_config=TINY_CONFIG, optimizer=lambda p: NormRecordingSGD(p, lr=1e-3))
+    trainer(tmp_path, max_steps=3, gradient_clip_val=0.05, enable_checkpointing=False).fit(
+        module, toy_datamodule(tmp_path)
+    )
+    assert len(NormRecordingSGD.norms) == 3
+    assert max(NormRecordingSGD.norms) == pytest.approx(0.05, rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_fsdp_bf16_sft_learns_and_exports_full_weights(tmp_path):
+    """FSDP (FSDP1, Lightning FSDPStrategy) on one GPU with bf16 mixed precision: the loss falls, norm clipping
+    goes through the root module, and the export holds full (unsharded) weights that load back."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    L.seed_everything(0)
+    recorder = LossRecorder()
+    module = SFTModule(
+        model_config=TINY_CONFIG, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), export_dir=str(tmp_path / "hf")
+    )
+    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="full")
+    L.Trainer(
+        accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=60, gradient_clip_val=1.0,
+        callbacks=[recorder], logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+    ).fit(module, toy_datamodule(tmp_path))  # fmt: skip
+    assert sum(recorder.losses[-2:]) < 0.5 * sum(recorder.losses[:2])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.model.embed_tokens.weight.shape == (259, TINY_CONFIG["hidden_size"])

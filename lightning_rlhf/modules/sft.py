@@ -16,7 +16,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
-from lightning_rlhf.models import export_pretrained, forward_logits, load_causal_lm, load_tokenizer, shifted_logprobs
+from lightning_rlhf.models import export_from_trainer, forward_logits, load_causal_lm, load_tokenizer, shifted_logprobs
+from lightning_rlhf.strategies import clip_gradients
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -105,7 +106,9 @@ class SFTModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
         }
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            export_pretrained(self.model, self.tokenizer, self.hparams.export_dir)
-        self.trainer.strategy.barrier("sft-export")
+        if self.hparams.export_dir:
+            export_from_trainer(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
