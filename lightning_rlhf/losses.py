@@ -18,29 +18,32 @@ IGNORE_INDEX = -100
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits)[token] in float32, one chunk of rows at a time, forward and backward.
 
-    ``torch.log_softmax(logits.float())`` would hold a float32 copy of the whole ``(b, t, v)`` tensor,
-    and autograd would keep it for backward. Here only the per-row log-normaliser is kept and the
-    softmax is recomputed chunk by chunk in backward, so the extra memory is one float32 chunk.
+    ``torch.log_softmax(logits.float())`` would hold a float32 copy of the whole ``(b, t, v)`` tensor, and
+    autograd would keep it for backward. Here each chunk is normalised by a fused kernel that upcasts as it reads
+    (``dtype=torch.float32``), only the picked log-prob is kept, and backward recomputes the softmax chunk by chunk,
+    so the extra memory is one float32 chunk.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor, chunk_rows: int) -> Tensor:  # (n, v), (n,) -> (n,)
-        lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(chunk_rows)])
-        picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float()
-        ctx.save_for_backward(logits, tokens, lse)
+        picked = [
+            torch.log_softmax(chunk, dim=-1, dtype=torch.float32).gather(-1, chunk_tokens[:, None]).squeeze(-1)
+            for chunk, chunk_tokens in zip(logits.split(chunk_rows), tokens.split(chunk_rows), strict=True)
+        ]
+        ctx.save_for_backward(logits, tokens)
         ctx.chunk_rows = chunk_rows
-        return picked - lse
+        return torch.cat(picked)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        logits, tokens, lse = ctx.saved_tensors
+        logits, tokens = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            # d/dlogits [logit_y - logsumexp(logits)] = onehot(y) - softmax(logits)
-            grad = -torch.exp(logits[rows].float() - lse[rows, None])
-            grad.scatter_add_(-1, tokens[rows, None], torch.ones_like(grad[:, :1]))
-            grad_logits[rows] = (grad * grad_out[rows, None]).to(logits.dtype)
+            scale = grad_out[rows, None]
+            # d/dlogits [log softmax(logits)_y] = onehot(y) - softmax(logits), in float32
+            grad = torch.softmax(logits[rows], dim=-1, dtype=torch.float32).mul_(-scale)
+            grad_logits[rows] = grad.scatter_add_(-1, tokens[rows, None], scale)
         return grad_logits, None, None
 
 

@@ -86,3 +86,15 @@ def test_masked_whiten_hand_computed():
     torch.testing.assert_close(
         masked_whiten(values, mask, shift_mean=False), torch.tensor([1.0, 2.0, 3.0, 0.0]), atol=1e-6, rtol=0
     )
+
+
+def test_token_logprobs_gradient_for_bf16_logits():
+    """The bf16 gradient is the float64 gradient of the bf16 logits, rounded once to bf16 (no bf16 arithmetic)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 3, 50) * 3).to(torch.bfloat16).requires_grad_(True)
+    tokens = torch.randint(0, 50, (2, 3))
+    token_logprobs(logits, tokens, chunk_rows=4).sum().backward()
+    reference = logits.detach().double().requires_grad_(True)
+    torch.log_softmax(reference, -1).gather(-1, tokens[..., None]).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad, reference.grad.to(torch.bfloat16), rtol=0, atol=0)

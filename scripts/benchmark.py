@@ -1,0 +1,268 @@
+"""Benchmarks: ours vs TRL on the identical model, data and batch shape, as ratios taken in one run.
+
+    python scripts/benchmark.py sft --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
+    python scripts/benchmark.py logprobs --batch-size 4 --seq-len 512 --vocab 32000
+
+Every implementation runs in its own subprocess, so peak memory is its own.
+
+``sft`` trains the same initial weights (saved once, loaded by both) on the toy demonstrations with the prompt
+masked. It reports training tokens/s (real, non-pad tokens), model-FLOPs utilisation when ``--peak-tflops`` is
+known (on CUDA the default is the H100 bf16 dense peak), and peak memory (CUDA allocator, or peak RSS on CPU).
+TRL is skipped, with a note, when it is not installed.
+
+``logprobs`` isolates the log-prob hot path: ``token_logprobs`` against the naive ``log_softmax(...).gather``
+and TRL's ``selective_log_softmax`` (median step time, and the memory needed beyond the inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_rlhf.toy import toy_path
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_memory_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B)."""
+    return 6 * n_params + 12 * layers * hidden * seq_len
+
+
+def make_initial_model(args, directory: Path) -> str:
+    from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)
+    config = {
+        "hidden_size": args.hidden_size,
+        "intermediate_size": 4 * args.hidden_size,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": max(1, args.hidden_size // 64),
+        "num_key_value_heads": max(1, args.hidden_size // 64),
+        "max_position_embeddings": max(512, args.max_length),
+    }
+    return str(export_pretrained(load_causal_lm(None, tokenizer, "float32", config), tokenizer, directory))
+
+
+def result(args, name: str, tokens: int, seconds: float, n_params: int, cfg) -> dict:
+    tokens_per_s = tokens / seconds
+    out = {"impl": name, "tokens_per_s": tokens_per_s, "step_s": seconds / args.steps, "peak_mem_mib": None}
+    out["peak_mem_mib"] = peak_memory_mib(args.device)
+    peak = args.peak_tflops or (H100_BF16_DENSE_TFLOPS if args.device == "cuda" else None)
+    if peak:
+        fpt = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, args.max_length)
+        out["mfu"] = tokens_per_s * fpt / (peak * 1e12)
+    return out
+
+
+def run_ours(args, model_dir: str) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_rlhf import DemonstrationDataModule, SFTModule
+
+    class Timer(Callback):
+        tokens, start, end = 0, 0.0, 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                sync(args.device)
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                self.start = time.perf_counter()
+            if batch_idx >= args.warmup:
+                self.tokens += int(batch["attention_mask"].sum())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sync(args.device)
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    module = SFTModule(
+        model_name_or_path=model_dir, dtype=args.dtype, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4)
+    )
+    data = DemonstrationDataModule(
+        train_path=toy_path("demonstrations"), tokenizer_name_or_path=model_dir, val_fraction=0,
+        batch_size=args.batch_size, max_length=args.max_length,
+    )  # fmt: skip
+    L.Trainer(
+        accelerator=args.device, devices=1, max_steps=args.warmup + args.steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        default_root_dir=tempfile.mkdtemp(),
+    ).fit(module, data)  # fmt: skip
+    n_params = sum(p.numel() for p in module.model.parameters())
+    return result(args, "lightning_rlhf", timer.tokens, timer.end - timer.start, n_params, module.model.config)
+
+
+def run_trl(args, model_dir: str) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    records = [json.loads(line) for line in Path(toy_path("demonstrations")).read_text().splitlines()]
+    dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in records])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+        max_steps=args.warmup + args.steps, learning_rate=1e-4, completion_only_loss=True, packing=False,
+        save_strategy="no", report_to=[], logging_steps=10_000, use_cpu=args.device == "cpu", seed=0,
+        dataloader_num_workers=0, bf16=False, fp16=False,
+    )  # fmt: skip
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    counts: list[int] = []
+    inner = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = inner(examples)
+        counts.append(int((batch["input_ids"] != tokenizer.pad_token_id).sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+
+    class Timer(TrainerCallback):
+        start = end = 0.0
+
+        def on_step_begin(self, targs, state, control, **kwargs):
+            if state.global_step == args.warmup:
+                sync(args.device)
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            sync(args.device)
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    tokens = sum(counts[args.warmup : args.warmup + args.steps])
+    n_params = sum(p.numel() for p in model.parameters())
+    return result(args, f"trl {__import__('trl').__version__}", tokens, timer.end - timer.start, n_params, model.config)
+
+
+def logprob_impls() -> dict:
+    from lightning_rlhf.losses import token_logprobs
+
+    def naive(logits, tokens):
+        return torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+    def trl(logits, tokens):
+        from trl.trainer.utils import selective_log_softmax
+
+        return selective_log_softmax(logits, tokens)
+
+    return {
+        "ours": ("lightning_rlhf token_logprobs", token_logprobs),
+        "naive": ("log_softmax+gather", naive),
+        "trl": ("trl selective_log_softmax", trl),
+    }
+
+
+def run_logprobs(args, impl: str) -> dict:
+    """Median forward + backward time of the summed log-probs of (b, t) tokens under (b, t, v) logits."""
+    name, fn = logprob_impls()[impl]
+    torch.manual_seed(0)
+    logits = torch.randn(
+        args.batch_size, args.seq_len, args.vocab, device=args.device, dtype=getattr(torch, args.dtype)
+    )
+    tokens = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), device=args.device)
+    times, baseline = [], current_memory_mib(args.device)
+    for i in range(args.warmup + args.steps):
+        leaf = logits.clone().requires_grad_(True)
+        if i == args.warmup and args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(args.device)
+        start = time.perf_counter()
+        fn(leaf, tokens).sum().backward()
+        sync(args.device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    extra = peak_memory_mib(args.device) - baseline  # beyond the inputs: the clone, activations, gradient
+    return {"impl": name, "step_s": sorted(times)[len(times) // 2], "extra_mem_mib": extra}
+
+
+def print_table(rows: list[dict], key: str) -> None:
+    base = rows[0]
+    for row in rows:
+        ratio = base[key] / row[key] if key == "step_s" else row[key] / base[key]
+        extras = "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "impl" and isinstance(v, float))
+        print(f"{row['impl']:34s} {extras}  ({key} relative to {base['impl']}: {ratio:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["sft", "logprobs"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: H100 bf16 on CUDA")
+    parser.add_argument("--only", choices=["ours", "naive", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    impls = ["ours", "trl"] if args.stage == "sft" else ["ours", "naive", "trl"]
+    if args.only:  # child process: one implementation, one JSON line
+        if args.stage == "logprobs":
+            row = run_logprobs(args, args.only)
+        else:
+            row = (run_ours if args.only == "ours" else run_trl)(args, args.model_dir)
+        print("RESULT " + json.dumps(row))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_initial_model(args, Path(tmp) / "init") if args.stage == "sft" else ""
+        rows = []
+        for impl in impls:
+            if impl == "trl" and importlib.util.find_spec("trl") is None:
+                print("trl not installed: no TRL comparison (pip install trl)", file=sys.stderr)
+                continue
+            child = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--only", impl, "--model-dir", model_dir],
+                capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            )  # fmt: skip
+            lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+            if child.returncode or not lines:
+                raise SystemExit(f"{impl} failed:\n{child.stderr[-4000:]}")
+            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+    print(json.dumps({"shape": vars(args), "results": rows}, indent=1, default=str))
+    print_table(rows, "tokens_per_s" if args.stage == "sft" else "step_s")
+
+
+if __name__ == "__main__":
+    main()
