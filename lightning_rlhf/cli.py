@@ -4,12 +4,20 @@
 
 Any ``LightningModule`` / ``LightningDataModule`` can be named by ``class_path``; the model's
 ``model_name_or_path`` is shared with the DataModule's tokenizer, so the two always agree.
+
+Extra subcommands, outside LightningCLI:
+
+    lightning-rlhf score --model outputs/rm/hf --input records.jsonl --output scored.jsonl   (see scoring.py)
 """
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+from lightning_rlhf import scoring
 
 
 class RLHFCLI(LightningCLI):
@@ -17,7 +25,13 @@ class RLHFCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
 
 
+EXTRA_SUBCOMMANDS = {"score": scoring.main}
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in EXTRA_SUBCOMMANDS:
+        return EXTRA_SUBCOMMANDS[argv[0]](argv[1:])
     RLHFCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -1,0 +1,176 @@
+"""Reward model trained on K-way rankings (InstructGPT step 2; Ouyang et al. 2022, section 3.5).
+
+The SFT model with its unembedding replaced by a freshly initialised linear layer to one scalar, read at the last
+real token of prompt ⊕ response ⊕ EOS (see ``reward_model.py``). A batch holds whole prompts with all their K
+responses, each scored once; the loss averages, per prompt, ``-log σ(r_w - r_l)`` over its ordered pairs
+(``losses.ranking_loss``). After training, an optional offset makes the rewards of a reference set (the
+demonstrations) average 0; it is stored in the exported config and subtracted at scoring time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_rlhf.data.records import read_records
+from lightning_rlhf.losses import ranking_loss
+from lightning_rlhf.models import export_from_trainer, load_tokenizer
+from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
+from lightning_rlhf.scoring import score_records
+from lightning_rlhf.strategies import clip_gradients
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
+def _validation_metrics() -> nn.ModuleDict:
+    # std comes from E[r²] - E[r]²: both means reduce exactly over ranks, a std metric would not.
+    return nn.ModuleDict({name: MeanMetric() for name in ("loss", "accuracy", "margin", "reward", "reward_sq")})
+
+
+class RewardModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        margin: float = 0.0,
+        center_coef: float = 0.0,
+        reward_token: str | None = None,
+        normalize_path: str | None = None,
+        normalize_max_records: int | None = 1000,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """
+        Args:
+            model_name_or_path: the SFT export (a causal LM: its unembedding is replaced by a fresh scalar head),
+                or a sequence-classification checkpoint with one label (its head is kept); ``None`` builds the
+                embedded default from scratch.
+            model_config: overrides of the embedded default's Llama config.
+            dtype: parameter dtype, ``float32`` / ``bfloat16`` / ``float16``.
+            margin: required reward gap in ``-log σ(r_w - r_l - margin)``.
+            center_coef: weight of ``mean(r²)``, keeping rewards near 0 (Eisenstein et al. 2023).
+            reward_token: a dedicated token appended to every sequence and read instead of the last real token;
+                added to the tokenizer (and the embedding) if new.
+            normalize_path: demonstration records (``{"prompt", "response"}``) whose mean reward becomes the
+                stored ``reward_offset`` when fit ends, so they average 0 at scoring time; ``None`` stores 0.
+            normalize_max_records: use at most this many of them (the first ones).
+            optimizer: built over the trainable parameters once the model exists.
+            scheduler: stepped every optimiser step.
+            export_dir: where the reward model and tokenizer are saved (``save_pretrained``) when fit ends.
+            gradient_checkpointing: trade compute for activation memory.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        if reward_token is not None:
+            self.tokenizer.add_tokens([reward_token], special_tokens=True)
+        self.model = None
+        self.val_metrics = _validation_metrics()
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = load_reward_model(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config)
+        # A stored offset belongs to the weights it was measured on; training changes them.
+        setattr(self.model.config, OFFSET_KEY, 0.0)
+        if hp.reward_token is not None:
+            if self.model.get_input_embeddings().num_embeddings < len(self.tokenizer):
+                self.model.resize_token_embeddings(len(self.tokenizer))
+            setattr(self.model.config, TOKEN_KEY, self.tokenizer.convert_tokens_to_ids(hp.reward_token))
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+
+    def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Loss and statistics of a batch: rewards ``(n,)`` over flat responses, margins ``(p,)`` over pairs."""
+        rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], subtract_offset=False)
+        grouped = rewards[batch["response_index"].clamp(min=0)]  # (b, k); absent slots have rank -1: ignored
+        loss = ranking_loss(grouped, batch["ranks"], self.hparams.margin, self.hparams.center_coef)
+        pairs = batch["pairs"]
+        margins = (rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).detach()  # (p,) better minus worse
+        return {"loss": loss, "rewards": rewards.detach(), "margins": margins}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self._step(batch)
+        rewards, margins = out["rewards"], out["margins"]
+        log = {"batch_size": batch["ranks"].size(0)}
+        self.log("train/loss", out["loss"], prog_bar=True, **log)
+        self.log("train/accuracy", (margins > 0).float().mean(), prog_bar=True, **log)
+        self.log("train/margin", margins.mean(), **log)
+        self.log("train/reward_mean", rewards.mean(), **log)
+        self.log("train/reward_std", rewards.std(correction=0), **log)
+        return out["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        # Fresh states here, not only after compute(): states reset under trainer.validate's inference mode
+        # could not be updated by a later fit's validation (run under no_grad).
+        for metric in self.val_metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self._step(batch)
+        metrics, margins, rewards = self.val_metrics, out["margins"], out["rewards"]
+        metrics["loss"].update(out["loss"], weight=batch["ranks"].size(0))
+        if margins.numel():
+            metrics["accuracy"].update((margins > 0).float())  # each held-out ordered pair counts once
+            metrics["margin"].update(margins)
+        metrics["reward"].update(rewards)
+        metrics["reward_sq"].update(rewards**2)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {name: metric.compute() for name, metric in self.val_metrics.items()}  # reduced over ranks
+        self.log("val/loss", values["loss"], prog_bar=True)
+        self.log("val/accuracy", values["accuracy"], prog_bar=True)
+        self.log("val/margin", values["margin"])
+        self.log("val/reward_mean", values["reward"])
+        self.log("val/reward_std", (values["reward_sq"] - values["reward"] ** 2).clamp(min=0).sqrt())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    @torch.no_grad()
+    def normalize(self, path: str, max_records: int | None = None) -> float:
+        """Store the mean raw reward of the demonstrations in ``path`` as the offset; returns it.
+
+        Every rank scores the same records (sharded models need all ranks in each forward), so all agree.
+        """
+        records, _ = read_records(path, "demonstration")
+        was_training = self.model.training
+        setattr(self.model.config, OFFSET_KEY, 0.0)
+        rewards = score_records(self.model.eval(), self.tokenizer, records[:max_records], subtract_offset=False)
+        self.model.train(was_training)
+        offset = sum(rewards) / len(rewards)
+        setattr(self.model.config, OFFSET_KEY, offset)
+        rank_zero_info(f"reward_offset = {offset:.4f}: mean reward of {len(rewards)} records of {path}")
+        return offset
+
+    def on_train_end(self) -> None:
+        hp = self.hparams
+        if hp.normalize_path:
+            offset = self.normalize(hp.normalize_path, hp.normalize_max_records)
+            if self.logger is not None:
+                self.logger.log_metrics({"train/reward_offset": offset}, step=self.global_step)
+        if hp.export_dir:
+            export_from_trainer(self.trainer, "model", self.tokenizer, hp.export_dir)

@@ -1,0 +1,111 @@
+"""Scoring prompt/response records with a trained reward model: ``lightning-rlhf score``.
+
+    lightning-rlhf score --model outputs/rm/hf --input responses.jsonl --output scored.jsonl
+
+Reads ``{"prompt", "response"}`` records (any source ``read_records`` reads; ``--columns`` remaps names), scores
+each prompt ⊕ response ⊕ EOS with ``reward_model.sequence_rewards`` (the stored ``reward_offset`` subtracted
+unless ``--raw``) and writes the records with a ``reward`` field as JSON Lines, atomically: a temporary file in
+the output's directory, renamed over the output when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_rlhf.data.collate import DemonstrationCollator
+from lightning_rlhf.data.records import Record, read_records
+from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.reward_model import load_reward_model, sequence_rewards
+
+
+@torch.no_grad()
+def score_records(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    batch_size: int = 32,
+    max_length: int = 512,
+    subtract_offset: bool = True,
+) -> list[float]:
+    """Reward of each demonstration record, in order. Batches are formed by length to waste little padding."""
+    examples = Tokenizer(tokenizer, max_length).demonstrations(list(records))  # raises on a bad record
+    collate = DemonstrationCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    rewards = [0.0] * len(examples)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate([examples[i] for i in rows])
+        scores = sequence_rewards(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), subtract_offset
+        )
+        for i, score in zip(rows, scores.tolist(), strict=True):
+            rewards[i] = score
+    return rewards
+
+
+def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write ``rows`` as JSON Lines to a temporary sibling, then rename it over ``path``."""
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return target
+
+
+def score_file(
+    model_dir: str,
+    input_path: str,
+    output_path: str,
+    batch_size: int = 32,
+    max_length: int = 512,
+    raw: bool = False,
+    columns: dict[str, str] | None = None,
+    skip_invalid: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> Path:
+    """Score the records of ``input_path`` with the reward model exported at ``model_dir``; see module docstring."""
+    tokenizer = load_tokenizer(model_dir)
+    model = load_reward_model(model_dir, tokenizer, dtype).eval().requires_grad_(False).to(device)
+    records, report = read_records(input_path, "demonstration", columns, skip_invalid)
+    if report.skipped:
+        print(report.summary())
+    rewards = score_records(model, tokenizer, records, batch_size, max_length, subtract_offset=not raw)
+    rows = [{**record.fields, "reward": reward} for record, reward in zip(records, rewards, strict=True)]
+    return write_jsonl_atomic(rows, output_path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lightning-rlhf score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="reward model directory (RewardModule's export_dir)")
+    parser.add_argument("--input", required=True, help="prompt/response records: .jsonl, .json, .parquet, dataset")
+    parser.add_argument("--output", required=True, help="JSON Lines file to write (replaced atomically)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=512, help="most tokens of prompt + response")
+    parser.add_argument("--raw", action="store_true", help="do not subtract the stored reward_offset")
+    parser.add_argument("--columns", type=json.loads, default=None, help='e.g. \'{"prompt": "question"}\'')
+    parser.add_argument("--skip_invalid", action="store_true", help="skip (and count) invalid records")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    path = score_file(
+        args.model, args.input, args.output, args.batch_size, args.max_length, args.raw, args.columns,
+        args.skip_invalid, args.device, args.dtype,
+    )  # fmt: skip
+    print(f"wrote {path}")
