@@ -160,3 +160,15 @@ def test_fsdp_bf16_sft_learns_and_exports_full_weights(tmp_path):
     assert sum(recorder.losses[-2:]) < 0.5 * sum(recorder.losses[:2])
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.model.embed_tokens.weight.shape == (259, TINY_CONFIG["hidden_size"])
+
+
+def test_validate_then_fit_reports_the_same_validation_loss_for_the_same_weights(tmp_path):
+    """trainer.validate before fit must neither crash a later fit's validation nor leak into it."""
+    L.seed_everything(0)
+    module = SFTModule(model_config=TINY_CONFIG)
+    data = toy_datamodule(tmp_path)
+    data.hparams.val_fraction = 0.25
+    first = trainer(tmp_path).validate(module, data, verbose=False)[0]["val/loss"]
+    second = trainer(tmp_path).validate(module, data, verbose=False)[0]["val/loss"]
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, data)
+    assert first == pytest.approx(second, abs=1e-6)

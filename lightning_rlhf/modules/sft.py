@@ -87,6 +87,10 @@ class SFTModule(L.LightningModule):
         self.log("train/scored_tokens", n_scored.float())
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # Reset here too: a state last reset under trainer.validate's inference mode cannot be updated later.
+        self.val_loss.reset()
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, n_scored = self._loss(batch)
         self.val_loss.update(loss, weight=n_scored)
