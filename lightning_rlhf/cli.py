@@ -8,6 +8,7 @@ Any ``LightningModule`` / ``LightningDataModule`` can be named by ``class_path``
 Extra subcommands, outside LightningCLI:
 
     lightning-rlhf score --model outputs/rm/hf --input records.jsonl --output scored.jsonl   (see scoring.py)
+    lightning-rlhf sample --model outputs/sft/hf --k 4 --judge gold --output comparisons.jsonl   (see sampling.py)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_rlhf import scoring
+from lightning_rlhf import sampling, scoring
 
 
 class RLHFCLI(LightningCLI):
@@ -25,7 +26,7 @@ class RLHFCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
 
 
-EXTRA_SUBCOMMANDS = {"score": scoring.main}
+EXTRA_SUBCOMMANDS = {"score": scoring.main, "sample": sampling.main}
 
 
 def main(args: list[str] | None = None) -> None:

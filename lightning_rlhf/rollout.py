@@ -1,0 +1,84 @@
+"""Sampling responses from a policy: what PPO rolls out, what the `sample` step writes for people to rank.
+
+Generation is ``transformers``' KV-cached ``generate`` on left-padded prompts (``PromptCollator``); a response
+counts up to and including its first EOS, and everything after it is masked.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class Rollout(NamedTuple):
+    """Prompts and the responses sampled for them.
+
+    Attributes:
+        sequences: ``(b, p + r)`` left-padded prompt ⊕ response (padded after EOS).
+        attention_mask: ``(b, p + r)`` real tokens of both.
+        response_mask: ``(b, r)`` response tokens up to and including the first EOS.
+        prompt_length: ``p``, the column where responses start.
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    prompt_length: int
+
+    @property
+    def responses(self) -> Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+
+def mask_after_eos(responses: Tensor, eos_token_id: int) -> Tensor:
+    """``(b, r)`` mask of response tokens up to and including the first EOS (all of them when there is none)."""
+    is_eos = responses == eos_token_id
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()
+    return eos_before == 0
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    synced_gpus: bool = False,
+) -> Rollout:
+    """Sample (``temperature > 0``) or decode greedily (``temperature == 0``) a response for each left-padded prompt.
+
+    The model is put in eval mode for generation and restored afterwards. ``synced_gpus`` keeps ranks of a
+    sharded model stepping together until all of them have finished.
+    """
+    was_training = model.training
+    model.eval()
+    sampling = temperature > 0
+    sample_args = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if sampling else {}
+    sequences = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced_gpus,
+        use_cache=True,
+        **sample_args,
+    )
+    model.train(was_training)
+    prompt_length = input_ids.shape[1]
+    response_mask = mask_after_eos(sequences[:, prompt_length:], tokenizer.eos_token_id)
+    sequences[:, prompt_length:] = sequences[:, prompt_length:].masked_fill(~response_mask, tokenizer.pad_token_id)
+    return Rollout(sequences, torch.cat([attention_mask, response_mask.long()], dim=1), response_mask, prompt_length)
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
+    """Response texts without special tokens."""
+    return tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)

@@ -1,0 +1,140 @@
+"""The `sample` step: K responses per prompt from a model, for people (or a simulated labeller) to rank.
+
+    lightning-rlhf sample --model outputs/sft/hf --k 4 --output outputs/samples.jsonl               # to rank by hand
+    lightning-rlhf sample --model outputs/sft/hf --k 4 --judge gold --output outputs/comparisons.jsonl
+
+Without a judge each record is ``{"prompt", "responses"}``: add ``"ranks"`` (0 best, ties equal) and it is a
+comparison record. With ``--judge gold`` (the embedded toy task) a simulated labeller ranks them: the gold score
+plus Gaussian noise of scale ``--noise`` (AlpacaFarm-style simulated annotators). Identical samples are merged,
+and prompts whose responses all tie are left out and counted, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightning_rlhf.data.collate import PromptCollator
+from lightning_rlhf.data.records import Record, read_records
+from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.models import load_causal_lm, load_tokenizer
+from lightning_rlhf.rollout import decode_responses, generate
+from lightning_rlhf.toy import gold_score, toy_path
+
+JUDGES: dict[str, Callable[[str, str], float]] = {"gold": gold_score}
+
+
+@dataclass
+class SampleReport:
+    prompts: int = 0
+    written: int = 0
+    all_tied: int = 0
+    merged_duplicates: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.written} of {self.prompts} prompts written; {self.all_tied} left out because all their responses "
+            f"tied; {self.merged_duplicates} duplicate samples merged"
+        )
+
+
+def sample_responses(model, tokenizer, prompts: list, k: int, max_length: int, batch_size: int, **generation) -> list:
+    """``k`` decoded responses for each prompt (strings or chat messages), in prompt order."""
+    records = [Record(f"prompt {i}", {"prompt": prompt}) for i, prompt in enumerate(prompts)]
+    examples = Tokenizer(tokenizer, max_length).prompts(records)
+    collate = PromptCollator(tokenizer.pad_token_id)
+    repeated = [ex for ex in examples for _ in range(k)]
+    texts: list[str] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(repeated), batch_size):
+        batch = collate(repeated[start : start + batch_size])
+        rollout = generate(
+            model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
+        )
+        texts += decode_responses(tokenizer, rollout)
+    return [texts[i * k : (i + 1) * k] for i in range(len(examples))]
+
+
+def rank(scores: list[float]) -> list[int]:
+    """Dense ranks, 0 for the highest score; equal scores share a rank."""
+    order = sorted(set(scores), reverse=True)
+    return [order.index(s) for s in scores]
+
+
+def judge_records(prompts: list, samples: list[list[str]], judge: Callable[[str, str], float], noise: float, seed: int):
+    """Comparison records ranked by ``judge`` + N(0, noise²); returns the records and a ``SampleReport``."""
+    rng = random.Random(seed)
+    report = SampleReport(prompts=len(prompts))
+    records = []
+    for prompt, responses in zip(prompts, samples, strict=True):
+        unique = list(dict.fromkeys(responses))
+        report.merged_duplicates += len(responses) - len(unique)
+        prompt_text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        scores = [judge(prompt_text, r) + (rng.gauss(0, noise) if noise else 0.0) for r in unique]
+        ranks = rank(scores)
+        if len(set(ranks)) < 2:
+            report.all_tied += 1
+            continue
+        records.append({"prompt": prompt, "responses": unique, "ranks": ranks})
+    report.written = len(records)
+    return records, report
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
+    """Write to a temporary file beside ``path``, then rename it into place."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+
+
+def main(argv: list[str] | None = None) -> SampleReport:
+    parser = argparse.ArgumentParser(prog="lightning-rlhf sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Hugging Face directory (e.g. the SFT export)")
+    parser.add_argument("--prompts", default=toy_path("prompts"), help="prompt records (default: the toy prompts)")
+    parser.add_argument("--output", required=True, help="JSON Lines file to write")
+    parser.add_argument("--k", type=int, default=4, help="responses per prompt")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=512, help="most prompt tokens")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--judge", choices=sorted(JUDGES), default=None, help="rank with a simulated labeller")
+    parser.add_argument("--noise", type=float, default=0.0, help="std of the labeller's noise on judge scores")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.k < 2 and args.judge:
+        parser.error("--k must be at least 2 to rank responses")
+
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, tokenizer)
+    records, _ = read_records(args.prompts, "prompt")
+    prompts = [r.fields["prompt"] for r in records[: args.limit]]
+    samples = sample_responses(
+        model, tokenizer, prompts, args.k, args.max_length, args.batch_size,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    )  # fmt: skip
+    if args.judge:
+        out, report = judge_records(prompts, samples, JUDGES[args.judge], args.noise, args.seed)
+    else:
+        out = [{"prompt": p, "responses": s} for p, s in zip(prompts, samples, strict=True)]
+        report = SampleReport(prompts=len(prompts), written=len(out))
+    write_jsonl_atomic(args.output, out)
+    print(f"{args.output}: {report.summary()}")
+    return report

@@ -1,0 +1,47 @@
+"""The sample step: K responses per prompt, ranked by a simulated labeller into valid comparison records."""
+
+import json
+
+from lightning_rlhf import ComparisonDataModule
+from lightning_rlhf.cli import main
+from lightning_rlhf.sampling import judge_records, rank
+from lightning_rlhf.toy import gold_score
+
+
+def test_rank_is_dense_with_ties_sharing_a_rank():
+    assert rank([0.5, 0.9, 0.5, 0.1]) == [1, 0, 1, 2]
+
+
+def test_judge_merges_duplicates_and_counts_prompts_that_all_tie():
+    """Prompt 1: 'cba' (gold 1.0) twice and 'cb' (0.8) -> two unique responses ranked 0, 1, one duplicate merged.
+    Prompt 2: the same response four times -> one unique response, nothing to prefer: left out and counted."""
+    prompts = ["Reverse: abc\n", "Reverse: xyz\n"]
+    samples = [["cba", "cb", "cba", "cb"], ["zy"] * 4]
+    records, report = judge_records(prompts, samples, gold_score, noise=0.0, seed=0)
+    assert records == [{"prompt": prompts[0], "responses": ["cba", "cb"], "ranks": [0, 1]}]
+    assert (report.prompts, report.written, report.all_tied, report.merged_duplicates) == (2, 1, 1, 5)
+
+
+def test_noise_can_flip_the_labeller_but_is_seeded():
+    prompts, samples = ["Reverse: abcdef\n"] * 200, [["fedcba", "fedcb"]] * 200
+    flipped = sum(r["ranks"] == [1, 0] for r in judge_records(prompts, samples, gold_score, 0.5, seed=1)[0])
+    assert 0 < flipped < 100
+    assert judge_records(prompts, samples, gold_score, 0.5, seed=1) == judge_records(
+        prompts, samples, gold_score, 0.5, seed=1
+    )
+
+
+def test_sample_cli_writes_comparisons_the_datamodule_reads(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in ["abc", "hello", "xyz"]))
+    out = tmp_path / "comparisons.jsonl"
+    report = main(["sample", "--model", tiny_model_dir, "--prompts", str(prompts), "--output", str(out), "--k", "3",
+                   "--judge", "gold", "--max-new-tokens", "8"])  # fmt: skip
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 1 <= len(lines) == report.written and report.written + report.all_tied == 3
+    for record in lines:
+        best = record["responses"][record["ranks"].index(0)]
+        assert gold_score(record["prompt"], best) == max(gold_score(record["prompt"], r) for r in record["responses"])
+    data = ComparisonDataModule(train_path=str(out), val_fraction=0, tokenizer_name_or_path=tiny_model_dir)
+    data.setup("fit")
+    assert len(data.train_examples) == len(lines)
