@@ -31,17 +31,20 @@ def test_noise_can_flip_the_labeller_but_is_seeded():
     )
 
 
-def test_sample_cli_writes_comparisons_the_datamodule_reads(tiny_model_dir, tmp_path):
+def test_sample_cli_writes_k_responses_or_judged_comparisons_the_datamodule_reads(tiny_model_dir, tmp_path):
+    """Unjudged: every prompt with its K samples, for people to rank. Judged (an untrained model scores gold 0
+    everywhere, so the labeller's noise separates them): comparison records the ComparisonDataModule accepts."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in ["abc", "hello", "xyz"]))
+    common = ["--model", tiny_model_dir, "--prompts", str(prompts), "--k", "3", "--max-new-tokens", "8"]
+    main(["sample", *common, "--output", str(tmp_path / "samples.jsonl")])
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [len(s["responses"]) for s in samples] == [3, 3, 3] and "ranks" not in samples[0]
+
     out = tmp_path / "comparisons.jsonl"
-    report = main(["sample", "--model", tiny_model_dir, "--prompts", str(prompts), "--output", str(out), "--k", "3",
-                   "--judge", "gold", "--max-new-tokens", "8"])  # fmt: skip
+    report = main(["sample", *common, "--judge", "gold", "--noise", "0.1", "--output", str(out)])
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert 1 <= len(lines) == report.written and report.written + report.all_tied == 3
-    for record in lines:
-        best = record["responses"][record["ranks"].index(0)]
-        assert gold_score(record["prompt"], best) == max(gold_score(record["prompt"], r) for r in record["responses"])
+    assert len(lines) == report.written == 3 - report.all_tied and report.written >= 2
     data = ComparisonDataModule(train_path=str(out), val_fraction=0, tokenizer_name_or_path=tiny_model_dir)
     data.setup("fit")
     assert len(data.train_examples) == len(lines)
