@@ -1,11 +1,14 @@
+"""lightning_rlhf: the InstructGPT pipeline (SFT, reward model, PPO, DPO) as PyTorch Lightning modules."""
 
 from lightning_rlhf.data.datamodules import ComparisonDataModule, DemonstrationDataModule, PromptDataModule
+from lightning_rlhf.modules.dpo import DPOModule
 from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
 
 __all__ = [
     "ComparisonDataModule",
     "DemonstrationDataModule",
+    "DPOModule",
     "PromptDataModule",
     "RewardModule",
     "SFTModule",

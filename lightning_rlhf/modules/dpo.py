@@ -1,0 +1,264 @@
+"""Direct preference optimisation from the SFT model, without a reward model (Rafailov et al. 2023).
+
+``loss = -E[log σ(β log π_θ(y_w|x)/π_ref(y_w|x) - β log π_θ(y_l|x)/π_ref(y_l|x))]`` (or a variant of
+``losses.DPO_LOSSES``), with π_ref the frozen starting point. A comparison of K ranked responses gives all its
+ordered pairs (ties give none); as in the InstructGPT ranking loss, each prompt weighs the same, its pairs
+sharing its weight, so a prompt with many responses does not dominate the batch. All responses of a batch go
+through the policy in one forward pass (the collator has already concatenated them). ``nll_weight`` adds RPO's
+likelihood term on each prompt's best responses (Pang et al. 2024), which keeps DPO on off-policy comparisons
+from pushing probability onto tokens seen in neither response.
+
+The reference is either a live frozen copy (eval mode, no grad, outside the optimiser and out of checkpoints,
+rebuilt from ``model_name_or_path`` in ``configure_model``), or, with ``precompute_ref_logprobs``, a temporary
+model whose log-probs are computed once over the DataModule's train and validation data when fit starts and then
+freed. Cached values are keyed by the content of each row (its real token ids and labels), not by its position,
+so they are right whatever the shuffling, the batch composition, the padding or the rank that meets the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
+
+from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
+from lightning_rlhf.models import export_from_trainer, load_causal_lm, load_tokenizer, sequence_logprobs
+from lightning_rlhf.strategies import clip_gradients
+
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+REF_PREFIX = "ref_model."
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
+def _drop_reference_weights(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata) -> None:
+    # The reference is rebuilt from model_name_or_path: checkpoints carry the policy only.
+    for key in [k for k in state_dict if k.startswith(prefix + REF_PREFIX)]:
+        del state_dict[key]
+
+
+def _allow_missing_reference_weights(module: nn.Module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not (k.startswith(REF_PREFIX) or f".{REF_PREFIX}" in k)]
+
+
+def row_keys(batch: dict[str, Tensor]) -> list[bytes]:
+    """A digest of each row's real tokens and labels: the same response after the same prompt, wherever it is."""
+    input_ids, labels, mask = (batch[k].cpu() for k in ("input_ids", "labels", "attention_mask"))
+    return [
+        hashlib.blake2b(torch.stack([ids[m], lab[m]]).numpy().tobytes(), digest_size=16).digest()
+        for ids, lab, m in zip(input_ids, labels, mask.bool(), strict=True)
+    ]
+
+
+class DPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        dtype: str = "float32",
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid",
+        label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
+        precompute_ref_logprobs: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        """
+        Args:
+            model_name_or_path: the SFT export (Hugging Face directory or hub name); policy and reference start here.
+            dtype: parameter dtype, ``float32`` / ``bfloat16`` / ``float16``.
+            beta: strength of the implicit KL constraint to the reference (IPO: its τ).
+            loss_type: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averaged log-probs), ``robust``.
+            label_smoothing: assumed rate of flipped labels (``sigmoid``: cDPO, ``robust``: rDPO).
+            nll_weight: weight of a negative log-likelihood term on each prompt's best responses (RPO; 0 for none).
+            precompute_ref_logprobs: compute the reference log-probs once when fit starts (needs a DataModule)
+                and keep no reference model during training.
+            optimizer: built over the policy's parameters once the model exists.
+            scheduler: stepped every optimiser step.
+            export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
+            gradient_checkpointing: trade compute for activation memory (policy only).
+        """
+        super().__init__()
+        if loss_type not in DPO_LOSSES:
+            raise ValueError(f"loss_type={loss_type!r} is not one of {sorted(DPO_LOSSES)}")
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 0.5)")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        self.model: PreTrainedModel | None = None
+        self.ref_model: PreTrainedModel | None = None
+        self.ref_cache: dict[bytes, float] = {}
+        val_names = ["loss", *METRICS, *(["nll"] if nll_weight else [])]
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in val_names})
+        self.register_state_dict_post_hook(_drop_reference_weights)
+        self.register_load_state_dict_post_hook(_allow_missing_reference_weights)
+
+    def _load_reference(self) -> PreTrainedModel:
+        hp = self.hparams
+        return load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype).eval().requires_grad_(False)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
+        if hp.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if not hp.precompute_ref_logprobs:
+            self.ref_model = self._load_reference()
+
+    def train(self, mode: bool = True) -> DPOModule:
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()  # frozen, whatever the trainer does with the policy
+        return self
+
+    # -- reference log-probs ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def precompute_reference(self, dataloaders) -> None:
+        """Fill ``ref_cache`` from a temporary reference model over every batch of ``dataloaders``.
+
+        Every rank computes over the whole data set (no collectives, so no rank waits on another, and later
+        epochs may hand any row to any rank); the cost is one no-grad forward per response, once. The temporary
+        model is a full copy on each device, even under a sharded strategy.
+        """
+        ref_model = self._load_reference().to(self.device)
+        for dataloader in dataloaders:
+            for batch in dataloader:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                logps, _ = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                self.ref_cache.update(zip(row_keys(batch), logps.tolist(), strict=True))
+        del ref_model
+
+    def _ensure_ref_cache(self) -> None:
+        if not self.hparams.precompute_ref_logprobs or self.ref_cache:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError("precompute_ref_logprobs=True needs the data as a DataModule passed to the Trainer")
+        dataloaders = [datamodule.train_dataloader()]
+        if is_overridden("val_dataloader", datamodule):
+            dataloaders.append(datamodule.val_dataloader())
+        self.precompute_reference(dataloaders)
+
+    def on_fit_start(self) -> None:
+        self._ensure_ref_cache()
+
+    def on_validation_start(self) -> None:
+        self._ensure_ref_cache()  # trainer.validate alone never calls on_fit_start
+
+    def reference_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(n,)`` summed reference log-probs of the batch's responses, live or from the cache."""
+        if self.ref_model is not None:
+            with torch.no_grad():
+                logps, _ = sequence_logprobs(
+                    self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                )
+            return logps
+        try:
+            values = [self.ref_cache[key] for key in row_keys(batch)]
+        except KeyError:
+            raise KeyError(
+                "a response has no precomputed reference log-prob: precompute_ref_logprobs covers the DataModule's "
+                "train and validation data only"
+            ) from None
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    # -- loss -------------------------------------------------------------------------------------------
+    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Loss (each prompt with pairs weighing the same), its number of prompts, and per-pair statistics."""
+        hp = self.hparams
+        logps, counts = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        ref_logps = self.reference_logprobs(batch)  # (n,) summed over response tokens, like logps
+        policy_scores, ref_scores = logps, ref_logps
+        if hp.loss_type == "ipo":  # IPO is stated on per-token averaged log-probs (Azar et al. 2023)
+            policy_scores, ref_scores = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
+        chosen, rejected = batch["pairs"].unbind(-1)  # (p,) flat rows of the better and the worse response
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_scores[chosen], policy_scores[rejected], ref_scores[chosen], ref_scores[rejected], hp.beta,
+            hp.loss_type, hp.label_smoothing,
+        )  # fmt: skip
+
+        rows, present = batch["response_index"], batch["response_index"] >= 0  # (b, k) flat row of each response
+        prompt_of_row = torch.zeros(len(logps), dtype=torch.long, device=rows.device)  # (n,)
+        prompt_of_row[rows[present]] = torch.arange(len(rows), device=rows.device)[:, None].expand_as(rows)[present]
+        pairs_per_prompt = torch.bincount(prompt_of_row[chosen], minlength=len(rows))  # (b,)
+        n_prompts = (pairs_per_prompt > 0).sum()
+        loss = (losses / pairs_per_prompt[prompt_of_row[chosen]]).sum() / n_prompts.clamp(min=1)
+
+        stats = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "logps/chosen": logps[chosen].detach(),
+            "logps/rejected": logps[rejected].detach(),
+        }
+        if hp.nll_weight:
+            # RPO (Pang et al. 2024): per-token NLL of each prompt's best responses (better in a pair, worse in
+            # none) keeps their likelihood from falling with the rejected ones'.
+            best = torch.unique(chosen[~torch.isin(chosen, rejected)])
+            nll = -(logps[best] / counts[best].clamp(min=1)).mean() if len(best) else logps.sum() * 0
+            loss = loss + hp.nll_weight * nll
+            stats["nll"] = nll.detach().expand(len(chosen))
+        return loss, n_prompts, stats
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, n_prompts, stats = self._step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=max(int(n_prompts), 1))
+        if len(batch["pairs"]):
+            for name, values in stats.items():
+                self.log(f"train/{name}", values.mean(), batch_size=len(values))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # States last reset under trainer.validate's inference mode could not be updated in fit's no-grad mode.
+        for metric in self.val_metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, n_prompts, stats = self._step(batch)
+        # Metric objects: reduced over the whole validation set (and over ranks) at epoch end.
+        self.val_metrics["loss"].update(loss, weight=n_prompts)
+        if len(batch["pairs"]):
+            for name, values in stats.items():
+                self.val_metrics[name].update(values)
+        for name, metric in self.val_metrics.items():
+            self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "rewards/accuracies")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir:
+            export_from_trainer(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
