@@ -32,7 +32,8 @@ EXTRA_SUBCOMMANDS = {"score": scoring.main, "sample": sampling.main}
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
-        return EXTRA_SUBCOMMANDS[argv[0]](argv[1:])
+        EXTRA_SUBCOMMANDS[argv[0]](argv[1:])
+        return
     RLHFCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lightning_rlhf.data.collate import PromptCollator
-from lightning_rlhf.data.records import Record, read_records
+from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.rollout import decode_responses, generate
@@ -88,20 +85,6 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Callable[[str,
     return records, report
 
 
-def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
-    """Write to a temporary file beside ``path``, then rename it into place."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
-
-
 def main(argv: list[str] | None = None) -> SampleReport:
     parser = argparse.ArgumentParser(prog="lightning-rlhf sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face directory (e.g. the SFT export)")
@@ -110,10 +93,10 @@ def main(argv: list[str] | None = None) -> SampleReport:
     parser.add_argument("--k", type=int, default=4, help="responses per prompt")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=512, help="most prompt tokens")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=512, help="most prompt tokens")
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--judge", choices=sorted(JUDGES), default=None, help="rank with a simulated labeller")
     parser.add_argument("--noise", type=float, default=0.0, help="std of the labeller's noise on judge scores")
     parser.add_argument("--seed", type=int, default=0)
@@ -135,6 +118,6 @@ def main(argv: list[str] | None = None) -> SampleReport:
     else:
         out = [{"prompt": p, "responses": s} for p, s in zip(prompts, samples, strict=True)]
         report = SampleReport(prompts=len(prompts), written=len(out))
-    write_jsonl_atomic(args.output, out)
+    write_jsonl_atomic(out, args.output)
     print(f"{args.output}: {report.summary()}")
     return report

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.collate import DemonstrationCollator
-from lightning_rlhf.data.records import Record, read_records
+from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards
@@ -51,21 +49,6 @@ def score_records(
         for i, score in zip(rows, scores.tolist(), strict=True):
             rewards[i] = score
     return rewards
-
-
-def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write ``rows`` as JSON Lines to a temporary sibling, then rename it over ``path``."""
-    target = Path(path).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-    return target
 
 
 def score_file(

@@ -52,12 +52,22 @@ def ids(text):
         ),
         ([{"prompt": "p", "chosen": "a", "rejected": "a"}], "comparison", r"'chosen' and 'rejected' are the same"),
         ([{"text": ""}], "text", r"line 1: field 'text' must be a non-empty string"),
+        ([{"prompt": "p", "responses": ["a", 3], "ranks": [0, 1]}], "comparison", r"field 'responses\[1\]' must be"),
+        ([{"prompt": "p", "response": ""}], "demonstration", r"line 1: field 'response' is an empty string"),
     ],
 )
 def test_bad_records_name_file_line_and_field(tmp_path, rows, kind, expected):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(RecordError, match=expected):
         read_records(path, kind)
+
+
+def test_an_empty_sampled_response_is_a_valid_comparison_candidate(tmp_path):
+    """A policy can answer with EOS at once; rankings of its samples must be able to say that is worse."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "responses": ["a", ""], "ranks": [0, 1]}])
+    (record,), _ = read_records(path, "comparison")
+    (example,) = Tokenizer(TOKENIZER, max_length=16).comparisons([record])
+    assert example["response_ids"][1] == [EOS]
 
 
 def test_skip_invalid_counts_what_it_skipped(tmp_path):

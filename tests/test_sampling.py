@@ -2,7 +2,7 @@
 
 import json
 
-from lightning_rlhf import ComparisonDataModule
+from lightning_rlhf import ComparisonDataModule, sampling
 from lightning_rlhf.cli import main
 from lightning_rlhf.sampling import judge_records, rank
 from lightning_rlhf.toy import gold_score
@@ -36,13 +36,13 @@ def test_sample_cli_writes_k_responses_or_judged_comparisons_the_datamodule_read
     everywhere, so the labeller's noise separates them): comparison records the ComparisonDataModule accepts."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in ["abc", "hello", "xyz"]))
-    common = ["--model", tiny_model_dir, "--prompts", str(prompts), "--k", "3", "--max-new-tokens", "8"]
+    common = ["--model", tiny_model_dir, "--prompts", str(prompts), "--k", "3", "--max_new_tokens", "8"]
     main(["sample", *common, "--output", str(tmp_path / "samples.jsonl")])
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [len(s["responses"]) for s in samples] == [3, 3, 3] and "ranks" not in samples[0]
 
     out = tmp_path / "comparisons.jsonl"
-    report = main(["sample", *common, "--judge", "gold", "--noise", "0.1", "--output", str(out)])
+    report = sampling.main([*common, "--judge", "gold", "--noise", "0.1", "--output", str(out)])
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == report.written == 3 - report.all_tied and report.written >= 2
     data = ComparisonDataModule(train_path=str(out), val_fraction=0, tokenizer_name_or_path=tiny_model_dir)

@@ -9,7 +9,9 @@ skip them, in which case they are counted in ``ReadReport.skipped`` (never dropp
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +62,12 @@ def _is_messages(value: Any) -> bool:
     )
 
 
-def _check_text_or_messages(record: Mapping[str, Any], name: str) -> Any:
+def _check_text_or_messages(record: Mapping[str, Any], name: str, allow_empty: bool = False) -> Any:
     if name not in record or record[name] is None:
         raise RecordError(f"field {name!r} is missing")
     value = record[name]
     if _is_text(value):
-        if not value:
+        if not value and not allow_empty:
             raise RecordError(f"field {name!r} is an empty string")
         return value
     if _is_messages(value):
@@ -116,7 +118,10 @@ def validate_comparison(record: Mapping[str, Any]) -> dict[str, Any]:
         raise RecordError(f"field 'ranks' = {ranks}: each rank must lie in 0..{len(ranks) - 1}")
     if len(set(ranks)) == 1:
         raise RecordError(f"field 'ranks' = {ranks}: all responses tie, so there is no preference to learn")
-    checked = [_check_text_or_messages({"response": r}, "response") for r in responses]
+    # A sampled response may be empty (EOS at once): a real, usually bad, answer that rankings may contain.
+    checked = [
+        _check_text_or_messages({f"responses[{i}]": r}, f"responses[{i}]", True) for i, r in enumerate(responses)
+    ]
     seen: dict[str, int] = {}
     for response, rank in zip(checked, ranks, strict=True):
         key = json.dumps(response)
@@ -237,3 +242,18 @@ def read_records(
         what = "no records" if not report.skipped else f"no valid records ({report.skipped} skipped)"
         raise RecordError(f"{source}: {what} of kind {kind!r}")
     return records, report
+
+
+def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write ``rows`` as JSON Lines to a temporary sibling, then rename it over ``path``."""
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return target
