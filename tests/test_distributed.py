@@ -1,0 +1,71 @@
+"""Reward model and DPO under DDP on 2 CPU processes: replicas agree, and validation reduced over both ranks
+equals validation in one process on the same weights and data."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from transformers import AutoModelForCausalLM
+
+from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
+from tests.helpers import make_tiny_export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_comparisons(path: Path, n: int, seed: int) -> str:
+    """Comparisons with K = 2 or 3 (so ranks are padded across a batch) and a tie now and then."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = 2 + i % 2
+        responses = ["".join(rng.choice("abcdef") for _ in range(rng.randint(1, 6))) + str(j) for j in range(k)]
+        ranks = [0, 1] if k == 2 else rng.choice([[0, 1, 2], [1, 0, 1], [2, 0, 1]])
+        rows.append({"prompt": f"Q{i}: {rng.random():.3f}\n", "responses": responses, "ranks": ranks})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def validate_alone(module, sft_dir, train, val, root) -> dict[str, float]:
+    data = ComparisonDataModule(train_path=train, val_path=val, tokenizer_name_or_path=sft_dir, batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=root)
+    return {name: float(value) for name, value in trainer.validate(module, data, verbose=False)[0].items()}
+
+
+@pytest.mark.slow
+def test_reward_model_and_dpo_under_ddp_match_a_single_process(tmp_path):
+    sft_dir = make_tiny_export(tmp_path / "sft")
+    train = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
+    val = write_comparisons(tmp_path / "val.jsonl", 8, seed=1)  # 8 prompts: 4 per rank, no sampler padding
+    out = tmp_path / "ddp.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ddp_preference_script.py"), str(out), str(tmp_path), sft_dir, train,
+         val],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    assert report["rm_checksums"][0] == report["rm_checksums"][1]
+    assert report["dpo_checksums"][0] == report["dpo_checksums"][1]
+    # Each rank holds the reference log-prob of every train and val response (16·2.5 + 8·2.5 = 60 rows).
+    assert report["dpo_cache_sizes"] == [60, 60]
+
+    rm = RewardModule(str(tmp_path / "rm"))
+    rm.configure_model()
+    alone = validate_alone(rm, sft_dir, train, val, tmp_path)
+    for name in ("val/loss", "val/accuracy", "val/margin", "val/reward_mean", "val/reward_std"):
+        assert report["rm_val"][name] == pytest.approx(alone[name], abs=1e-5), name
+
+    # The trained policy validated alone against a live reference (the SFT export) in one process.
+    dpo = DPOModule(sft_dir)
+    dpo.configure_model()
+    dpo.model.load_state_dict(AutoModelForCausalLM.from_pretrained(tmp_path / "dpo").state_dict())
+    alone = validate_alone(dpo, sft_dir, train, val, tmp_path)
+    for name in ("val/loss", "val/rewards/margins", "val/rewards/accuracies", "val/logps/chosen"):
+        assert report["dpo_val"][name] == pytest.approx(alone[name], abs=1e-5), name
