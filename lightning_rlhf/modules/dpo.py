@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
 from lightning_rlhf.models import export_from_trainer, load_causal_lm, load_tokenizer, sequence_logprobs
+from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.strategies import clip_gradients
 
 METRICS = (
@@ -248,13 +249,7 @@ class DPOModule(L.LightningModule):
             self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "rewards/accuracies")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+        return optimizer_config(self.model, self.optimizer_factory, self.scheduler_factory)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)

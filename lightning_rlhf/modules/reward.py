@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from lightning_rlhf.data.records import read_records
 from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_from_trainer, load_tokenizer
+from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.scoring import score_records
 from lightning_rlhf.strategies import clip_gradients
@@ -139,13 +140,7 @@ class RewardModule(L.LightningModule):
         self.log("val/reward_std", (values["reward_sq"] - values["reward"] ** 2).clamp(min=0).sqrt())
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+        return optimizer_config(self.model, self.optimizer_factory, self.scheduler_factory)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)

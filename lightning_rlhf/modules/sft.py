@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
 from lightning_rlhf.models import export_from_trainer, forward_logits, load_causal_lm, load_tokenizer, shifted_logprobs
+from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.strategies import clip_gradients
 
 
@@ -102,13 +103,7 @@ class SFTModule(L.LightningModule):
         self.val_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+        return optimizer_config(self.model, self.optimizer_factory, self.scheduler_factory)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
