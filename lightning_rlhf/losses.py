@@ -192,3 +192,94 @@ def dpo_loss(
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     losses = DPO_LOSSES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# -- PPO (InstructGPT step 3; Schulman et al. 2017, Ziegler et al. 2019) ------------------------------------
+
+
+def _kl_k1(u: Tensor) -> Tensor:
+    return -u
+
+
+def _kl_k2(u: Tensor) -> Tensor:
+    return 0.5 * u**2
+
+
+def _kl_k3(u: Tensor) -> Tensor:
+    return torch.expm1(u) - u
+
+
+# Estimators of KL(π || π_ref) from samples of π (Schulman, "Approximating KL divergence", 2020).
+KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token KL estimate, ``(b, t)``, with ``u = ref_logprobs - logprobs``: ``k1`` -u, ``k2`` u²/2, ``k3`` eᵘ-1-u.
+
+    ``k1`` is the unbiased log-ratio InstructGPT's reward uses; ``k3`` is unbiased and never negative.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](ref_logprobs - logprobs)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded response tokens.
+
+    ``δ_t = r_t + γ V_{t+1} - V_t``, ``A_t = δ_t + γλ A_{t+1}``, ``returns = A + V``. The value after the last real
+    token is 0 (the episode ends there), whatever lies past the mask is ignored, and both outputs are 0 there.
+
+    Args:
+        rewards, values: ``(b, t)`` per-token rewards and value estimates.
+        mask: ``(b, t)`` real response tokens.
+
+    Returns:
+        ``(advantages, returns)``, each ``(b, t)``.
+    """
+    mask = mask.to(values.dtype)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t] * mask[:, t]
+        next_advantage = advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), negated to minimise: masked mean of
+    ``max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε))`` with ``ρ = exp(logprobs - old_logprobs)``, all ``(b, t)``.
+
+    Returns:
+        The loss and statistics: ``clipfrac`` (share of tokens where the clipped term won) and ``approx_kl``
+        (masked mean of ½(log ρ)², the old-to-new policy drift).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask).detach(),
+        "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask),
+    }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss: ``½ · masked mean of max((V - R)², (clip(V, V_old ± c) - R)²)``, all ``(b, t)``.
+
+    Returns:
+        The loss and ``clipfrac``, the share of tokens where the clipped error was the larger.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    return loss, {"clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask).detach()}

@@ -1,0 +1,74 @@
+"""PPO's pure functions against hand-computed values: KL estimators, GAE, clipped policy and value losses."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_rlhf.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
+
+
+@pytest.mark.parametrize(
+    ("estimator", "expected"),
+    [("k1", math.log(2)), ("k2", 0.5 * math.log(2) ** 2), ("k3", 0.5 - 1 + math.log(2))],
+)
+def test_kl_estimators_hand_computed(estimator, expected):
+    """π(y) = 1/2, π_ref(y) = 1/4: u = ln(1/4) - ln(1/2) = -ln 2, so k1 = ln 2 = 0.6931, k2 = (ln 2)²/2 = 0.2402,
+    k3 = e^(-ln 2) - 1 + ln 2 = 0.5 - 1 + 0.6931 = 0.1931."""
+    out = kl_penalty(torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]]), estimator)
+    torch.testing.assert_close(out, torch.tensor([[expected]]))
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    logprobs = torch.randn(2, 5)
+    for estimator in ("k1", "k2", "k3"):
+        assert torch.all(kl_penalty(logprobs, logprobs, estimator) == 0)
+
+
+def test_gae_hand_computed_with_terminal_value_and_ignored_padding():
+    """γ = 0.9, λ = 0.5; rewards (1, 0, 2 | 9), values (0.5, 1.0, 1.5 | 7), the last column padding.
+    t=2 (last real): δ = 2 + 0.9·0 - 1.5 = 0.5 (terminal: no V_3, and the padding's 7 must not leak); A = 0.5
+    t=1: δ = 0 + 0.9·1.5 - 1.0 = 0.35; A = 0.35 + 0.45·0.5 = 0.575
+    t=0: δ = 1 + 0.9·1.0 - 0.5 = 1.4;  A = 1.4 + 0.45·0.575 = 1.65875
+    returns = A + V = (2.15875, 1.575, 2.0 | 0)."""
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 9.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(advantages, torch.tensor([[1.65875, 0.575, 0.5, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[2.15875, 1.575, 2.0, 0.0]]))
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_reward_to_go_minus_value():
+    """λ = γ = 1 telescopes: A_t = Σ_{s≥t} r_s - V_t (Monte Carlo), whatever the values."""
+    rewards, values = torch.tensor([[0.1, -0.2, 1.0]]), torch.tensor([[3.0, -1.0, 0.4]])
+    advantages, _ = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.9 - 3.0, 0.8 + 1.0, 1.0 - 0.4]]))
+
+
+def test_ppo_policy_loss_hand_computed():
+    """ε = 0.2. Token 1: ρ = 1.5, A = 2: max(-3, -2·1.2 = -2.4) = -2.4 (clipped). Token 2: ρ = 0.5, A = -1:
+    max(0.5, 0.8) = 0.8 (clipped). Token 3: ρ = 1, A = 3: -3. Token 4 is masked (ρ = 2, A = 100).
+    loss = (-2.4 + 0.8 - 3) / 3 = -1.5333; clipfrac = 2/3; approx_kl = (½ ln²1.5 + ½ ln²0.5 + 0) / 3 = 0.107476."""
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.0, 2.0]]))
+    advantages = torch.tensor([[2.0, -1.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    torch.testing.assert_close(loss, torch.tensor(-4.6 / 3))
+    torch.testing.assert_close(stats["clipfrac"], torch.tensor(2 / 3))
+    torch.testing.assert_close(stats["approx_kl"], torch.tensor(0.107476), atol=1e-6, rtol=0)
+
+
+def test_ppo_value_loss_hand_computed():
+    """c = 0.2. V = (2, 0, 1), V_old = (1, 0.5, 1), R = (3, 1, 0).
+    t1: clip(V) = 1.2: max((2-3)², (1.2-3)² = 3.24) = 3.24 (clipped); t2: clip(V) = 0.3: max(1, 0.49) = 1;
+    t3: 1. loss = ½ · (3.24 + 1 + 1) / 3 = 0.873333; clipfrac = 1/3."""
+    values, old, returns = (
+        torch.tensor([[2.0, 0.0, 1.0]]),
+        torch.tensor([[1.0, 0.5, 1.0]]),
+        torch.tensor([[3.0, 1.0, 0.0]]),
+    )
+    loss, stats = ppo_value_loss(values, old, returns, torch.ones(1, 3), clip_range_value=0.2)
+    torch.testing.assert_close(loss, torch.tensor(0.5 * 5.24 / 3))
+    torch.testing.assert_close(stats["clipfrac"], torch.tensor(1 / 3))
