@@ -29,6 +29,13 @@ class RLHFCLI(LightningCLI):
 EXTRA_SUBCOMMANDS = {"score": scoring.main, "sample": sampling.main}
 
 
+HELP = (
+    "The InstructGPT pipeline as Lightning modules. LightningCLI subcommands below, plus: "
+    "'lightning-rlhf sample --help' (K responses per prompt, optionally ranked by a simulated labeller) and "
+    "'lightning-rlhf score --help' (rewards from an exported reward model)."
+)
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
@@ -40,6 +47,7 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": HELP},
         args=args,
     )
 

@@ -107,3 +107,13 @@ def test_fsdp_config_builds_its_wrap_policy_from_class_paths():
     strategy = parser.instantiate(parser.parse_object({"strategy": config})).strategy
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+
+
+def test_help_points_to_the_extra_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "lightning-rlhf sample --help" in capsys.readouterr().out
+    for subcommand in ("sample", "score"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([subcommand, "--help"])
+        assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
