@@ -215,7 +215,11 @@ def test_normalisation_is_exported_and_makes_the_reference_set_average_zero(tiny
     )
     module = tiny_module(tiny_model_dir)
     torch.nn.init.normal_(module.model.score.weight, std=1.0)
-    offset = module.normalize(reference)
+    data = ComparisonDataModule(
+        tokenizer_name_or_path=tiny_model_dir, normalize_path=reference, batch_size=3, val_fraction=0.0
+    )
+    data.setup("fit")
+    offset = module.normalize(data.normalize_dataloader())  # two batches: 3 + 1 sequences
     assert abs(offset) > 1e-3
     export_pretrained(module.model, module.tokenizer, tmp_path / "rm")
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["reward_offset"] == pytest.approx(offset)
@@ -331,7 +335,7 @@ def test_rm_config_trains_from_an_sft_export_exports_and_scores_through_the_cli(
         "--trainer.limit_val_batches=4",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--model.init_args.model_name_or_path={sft_dir}", f"--model.init_args.export_dir={tmp_path / 'rm'}",
-        f"--model.init_args.normalize_path={demonstrations}", "--model.init_args.normalize_max_records=40",
+        f"--data.init_args.normalize_path={demonstrations}", "--data.init_args.normalize_max_records=40",
         cwd=tmp_path,
     )  # fmt: skip
     (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")

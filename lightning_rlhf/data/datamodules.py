@@ -174,16 +174,57 @@ class DemonstrationDataModule(RecordDataModule):
 
 
 class ComparisonDataModule(RecordDataModule):
-    """``{"prompt", "responses", "ranks"}`` (or ``chosen`` / ``rejected``) records, batched by prompt."""
+    """``{"prompt", "responses", "ranks"}`` (or ``chosen`` / ``rejected``) records, batched by prompt.
+
+    Optionally also a reward-normalisation set: demonstrations whose mean reward ``RewardModule`` stores as its
+    offset when fit ends (``normalize_dataloader``).
+    """
 
     kind = "comparison"
     default_train_path = toy_path("comparisons")
+
+    def __init__(self, *args, normalize_path: str | None = None, normalize_max_records: int | None = 1000, **kwargs):
+        """
+        Args:
+            normalize_path: demonstration records (``{"prompt", "response"}``, e.g. the SFT data) whose mean reward
+                ``RewardModule`` subtracts at scoring time, so that they average 0; ``None`` for no normalisation.
+            normalize_max_records: use at most this many of them (the first ones).
+            *args, **kwargs: as ``RecordDataModule``.
+        """
+        super().__init__(*args, **kwargs)
+        self.normalize_path, self.normalize_max_records = normalize_path, normalize_max_records
+        self.normalize_examples: list[Any] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        first = self.tokenizer is None
+        super().setup(stage)
+        if first and self.normalize_path:
+            hp = self.hparams
+            records, report = read_records(self.normalize_path, "demonstration", hp.columns, hp.skip_invalid)
+            rank_zero_info(f"normalisation set: {report.summary()}")
+            tokenizer = Tokenizer(self.tokenizer, hp.max_length, hp.skip_invalid)
+            self.normalize_examples = tokenizer.demonstrations(records[: self.normalize_max_records])
+            if not self.normalize_examples:
+                raise ValueError(f"{self.normalize_path}: no normalisation examples ({tokenizer.report.summary()})")
 
     def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
         return tokenizer.comparisons(records)
 
     def collator(self) -> ComparisonCollator:
         return ComparisonCollator(self.tokenizer.pad_token_id)
+
+    def normalize_dataloader(self) -> DataLoader | None:
+        """The normalisation set, whole on every rank (each rank scores all of it, so all agree); ``None`` if unset."""
+        if not self.normalize_examples:
+            return None
+        hp = self.hparams
+        return DataLoader(
+            self.normalize_examples,
+            batch_size=hp.val_batch_size or hp.batch_size,
+            shuffle=False,
+            collate_fn=DemonstrationCollator(self.tokenizer.pad_token_id),
+            num_workers=hp.num_workers,
+        )
 
 
 class PromptDataModule(RecordDataModule):

@@ -4,11 +4,13 @@ The SFT model with its unembedding replaced by a freshly initialised linear laye
 real token of prompt ⊕ response ⊕ EOS (see ``reward_model.py``). A batch holds whole prompts with all their K
 responses, each scored once; the loss averages, per prompt, ``-log σ(r_w - r_l)`` over its ordered pairs
 (``losses.ranking_loss``). After training, an optional offset makes the rewards of a reference set (the
-demonstrations) average 0; it is stored in the exported config and subtracted at scoring time.
+demonstrations, from ``ComparisonDataModule(normalize_path=…)``) average 0; it is stored in the exported config
+and subtracted at scoring time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -18,12 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_rlhf.data.records import read_records
 from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_from_trainer, load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
-from lightning_rlhf.scoring import score_records
 from lightning_rlhf.strategies import clip_gradients
 
 
@@ -45,8 +45,6 @@ class RewardModule(L.LightningModule):
         margin: float = 0.0,
         center_coef: float = 0.0,
         reward_token: str | None = None,
-        normalize_path: str | None = None,
-        normalize_max_records: int | None = 1000,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
@@ -63,9 +61,6 @@ class RewardModule(L.LightningModule):
             center_coef: weight of ``mean(r²)``, keeping rewards near 0 (Eisenstein et al. 2023).
             reward_token: a dedicated token appended to every sequence and read instead of the last real token;
                 added to the tokenizer (and the embedding) if new.
-            normalize_path: demonstration records (``{"prompt", "response"}``) whose mean reward becomes the
-                stored ``reward_offset`` when fit ends, so they average 0 at scoring time; ``None`` stores 0.
-            normalize_max_records: use at most this many of them (the first ones).
             optimizer: built over the trainable parameters once the model exists.
             scheduler: stepped every optimiser step.
             export_dir: where the reward model and tokenizer are saved (``save_pretrained``) when fit ends.
@@ -146,25 +141,33 @@ class RewardModule(L.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @torch.no_grad()
-    def normalize(self, path: str, max_records: int | None = None) -> float:
-        """Store the mean raw reward of the demonstrations in ``path`` as the offset; returns it.
+    def normalize(self, batches: Iterable[dict[str, Tensor]]) -> float:
+        """Store the mean raw reward of the sequences in ``batches`` (``input_ids`` / ``attention_mask``, as the
+        demonstration collator makes them) as the offset subtracted at scoring time; returns it.
 
-        Every rank scores the same records (sharded models need all ranks in each forward), so all agree.
+        Called by every rank on the same batches (sharded models need all ranks in each forward), so all agree.
         """
-        records, _ = read_records(path, "demonstration")
         was_training = self.model.training
-        setattr(self.model.config, OFFSET_KEY, 0.0)
-        rewards = score_records(self.model.eval(), self.tokenizer, records[:max_records], subtract_offset=False)
+        self.model.eval()
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for batch in batches:
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            total += sequence_rewards(self.model, ids, mask, subtract_offset=False).double().sum()
+            count += ids.size(0)
         self.model.train(was_training)
-        offset = sum(rewards) / len(rewards)
+        if count == 0:
+            raise ValueError("reward normalisation got no sequences")
+        offset = (total / count).item()
         setattr(self.model.config, OFFSET_KEY, offset)
-        rank_zero_info(f"reward_offset = {offset:.4f}: mean reward of {len(rewards)} records of {path}")
+        rank_zero_info(f"reward_offset = {offset:.4f}: mean raw reward of {count} normalisation sequences")
         return offset
 
     def on_train_end(self) -> None:
         hp = self.hparams
-        if hp.normalize_path:
-            offset = self.normalize(hp.normalize_path, hp.normalize_max_records)
+        loader_fn = getattr(self.trainer.datamodule, "normalize_dataloader", None)
+        loader = loader_fn() if loader_fn is not None else None
+        if loader is not None:
+            offset = self.normalize(loader)
             if self.logger is not None:
                 self.logger.log_metrics({"train/reward_offset": offset}, step=self.global_step)
         if hp.export_dir:
