@@ -283,3 +283,33 @@ def ppo_value_loss(
     clipped_error = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
     return loss, {"clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask).detach()}
+
+
+def ppo_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | Tensor) -> Tensor:
+    """Per-token rewards of the InstructGPT objective, ``(b, t)``: ``-β · KL_t`` on every response token, plus the
+    reward model's score ``r_θ(x, y)`` on the last one.
+
+    Args:
+        scores: ``(b,)`` reward model score of each whole response.
+        kl: ``(b, t)`` per-token KL estimate to the reference (``kl_penalty``).
+        mask: ``(b, t)`` real response tokens, right-padded (a row's last real token holds its score).
+        kl_coef: β.
+    """
+    mask = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (b,) column of the last real token
+    has_tokens = mask.sum(-1) > 0
+    return rewards.scatter_add(1, last[:, None], (scores.to(kl.dtype) * has_tokens)[:, None])
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
+    """The next β of Ziegler et al. (2019)'s proportional controller, steering the measured KL towards ``target``:
+    ``β · (1 + clip(KL / target - 1, -0.2, 0.2) · n_steps / horizon)``.
+
+    Args:
+        kl: measured KL(π || π_ref) per sequence (summed over its tokens), averaged over the batch.
+        n_steps: sequences in the batch the KL was measured on.
+        horizon: sequences over which a constant error of 20 % would change β by a factor e^0.2.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

@@ -1,11 +1,12 @@
-"""PPO's pure functions against hand-computed values: KL estimators, GAE, clipped policy and value losses."""
+"""PPO's pure functions against hand-computed values: KL estimators, per-token rewards, GAE, clipped policy and
+value losses, the adaptive KL controller."""
 
 import math
 
 import pytest
 import torch
 
-from lightning_rlhf.losses import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
+from lightning_rlhf.losses import adaptive_kl_coef, gae, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss
 
 
 @pytest.mark.parametrize(
@@ -72,3 +73,27 @@ def test_ppo_value_loss_hand_computed():
     loss, stats = ppo_value_loss(values, old, returns, torch.ones(1, 3), clip_range_value=0.2)
     torch.testing.assert_close(loss, torch.tensor(0.5 * 5.24 / 3))
     torch.testing.assert_close(stats["clipfrac"], torch.tensor(1 / 3))
+
+
+def test_ppo_rewards_put_the_score_on_the_last_real_token_only():
+    """β = 0.5; KL (0.2, 0.4, 0.6 | 9) with the last column padding, score 3; second row one token, KL 1, score -1.
+    Row 1: -0.5·(0.2, 0.4, 0.6) = (-0.1, -0.2, -0.3), + 3 on the third → (-0.1, -0.2, 2.7, 0) (padding KL 9 ignored).
+    Row 2: (-0.5·1 - 1, 0, 0, 0) = (-1.5, 0, 0, 0)."""
+    kl = torch.tensor([[0.2, 0.4, 0.6, 9.0], [1.0, 5.0, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    out = ppo_rewards(torch.tensor([3.0, -1.0]), kl, mask, 0.5)
+    torch.testing.assert_close(out, torch.tensor([[-0.1, -0.2, 2.7, 0.0], [-1.5, 0.0, 0.0, 0.0]]))
+
+
+def test_ppo_rewards_of_an_empty_row_are_zero():
+    out = ppo_rewards(torch.tensor([4.0]), torch.ones(1, 3), torch.zeros(1, 3, dtype=torch.bool), 0.1)
+    assert torch.all(out == 0)
+
+
+@pytest.mark.parametrize(("kl", "expected"), [(12.0, 0.105120), (3.0, 0.094880), (6.6, 0.102560)])
+def test_adaptive_kl_coef_hand_computed(kl, expected):
+    """Target 6, β 0.1, 256 sequences, horizon 1000, so a step moves β by error · 0.256:
+    KL 12 → error 12/6 - 1 = 1, clipped to 0.2 → 0.1 · (1 + 0.0512) = 0.10512;
+    KL 3 → error -0.5, clipped to -0.2 → 0.1 · (1 - 0.0512) = 0.09488;
+    KL 6.6 → error 0.1 (inside the clip) → 0.1 · (1 + 0.0256) = 0.10256."""
+    assert adaptive_kl_coef(0.1, kl, 6.0, 256, 1000) == pytest.approx(expected)
