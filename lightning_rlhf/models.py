@@ -153,6 +153,35 @@ def sequence_logprobs(
     return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
 
 
+def keep_out_of_checkpoints(module: torch.nn.Module, *attributes: str) -> None:
+    """Leave the weights of ``module.<attribute>`` (frozen models rebuilt from their paths in ``configure_model``)
+    out of ``module``'s state dict, and let a state dict without them load."""
+    prefixes = tuple(f"{name}." for name in attributes)
+
+    def drop(module, state_dict, prefix, local_metadata) -> None:
+        for key in [k for k in state_dict if k[len(prefix) :].startswith(prefixes)]:
+            del state_dict[key]
+
+    def allow_missing(module, incompatible_keys) -> None:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not any(k.startswith(p) or f".{p}" in k for p in prefixes)]
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_post_hook(allow_missing)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0, so repeated forwards of the same tokens agree exactly."""
+    # Some architectures keep a probability as a float attribute and call the functional dropout (Llama's attention).
+    names = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop")
+    for submodule in [*model.modules(), model.config]:
+        if isinstance(submodule, torch.nn.Dropout):
+            submodule.p = 0.0
+        for name in names:
+            if isinstance(getattr(submodule, name, None), float):
+                setattr(submodule, name, 0.0)
+
+
 def export_pretrained(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

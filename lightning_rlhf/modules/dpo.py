@@ -29,7 +29,13 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
-from lightning_rlhf.models import export_from_trainer, load_causal_lm, load_tokenizer, sequence_logprobs
+from lightning_rlhf.models import (
+    export_from_trainer,
+    keep_out_of_checkpoints,
+    load_causal_lm,
+    load_tokenizer,
+    sequence_logprobs,
+)
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.strategies import clip_gradients
 
@@ -41,22 +47,10 @@ METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
-REF_PREFIX = "ref_model."
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5)
-
-
-def _drop_reference_weights(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata) -> None:
-    # The reference is rebuilt from model_name_or_path: checkpoints carry the policy only.
-    for key in [k for k in state_dict if k.startswith(prefix + REF_PREFIX)]:
-        del state_dict[key]
-
-
-def _allow_missing_reference_weights(module: nn.Module, incompatible_keys) -> None:
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not (k.startswith(REF_PREFIX) or f".{REF_PREFIX}" in k)]
 
 
 def row_keys(batch: dict[str, Tensor]) -> list[bytes]:
@@ -112,8 +106,7 @@ class DPOModule(L.LightningModule):
         self.ref_cache: dict[bytes, float] = {}
         val_names = ["loss", *METRICS, *(["nll"] if nll_weight else [])]
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in val_names})
-        self.register_state_dict_post_hook(_drop_reference_weights)
-        self.register_load_state_dict_post_hook(_allow_missing_reference_weights)
+        keep_out_of_checkpoints(self, "ref_model")  # rebuilt from model_name_or_path
 
     def _load_reference(self) -> PreTrainedModel:
         hp = self.hparams
