@@ -87,14 +87,22 @@ class ComparisonCollator:
 
 
 class PromptCollator:
-    """Left-padded ``input_ids`` and ``attention_mask``, ``(b, t)``, ready for ``generate``."""
+    """Left-padded ``input_ids`` and ``attention_mask``, ``(b, t)``, ready for ``generate``.
+
+    Examples that carry pretraining text under ``"ptx"`` (PPO-ptx) add it right-padded as ``ptx_input_ids``,
+    ``ptx_attention_mask`` and ``ptx_labels``, ``(b, s)``, as ``DemonstrationCollator`` would.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         input_ids = [ex["input_ids"] for ex in examples]
-        return {
+        batch = {
             "input_ids": pad(input_ids, self.pad_token_id, left=True),
             "attention_mask": _attention_mask(input_ids, left=True),
         }
+        if "ptx" in examples[0]:
+            texts = DemonstrationCollator(self.pad_token_id)([ex["ptx"] for ex in examples])
+            batch.update({f"ptx_{name}": value for name, value in texts.items()})
+        return batch

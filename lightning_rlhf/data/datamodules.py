@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollator, PromptCollator
 from lightning_rlhf.data.records import Record, read_records
@@ -227,11 +227,52 @@ class ComparisonDataModule(RecordDataModule):
         )
 
 
+class WithPretraining(Dataset):
+    """Prompts paired with pretraining texts for PPO-ptx: item ``i`` is prompt ``i mod P`` carrying text ``i mod N``
+    under ``"ptx"``, for ``max(P, N)`` items, so an epoch meets every prompt and every text (the shorter cycles)."""
+
+    def __init__(self, prompts: list[dict[str, Any]], texts: list[dict[str, Any]]):
+        self.prompts, self.texts = prompts, texts
+
+    def __len__(self) -> int:
+        return max(len(self.prompts), len(self.texts))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.prompts[i % len(self.prompts)], "ptx": self.texts[i % len(self.texts)]}
+
+
 class PromptDataModule(RecordDataModule):
-    """``{"prompt"}`` records, left-padded for generation; ``max_length`` bounds the prompt alone."""
+    """``{"prompt"}`` records, left-padded for generation; ``max_length`` bounds the prompt alone.
+
+    With ``pretrain_path``, each training example also carries a pretraining text (``{"text"}`` records) for
+    PPO-ptx's language-model term (see ``WithPretraining`` and ``PromptCollator``); validation has prompts only.
+    """
 
     kind = "prompt"
     default_train_path = toy_path("prompts")
+
+    def __init__(self, *args, pretrain_path: str | None = None, pretrain_max_length: int = 512, **kwargs):
+        """
+        Args:
+            pretrain_path: ``{"text"}`` records (same sources and ``columns`` remapping as the prompts) for PPO-ptx;
+                ``None`` for none.
+            pretrain_max_length: tokens kept of each text (its start).
+            *args, **kwargs: as ``RecordDataModule``.
+        """
+        super().__init__(*args, **kwargs)
+        self.pretrain_path, self.pretrain_max_length = pretrain_path, pretrain_max_length
+        self.pretrain_examples: list[Any] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        first = self.tokenizer is None
+        super().setup(stage)
+        if first and self.pretrain_path:
+            hp = self.hparams
+            records, report = read_records(self.pretrain_path, "text", hp.columns, hp.skip_invalid, hp.split)
+            tokenizer = Tokenizer(self.tokenizer, self.pretrain_max_length)
+            self.pretrain_examples = tokenizer.texts(records)
+            rank_zero_info(f"pretraining texts: {report.summary()}; {tokenizer.report.summary()}")
+            self.train_examples = WithPretraining(self.train_examples, self.pretrain_examples)
 
     def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
         return tokenizer.prompts(records)

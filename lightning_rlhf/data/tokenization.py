@@ -7,7 +7,9 @@ Every response ends with the tokenizer's EOS so that models learn to stop.
 Truncation policy, for ``max_length`` = prompt + response tokens:
 - a prompt is never cut: one that leaves no room for a single response token is an error
   (or skipped and counted when asked);
-- a response longer than the room left is cut from its end (losing its EOS) and counted in ``truncated``.
+- a response longer than the room left is cut from its end (losing its EOS) and counted in ``truncated``;
+- pretraining text (PPO-ptx) longer than ``max_length`` keeps its first ``max_length`` tokens, counted in
+  ``texts_truncated``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ Messages = list[dict[str, str]]
 class TokenizeReport:
     truncated: int = 0
     skipped: int = 0
+    texts_truncated: int = 0
 
     def summary(self) -> str:
-        return f"{self.truncated} responses truncated to fit max_length, {self.skipped} over-long prompts skipped"
+        texts = f", {self.texts_truncated} texts truncated" if self.texts_truncated else ""
+        return (
+            f"{self.truncated} responses truncated to fit max_length, {self.skipped} over-long prompts skipped{texts}"
+        )
 
 
 def render(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, response: str | Messages | None = None):
@@ -117,6 +123,13 @@ class Tokenizer:
     def _prompt_only(self, record: Record) -> dict[str, list[int]]:
         return {"input_ids": self._prompt(record, reserve=0)[0]}
 
+    def _text(self, record: Record) -> dict[str, list[int]]:
+        ids = self.tokenizer(record.fields["text"])["input_ids"] + [self.tokenizer.eos_token_id]
+        if len(ids) > self.max_length:
+            self.report.texts_truncated += 1
+            ids = ids[: self.max_length]
+        return {"input_ids": ids, "labels": list(ids)}
+
     def demonstrations(self, records: list[Record]) -> list[dict[str, list[int]]]:
         return [ex for ex in (self._guard(r, self._demonstration) for r in records) if ex is not None]
 
@@ -125,3 +138,7 @@ class Tokenizer:
 
     def prompts(self, records: list[Record]) -> list[dict[str, list[int]]]:
         return [ex for ex in (self._guard(r, self._prompt_only) for r in records) if ex is not None]
+
+    def texts(self, records: list[Record]) -> list[dict[str, list[int]]]:
+        """Pretraining text: every token is a label (language-model loss on the whole text, ending in EOS)."""
+        return [self._text(r) for r in records]
