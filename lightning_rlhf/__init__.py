@@ -2,6 +2,7 @@
 
 from lightning_rlhf.data.datamodules import ComparisonDataModule, DemonstrationDataModule, PromptDataModule
 from lightning_rlhf.modules.dpo import DPOModule
+from lightning_rlhf.modules.ppo import PPOModule
 from lightning_rlhf.modules.reward import RewardModule
 from lightning_rlhf.modules.sft import SFTModule
 
@@ -9,6 +10,7 @@ __all__ = [
     "ComparisonDataModule",
     "DemonstrationDataModule",
     "DPOModule",
+    "PPOModule",
     "PromptDataModule",
     "RewardModule",
     "SFTModule",

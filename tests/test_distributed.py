@@ -1,4 +1,4 @@
-"""Reward model and DPO under DDP on 2 CPU processes: replicas agree, and validation reduced over both ranks
+"""Reward model, DPO and PPO under DDP on 2 CPU processes: replicas agree, and validation reduced over both ranks
 equals validation in one process on the same weights and data."""
 
 import json
@@ -13,6 +13,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
+from lightning_rlhf.models import export_pretrained, load_tokenizer
+from lightning_rlhf.reward_model import load_reward_model
 from tests.helpers import make_tiny_export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,3 +71,29 @@ def test_reward_model_and_dpo_under_ddp_match_a_single_process(tmp_path):
     alone = validate_alone(dpo, sft_dir, train, val, tmp_path)
     for name in ("val/loss", "val/rewards/margins", "val/rewards/accuracies", "val/logps/chosen"):
         assert report["dpo_val"][name] == pytest.approx(alone[name], abs=1e-5), name
+
+
+@pytest.mark.slow
+def test_ppo_under_ddp_keeps_replicas_and_beta_in_step_on_different_prompts(tmp_path):
+    """Several manual backward passes per training_step must all be all-reduced: after 3 rollouts (6 optimiser
+    steps) both ranks hold the same policy and value model, and the same adaptive β, although each rank sampled
+    its own prompts. The frozen reference never moves."""
+    sft_dir = make_tiny_export(tmp_path / "sft")
+    tokenizer = load_tokenizer(sft_dir)
+    export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
+    out = tmp_path / "ddp.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ddp_ppo_script.py"), str(out), str(tmp_path), sft_dir,
+         str(tmp_path / "rm")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    for name in ("policy_checksums", "value_checksums", "kl_coefs"):
+        assert report[name][0] == report[name][1], (name, report)
+    assert report["first_prompts"][0] != report["first_prompts"][1]
+    assert report["kl_coefs"][0] != 0.05  # β did adapt
+    start = AutoModelForCausalLM.from_pretrained(sft_dir)
+    assert report["reference_checksums"][0] == pytest.approx(sum(p.double().sum().item() for p in start.parameters()))
+    assert report["policy_checksums"][0] != report["reference_checksums"][0]

@@ -1,0 +1,347 @@
+"""PPO against a reward model with a frozen reference (InstructGPT step 3; Ouyang et al. 2022, Ziegler et al. 2019).
+
+Maximised: ``E_{x∼D, y∼π}[r_θ(x, y) − β log(π(y|x) / π_SFT(y|x))] + γ · E_{x∼D_pretrain}[log π(x)]``.
+
+Each ``training_step`` is one PPO iteration on its batch of prompts:
+
+1. rollout, without gradients (``make_experience``): the policy samples one response per prompt (KV-cached
+   ``generate``); then, for every response token ``t``, the policy's and the reference's log-probs, the value
+   ``V_t`` of the state before the token (value model), and the reward model's score of the whole sequence;
+2. per-token rewards ``-β · KL_t`` plus the score on the last token (``losses.ppo_rewards``); advantages by GAE,
+   whitened over the batch's response tokens; returns ``A + V``;
+3. ``ppo_epochs`` passes over the batch in ``num_mini_batches`` shuffled minibatches, one optimiser step each:
+   clipped surrogate + ``vf_coef`` · clipped value loss (+ ``ptx_coef`` · language-model loss on the minibatch's
+   pretraining text, PPO-ptx). Manual optimisation, so ``trainer.global_step`` counts these steps:
+   ``max_steps = rollouts · ppo_epochs · num_mini_batches``;
+4. with ``target_kl`` set, β follows Ziegler et al.'s adaptive controller (``losses.adaptive_kl_coef``).
+
+Log-probs of policy and reference are taken on ``logits / temperature``: the distribution that was sampled.
+The value model is its own network initialised from the reward model (its backbone and head, read at every
+position). Reference and reward model are frozen: eval mode, no grad, outside the optimiser and out of
+checkpoints (rebuilt from their paths). Dropout is off in policy and value model, so repeated forwards agree and
+the first minibatch's probability ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
+
+from lightning_rlhf.losses import (
+    KL_ESTIMATORS,
+    adaptive_kl_coef,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+    token_logprobs,
+)
+from lightning_rlhf.models import (
+    disable_dropout,
+    export_from_trainer,
+    forward_logits,
+    keep_out_of_checkpoints,
+    load_causal_lm,
+    load_tokenizer,
+    shifted_logprobs,
+)
+from lightning_rlhf.optim import optimizer_config
+from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
+from lightning_rlhf.rollout import Rollout, decode_responses, generate
+
+VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-6)
+
+
+class PPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        reward_model_name_or_path: str,
+        dtype: str = "float32",
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k1",
+        target_kl: float | None = None,
+        kl_horizon: int = 10000,
+        ppo_epochs: int = 4,
+        num_mini_batches: int = 1,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        missing_eos_penalty: float | None = None,
+        ptx_coef: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+        gradient_checkpointing: bool = False,
+        log_samples: int = 4,
+    ):
+        """
+        Args:
+            model_name_or_path: the SFT export (Hugging Face directory or hub name); policy and reference start here.
+            reward_model_name_or_path: the reward model export (``RewardModule``); the value model starts here too.
+            dtype: parameter dtype of all four models, ``float32`` / ``bfloat16`` / ``float16``.
+            max_new_tokens: longest response sampled.
+            temperature, top_k, top_p: how responses are sampled (``temperature`` > 0).
+            kl_coef: β, the weight of the per-token KL penalty to the reference (the initial β when adaptive).
+            kl_estimator: ``k1`` (the log-ratio InstructGPT uses), ``k2`` or ``k3`` (see ``losses.kl_penalty``).
+            target_kl: KL per sequence that the adaptive controller steers towards; ``None`` keeps β fixed.
+            kl_horizon: the controller's horizon in sequences.
+            ppo_epochs: passes over each rollout batch.
+            num_mini_batches: minibatches (optimiser steps) per pass.
+            clip_range: ε of the clipped surrogate.
+            clip_range_value: how far a value may move from its rollout estimate before its loss is clipped.
+            vf_coef: weight of the value loss.
+            gamma, lam: GAE's discount and λ.
+            whiten_advantages: normalise advantages over the batch's response tokens.
+            missing_eos_penalty: subtracted from the score of a response that did not end with EOS within
+                ``max_new_tokens`` (TRL's flag of the same name); ``None`` for none.
+            ptx_coef: γ, the weight of the language-model loss on pretraining text (PPO-ptx); needs
+                ``PromptDataModule(pretrain_path=…)``.
+            max_grad_norm: clip the global gradient norm of policy and value model (``None`` for no clipping;
+                the Trainer's ``gradient_clip_val`` does not apply to manual optimisation).
+            optimizer: built over the policy's and value model's parameters once they exist.
+            scheduler: stepped every optimiser step.
+            export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
+            gradient_checkpointing: trade compute for activation memory (policy and value model).
+            log_samples: prompts, responses and scores of the first validation batch logged as TensorBoard text.
+        """
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature}: PPO samples its rollouts, so it must be > 0")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
+        if target_kl is not None and target_kl <= 0:
+            raise ValueError(f"target_kl={target_kl} must be > 0 (or None for a fixed kl_coef)")
+        if ppo_epochs < 1 or num_mini_batches < 1:
+            raise ValueError(f"ppo_epochs={ppo_epochs} and num_mini_batches={num_mini_batches} must be >= 1")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.automatic_optimization = False
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        self.model: PreTrainedModel | None = None
+        self.value_model: PreTrainedModel | None = None
+        self.ref_model: PreTrainedModel | None = None
+        self.reward_model: PreTrainedModel | None = None
+        self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in VAL_METRICS})
+        keep_out_of_checkpoints(self, "ref_model", "reward_model")  # rebuilt from their paths
+
+    # -- models -----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        reward_tokenizer = load_tokenizer(hp.reward_model_name_or_path)
+        if reward_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(
+                f"the reward model {hp.reward_model_name_or_path} and the policy {hp.model_name_or_path} use "
+                "different tokenizers: train the reward model from the same SFT export"
+            )
+        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
+        self.value_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
+        for trained in (self.model, self.value_model):
+            disable_dropout(trained)
+            if hp.gradient_checkpointing:
+                trained.gradient_checkpointing_enable()
+        self.ref_model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype).eval().requires_grad_(False)
+        self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
+        self.reward_model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> PPOModule:
+        super().train(mode)
+        for frozen in (self.ref_model, self.reward_model):
+            if frozen is not None:
+                frozen.eval()  # whatever the trainer does with the policy
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["kl_coef"] = self.kl_coef
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.kl_coef = checkpoint.get("kl_coef", self.kl_coef)
+
+    # -- rollouts ---------------------------------------------------------------------------------------
+    def response_logprobs(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int):
+        """``(b, r)`` log-prob of each response token (columns ``start:``) under ``model``'s tempered distribution."""
+        logits = forward_logits(model, sequences, attention_mask)[:, start - 1 : -1]  # column t-1 predicts token t
+        return token_logprobs(logits / self.hparams.temperature, sequences[:, start:])
+
+    def response_values(self, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """``(b, r)`` value of the state before each response token: the value head one column earlier."""
+        return token_values(self.value_model, sequences, attention_mask)[:, start - 1 : -1]
+
+    @torch.no_grad()
+    def make_experience(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """Sample one response per left-padded prompt of ``batch`` and score it (``score_rollout``)."""
+        hp = self.hparams
+        rollout = generate(
+            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens,
+            hp.temperature, hp.top_k, hp.top_p,
+        )  # fmt: skip
+        return self.score_rollout(rollout)
+
+    @torch.no_grad()
+    def score_rollout(self, rollout: Rollout) -> dict[str, Any]:
+        """Everything the PPO epochs need about sampled responses: ``(b, r)`` per response token (log-probs,
+        values, advantages, returns, mask) and ``(b,)`` per sequence (scores, summed KL, ended with EOS)."""
+        hp = self.hparams
+        sequences, attention_mask, mask, start = rollout
+        logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
+        ref_logprobs = self.response_logprobs(self.ref_model, sequences, attention_mask, start)
+        values = self.response_values(sequences, attention_mask, start)
+        scores = sequence_rewards(self.reward_model, sequences, attention_mask)
+        ended = ((rollout.responses == self.tokenizer.eos_token_id) & mask).any(-1)
+        if hp.missing_eos_penalty is not None:
+            scores = scores - hp.missing_eos_penalty * (~ended).float()
+        kl = kl_penalty(logprobs, ref_logprobs, hp.kl_estimator)
+        rewards = ppo_rewards(scores, kl, mask, self.kl_coef)
+        advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
+        if hp.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return {
+            "rollout": rollout,
+            "sequences": sequences,
+            "attention_mask": attention_mask,
+            "mask": mask,
+            "logprobs": logprobs,
+            "values": values,
+            "advantages": advantages,
+            "returns": returns,
+            "scores": scores,
+            "kl": (kl * mask).sum(-1),  # (b,) per sequence
+            "ended": ended,
+        }
+
+    def _log_rollout(self, prefix: str, experience: dict[str, Any]) -> None:
+        kl, scores = experience["kl"], experience["scores"]
+        size = len(scores)
+        self.log(f"{prefix}/objective/scores", scores.mean(), batch_size=size, prog_bar=True)
+        self.log(f"{prefix}/objective/kl", kl.mean(), batch_size=size)
+        self.log(f"{prefix}/objective/non_score_reward", -self.kl_coef * kl.mean(), batch_size=size)
+        self.log(f"{prefix}/objective/rlhf_reward", (scores - self.kl_coef * kl).mean(), batch_size=size)
+        # -log π of sampled tokens: a Monte Carlo estimate of the (tempered) policy's entropy per token.
+        entropy = -masked_mean(experience["logprobs"], experience["mask"])
+        self.log(f"{prefix}/objective/entropy", entropy, batch_size=size)
+        self.log(f"{prefix}/response_length", experience["mask"].sum(-1).float().mean(), batch_size=size)
+        self.log(f"{prefix}/eos_fraction", experience["ended"].float().mean(), batch_size=size)
+
+    # -- PPO --------------------------------------------------------------------------------------------
+    def ptx_loss(self, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
+        """Mean next-token loss over the pretraining text of ``rows`` (PPO-ptx's ``-log π(x)``, per token)."""
+        ids, attention, labels = (batch[f"ptx_{k}"][rows] for k in ("input_ids", "attention_mask", "labels"))
+        logprobs, scored = shifted_logprobs(forward_logits(self.model, ids, attention), labels)
+        return -masked_mean(logprobs, scored)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        hp = self.hparams
+        if hp.ptx_coef and "ptx_input_ids" not in batch:
+            raise ValueError("ptx_coef > 0 needs pretraining text: set the PromptDataModule's pretrain_path")
+        experience = self.make_experience(batch)
+        self._log_rollout("train", experience)
+        self.log("train/kl_coef", self.kl_coef)
+
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        start, size = experience["rollout"].prompt_length, len(experience["scores"])
+        stats: dict[str, list[Tensor]] = defaultdict(list)
+        for _ in range(hp.ppo_epochs):
+            for rows in torch.randperm(size, device=self.device).chunk(min(hp.num_mini_batches, size)):
+                sequences, attention_mask, mask = (experience[k][rows] for k in ("sequences", "attention_mask", "mask"))
+                logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
+                values = self.response_values(sequences, attention_mask, start)
+                policy_loss, policy_stats = ppo_policy_loss(
+                    logprobs, experience["logprobs"][rows], experience["advantages"][rows], mask, hp.clip_range
+                )
+                value_loss, value_stats = ppo_value_loss(
+                    values, experience["values"][rows], experience["returns"][rows], mask, hp.clip_range_value
+                )
+                loss = policy_loss + hp.vf_coef * value_loss
+                if hp.ptx_coef:
+                    ptx = self.ptx_loss(batch, rows)
+                    loss = loss + hp.ptx_coef * ptx
+                    stats["loss/ptx"].append(ptx.detach())
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if hp.max_grad_norm:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                stats["loss/policy"].append(policy_loss.detach())
+                stats["loss/value"].append(value_loss.detach())
+                stats["policy/clipfrac"].append(policy_stats["clipfrac"])
+                stats["policy/approxkl"].append(policy_stats["approx_kl"])
+                stats["value/clipfrac"].append(value_stats["clipfrac"])
+        for name, values in stats.items():
+            self.log(f"train/{name}", torch.stack(values).mean())
+
+        if hp.target_kl is not None:
+            kl = self.trainer.strategy.reduce(experience["kl"].mean(), reduce_op="mean")  # every rank: the same β
+            self.kl_coef = adaptive_kl_coef(
+                self.kl_coef, float(kl), hp.target_kl, size * self.trainer.world_size, hp.kl_horizon
+            )
+
+    # -- validation -------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        # States last reset under trainer.validate's inference mode could not be updated in fit's no-grad mode.
+        for metric in self.val_metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        experience = self.make_experience(batch)
+        kl, scores = experience["kl"], experience["scores"]
+        values = {
+            "objective/scores": scores,
+            "objective/kl": kl,
+            "objective/rlhf_reward": scores - self.kl_coef * kl,
+            "response_length": experience["mask"].sum(-1).float(),
+        }
+        for name, metric in self.val_metrics.items():
+            metric.update(values[name])
+            self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "objective/scores")
+        if batch_idx == 0 and self.hparams.log_samples:
+            self._log_samples(batch, experience)
+
+    def _log_samples(self, batch: dict[str, Tensor], experience: dict[str, Any]) -> None:
+        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return
+        n = self.hparams.log_samples
+        prompts = self.tokenizer.batch_decode(batch["input_ids"][:n], skip_special_tokens=True)
+        responses = decode_responses(self.tokenizer, experience["rollout"])[:n]
+        rows = ["| prompt | response | score |", "|---|---|---|"]
+        for prompt, response, score in zip(prompts, responses, experience["scores"][:n].tolist(), strict=True):
+            rows.append(f"| {prompt!r} | {response!r} | {score:.3f} |")
+        self.logger.experiment.add_text("val/samples", "\n".join(rows), self.global_step)
+
+    # -- optimisation and export ------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        return optimizer_config(nn.ModuleList([self.model, self.value_model]), self.optimizer_factory,
+                                self.scheduler_factory)  # fmt: skip
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir:
+            export_from_trainer(self.trainer, "model", self.tokenizer, self.hparams.export_dir)

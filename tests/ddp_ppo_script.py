@@ -1,0 +1,58 @@
+"""Run by tests/test_distributed.py: PPO fitted with DDP on 2 CPU processes, adaptive β on.
+
+    python tests/ddp_ppo_script.py OUT.json ROOT_DIR SFT_EXPORT REWARD_MODEL_EXPORT
+
+Rank 0 writes what every rank holds after 3 rollouts: weight checksums, β, and the first prompt each rank met.
+"""
+
+import json
+import sys
+
+import lightning as L
+import torch
+
+from lightning_rlhf import PPOModule, PromptDataModule
+
+
+def checksum(model) -> float:
+    return sum(p.double().sum().item() for p in model.parameters())
+
+
+class RecordingPPO(PPOModule):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.first_prompt = batch["input_ids"][0].float().sum()
+        return super().training_step(batch, batch_idx)
+
+
+def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
+    L.seed_everything(0)
+    module = RecordingPPO(
+        sft_dir, rm_dir, max_new_tokens=6, ppo_epochs=1, num_mini_batches=2, kl_estimator="k3", target_kl=0.01,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+    )  # fmt: skip
+    data = PromptDataModule(tokenizer_name_or_path=sft_dir, batch_size=4, max_length=32, val_fraction=0.0)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, data)
+
+    def gathered(value: float) -> list[float]:
+        return module.all_gather(torch.tensor([value], dtype=torch.float64)).flatten().tolist()
+
+    report = {
+        "world_size": trainer.world_size,
+        "policy_checksums": gathered(checksum(module.model)),
+        "value_checksums": gathered(checksum(module.value_model)),
+        "reference_checksums": gathered(checksum(module.ref_model)),
+        "kl_coefs": gathered(module.kl_coef),
+        "first_prompts": gathered(float(module.first_prompt)),
+    }
+    if trainer.is_global_zero:
+        with open(out_path, "w") as out:
+            json.dump(report, out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

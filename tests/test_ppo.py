@@ -1,0 +1,246 @@
+"""PPOModule: experience lined up token for token with unpadded forwards, the reward model's score learned, the KL
+penalty holding the policy near the reference, PPO-ptx, checkpoints without frozen models, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from lightning_rlhf import PPOModule, PromptDataModule
+from lightning_rlhf.data.collate import PromptCollator
+from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
+from lightning_rlhf.rollout import Rollout, generate
+from tests.helpers import TINY_CONFIG
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> tuple[str, str]:
+    """A tiny SFT export with attention dropout (PPO must switch it off) and a reward model from it whose head is
+    scaled up, so that its scores spread widely enough to learn from quickly (both read-only)."""
+    root = tmp_path_factory.mktemp("ppo")
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)
+    policy = load_causal_lm(None, tokenizer, "float32", {**TINY_CONFIG, "attention_dropout": 0.5})
+    sft = str(export_pretrained(policy, tokenizer, root / "sft"))
+    torch.manual_seed(1)
+    reward_model = load_reward_model(sft, tokenizer)
+    torch.nn.init.normal_(reward_model.score.weight, std=1.0)
+    return sft, str(export_pretrained(reward_model, tokenizer, root / "rm"))
+
+
+def ppo(exports, **kwargs) -> PPOModule:
+    kwargs.setdefault("optimizer", lambda params: torch.optim.AdamW(params, lr=3e-3))
+    module = PPOModule(*exports, **kwargs)
+    module.configure_model()
+    return module
+
+
+def prompts_batch(texts: list[str]) -> dict[str, torch.Tensor]:
+    tokenizer = load_tokenizer(None)
+    return PromptCollator(tokenizer.pad_token_id)([{"input_ids": tokenizer(t)["input_ids"]} for t in texts])
+
+
+def fit(module, data, steps: int, root, **trainer_kwargs) -> L.Trainer:
+    trainer_kwargs = {"limit_val_batches": 0, "logger": False, "enable_checkpointing": False, **trainer_kwargs}
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, **trainer_kwargs,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_experience_lines_up_with_unpadded_forwards_token_for_token(exports):
+    """A hand-built rollout: prompts of 3 and 6 tokens (the first left-padded by 3), responses of 2 tokens + EOS and
+    of 5 tokens without EOS, padding after the first. For each real response token t, the log-prob must be
+    log_softmax(logits / T) of the unpadded prompt ⊕ response at the column before t, the value the head's output
+    at that same column, and the score the reward model's at the last real token. With the policy equal to its
+    reference the KL is 0, so with γ = λ = 1 every return is the whole sequence's score."""
+    module = ppo(exports, temperature=0.7, gamma=1.0, lam=1.0, whiten_advantages=False)
+    eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
+    prompts = [[40, 41, 42], [50, 51, 52, 53, 54, 55]]
+    responses = [[60, 61, eos], [70, 71, 72, 73, 74]]
+    sequences = torch.tensor([[pad] * 3 + prompts[0] + responses[0] + [pad] * 2, prompts[1] + responses[1]])
+    attention_mask = torch.tensor([[0] * 3 + [1] * 6 + [0] * 2, [1] * 11])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5], dtype=torch.bool)
+    experience = module.score_rollout(Rollout(sequences, attention_mask, mask, 6))
+
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        full = torch.tensor([prompt + response])
+        ones = torch.ones_like(full)
+        logits = module.model(full).logits[0] / 0.7
+        columns = torch.arange(len(prompt) - 1, len(full[0]) - 1)  # the column before each response token
+        expected = torch.log_softmax(logits[columns], -1)[torch.arange(len(response)), torch.tensor(response)]
+        n = len(response)
+        torch.testing.assert_close(experience["logprobs"][row, :n], expected, atol=1e-5, rtol=1e-5)
+        values = token_values(module.value_model, full, ones)[0, columns]
+        torch.testing.assert_close(experience["values"][row, :n], values, atol=1e-5, rtol=1e-5)
+        score = sequence_rewards(module.reward_model, full, ones)[0]
+        torch.testing.assert_close(experience["scores"][row], score, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(experience["returns"][row, :n], score.expand(n), atol=1e-5, rtol=1e-5)
+        assert torch.all(experience["returns"][row, n:] == 0)
+    assert experience["ended"].tolist() == [True, False]
+    assert torch.all(experience["kl"] == 0)
+
+
+def test_missing_eos_penalty_lowers_only_the_unfinished_response(exports):
+    module = ppo(exports, missing_eos_penalty=1.5)
+    plain = ppo(exports)
+    eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
+    rollout = Rollout(
+        torch.tensor([[40, 60, eos, pad], [40, 70, 71, 72]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+        torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool), 1,
+    )  # fmt: skip
+    difference = plain.score_rollout(rollout)["scores"] - module.score_rollout(rollout)["scores"]
+    torch.testing.assert_close(difference, torch.tensor([0.0, 1.5]))
+
+
+def test_dropout_is_off_so_the_first_update_starts_at_ratio_one(exports, tmp_path):
+    """The export has attention dropout 0.5: with it on, two forwards of the same tokens would differ and the first
+    minibatch's ratio π/π_old would not be 1. One rollout, one epoch, one minibatch: approx-KL and clip fraction 0."""
+    module = ppo(exports, max_new_tokens=6, ppo_epochs=1, num_mini_batches=1)
+    assert module.model.config.attention_dropout == 0.0
+    module.model.train()
+    batch = prompts_batch(["Reverse: abc\n", "Reverse: hello\n"])
+    rollout = generate(module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], 6)
+    first = module.response_logprobs(module.model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+    again = module.response_logprobs(module.model, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+    assert torch.equal(first, again)
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0)
+    trainer = fit(module, data, 1, tmp_path)
+    assert trainer.logged_metrics["train/policy/approxkl"] == 0
+    assert trainer.logged_metrics["train/policy/clipfrac"] == 0
+
+
+def mean_score(module: PPOModule, batch: dict[str, torch.Tensor]) -> float:
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return module.make_experience(batch)["scores"].mean().item()
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_reward_models_score_and_the_kl_penalty_holds_it_near_the_reference(exports, tmp_path):
+    """The optimised quantity improves: the mean score of sampled responses on held-out prompts rises. And β works:
+    trained the same way with β = 1 instead of 0, the policy ends much closer (in KL) to its reference."""
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=16, max_length=32, val_fraction=0.1)
+    data.setup("fit")
+    held_out = next(iter(data.val_dataloader()))
+    results = {}
+    for beta in (0.0, 1.0):
+        L.seed_everything(0)
+        module = ppo(exports, max_new_tokens=8, kl_coef=beta, ppo_epochs=2, num_mini_batches=2)
+        before = mean_score(module, held_out)
+        trainer = fit(module, data, 160, tmp_path)
+        results[beta] = (before, mean_score(module, held_out), float(trainer.logged_metrics["train/objective/kl"]))
+    before, after, kl_free = results[0.0]
+    assert after > before + 2.0, results  # measured: 2.6 -> 6.0
+    assert results[1.0][2] < 0.5 * kl_free, results
+
+
+def test_adaptive_kl_coefficient_rises_while_kl_exceeds_its_target_and_is_checkpointed(exports, tmp_path):
+    """4 rollouts of 8 sequences, horizon 100, so each moves β by a factor 1 ± 0.2 · 8 / 100 = 1 ± 0.016. The first
+    is sampled from the reference itself: KL 0, error -1 clipped to -0.2, β · 0.984. After it the policy has moved
+    and k3 (never negative) exceeds the 1e-6 target: error clipped to +0.2 three times, β · 0.984 · 1.016³."""
+    module = ppo(exports, max_new_tokens=6, kl_coef=0.1, kl_estimator="k3", target_kl=1e-6, kl_horizon=100)
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=8, max_length=32, val_fraction=0.0)
+    trainer = fit(module, data, 16, tmp_path)
+    assert module.kl_coef == pytest.approx(0.1 * 0.984 * 1.016**3)
+    path = tmp_path / "ppo.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)
+    assert state["kl_coef"] == module.kl_coef
+    assert not [k for k in state["state_dict"] if k.startswith(("ref_model.", "reward_model."))]
+    assert [k for k in state["state_dict"] if k.startswith("value_model.")]
+    restored = PPOModule(*exports)
+    restored.configure_model()
+    restored.load_state_dict(state["state_dict"])
+    restored.on_load_checkpoint(state)
+    assert restored.kl_coef == module.kl_coef
+    torch.testing.assert_close(restored.value_model.score.weight, module.value_model.score.weight)
+
+
+def test_ptx_needs_pretraining_text(exports, tmp_path):
+    module = ppo(exports, max_new_tokens=4, ptx_coef=1.0)
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0)
+    with pytest.raises(ValueError, match="pretrain_path"):
+        fit(module, data, 1, tmp_path)
+
+
+def test_ptx_lowers_the_language_model_loss_on_pretraining_text(exports, tmp_path):
+    """PPO-ptx: with γ > 0 the policy also fits the pretraining texts; their per-token loss falls."""
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"the {w} is green and the {w} is round."}) + "\n"
+                             for w in ("moon", "tree", "stone", "river")))  # fmt: skip
+    data = PromptDataModule(
+        tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0, pretrain_path=str(texts)
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module = ppo(exports, max_new_tokens=4, kl_coef=0.0, ptx_coef=1.0)
+
+    def ptx_loss() -> float:
+        with torch.no_grad():
+            return module.ptx_loss(batch, torch.arange(len(batch["input_ids"]))).item()
+
+    before = ptx_loss()
+    fit(module, data, 40, tmp_path)
+    assert ptx_loss() < before - 1.0, (before, ptx_loss())
+
+
+def test_prompts_carry_pretraining_text_and_an_epoch_meets_all_of_both(exports, tmp_path):
+    """5 texts and 3 prompts: an epoch has max(3, 5) = 5 items; prompts cycle, every text appears once; the prompts
+    stay left-padded and the texts come right-padded with every real token a label."""
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": "x" * (i + 1)}) + "\n" for i in range(5)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "p" * (i + 1)}) + "\n" for i in range(3)))
+    data = PromptDataModule(
+        train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=5, val_fraction=0.0,
+        pretrain_path=str(texts), pretrain_max_length=4,
+    )  # fmt: skip
+    data.setup("fit")
+    (batch,) = list(data.train_dataloader())
+    text_lengths = sorted(batch["ptx_attention_mask"].sum(-1).tolist())
+    assert text_lengths == [2, 3, 4, 4, 4]  # "x"·n + EOS, kept to 4 tokens
+    assert sorted(batch["attention_mask"].sum(-1).tolist()) == [1, 1, 2, 2, 3]
+    assert torch.all(batch["attention_mask"][:, -1] == 1)  # left-padded
+    real = batch["ptx_attention_mask"].bool()
+    assert torch.equal(batch["ptx_labels"][real], batch["ptx_input_ids"][real])
+    assert torch.all(batch["ptx_labels"][~real] == -100)
+
+
+def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exports, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    sft, rm = exports
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_rlhf", "fit", "--config", str(REPO / "configs" / "ppo.yaml"),
+         f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
+         "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=8",
+         "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+         "--trainer.log_every_n_steps=1",
+         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+         f"--model.init_args.export_dir={tmp_path / 'hf'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events)).Reload()
+    tags = accumulator.Tags()
+    for name in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "kl_coef",
+                 "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "response_length"):  # fmt: skip
+        assert f"train/{name}" in tags["scalars"], tags["scalars"]
+    assert "val/objective/scores" in tags["scalars"]
+    assert any(tag.startswith("val/samples") for tag in tags["tensors"]), tags
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    start = AutoModelForCausalLM.from_pretrained(sft)
+    assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)
