@@ -216,14 +216,20 @@ def export_pretrained(
 def export_from_trainer(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike):
     """Export ``trainer.lightning_module.<attribute>`` in Hugging Face format, whatever the strategy.
 
-    The strategy gathers the full weights (FSDP included; a collective, so every rank calls this), global rank 0
-    writes them with ``export_pretrained``, and all ranks wait for the export to exist before going on.
+    The strategy gathers the full weights (FSDP and FSDP2 included; a collective, so every rank calls this), global
+    rank 0 writes them with ``export_pretrained``, and all ranks wait for the export to exist before going on.
     """
     if getattr(trainer.strategy, "_state_dict_type", "full") != "full":
         raise ValueError(
             "exporting a Hugging Face model needs the full state dict: set the strategy's state_dict_type='full'"
         )
-    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.lightning_module.device_mesh is not None:  # ModelParallelStrategy (FSDP2): gather DTensor shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(trainer.lightning_module, options=options)
+    else:
+        state = trainer.strategy.lightning_module_state_dict()
     if trainer.is_global_zero:
         prefix = f"{attribute}."
         weights = {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
 from torch.optim import Optimizer
 
 
@@ -21,3 +22,23 @@ def clip_gradients(
         module.trainer.strategy.model.clip_grad_norm_(clip_val)
         return
     module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
+
+
+def fully_shard_model(model: nn.Module, mesh) -> None:
+    """FSDP2 (``fully_shard``) for ``ModelParallelStrategy``: each transformer block, the backbone and a scalar head
+    are units of their own, then the whole model.
+
+    Backbone and head get their own units because reward and value models call them directly
+    (``reward_model.sequence_rewards``), bypassing the root module's forward that would gather its parameters.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in block_classes:
+            fully_shard(module, mesh=mesh)
+    if model.base_model is not model:
+        fully_shard(model.base_model, mesh=mesh)
+    if isinstance(getattr(model, "score", None), nn.Module):
+        fully_shard(model.score, mesh=mesh)
+    fully_shard(model, mesh=mesh)

@@ -1,8 +1,10 @@
-"""Run by tests/test_distributed.py: PPO fitted with DDP on 2 CPU processes, adaptive β on.
+"""Run by tests/test_distributed.py: PPO fitted on 2 CPU processes with DDP, then again from the same start with
+FSDP2 (``ModelParallelStrategy``), adaptive β on.
 
     python tests/ddp_ppo_script.py OUT.json ROOT_DIR SFT_EXPORT REWARD_MODEL_EXPORT
 
-Rank 0 writes what every rank holds after 3 rollouts: weight checksums, β, and the first prompt each rank met.
+Rank 0 writes what every rank held after the DDP run's 3 rollouts (weight checksums, β, the first prompt each rank
+met) and β after the FSDP2 run; both runs export their policy to ROOT_DIR/ddp and ROOT_DIR/fsdp2.
 """
 
 import json
@@ -10,6 +12,7 @@ import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_rlhf import PPOModule, PromptDataModule
 
@@ -25,18 +28,23 @@ class RecordingPPO(PPOModule):
         return super().training_step(batch, batch_idx)
 
 
-def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
+def fit(strategy, root: str, sft_dir: str, rm_dir: str, export: str) -> tuple[L.Trainer, RecordingPPO]:
     L.seed_everything(0)
     module = RecordingPPO(
         sft_dir, rm_dir, max_new_tokens=6, ppo_epochs=1, num_mini_batches=2, kl_estimator="k3", target_kl=0.01,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), export_dir=f"{root}/{export}",
     )  # fmt: skip
     data = PromptDataModule(tokenizer_name_or_path=sft_dir, batch_size=4, max_length=32, val_fraction=0.0)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=6, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, data)
+    return trainer, module
+
+
+def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
+    trainer, module = fit("ddp", root, sft_dir, rm_dir, "ddp")
 
     def gathered(value: float) -> list[float]:
         return module.all_gather(torch.tensor([value], dtype=torch.float64)).flatten().tolist()
@@ -49,6 +57,9 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
         "kl_coefs": gathered(module.kl_coef),
         "first_prompts": gathered(float(module.first_prompt)),
     }
+    _, sharded = fit(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), root, sft_dir, rm_dir,
+                     "fsdp2")  # fmt: skip
+    report["fsdp2_kl_coefs"] = gathered(sharded.kl_coef)
     if trainer.is_global_zero:
         with open(out_path, "w") as out:
             json.dump(report, out)

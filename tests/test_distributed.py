@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
@@ -74,7 +75,7 @@ def test_reward_model_and_dpo_under_ddp_match_a_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_under_ddp_keeps_replicas_and_beta_in_step_on_different_prompts(tmp_path):
+def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_prompts(tmp_path):
     """Several manual backward passes per training_step must all be all-reduced: after 3 rollouts (6 optimiser
     steps) both ranks hold the same policy and value model, and the same adaptive β, although each rank sampled
     its own prompts. The frozen reference never moves."""
@@ -97,3 +98,12 @@ def test_ppo_under_ddp_keeps_replicas_and_beta_in_step_on_different_prompts(tmp_
     start = AutoModelForCausalLM.from_pretrained(sft_dir)
     assert report["reference_checksums"][0] == pytest.approx(sum(p.double().sum().item() for p in start.parameters()))
     assert report["policy_checksums"][0] != report["reference_checksums"][0]
+
+    # FSDP2 (ModelParallelStrategy) from the same start on the same prompts: each forward gathers the full weights,
+    # so rollouts, β and the gathered export match DDP's up to the order of gradient reductions.
+    assert report["fsdp2_kl_coefs"] == pytest.approx(report["kl_coefs"], rel=1e-6)
+    ddp, fsdp2 = (AutoModelForCausalLM.from_pretrained(tmp_path / name).state_dict() for name in ("ddp", "fsdp2"))
+    assert ddp.keys() == fsdp2.keys()
+    for name, weight in ddp.items():
+        torch.testing.assert_close(fsdp2[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch.equal(ddp["lm_head.weight"], start.state_dict()["lm_head.weight"])

@@ -59,6 +59,7 @@ from lightning_rlhf.models import (
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, decode_responses, generate
+from lightning_rlhf.strategies import fully_shard_model
 
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
 
@@ -170,6 +171,9 @@ class PPOModule(L.LightningModule):
         self.ref_model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype).eval().requires_grad_(False)
         self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
         self.reward_model.eval().requires_grad_(False)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
+            for model in (self.model, self.value_model, self.ref_model, self.reward_model):
+                fully_shard_model(model, self.device_mesh["data_parallel"])
 
     def train(self, mode: bool = True) -> PPOModule:
         super().train(mode)
@@ -198,9 +202,11 @@ class PPOModule(L.LightningModule):
     def make_experience(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """Sample one response per left-padded prompt of ``batch`` and score it (``score_rollout``)."""
         hp = self.hparams
+        # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished.
+        sharded = self.device_mesh is not None and self.device_mesh.size() > 1
         rollout = generate(
             self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens,
-            hp.temperature, hp.top_k, hp.top_p,
+            hp.temperature, hp.top_k, hp.top_p, synced_gpus=sharded,
         )  # fmt: skip
         return self.score_rollout(rollout)
 
