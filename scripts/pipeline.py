@@ -6,8 +6,9 @@
 2. K samples per prompt from the SFT model, ranked    lightning-rlhf sample --judge gold --noise σ
    by the simulated labeller (gold judge + noise)
 3. a reward model on those rankings                   lightning-rlhf fit --config configs/rm.yaml
-4. DPO on the same rankings                           lightning-rlhf fit --config configs/dpo.yaml
-5. evaluation on held-out prompts nobody trained on: gold score of SFT and DPO, greedy and sampled at the
+4. PPO against that reward model, SFT as reference   lightning-rlhf fit --config configs/ppo.yaml
+5. DPO on the same rankings                           lightning-rlhf fit --config configs/dpo.yaml
+6. evaluation on held-out prompts nobody trained on: gold score of SFT, PPO and DPO, greedy and sampled at the
    rollout temperature (alignment shows first in the sampled distribution), and the reward model's pairwise
    accuracy against the gold judge on the SFT model's own samples.
 
@@ -91,13 +92,14 @@ def main() -> None:
     outputs = args.outputs.resolve()
     comparisons = outputs / "pipeline" / "comparisons.jsonl"
 
-    def fit(stage: str, config: str, *extra: str) -> float:
+    def fit(stage: str, config: str, *extra: str, scheduler: bool = True) -> float:
         where = outputs / stage
         overrides = [f"--trainer.default_root_dir={where}", f"--trainer.logger.init_args.save_dir={where}",
                      f"--model.init_args.export_dir={where / 'hf'}"]  # fmt: skip
         if args.max_steps:
-            overrides += [f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.max_steps}",
-                          f"--model.init_args.scheduler.init_args.total_iters={args.max_steps}"]  # fmt: skip
+            overrides += [f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.max_steps}"]
+            if scheduler:
+                overrides.append(f"--model.init_args.scheduler.init_args.total_iters={args.max_steps}")
         return cli("fit", "--config", config, *overrides, *extra)
 
     seconds = {}
@@ -112,6 +114,10 @@ def main() -> None:
         f"--data.init_args.train_path={comparisons}",
     )
     seconds["reward_model"] = fit("rm", "configs/rm.yaml", *from_sft)
+    seconds["ppo"] = fit(
+        "ppo", "configs/ppo.yaml", from_sft[0], f"--model.init_args.reward_model_name_or_path={outputs / 'rm' / 'hf'}",
+        scheduler=False,
+    )  # fmt: skip
     seconds["dpo"] = fit("dpo", "configs/dpo.yaml", *from_sft)
 
     prompts = [record["prompt"] for record in make_prompts(args.eval_prompts, seed=HELD_OUT_SEED)]
@@ -121,6 +127,7 @@ def main() -> None:
         "sampling_temperature": args.temperature,
         "labeller_noise": args.noise,
         "sft": gold_scores(outputs / "sft" / "hf", prompts, args.temperature),
+        "ppo": gold_scores(outputs / "ppo" / "hf", prompts, args.temperature),
         "dpo": gold_scores(outputs / "dpo" / "hf", prompts, args.temperature),
         "reward_model": reward_accuracy(outputs / "rm" / "hf", outputs / "sft" / "hf", prompts, 4, args.temperature),
     }
@@ -130,7 +137,7 @@ def main() -> None:
 
     print("\nGold-judge scores on held-out prompts (1.0 = every reversal exact):")
     print(f"  {'model':6s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s}")
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "ppo", "dpo"):
         print(f"  {stage:6s} {summary[stage]['gold_greedy']:8.3f} {summary[stage]['gold_sampled']:16.3f}")
     rm = summary["reward_model"]
     print(f"Reward model vs gold judge: {rm['rm_pairwise_accuracy_vs_gold']:.3f} pairwise accuracy "
