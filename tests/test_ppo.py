@@ -169,6 +169,51 @@ def test_adaptive_kl_coefficient_rises_while_kl_exceeds_its_target_and_is_checkp
     torch.testing.assert_close(restored.value_model.score.weight, module.value_model.score.weight)
 
 
+class RolloutRecorder(L.Callback):
+    def __init__(self):
+        self.rows: list[tuple[float, ...]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        names = ("train/objective/scores", "train/loss/policy", "train/loss/value", "train/kl_coef")
+        self.rows.append(tuple(float(trainer.callback_metrics[name]) for name in names))
+
+
+def test_resume_from_checkpoint_draws_the_same_rollouts_and_losses(exports, tmp_path):
+    """Two epochs of 2 rollouts straight vs one epoch, checkpoint, resume for the second: scores, policy and value
+    losses and the adaptive β of rollouts 3 and 4 agree (weights, optimiser, β and the rollout counter that seeds
+    sampling all restored). The checkpoint sits at an epoch's end: Lightning restarts a plain DataLoader's epoch on
+    a mid-epoch resume instead of fast-forwarding it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in "abc de fgh ij kl mno pq rs".split())
+    )
+    data = PromptDataModule(
+        train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0
+    )
+
+    def run(epochs: int, root, ckpt_path=None) -> list[tuple[float, ...]]:
+        L.seed_everything(0)
+        module = ppo(exports, max_new_tokens=6, ppo_epochs=2, num_mini_batches=2, target_kl=0.5, kl_horizon=40)
+        recorder = RolloutRecorder()
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=epochs, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=root,
+            callbacks=[recorder, ModelCheckpoint(dirpath=root, save_last=True)],
+        )  # fmt: skip
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return recorder.rows
+
+    straight = run(2, tmp_path / "straight")
+    first = run(1, tmp_path / "interrupted")
+    resumed = run(2, tmp_path / "interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
+    assert len(straight) == 4
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(straight[:2]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight[2:]), atol=1e-5, rtol=1e-6)
+    assert straight[3][3] != straight[0][3]  # β moved
+
+
 def test_ptx_needs_pretraining_text(exports, tmp_path):
     module = ppo(exports, max_new_tokens=4, ptx_coef=1.0)
     data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0)

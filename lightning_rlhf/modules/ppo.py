@@ -25,6 +25,7 @@ the first minibatch's probability ratio is exactly 1.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
@@ -61,6 +62,7 @@ from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, tok
 from lightning_rlhf.rollout import Rollout, decode_responses, generate
 from lightning_rlhf.strategies import fully_shard_model
 
+TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
 
 
@@ -98,6 +100,7 @@ class PPOModule(L.LightningModule):
         export_dir: str | None = None,
         gradient_checkpointing: bool = False,
         log_samples: int = 4,
+        seed: int = 0,
     ):
         """
         Args:
@@ -128,6 +131,9 @@ class PPOModule(L.LightningModule):
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
             gradient_checkpointing: trade compute for activation memory (policy and value model).
             log_samples: prompts, responses and scores of the first validation batch logged as TensorBoard text.
+            seed: rollout ``i`` on rank ``k`` samples (and shuffles its minibatches) from a generator seeded by
+                ``(seed, i, k)``, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew,
+                and every validation draws the same samples for the same prompts.
         """
         super().__init__()
         if temperature <= 0:
@@ -148,6 +154,7 @@ class PPOModule(L.LightningModule):
         self.ref_model: PreTrainedModel | None = None
         self.reward_model: PreTrainedModel | None = None
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
+        self.rollouts = 0  # training rollouts so far, saved in checkpoints: it seeds the next one
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in VAL_METRICS})
         keep_out_of_checkpoints(self, "ref_model", "reward_model")  # rebuilt from their paths
 
@@ -183,10 +190,21 @@ class PPOModule(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["kl_coef"] = self.kl_coef
+        checkpoint["kl_coef"], checkpoint["rollouts"] = self.kl_coef, self.rollouts
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.kl_coef = checkpoint.get("kl_coef", self.kl_coef)
+        self.rollouts = checkpoint.get("rollouts", self.rollouts)
+
+    @contextmanager
+    def seeded(self, stream: int, index: int):
+        """Draw random numbers (sampling, shuffling) from a generator seeded by ``(seed, stream, index, rank)``,
+        leaving the global random state as it was."""
+        rank = self.global_rank if self._trainer is not None else 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(hash((self.hparams.seed, stream, index, rank)) % 2**63)
+            yield
 
     # -- rollouts ---------------------------------------------------------------------------------------
     def response_logprobs(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int):
@@ -266,7 +284,10 @@ class PPOModule(L.LightningModule):
         hp = self.hparams
         if hp.ptx_coef and "ptx_input_ids" not in batch:
             raise ValueError("ptx_coef > 0 needs pretraining text: set the PromptDataModule's pretrain_path")
-        experience = self.make_experience(batch)
+        with self.seeded(TRAIN_STREAM, self.rollouts):
+            experience = self.make_experience(batch)
+            order = [torch.randperm(len(experience["scores"])) for _ in range(hp.ppo_epochs)]
+        self.rollouts += 1
         self._log_rollout("train", experience)
         self.log("train/kl_coef", self.kl_coef)
 
@@ -274,8 +295,8 @@ class PPOModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         start, size = experience["rollout"].prompt_length, len(experience["scores"])
         stats: dict[str, list[Tensor]] = defaultdict(list)
-        for _ in range(hp.ppo_epochs):
-            for rows in torch.randperm(size, device=self.device).chunk(min(hp.num_mini_batches, size)):
+        for permutation in order:
+            for rows in permutation.to(self.device).chunk(min(hp.num_mini_batches, size)):
                 sequences, attention_mask, mask = (experience[k][rows] for k in ("sequences", "attention_mask", "mask"))
                 logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
                 values = self.response_values(sequences, attention_mask, start)
@@ -318,7 +339,8 @@ class PPOModule(L.LightningModule):
             metric.reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        experience = self.make_experience(batch)
+        with self.seeded(VAL_STREAM, batch_idx):
+            experience = self.make_experience(batch)
         kl, scores = experience["kl"], experience["scores"]
         values = {
             "objective/scores": scores,
