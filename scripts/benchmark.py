@@ -1,6 +1,7 @@
 """Benchmarks: ours vs TRL on the identical model, data and batch shape, as ratios taken in one run.
 
     python scripts/benchmark.py sft --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
+    python scripts/benchmark.py dpo --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
     python scripts/benchmark.py logprobs --batch-size 4 --seq-len 512 --vocab 32000
 
 Every implementation runs in its own subprocess, so peak memory is its own.
@@ -9,6 +10,11 @@ Every implementation runs in its own subprocess, so peak memory is its own.
 masked. It reports training tokens/s (real, non-pad tokens), model-FLOPs utilisation when ``--peak-tflops`` is
 known (on CUDA the default is the H100 bf16 dense peak), and peak memory (CUDA allocator, or peak RSS on CPU).
 TRL is skipped, with a note, when it is not installed.
+
+``dpo`` trains the same initial weights (policy and a live frozen reference, β 0.1, sigmoid loss) on the same
+chosen/rejected pairs (the best and the worst response of each shipped toy comparison) with ``DPOModule`` and TRL's
+``DPOTrainer``. Its tokens/s counts the real tokens of prompt ⊕ chosen and prompt ⊕ rejected, from the pairs' mean
+length times the pairs trained on, so both sides are credited the same work per pair.
 
 ``logprobs`` isolates the log-prob hot path: ``token_logprobs`` against the naive ``log_softmax(...).gather``
 and TRL's ``selective_log_softmax`` (median step time, and the memory needed beyond the inputs).
@@ -170,6 +176,109 @@ def run_trl(args, model_dir: str) -> dict:
     return result(args, f"trl {__import__('trl').__version__}", tokens, timer.end - timer.start, n_params, model.config)
 
 
+def dpo_pairs(args) -> list[dict[str, str]]:
+    """Best vs worst response of each shipped toy comparison."""
+    pairs = []
+    for line in Path(toy_path("comparisons")).read_text().splitlines():
+        record = json.loads(line)
+        ranked = sorted(zip(record["ranks"], record["responses"], strict=True))
+        pairs.append({"prompt": record["prompt"], "chosen": ranked[0][1], "rejected": ranked[-1][1]})
+    return pairs
+
+
+def tokens_per_pair(pairs: list[dict[str, str]], model_dir: str, max_length: int) -> float:
+    from lightning_rlhf.data.records import Record
+    from lightning_rlhf.data.tokenization import Tokenizer
+    from lightning_rlhf.models import load_tokenizer
+
+    records = [Record(str(i), {"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ranks": [0, 1]})
+               for i, p in enumerate(pairs)]  # fmt: skip
+    examples = Tokenizer(load_tokenizer(model_dir), max_length).comparisons(records)
+    return sum(2 * len(ex["prompt_ids"]) + sum(map(len, ex["response_ids"])) for ex in examples) / len(examples)
+
+
+def run_dpo_ours(args, model_dir: str) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_rlhf import ComparisonDataModule, DPOModule
+
+    class Timer(Callback):
+        start = end = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                sync(args.device)
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sync(args.device)
+            self.end = time.perf_counter()
+
+    pairs = dpo_pairs(args)
+    path = Path(tempfile.mkdtemp()) / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    timer = Timer()
+    module = DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5))
+    data = ComparisonDataModule(
+        train_path=str(path), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
+        max_length=args.max_length,
+    )  # fmt: skip
+    L.Trainer(
+        accelerator=args.device, devices=1, max_steps=args.warmup + args.steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        default_root_dir=tempfile.mkdtemp(),
+    ).fit(module, data)  # fmt: skip
+    tokens = tokens_per_pair(pairs, model_dir, args.max_length) * args.batch_size * args.steps
+    n_params = sum(p.numel() for p in module.model.parameters())
+    return result(args, "lightning_rlhf", int(tokens), timer.end - timer.start, n_params, module.model.config)
+
+
+def run_dpo_trl(args, model_dir: str) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = dpo_pairs(args)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    config = DPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+        max_steps=args.warmup + args.steps, learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"], save_strategy="no",
+        report_to=[], logging_steps=10_000, use_cpu=args.device == "cpu", seed=0, dataloader_num_workers=0,
+        bf16=False, fp16=False,
+    )  # fmt: skip
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=config, train_dataset=datasets.Dataset.from_list(pairs),
+        processing_class=tokenizer,
+    )  # fmt: skip
+
+    class Timer(TrainerCallback):
+        start = end = 0.0
+
+        def on_step_begin(self, targs, state, control, **kwargs):
+            if state.global_step == args.warmup:
+                sync(args.device)
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            sync(args.device)
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    tokens = tokens_per_pair(pairs, model_dir, args.max_length) * args.batch_size * args.steps
+    n_params = sum(p.numel() for p in model.parameters())
+    return result(args, f"trl {__import__('trl').__version__}", int(tokens), timer.end - timer.start, n_params,
+                  model.config)  # fmt: skip
+
+
 def logprob_impls() -> dict:
     from lightning_rlhf.losses import token_logprobs
 
@@ -221,7 +330,7 @@ def print_table(rows: list[dict], key: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["sft", "logprobs"])
+    parser.add_argument("stage", choices=["sft", "dpo", "logprobs"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=20)
@@ -237,16 +346,17 @@ def main() -> None:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    impls = ["ours", "trl"] if args.stage == "sft" else ["ours", "naive", "trl"]
+    impls = ["ours", "naive", "trl"] if args.stage == "logprobs" else ["ours", "trl"]
     if args.only:  # child process: one implementation, one JSON line
         if args.stage == "logprobs":
             row = run_logprobs(args, args.only)
         else:
-            row = (run_ours if args.only == "ours" else run_trl)(args, args.model_dir)
+            runners = {"sft": (run_ours, run_trl), "dpo": (run_dpo_ours, run_dpo_trl)}[args.stage]
+            row = runners[args.only != "ours"](args, args.model_dir)
         print("RESULT " + json.dumps(row))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_initial_model(args, Path(tmp) / "init") if args.stage == "sft" else ""
+        model_dir = "" if args.stage == "logprobs" else make_initial_model(args, Path(tmp) / "init")
         rows = []
         for impl in impls:
             if impl == "trl" and importlib.util.find_spec("trl") is None:
@@ -261,7 +371,7 @@ def main() -> None:
                 raise SystemExit(f"{impl} failed:\n{child.stderr[-4000:]}")
             rows.append(json.loads(lines[-1][len("RESULT ") :]))
     print(json.dumps({"shape": vars(args), "results": rows}, indent=1, default=str))
-    print_table(rows, "tokens_per_s" if args.stage == "sft" else "step_s")
+    print_table(rows, "step_s" if args.stage == "logprobs" else "tokens_per_s")
 
 
 if __name__ == "__main__":
