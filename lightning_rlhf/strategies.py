@@ -37,7 +37,7 @@ def fully_shard_model(model: nn.Module, mesh) -> None:
     for module in model.modules():
         if type(module).__name__ in block_classes:
             fully_shard(module, mesh=mesh)
-    if model.base_model is not model:
+    if getattr(model, "base_model", model) is not model:
         fully_shard(model.base_model, mesh=mesh)
     if isinstance(getattr(model, "score", None), nn.Module):
         fully_shard(model.score, mesh=mesh)

@@ -4,7 +4,8 @@ FSDP2 (``ModelParallelStrategy``), adaptive β on.
     python tests/ddp_ppo_script.py OUT.json ROOT_DIR SFT_EXPORT REWARD_MODEL_EXPORT
 
 Rank 0 writes what every rank held after the DDP run's 3 rollouts (weight checksums, β, the first prompt each rank
-met) and β after the FSDP2 run; both runs export their policy to ROOT_DIR/ddp and ROOT_DIR/fsdp2.
+met) and β after the FSDP2 run; both runs export their policy to ROOT_DIR/ddp and ROOT_DIR/fsdp2, and the same
+two runs with ``value_head=True`` to ROOT_DIR/ddp_head and ROOT_DIR/fsdp2_head.
 """
 
 import json
@@ -28,11 +29,11 @@ class RecordingPPO(PPOModule):
         return super().training_step(batch, batch_idx)
 
 
-def fit(strategy, root: str, sft_dir: str, rm_dir: str, export: str) -> tuple[L.Trainer, RecordingPPO]:
+def fit(strategy, root: str, sft_dir: str, rm_dir: str, export: str, **kwargs) -> tuple[L.Trainer, RecordingPPO]:
     L.seed_everything(0)
     module = RecordingPPO(
         sft_dir, rm_dir, max_new_tokens=6, ppo_epochs=1, num_mini_batches=2, kl_estimator="k3", target_kl=0.01,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), export_dir=f"{root}/{export}",
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), export_dir=f"{root}/{export}", **kwargs,
     )  # fmt: skip
     data = PromptDataModule(tokenizer_name_or_path=sft_dir, batch_size=4, max_length=32, val_fraction=0.0)
     trainer = L.Trainer(
@@ -57,9 +58,15 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
         "kl_coefs": gathered(module.kl_coef),
         "first_prompts": gathered(float(module.first_prompt)),
     }
-    _, sharded = fit(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), root, sft_dir, rm_dir,
-                     "fsdp2")  # fmt: skip
+
+    def fsdp2():
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+    _, sharded = fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2")
     report["fsdp2_kl_coefs"] = gathered(sharded.kl_coef)
+    # The value function as a head on the policy, both ways.
+    fit("ddp", root, sft_dir, rm_dir, "ddp_head", value_head=True)
+    fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2_head", value_head=True)
     if trainer.is_global_zero:
         with open(out_path, "w") as out:
             json.dump(report, out)

@@ -102,8 +102,10 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
     # FSDP2 (ModelParallelStrategy) from the same start on the same prompts: each forward gathers the full weights,
     # so rollouts, β and the gathered export match DDP's up to the order of gradient reductions.
     assert report["fsdp2_kl_coefs"] == pytest.approx(report["kl_coefs"], rel=1e-6)
-    ddp, fsdp2 = (AutoModelForCausalLM.from_pretrained(tmp_path / name).state_dict() for name in ("ddp", "fsdp2"))
-    assert ddp.keys() == fsdp2.keys()
-    for name, weight in ddp.items():
-        torch.testing.assert_close(fsdp2[name], weight, atol=1e-5, rtol=1e-4, msg=name)
-    assert not torch.equal(ddp["lm_head.weight"], start.state_dict()["lm_head.weight"])
+    # The same with the value function as a head on the policy (its gradient reaches the policy too).
+    for ddp_dir, fsdp2_dir in (("ddp", "fsdp2"), ("ddp_head", "fsdp2_head")):
+        ddp, fsdp2 = (AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in (ddp_dir, fsdp2_dir))
+        assert ddp.keys() == fsdp2.keys()
+        for name, weight in ddp.items():
+            torch.testing.assert_close(fsdp2[name], weight, atol=1e-5, rtol=1e-4, msg=f"{fsdp2_dir}: {name}")
+        assert not torch.equal(ddp["lm_head.weight"], start.state_dict()["lm_head.weight"])

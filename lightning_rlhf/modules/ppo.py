@@ -17,7 +17,8 @@ Each ``training_step`` is one PPO iteration on its batch of prompts:
 
 Log-probs of policy and reference are taken on ``logits / temperature``: the distribution that was sampled.
 The value model is its own network initialised from the reward model (its backbone and head, read at every
-position). Reference and reward model are frozen: eval mode, no grad, outside the optimiser and out of
+position), or with ``value_head`` a linear head on the policy's last hidden state. Reference and reward model are
+frozen: eval mode, no grad, outside the optimiser and out of
 checkpoints (rebuilt from their paths). Dropout is off in policy and value model, so repeated forwards agree and
 the first minibatch's probability ratio is exactly 1.
 """
@@ -32,6 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
@@ -58,7 +60,7 @@ from lightning_rlhf.models import (
     shifted_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
+from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, decode_responses, generate
 from lightning_rlhf.strategies import fully_shard_model
 
@@ -99,6 +101,7 @@ class PPOModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
         gradient_checkpointing: bool = False,
+        value_head: bool = False,
         log_samples: int = 4,
         seed: int = 0,
     ):
@@ -130,6 +133,9 @@ class PPOModule(L.LightningModule):
             scheduler: stepped every optimiser step.
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
             gradient_checkpointing: trade compute for activation memory (policy and value model).
+            value_head: the value function is a linear head on the policy's last hidden state (one model fewer in
+                memory, one forward fewer per step; initialised from the reward model's head), instead of a separate
+                network initialised from the whole reward model.
             log_samples: prompts, responses and scores of the first validation batch logged as TensorBoard text.
             seed: rollout ``i`` on rank ``k`` samples (and shuffles its minibatches) from a generator seeded by
                 ``(seed, i, k)``, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew,
@@ -151,6 +157,7 @@ class PPOModule(L.LightningModule):
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.model: PreTrainedModel | None = None
         self.value_model: PreTrainedModel | None = None
+        self.value_head: nn.Linear | None = None
         self.ref_model: PreTrainedModel | None = None
         self.reward_model: PreTrainedModel | None = None
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
@@ -170,17 +177,40 @@ class PPOModule(L.LightningModule):
                 "different tokenizers: train the reward model from the same SFT export"
             )
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
-        self.value_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
-        for trained in (self.model, self.value_model):
-            disable_dropout(trained)
-            if hp.gradient_checkpointing:
-                trained.gradient_checkpointing_enable()
         self.ref_model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype).eval().requires_grad_(False)
         self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
         self.reward_model.eval().requires_grad_(False)
+        if hp.value_head:
+            self.value_head = self._value_head_from(reward_head(self.reward_model))
+        else:
+            self.value_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
+        for trained in (self.model, self.value_model):
+            if trained is not None:
+                disable_dropout(trained)
+                if hp.gradient_checkpointing:
+                    trained.gradient_checkpointing_enable()
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
+            mesh = self.device_mesh["data_parallel"]
             for model in (self.model, self.value_model, self.ref_model, self.reward_model):
-                fully_shard_model(model, self.device_mesh["data_parallel"])
+                if model is not None:
+                    fully_shard_model(model, mesh)
+            if self.value_head is not None:
+                fully_shard_model(self.value_head, mesh)
+
+    def _value_head_from(self, reward_head: nn.Linear) -> nn.Linear:
+        """A value head on the policy's hidden states: the reward model's head when the widths match, else zeros,
+        with a bias (from 0) for the mean return."""
+        width = self.model.config.hidden_size
+        head = nn.Linear(width, 1, dtype=self.model.dtype)
+        with torch.no_grad():
+            head.bias.zero_()
+            if reward_head.weight.shape == head.weight.shape:
+                head.weight.copy_(reward_head.weight)
+            else:
+                rank_zero_info(f"value head: the reward model is {reward_head.in_features} wide, the policy {width}; "
+                               "starting from zeros")  # fmt: skip
+                head.weight.zero_()
+        return head
 
     def train(self, mode: bool = True) -> PPOModule:
         super().train(mode)
@@ -212,9 +242,23 @@ class PPOModule(L.LightningModule):
         logits = forward_logits(model, sequences, attention_mask)[:, start - 1 : -1]  # column t-1 predicts token t
         return token_logprobs(logits / self.hparams.temperature, sequences[:, start:])
 
-    def response_values(self, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
-        """``(b, r)`` value of the state before each response token: the value head one column earlier."""
-        return token_values(self.value_model, sequences, attention_mask)[:, start - 1 : -1]
+    def policy_outputs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """``(b, r)`` policy log-probs of the response tokens and values of the states before them (the value at the
+        column before each token, like the logits that predict it)."""
+        if self.value_head is None:
+            logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
+            return logprobs, token_values(self.value_model, sequences, attention_mask)[:, start - 1 : -1]
+        # The backbone's output, caught on its way to the LM head (``output_hidden_states`` comes back empty when
+        # FSDP2 has swapped the layers' classes).
+        caught: list[Tensor] = []
+        hook = self.model.base_model.register_forward_hook(lambda module, args, out: caught.append(out[0]))
+        try:
+            logits = forward_logits(self.model, sequences, attention_mask)[:, start - 1 : -1]
+        finally:
+            hook.remove()
+        logprobs = token_logprobs(logits / self.hparams.temperature, sequences[:, start:])
+        values = self.value_head(caught[-1][:, start - 1 : -1]).squeeze(-1).float()
+        return logprobs, values
 
     @torch.no_grad()
     def make_experience(self, batch: dict[str, Tensor]) -> dict[str, Any]:
@@ -234,9 +278,8 @@ class PPOModule(L.LightningModule):
         values, advantages, returns, mask) and ``(b,)`` per sequence (scores, summed KL, ended with EOS)."""
         hp = self.hparams
         sequences, attention_mask, mask, start = rollout
-        logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
+        logprobs, values = self.policy_outputs(sequences, attention_mask, start)
         ref_logprobs = self.response_logprobs(self.ref_model, sequences, attention_mask, start)
-        values = self.response_values(sequences, attention_mask, start)
         scores = sequence_rewards(self.reward_model, sequences, attention_mask)
         ended = ((rollout.responses == self.tokenizer.eos_token_id) & mask).any(-1)
         if hp.missing_eos_penalty is not None:
@@ -298,8 +341,7 @@ class PPOModule(L.LightningModule):
         for permutation in order:
             for rows in permutation.to(self.device).chunk(min(hp.num_mini_batches, size)):
                 sequences, attention_mask, mask = (experience[k][rows] for k in ("sequences", "attention_mask", "mask"))
-                logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
-                values = self.response_values(sequences, attention_mask, start)
+                logprobs, values = self.policy_outputs(sequences, attention_mask, start)
                 policy_loss, policy_stats = ppo_policy_loss(
                     logprobs, experience["logprobs"][rows], experience["advantages"][rows], mask, hp.clip_range
                 )
@@ -367,7 +409,8 @@ class PPOModule(L.LightningModule):
 
     # -- optimisation and export ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        return optimizer_config(nn.ModuleList([self.model, self.value_model]), self.optimizer_factory,
+        value = self.value_head if self.value_head is not None else self.value_model
+        return optimizer_config(nn.ModuleList([self.model, value]), self.optimizer_factory,
                                 self.scheduler_factory)  # fmt: skip
 
     def on_train_end(self) -> None:
