@@ -109,3 +109,36 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
         for name, weight in ddp.items():
             torch.testing.assert_close(fsdp2[name], weight, atol=1e-5, rtol=1e-4, msg=f"{fsdp2_dir}: {name}")
         assert not torch.equal(ddp["lm_head.weight"], start.state_dict()["lm_head.weight"])
+
+
+@pytest.mark.slow
+def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processes(tmp_path):
+    """configs/ppo_fsdp2.yaml through the CLI, only the device overridden (2 CPU processes instead of GPUs): FSDP2 in
+    bf16-true trains, exports a bf16 Hugging Face model, writes a sharded checkpoint, and resumes from it."""
+    sft_dir = make_tiny_export(tmp_path / "sft")
+    tokenizer = load_tokenizer(sft_dir)
+    rm_dir = export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
+
+    def run(max_steps: int, *extra: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "lightning_rlhf", "fit", "--config", str(REPO / "configs" / "ppo_fsdp2.yaml"),
+             "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy.init_args.data_parallel_size=2",
+             f"--model.init_args.model_name_or_path={sft_dir}", f"--model.init_args.reward_model_name_or_path={rm_dir}",
+             "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=4", f"--trainer.max_steps={max_steps}",
+             "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+             f"--model.init_args.export_dir={tmp_path / 'hf'}", *extra],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run(8)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.config.dtype == torch.bfloat16
+    start = AutoModelForCausalLM.from_pretrained(sft_dir)
+    assert not torch.equal(exported.lm_head.weight.float(), start.lm_head.weight)
+    (checkpoint,) = (tmp_path / "tensorboard").glob("version_0/checkpoints/last.ckpt")
+    assert len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per rank
+    resumed = run(16, f"--ckpt_path={checkpoint}")
+    assert "Restored all states" in resumed.stdout + resumed.stderr
