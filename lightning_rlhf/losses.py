@@ -25,13 +25,20 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, chunk_rows: int) -> Tensor:  # (n, v), (n,) -> (n,)
+    def _scaled(chunk: Tensor, temperature: float) -> Tensor:
+        # At temperature 1 the kernels upcast as they read; otherwise one float32 chunk is divided.
+        return chunk if temperature == 1.0 else chunk.float() / temperature  # a new tensor: never in place
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, chunk_rows: int, temperature: float) -> Tensor:  # (n, v) -> (n,)
         picked = [
-            torch.log_softmax(chunk, dim=-1, dtype=torch.float32).gather(-1, chunk_tokens[:, None]).squeeze(-1)
+            torch.log_softmax(_TokenLogprobs._scaled(chunk, temperature), dim=-1, dtype=torch.float32)
+            .gather(-1, chunk_tokens[:, None])
+            .squeeze(-1)
             for chunk, chunk_tokens in zip(logits.split(chunk_rows), tokens.split(chunk_rows), strict=True)
         ]
         ctx.save_for_backward(logits, tokens)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.temperature = chunk_rows, temperature
         return torch.cat(picked)
 
     @staticmethod
@@ -40,15 +47,15 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            scale = grad_out[rows, None]
-            # d/dlogits [log softmax(logits)_y] = onehot(y) - softmax(logits), in float32
-            grad = torch.softmax(logits[rows], dim=-1, dtype=torch.float32).mul_(-scale)
-            grad_logits[rows] = grad.scatter_add_(-1, tokens[rows, None], scale)
-        return grad_logits, None, None
+            scale = grad_out[rows, None] / ctx.temperature
+            # d/dlogits [log softmax(logits / T)_y] = (onehot(y) - softmax(logits / T)) / T, in float32
+            probs = torch.softmax(_TokenLogprobs._scaled(logits[rows], ctx.temperature), dim=-1, dtype=torch.float32)
+            grad_logits[rows] = probs.mul_(-scale).scatter_add_(-1, tokens[rows, None], scale)
+        return grad_logits, None, None, None
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int = 1024) -> Tensor:
-    """Log-probability of each token under its own logits, no shift inside.
+def token_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int = 1024, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each token under its own logits (divided by ``temperature``), no shift inside.
 
     ``logits[:, t]`` scores ``tokens[:, t]``: to score next tokens, callers pass ``logits[:, :-1]`` and
     ``tokens[:, 1:]``. Positions whose token is negative (``IGNORE_INDEX``) get 0.
@@ -57,12 +64,18 @@ def token_logprobs(logits: Tensor, tokens: Tensor, chunk_rows: int = 1024) -> Te
         logits: ``(b, t, v)`` in any float dtype (bf16 included).
         tokens: ``(b, t)`` token ids.
         chunk_rows: rows of ``b * t`` normalised at once in float32; bounds the extra memory.
+        temperature: scores under ``softmax(logits / temperature)``, the distribution sampled at that temperature,
+            without a tempered copy of the whole ``logits``.
 
     Returns:
         ``(b, t)`` float32 log-probabilities, exact in float32 for the given logits.
     """
     valid = tokens >= 0
-    flat = _TokenLogprobs.apply(logits.reshape(-1, logits.size(-1)), tokens.clamp(min=0).reshape(-1), chunk_rows)
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    flat = _TokenLogprobs.apply(
+        logits.reshape(-1, logits.size(-1)), tokens.clamp(min=0).reshape(-1), chunk_rows, float(temperature)
+    )
     return flat.view(tokens.shape) * valid
 
 

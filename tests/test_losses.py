@@ -37,18 +37,26 @@ def test_token_logprobs_gives_zero_at_ignored_positions():
     torch.testing.assert_close(out[0, 0], torch.log_softmax(logits[0, 0], -1)[1])
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 3, 1024])
-def test_token_logprobs_matches_log_softmax_and_its_gradient(chunk_rows):
-    """Forward and backward equal the full float64 log_softmax, whatever the chunking (10 rows, chunks of 3)."""
+def test_token_logprobs_at_a_temperature_hand_computed():
+    """logits (0, ln 4) at T = 2 are (0, ln 2): softmax (1/3, 2/3), so token 1 -> ln(2/3), token 0 -> ln(1/3)."""
+    logits = torch.tensor([[[0.0, math.log(4)], [0.0, math.log(4)]]])
+    out = token_logprobs(logits, torch.tensor([[1, 0]]), temperature=2.0)
+    torch.testing.assert_close(out, torch.tensor([[math.log(2 / 3), math.log(1 / 3)]]))
+
+
+@pytest.mark.parametrize(("chunk_rows", "temperature"), [(1, 1.0), (3, 1.0), (1024, 1.0), (3, 0.7), (1024, 1.6)])
+def test_token_logprobs_matches_log_softmax_and_its_gradient(chunk_rows, temperature):
+    """Forward and backward equal the full float64 log_softmax of logits / T, whatever the chunking (10 rows,
+    chunks of 3) and the temperature (the gradient carries the 1/T of the chain rule)."""
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7, dtype=torch.float32, requires_grad=True)
     tokens = torch.randint(0, 7, (2, 5))
     weights = torch.randn(2, 5)
-    ours = token_logprobs(logits, tokens, chunk_rows=chunk_rows)
+    ours = token_logprobs(logits, tokens, chunk_rows=chunk_rows, temperature=temperature)
     (ours * weights).sum().backward()
     ours_grad = logits.grad.clone()
     logits.grad = None
-    reference = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    reference = torch.log_softmax(logits.double() / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
     (reference * weights.double()).sum().backward()
     torch.testing.assert_close(ours.double(), reference, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours_grad.double(), logits.grad.double(), rtol=0, atol=1e-6)

@@ -15,12 +15,11 @@ Each ``training_step`` is one PPO iteration on its batch of prompts:
    ``max_steps = rollouts · ppo_epochs · num_mini_batches``;
 4. with ``target_kl`` set, β follows Ziegler et al.'s adaptive controller (``losses.adaptive_kl_coef``).
 
-Log-probs of policy and reference are taken on ``logits / temperature``: the distribution that was sampled.
+Log-probs of policy and reference are taken under ``softmax(logits / temperature)``: the distribution sampled.
 The value model is its own network initialised from the reward model (its backbone and head, read at every
 position), or with ``value_head`` a linear head on the policy's last hidden state. Reference and reward model are
-frozen: eval mode, no grad, outside the optimiser and out of
-checkpoints (rebuilt from their paths). Dropout is off in policy and value model, so repeated forwards agree and
-the first minibatch's probability ratio is exactly 1.
+frozen: eval mode, no grad, outside the optimiser and out of checkpoints (rebuilt from their paths). Dropout is off
+in policy and value model, so repeated forwards agree and the first minibatch's probability ratio is exactly 1.
 """
 
 from __future__ import annotations
@@ -240,7 +239,7 @@ class PPOModule(L.LightningModule):
     def response_logprobs(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int):
         """``(b, r)`` log-prob of each response token (columns ``start:``) under ``model``'s tempered distribution."""
         logits = forward_logits(model, sequences, attention_mask)[:, start - 1 : -1]  # column t-1 predicts token t
-        return token_logprobs(logits / self.hparams.temperature, sequences[:, start:])
+        return token_logprobs(logits, sequences[:, start:], temperature=self.hparams.temperature)
 
     def policy_outputs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """``(b, r)`` policy log-probs of the response tokens and values of the states before them (the value at the
@@ -256,7 +255,7 @@ class PPOModule(L.LightningModule):
             logits = forward_logits(self.model, sequences, attention_mask)[:, start - 1 : -1]
         finally:
             hook.remove()
-        logprobs = token_logprobs(logits / self.hparams.temperature, sequences[:, start:])
+        logprobs = token_logprobs(logits, sequences[:, start:], temperature=self.hparams.temperature)
         values = self.value_head(caught[-1][:, start - 1 : -1]).squeeze(-1).float()
         return logprobs, values
 
