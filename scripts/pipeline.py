@@ -7,8 +7,10 @@
    by the simulated labeller (gold judge + noise)
 3. a reward model on those rankings                   lightning-rlhf fit --config configs/rm.yaml
 4. PPO against that reward model, SFT as reference   lightning-rlhf fit --config configs/ppo.yaml
+   and, as a yardstick, PPO against the gold judge     ... --model.init_args.reward_fn=lightning_rlhf.toy.gold_score
+   itself (what a perfect reward model would give)
 5. DPO on the same rankings                           lightning-rlhf fit --config configs/dpo.yaml
-6. evaluation on held-out prompts nobody trained on: gold score of SFT, PPO and DPO, greedy and sampled at the
+6. evaluation on held-out prompts nobody trained on: gold score of every model, greedy and sampled at the
    rollout temperature (alignment shows first in the sampled distribution), and the reward model's pairwise
    accuracy against the gold judge on the SFT model's own samples.
 
@@ -118,6 +120,10 @@ def main() -> None:
         "ppo", "configs/ppo.yaml", from_sft[0], f"--model.init_args.reward_model_name_or_path={outputs / 'rm' / 'hf'}",
         scheduler=False,
     )  # fmt: skip
+    seconds["ppo_gold_reward"] = fit(
+        "ppo_gold_reward", "configs/ppo.yaml", from_sft[0], "--model.init_args.reward_model_name_or_path=null",
+        "--model.init_args.reward_fn=lightning_rlhf.toy.gold_score", scheduler=False,
+    )  # fmt: skip
     seconds["dpo"] = fit("dpo", "configs/dpo.yaml", *from_sft)
 
     prompts = [record["prompt"] for record in make_prompts(args.eval_prompts, seed=HELD_OUT_SEED)]
@@ -128,6 +134,7 @@ def main() -> None:
         "labeller_noise": args.noise,
         "sft": gold_scores(outputs / "sft" / "hf", prompts, args.temperature),
         "ppo": gold_scores(outputs / "ppo" / "hf", prompts, args.temperature),
+        "ppo_gold_reward": gold_scores(outputs / "ppo_gold_reward" / "hf", prompts, args.temperature),
         "dpo": gold_scores(outputs / "dpo" / "hf", prompts, args.temperature),
         "reward_model": reward_accuracy(outputs / "rm" / "hf", outputs / "sft" / "hf", prompts, 4, args.temperature),
     }
@@ -136,9 +143,9 @@ def main() -> None:
     write_jsonl_atomic([summary], outputs / "pipeline" / "summary.json")
 
     print("\nGold-judge scores on held-out prompts (1.0 = every reversal exact):")
-    print(f"  {'model':6s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s}")
-    for stage in ("sft", "ppo", "dpo"):
-        print(f"  {stage:6s} {summary[stage]['gold_greedy']:8.3f} {summary[stage]['gold_sampled']:16.3f}")
+    print(f"  {'model':16s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s}")
+    for stage in ("sft", "ppo", "ppo_gold_reward", "dpo"):
+        print(f"  {stage:16s} {summary[stage]['gold_greedy']:8.3f} {summary[stage]['gold_sampled']:16.3f}")
     rm = summary["reward_model"]
     print(f"Reward model vs gold judge: {rm['rm_pairwise_accuracy_vs_gold']:.3f} pairwise accuracy "
           f"on {rm['rm_eval_pairs']} held-out pairs of SFT samples")  # fmt: skip

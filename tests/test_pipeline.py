@@ -23,7 +23,7 @@ def test_pipeline_chains_sft_sample_rm_ppo_dpo_and_reports_gold_scores(tmp_path)
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "pipeline" / "summary.json").read_text())
-    for stage in ("sft", "ppo", "dpo"):
+    for stage in ("sft", "ppo", "ppo_gold_reward", "dpo"):
         assert 0 <= summary[stage]["gold_greedy"] <= 1 and 0 <= summary[stage]["gold_sampled"] <= 1
     assert summary["reward_model"]["rm_eval_pairs"] > 0
     assert summary["held_out_prompts"] == 16 and set(summary["seconds"]) == {
@@ -31,11 +31,12 @@ def test_pipeline_chains_sft_sample_rm_ppo_dpo_and_reports_gold_scores(tmp_path)
         "sample",
         "reward_model",
         "ppo",
+        "ppo_gold_reward",
         "dpo",
         "evaluation",
     }
     assert AutoConfig.from_pretrained(tmp_path / "rm" / "hf").architectures == ["LlamaForSequenceClassification"]
-    for stage in ("ppo", "dpo"):
+    for stage in ("ppo", "ppo_gold_reward", "dpo"):
         assert AutoConfig.from_pretrained(tmp_path / stage / "hf").architectures == ["LlamaForCausalLM"]
     assert len((tmp_path / "pipeline" / "comparisons.jsonl").read_text().splitlines()) > 0
     assert "Gold-judge scores on held-out prompts" in result.stdout

@@ -24,7 +24,9 @@ in policy and value model, so repeated forwards agree and the first minibatch's 
 
 from __future__ import annotations
 
+import importlib
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -63,6 +65,19 @@ from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence
 from lightning_rlhf.rollout import Rollout, decode_responses, generate
 from lightning_rlhf.strategies import fully_shard_model
 
+
+def import_reward_fn(path: str) -> Callable[[str, str], float]:
+    """The function at import path ``package.module.function``, with an error that says what is wrong."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward_fn={path!r}: cannot import it ({err})") from None
+    if not callable(function):
+        raise ValueError(f"reward_fn={path!r} must name a function (prompt, response) -> float, as package.module.fn")
+    return function
+
+
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
 
@@ -75,7 +90,8 @@ class PPOModule(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str,
-        reward_model_name_or_path: str,
+        reward_model_name_or_path: str | None = None,
+        reward_fn: str | None = None,
         dtype: str = "float32",
         max_new_tokens: int = 64,
         temperature: float = 1.0,
@@ -108,6 +124,10 @@ class PPOModule(L.LightningModule):
         Args:
             model_name_or_path: the SFT export (Hugging Face directory or hub name); policy and reference start here.
             reward_model_name_or_path: the reward model export (``RewardModule``); the value model starts here too.
+            reward_fn: instead of a reward model, the import path of a function ``(prompt, response) -> float`` on
+                text (e.g. ``lightning_rlhf.toy.gold_score``, a rule, a verifier); the prompt is as the policy saw it
+                (chat template rendered), both without special tokens. The value model then starts from the SFT
+                export with a fresh head (or, with ``value_head``, a zero head).
             dtype: parameter dtype of all four models, ``float32`` / ``bfloat16`` / ``float16``.
             max_new_tokens: longest response sampled.
             temperature, top_k, top_p: how responses are sampled (``temperature`` > 0).
@@ -141,6 +161,9 @@ class PPOModule(L.LightningModule):
                 and every validation draws the same samples for the same prompts.
         """
         super().__init__()
+        if (reward_model_name_or_path is None) == (reward_fn is None):
+            raise ValueError("give PPOModule exactly one of reward_model_name_or_path and reward_fn")
+        self.reward_fn = import_reward_fn(reward_fn) if reward_fn is not None else None
         if temperature <= 0:
             raise ValueError(f"temperature={temperature}: PPO samples its rollouts, so it must be > 0")
         if kl_estimator not in KL_ESTIMATORS:
@@ -169,20 +192,21 @@ class PPOModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        reward_tokenizer = load_tokenizer(hp.reward_model_name_or_path)
-        if reward_tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(
-                f"the reward model {hp.reward_model_name_or_path} and the policy {hp.model_name_or_path} use "
-                "different tokenizers: train the reward model from the same SFT export"
-            )
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
         self.ref_model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype).eval().requires_grad_(False)
-        self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
-        self.reward_model.eval().requires_grad_(False)
+        if hp.reward_model_name_or_path is not None:
+            if load_tokenizer(hp.reward_model_name_or_path).get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(
+                    f"the reward model {hp.reward_model_name_or_path} and the policy {hp.model_name_or_path} use "
+                    "different tokenizers: train the reward model from the same SFT export"
+                )
+            self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
+            self.reward_model.eval().requires_grad_(False)
+        value_start = hp.reward_model_name_or_path or hp.model_name_or_path  # an SFT export gets a fresh head
         if hp.value_head:
-            self.value_head = self._value_head_from(reward_head(self.reward_model))
+            self.value_head = self._value_head_from(reward_head(self.reward_model) if self.reward_model else None)
         else:
-            self.value_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
+            self.value_model = load_reward_model(value_start, self.tokenizer, hp.dtype)
         for trained in (self.model, self.value_model):
             if trained is not None:
                 disable_dropout(trained)
@@ -196,19 +220,19 @@ class PPOModule(L.LightningModule):
             if self.value_head is not None:
                 fully_shard_model(self.value_head, mesh)
 
-    def _value_head_from(self, reward_head: nn.Linear) -> nn.Linear:
-        """A value head on the policy's hidden states: the reward model's head when the widths match, else zeros,
-        with a bias (from 0) for the mean return."""
+    def _value_head_from(self, reward_head: nn.Linear | None) -> nn.Linear:
+        """A value head on the policy's hidden states: the reward model's head when there is one of the same width,
+        else zeros, with a bias (from 0) for the mean return."""
         width = self.model.config.hidden_size
         head = nn.Linear(width, 1, dtype=self.model.dtype)
         with torch.no_grad():
             head.bias.zero_()
-            if reward_head.weight.shape == head.weight.shape:
+            head.weight.zero_()
+            if reward_head is not None and reward_head.weight.shape == head.weight.shape:
                 head.weight.copy_(reward_head.weight)
-            else:
+            elif reward_head is not None:
                 rank_zero_info(f"value head: the reward model is {reward_head.in_features} wide, the policy {width}; "
                                "starting from zeros")  # fmt: skip
-                head.weight.zero_()
         return head
 
     def train(self, mode: bool = True) -> PPOModule:
@@ -279,7 +303,7 @@ class PPOModule(L.LightningModule):
         sequences, attention_mask, mask, start = rollout
         logprobs, values = self.policy_outputs(sequences, attention_mask, start)
         ref_logprobs = self.response_logprobs(self.ref_model, sequences, attention_mask, start)
-        scores = sequence_rewards(self.reward_model, sequences, attention_mask)
+        scores = self.score(rollout)
         ended = ((rollout.responses == self.tokenizer.eos_token_id) & mask).any(-1)
         if hp.missing_eos_penalty is not None:
             scores = scores - hp.missing_eos_penalty * (~ended).float()
@@ -301,6 +325,15 @@ class PPOModule(L.LightningModule):
             "kl": (kl * mask).sum(-1),  # (b,) per sequence
             "ended": ended,
         }
+
+    def score(self, rollout: Rollout) -> Tensor:
+        """``(b,)`` float32 score of each prompt ⊕ response: the reward model's, or ``reward_fn``'s on the texts."""
+        if self.reward_fn is None:
+            return sequence_rewards(self.reward_model, rollout.sequences, rollout.attention_mask)
+        prompts = self.tokenizer.batch_decode(rollout.sequences[:, : rollout.prompt_length], skip_special_tokens=True)
+        responses = decode_responses(self.tokenizer, rollout)
+        scores = [float(self.reward_fn(p, r)) for p, r in zip(prompts, responses, strict=True)]
+        return torch.tensor(scores, dtype=torch.float32, device=rollout.sequences.device)
 
     def _log_rollout(self, prefix: str, experience: dict[str, Any]) -> None:
         kl, scores = experience["kl"], experience["scores"]
