@@ -42,3 +42,14 @@ def fully_shard_model(model: nn.Module, mesh) -> None:
     if isinstance(getattr(model, "score", None), nn.Module):
         fully_shard(model.score, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def fully_shard_models(module: L.LightningModule, *models: nn.Module | None) -> None:
+    """Under ``ModelParallelStrategy`` (``module.device_mesh`` is set): FSDP2 for each model over the data-parallel
+    mesh. Called at the end of ``configure_model``; does nothing under other strategies."""
+    if module.device_mesh is None:
+        return
+    mesh = module.device_mesh["data_parallel"]
+    for model in models:
+        if model is not None:
+            fully_shard_model(model, mesh)

@@ -1,5 +1,5 @@
-"""Reward model, DPO and PPO under DDP on 2 CPU processes: replicas agree, and validation reduced over both ranks
-equals validation in one process on the same weights and data."""
+"""The stages on 2 CPU processes: under DDP replicas agree and validation reduced over both ranks equals validation in
+one process; under FSDP2 (ModelParallelStrategy) every stage matches DDP."""
 
 import json
 import os
@@ -11,7 +11,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
 from lightning_rlhf.models import export_pretrained, load_tokenizer
@@ -142,3 +143,32 @@ def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processe
     assert len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per rank
     resumed = run(16, f"--ckpt_path={checkpoint}")
     assert "Restored all states" in resumed.stdout + resumed.stderr
+
+
+@pytest.mark.slow
+def test_sft_reward_model_and_dpo_under_fsdp2_match_ddp(tmp_path):
+    """The same 3 clipped steps from the same start with DDP and with FSDP2 (every model fully_shard-ed over the
+    data-parallel mesh, DPO's live reference included): the gathered exports agree to float32 reduction order,
+    and so does the reward model's normalisation offset (a forward every rank makes on the same data)."""
+    sft_dir = make_tiny_export(tmp_path / "sft")
+    comparisons = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
+    demonstrations = tmp_path / "demonstrations.jsonl"
+    demonstrations.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}: ", "response": "abcdef"[i % 6 :]}) + "\n" for i in range(16))
+    )
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fsdp2_script.py"), str(tmp_path), sft_dir, comparisons,
+         str(demonstrations)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = load_file(Path(sft_dir) / "model.safetensors")
+    for stage in ("sft", "rm", "dpo"):
+        ddp, fsdp2 = (load_file(tmp_path / f"{stage}_{name}" / "model.safetensors") for name in ("ddp", "fsdp2"))
+        assert ddp.keys() == fsdp2.keys()
+        for name, weight in ddp.items():
+            torch.testing.assert_close(fsdp2[name], weight, atol=1e-5, rtol=1e-4, msg=f"{stage}: {name}")
+        moved = "model.layers.0.mlp.up_proj.weight"
+        assert not torch.equal(ddp[moved], start[moved]), stage
+    offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{name}").reward_offset for name in ("ddp", "fsdp2")]
+    assert offsets[0] != 0 and offsets[1] == pytest.approx(offsets[0], abs=1e-5)

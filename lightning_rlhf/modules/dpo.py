@@ -37,7 +37,7 @@ from lightning_rlhf.models import (
     sequence_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.strategies import clip_gradients
+from lightning_rlhf.strategies import clip_gradients, fully_shard_models
 
 METRICS = (
     "rewards/chosen",
@@ -121,6 +121,7 @@ class DPOModule(L.LightningModule):
             self.model.gradient_checkpointing_enable()
         if not hp.precompute_ref_logprobs:
             self.ref_model = self._load_reference()
+        fully_shard_models(self, self.model, self.ref_model)
 
     def train(self, mode: bool = True) -> DPOModule:
         super().train(mode)

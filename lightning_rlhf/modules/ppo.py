@@ -63,7 +63,7 @@ from lightning_rlhf.models import (
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, decode_responses, generate
-from lightning_rlhf.strategies import fully_shard_model
+from lightning_rlhf.strategies import fully_shard_models
 
 
 def import_reward_fn(path: str) -> Callable[[str, str], float]:
@@ -212,13 +212,7 @@ class PPOModule(L.LightningModule):
                 disable_dropout(trained)
                 if hp.gradient_checkpointing:
                     trained.gradient_checkpointing_enable()
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
-            mesh = self.device_mesh["data_parallel"]
-            for model in (self.model, self.value_model, self.ref_model, self.reward_model):
-                if model is not None:
-                    fully_shard_model(model, mesh)
-            if self.value_head is not None:
-                fully_shard_model(self.value_head, mesh)
+        fully_shard_models(self, self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
 
     def _value_head_from(self, reward_head: nn.Linear | None) -> nn.Linear:
         """A value head on the policy's hidden states: the reward model's head when there is one of the same width,

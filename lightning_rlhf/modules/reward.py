@@ -24,7 +24,7 @@ from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_from_trainer, load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
-from lightning_rlhf.strategies import clip_gradients
+from lightning_rlhf.strategies import clip_gradients, fully_shard_models
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -89,6 +89,7 @@ class RewardModule(L.LightningModule):
             setattr(self.model.config, TOKEN_KEY, self.tokenizer.convert_tokens_to_ids(hp.reward_token))
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        fully_shard_models(self, self.model)
 
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss and statistics of a batch: rewards ``(n,)`` over flat responses, margins ``(p,)`` over pairs."""

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
 from lightning_rlhf.models import export_from_trainer, forward_logits, load_causal_lm, load_tokenizer, shifted_logprobs
 from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.strategies import clip_gradients
+from lightning_rlhf.strategies import clip_gradients, fully_shard_models
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -73,6 +73,7 @@ class SFTModule(L.LightningModule):
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config)
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        fully_shard_models(self, self.model)
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = forward_logits(self.model, batch["input_ids"], batch["attention_mask"])
