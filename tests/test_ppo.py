@@ -311,6 +311,19 @@ def test_ptx_needs_pretraining_text(exports, tmp_path):
         fit(module, data, 1, tmp_path)
 
 
+def test_a_bad_pretraining_record_names_its_file_line_and_field(exports, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"txt": "typo"}) + "\n")
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], val_fraction=0.0, pretrain_path=str(texts))
+    with pytest.raises(ValueError, match=r"texts\.jsonl line 2: field 'text'"):
+        data.setup("fit")
+    skipping = PromptDataModule(
+        tokenizer_name_or_path=exports[0], val_fraction=0.0, pretrain_path=str(texts), skip_invalid=True
+    )
+    skipping.setup("fit")
+    assert len(skipping.pretrain_examples) == 1
+
+
 def test_ptx_lowers_the_language_model_loss_on_pretraining_text(exports, tmp_path):
     """PPO-ptx: with γ > 0 the policy also fits the pretraining texts; their per-token loss falls."""
     texts = tmp_path / "texts.jsonl"
