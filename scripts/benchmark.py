@@ -1,6 +1,7 @@
 """Benchmarks: ours vs TRL on the identical model, data and batch shape, as ratios taken in one run.
 
     python scripts/benchmark.py sft --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
+    python scripts/benchmark.py rm --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
     python scripts/benchmark.py dpo --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
     python scripts/benchmark.py logprobs --batch-size 4 --seq-len 512 --vocab 32000
 
@@ -11,10 +12,11 @@ masked. It reports training tokens/s (real, non-pad tokens), model-FLOPs utilisa
 known (on CUDA the default is the H100 bf16 dense peak), and peak memory (CUDA allocator, or peak RSS on CPU).
 TRL is skipped, with a note, when it is not installed.
 
-``dpo`` trains the same initial weights (policy and a live frozen reference, β 0.1, sigmoid loss) on the same
-chosen/rejected pairs (the best and the worst response of each shipped toy comparison) with ``DPOModule`` and TRL's
-``DPOTrainer``. Its tokens/s counts the real tokens of prompt ⊕ chosen and prompt ⊕ rejected, from the pairs' mean
-length times the pairs trained on, so both sides are credited the same work per pair.
+``rm`` and ``dpo`` train the same initial weights on the same chosen/rejected pairs (the best and the worst response
+of each shipped toy comparison): ``RewardModule`` vs TRL's ``RewardTrainer`` (a fresh scalar head on the backbone),
+``DPOModule`` vs ``DPOTrainer`` (policy and a live frozen reference, β 0.1, sigmoid loss). Their tokens/s counts the
+real tokens of prompt ⊕ chosen and prompt ⊕ rejected, from the pairs' mean length times the pairs trained on, so
+both sides are credited the same work per pair.
 
 ``logprobs`` isolates the log-prob hot path: ``token_logprobs`` against the naive ``log_softmax(...).gather``
 and TRL's ``selective_log_softmax`` (median step time, and the memory needed beyond the inputs).
@@ -89,11 +91,10 @@ def result(args, name: str, tokens: int, seconds: float, n_params: int, cfg) -> 
     return out
 
 
-def run_ours(args, model_dir: str) -> dict:
+def fit_lightning(args, module, data) -> tuple[float, int]:
+    """Train ``module`` for warmup + steps batches; seconds of the timed steps and the real tokens they saw."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
-
-    from lightning_rlhf import DemonstrationDataModule, SFTModule
 
     class Timer(Callback):
         tokens, start, end = 0, 0.0, 0.0
@@ -112,37 +113,78 @@ def run_ours(args, model_dir: str) -> dict:
             self.end = time.perf_counter()
 
     timer = Timer()
-    module = SFTModule(
-        model_name_or_path=model_dir, dtype=args.dtype, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4)
-    )
-    data = DemonstrationDataModule(
-        train_path=toy_path("demonstrations"), tokenizer_name_or_path=model_dir, val_fraction=0,
-        batch_size=args.batch_size, max_length=args.max_length,
-    )  # fmt: skip
     L.Trainer(
         accelerator=args.device, devices=1, max_steps=args.warmup + args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
         default_root_dir=tempfile.mkdtemp(),
     ).fit(module, data)  # fmt: skip
-    n_params = sum(p.numel() for p in module.model.parameters())
-    return result(args, "lightning_rlhf", timer.tokens, timer.end - timer.start, n_params, module.model.config)
+    return timer.end - timer.start, timer.tokens
 
 
-def run_trl(args, model_dir: str) -> dict:
+def train_hf(args, trainer) -> float:
+    """Run a ``transformers`` / TRL trainer for warmup + steps optimiser steps; seconds of the timed steps."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        start = end = 0.0
+
+        def on_step_begin(self, targs, state, control, **kwargs):
+            if state.global_step == args.warmup:
+                sync(args.device)
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            sync(args.device)
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return timer.end - timer.start
+
+
+def trl_args(args) -> dict:
+    """The TrainingArguments every TRL run shares: same steps, batch, length and precision as ours, no extras."""
+    return {
+        "output_dir": tempfile.mkdtemp(), "per_device_train_batch_size": args.batch_size,
+        "max_length": args.max_length, "max_steps": args.warmup + args.steps, "save_strategy": "no",
+        "report_to": [], "logging_steps": 10_000, "use_cpu": args.device == "cpu", "seed": 0,
+        "dataloader_num_workers": 0, "bf16": False, "fp16": False,
+    }  # fmt: skip
+
+
+def trl_name() -> str:
+    return f"trl {__import__('trl').__version__}"
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_sft_ours(args, model_dir: str) -> dict:
+    from lightning_rlhf import DemonstrationDataModule, SFTModule
+
+    module = SFTModule(model_dir, dtype=args.dtype, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
+    data = DemonstrationDataModule(
+        train_path=toy_path("demonstrations"), tokenizer_name_or_path=model_dir, val_fraction=0,
+        batch_size=args.batch_size, max_length=args.max_length,
+    )  # fmt: skip
+    seconds, tokens = fit_lightning(args, module, data)
+    return result(args, "lightning_rlhf", tokens, seconds, n_params(module.model), module.model.config)
+
+
+def run_sft_trl(args, model_dir: str) -> dict:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     records = [json.loads(line) for line in Path(toy_path("demonstrations")).read_text().splitlines()]
     dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in records])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
-    config = SFTConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-        max_steps=args.warmup + args.steps, learning_rate=1e-4, completion_only_loss=True, packing=False,
-        save_strategy="no", report_to=[], logging_steps=10_000, use_cpu=args.device == "cpu", seed=0,
-        dataloader_num_workers=0, bf16=False, fp16=False,
-    )  # fmt: skip
+    config = SFTConfig(**trl_args(args), learning_rate=1e-4, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     counts: list[int] = []
     inner = trainer.data_collator
@@ -153,30 +195,12 @@ def run_trl(args, model_dir: str) -> dict:
         return batch
 
     trainer.data_collator = counting_collator
-
-    class Timer(TrainerCallback):
-        start = end = 0.0
-
-        def on_step_begin(self, targs, state, control, **kwargs):
-            if state.global_step == args.warmup:
-                sync(args.device)
-                if args.device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                self.start = time.perf_counter()
-
-        def on_step_end(self, targs, state, control, **kwargs):
-            sync(args.device)
-            self.end = time.perf_counter()
-
-    timer = Timer()
-    trainer.add_callback(timer)
-    trainer.train()
+    seconds = train_hf(args, trainer)
     tokens = sum(counts[args.warmup : args.warmup + args.steps])
-    n_params = sum(p.numel() for p in model.parameters())
-    return result(args, f"trl {__import__('trl').__version__}", tokens, timer.end - timer.start, n_params, model.config)
+    return result(args, trl_name(), tokens, seconds, n_params(model), model.config)
 
 
-def dpo_pairs(args) -> list[dict[str, str]]:
+def preference_pairs() -> list[dict[str, str]]:
     """Best vs worst response of each shipped toy comparison."""
     pairs = []
     for line in Path(toy_path("comparisons")).read_text().splitlines():
@@ -186,97 +210,89 @@ def dpo_pairs(args) -> list[dict[str, str]]:
     return pairs
 
 
-def tokens_per_pair(pairs: list[dict[str, str]], model_dir: str, max_length: int) -> float:
+def pair_tokens(args, model_dir: str) -> int:
+    """Real tokens of prompt ⊕ chosen and prompt ⊕ rejected in the timed steps, from the pairs' mean length: both
+    sides are credited the same work per pair, whatever order their loaders draw the pairs in."""
     from lightning_rlhf.data.records import Record
     from lightning_rlhf.data.tokenization import Tokenizer
     from lightning_rlhf.models import load_tokenizer
 
+    pairs = preference_pairs()
     records = [Record(str(i), {"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ranks": [0, 1]})
                for i, p in enumerate(pairs)]  # fmt: skip
-    examples = Tokenizer(load_tokenizer(model_dir), max_length).comparisons(records)
-    return sum(2 * len(ex["prompt_ids"]) + sum(map(len, ex["response_ids"])) for ex in examples) / len(examples)
+    examples = Tokenizer(load_tokenizer(model_dir), args.max_length).comparisons(records)
+    per_pair = sum(2 * len(ex["prompt_ids"]) + sum(map(len, ex["response_ids"])) for ex in examples) / len(examples)
+    return int(per_pair * args.batch_size * args.steps)
 
 
-def run_dpo_ours(args, model_dir: str) -> dict:
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
+def pairs_datamodule(args, model_dir: str):
+    from lightning_rlhf import ComparisonDataModule
 
-    from lightning_rlhf import ComparisonDataModule, DPOModule
-
-    class Timer(Callback):
-        start = end = 0.0
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == args.warmup:
-                sync(args.device)
-                if args.device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            sync(args.device)
-            self.end = time.perf_counter()
-
-    pairs = dpo_pairs(args)
     path = Path(tempfile.mkdtemp()) / "pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    timer = Timer()
-    module = DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5))
-    data = ComparisonDataModule(
+    path.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs()))
+    return ComparisonDataModule(
         train_path=str(path), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
         max_length=args.max_length,
     )  # fmt: skip
-    L.Trainer(
-        accelerator=args.device, devices=1, max_steps=args.warmup + args.steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-        default_root_dir=tempfile.mkdtemp(),
-    ).fit(module, data)  # fmt: skip
-    tokens = tokens_per_pair(pairs, model_dir, args.max_length) * args.batch_size * args.steps
-    n_params = sum(p.numel() for p in module.model.parameters())
-    return result(args, "lightning_rlhf", int(tokens), timer.end - timer.start, n_params, module.model.config)
+
+
+def run_dpo_ours(args, model_dir: str) -> dict:
+    from lightning_rlhf import DPOModule
+
+    module = DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5))
+    seconds, _ = fit_lightning(args, module, pairs_datamodule(args, model_dir))
+    return result(args, "lightning_rlhf", pair_tokens(args, model_dir), seconds, n_params(module.model),
+                  module.model.config)  # fmt: skip
 
 
 def run_dpo_trl(args, model_dir: str) -> dict:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    pairs = dpo_pairs(args)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
-    ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
-    config = DPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-        max_steps=args.warmup + args.steps, learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"], save_strategy="no",
-        report_to=[], logging_steps=10_000, use_cpu=args.device == "cpu", seed=0, dataloader_num_workers=0,
-        bf16=False, fp16=False,
-    )  # fmt: skip
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     trainer = DPOTrainer(
-        model=model, ref_model=ref_model, args=config, train_dataset=datasets.Dataset.from_list(pairs),
-        processing_class=tokenizer,
+        model=model, ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+        args=DPOConfig(**trl_args(args), learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"]),
+        train_dataset=datasets.Dataset.from_list(preference_pairs()),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
     )  # fmt: skip
+    seconds = train_hf(args, trainer)
+    return result(args, trl_name(), pair_tokens(args, model_dir), seconds, n_params(model), model.config)
 
-    class Timer(TrainerCallback):
-        start = end = 0.0
 
-        def on_step_begin(self, targs, state, control, **kwargs):
-            if state.global_step == args.warmup:
-                sync(args.device)
-                if args.device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                self.start = time.perf_counter()
+def run_rm_ours(args, model_dir: str) -> dict:
+    from lightning_rlhf import RewardModule
 
-        def on_step_end(self, targs, state, control, **kwargs):
-            sync(args.device)
-            self.end = time.perf_counter()
+    module = RewardModule(model_dir, dtype=args.dtype, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5))
+    seconds, _ = fit_lightning(args, module, pairs_datamodule(args, model_dir))
+    return result(args, "lightning_rlhf", pair_tokens(args, model_dir), seconds, n_params(module.model),
+                  module.model.config)  # fmt: skip
 
-    timer = Timer()
-    trainer.add_callback(timer)
-    trainer.train()
-    tokens = tokens_per_pair(pairs, model_dir, args.max_length) * args.batch_size * args.steps
-    n_params = sum(p.numel() for p in model.parameters())
-    return result(args, f"trl {__import__('trl').__version__}", int(tokens), timer.end - timer.start, n_params,
-                  model.config)  # fmt: skip
+
+def run_rm_trl(args, model_dir: str) -> dict:
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, dtype=getattr(torch, args.dtype)
+    )
+    trainer = RewardTrainer(
+        model=model, args=RewardConfig(**trl_args(args), learning_rate=1e-5),
+        train_dataset=datasets.Dataset.from_list(preference_pairs()),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )  # fmt: skip
+    seconds = train_hf(args, trainer)
+    return result(args, trl_name(), pair_tokens(args, model_dir), seconds, n_params(model), model.config)
+
+
+RUNNERS = {
+    "sft": (run_sft_ours, run_sft_trl),
+    "rm": (run_rm_ours, run_rm_trl),
+    "dpo": (run_dpo_ours, run_dpo_trl),
+}
 
 
 def logprob_impls() -> dict:
@@ -330,7 +346,7 @@ def print_table(rows: list[dict], key: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["sft", "dpo", "logprobs"])
+    parser.add_argument("stage", choices=[*RUNNERS, "logprobs"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=20)
@@ -351,8 +367,7 @@ def main() -> None:
         if args.stage == "logprobs":
             row = run_logprobs(args, args.only)
         else:
-            runners = {"sft": (run_ours, run_trl), "dpo": (run_dpo_ours, run_dpo_trl)}[args.stage]
-            row = runners[args.only != "ours"](args, args.model_dir)
+            row = RUNNERS[args.stage][args.only != "ours"](args, args.model_dir)
         print("RESULT " + json.dumps(row))
         return
     with tempfile.TemporaryDirectory() as tmp:
