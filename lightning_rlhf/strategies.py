@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
@@ -53,3 +56,23 @@ def fully_shard_models(module: L.LightningModule, *models: nn.Module | None) -> 
     for model in models:
         if model is not None:
             fully_shard_model(model, mesh)
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Keep an FSDP2 model's parameters gathered across the forwards inside (the decode steps of ``generate``)
+    instead of all-gathering every block at every step; reshard on exit. Does nothing to an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # FSDP2's own setting for the root
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_rlhf import PPOModule, PromptDataModule
+from lightning_rlhf import PPOModule, PromptDataModule, strategies
 
 
 def checksum(model) -> float:
@@ -27,6 +27,19 @@ class RecordingPPO(PPOModule):
         if batch_idx == 0:
             self.first_prompt = batch["input_ids"][0].float().sum()
         return super().training_step(batch, batch_idx)
+
+
+def sharding_around_generation(module: PPOModule) -> list[bool]:
+    """Whether a block's weight is a DTensor shard during two forwards inside ``strategies.gathered`` and after it."""
+    from torch.distributed.tensor import DTensor
+
+    weight = lambda: module.model.model.layers[0].mlp.up_proj.weight  # noqa: E731
+    ids = torch.tensor([[5, 6, 7]])
+    with strategies.gathered(module.model), torch.no_grad():
+        module.model(ids)
+        module.model(ids)
+        inside = isinstance(weight(), DTensor)
+    return [inside, isinstance(weight(), DTensor)]
 
 
 def fit(strategy, root: str, sft_dir: str, rm_dir: str, export: str, **kwargs) -> tuple[L.Trainer, RecordingPPO]:
@@ -64,6 +77,7 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
 
     _, sharded = fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2")
     report["fsdp2_kl_coefs"] = gathered(sharded.kl_coef)
+    report["sharded_inside_outside_gathered"] = sharding_around_generation(sharded)
     # The value function as a head on the policy, both ways.
     fit("ddp", root, sft_dir, rm_dir, "ddp_head", value_head=True)
     fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2_head", value_head=True)

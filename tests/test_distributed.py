@@ -103,6 +103,8 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
     # FSDP2 (ModelParallelStrategy) from the same start on the same prompts: each forward gathers the full weights,
     # so rollouts, β and the gathered export match DDP's up to the order of gradient reductions.
     assert report["fsdp2_kl_coefs"] == pytest.approx(report["kl_coefs"], rel=1e-6)
+    # Generation keeps the policy gathered across decode steps, and it is sharded again afterwards.
+    assert report["sharded_inside_outside_gathered"] == [False, True]
     # The same with the value function as a head on the policy (its gradient reaches the policy too).
     for ddp_dir, fsdp2_dir in (("ddp", "fsdp2"), ("ddp_head", "fsdp2_head")):
         ddp, fsdp2 = (AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in (ddp_dir, fsdp2_dir))

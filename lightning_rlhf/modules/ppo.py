@@ -63,7 +63,7 @@ from lightning_rlhf.models import (
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, decode_responses, generate
-from lightning_rlhf.strategies import fully_shard_models
+from lightning_rlhf.strategies import fully_shard_models, gathered
 
 
 def import_reward_fn(path: str) -> Callable[[str, str], float]:
@@ -281,12 +281,14 @@ class PPOModule(L.LightningModule):
     def make_experience(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """Sample one response per left-padded prompt of ``batch`` and score it (``score_rollout``)."""
         hp = self.hparams
-        # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished.
+        # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished; the
+        # policy stays gathered over the decode steps instead of all-gathering every block for every token.
         sharded = self.device_mesh is not None and self.device_mesh.size() > 1
-        rollout = generate(
-            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens,
-            hp.temperature, hp.top_k, hp.top_p, synced_gpus=sharded,
-        )  # fmt: skip
+        with gathered(self.model):
+            rollout = generate(
+                self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens,
+                hp.temperature, hp.top_k, hp.top_p, synced_gpus=sharded,
+            )  # fmt: skip
         return self.score_rollout(rollout)
 
     @torch.no_grad()
