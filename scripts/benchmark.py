@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py sft --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
     python scripts/benchmark.py rm --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
+    python scripts/benchmark.py ppo --steps 10 --batch-size 8 --max-new-tokens 64 --hidden-size 256 --layers 4
     python scripts/benchmark.py dpo --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
     python scripts/benchmark.py logprobs --batch-size 4 --seq-len 512 --vocab 32000
 
@@ -17,6 +18,10 @@ of each shipped toy comparison): ``RewardModule`` vs TRL's ``RewardTrainer`` (a 
 ``DPOModule`` vs ``DPOTrainer`` (policy and a live frozen reference, β 0.1, sigmoid loss). Their tokens/s counts the
 real tokens of prompt ⊕ chosen and prompt ⊕ rejected, from the pairs' mean length times the pairs trained on, so
 both sides are credited the same work per pair.
+
+``ppo`` times PPO iterations (one rollout batch, then 2 epochs × 2 minibatches of updates) and splits each into
+sampling, scoring (policy, reference, value and reward forwards) and updating; tokens/s counts the real tokens of
+the prompt ⊕ response sequences rolled out. TRL 1.x has no PPOTrainer, so there is no TRL row.
 
 ``logprobs`` isolates the log-prob hot path: ``token_logprobs`` against the naive ``log_softmax(...).gather``
 and TRL's ``selective_log_softmax`` (median step time, and the memory needed beyond the inputs).
@@ -91,8 +96,9 @@ def result(args, name: str, tokens: int, seconds: float, n_params: int, cfg) -> 
     return out
 
 
-def fit_lightning(args, module, data) -> tuple[float, int]:
-    """Train ``module`` for warmup + steps batches; seconds of the timed steps and the real tokens they saw."""
+def fit_lightning(args, module, data, steps_per_batch: int = 1) -> tuple[float, int]:
+    """Train ``module`` for warmup + steps batches; seconds of the timed steps and the real tokens they saw.
+    ``steps_per_batch``: optimiser steps per batch (manual optimisation takes several)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -114,7 +120,7 @@ def fit_lightning(args, module, data) -> tuple[float, int]:
 
     timer = Timer()
     L.Trainer(
-        accelerator=args.device, devices=1, max_steps=args.warmup + args.steps, logger=False,
+        accelerator=args.device, devices=1, max_steps=(args.warmup + args.steps) * steps_per_batch, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
         default_root_dir=tempfile.mkdtemp(),
     ).fit(module, data)  # fmt: skip
@@ -288,10 +294,63 @@ def run_rm_trl(args, model_dir: str) -> dict:
     return result(args, trl_name(), pair_tokens(args, model_dir), seconds, n_params(model), model.config)
 
 
+def run_ppo_ours(args, model_dir: str) -> dict:
+    """PPO iterations on toy prompts: the policy and reference from the initial model, a reward (and value) model
+    made from it; every response runs to ``--max-new-tokens`` (an untrained model rarely stops)."""
+    from lightning_rlhf import PPOModule, PromptDataModule
+    from lightning_rlhf.models import export_pretrained, load_tokenizer
+    from lightning_rlhf.reward_model import load_reward_model
+
+    tokenizer = load_tokenizer(model_dir)
+    rm_dir = str(export_pretrained(load_reward_model(model_dir, tokenizer), tokenizer, Path(tempfile.mkdtemp()) / "rm"))
+
+    class Timed(PPOModule):
+        """Records, per rollout, the seconds spent sampling and scoring and the real tokens of its sequences."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rollout_stats: list[tuple[float, float, int]] = []
+            self.scoring = 0.0
+
+        def make_experience(self, batch):
+            sync(args.device)
+            start = time.perf_counter()
+            experience = super().make_experience(batch)
+            total = time.perf_counter() - start
+            self.rollout_stats.append((total - self.scoring, self.scoring, int(experience["attention_mask"].sum())))
+            return experience
+
+        def score_rollout(self, rollout):
+            sync(args.device)
+            start = time.perf_counter()
+            experience = super().score_rollout(rollout)
+            sync(args.device)
+            self.scoring = time.perf_counter() - start
+            return experience
+
+    module = Timed(
+        model_dir, rm_dir, dtype=args.dtype, max_new_tokens=args.max_new_tokens, ppo_epochs=2, num_mini_batches=2,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
+    )  # fmt: skip
+    data = PromptDataModule(
+        train_path=toy_path("prompts"), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
+        max_length=args.max_length,
+    )  # fmt: skip
+    seconds, _ = fit_lightning(args, module, data, steps_per_batch=4)
+    timed = module.rollout_stats[args.warmup : args.warmup + args.steps]
+    sampling, scoring, tokens = (sum(column) for column in zip(*timed, strict=True))
+    return {
+        "impl": "lightning_rlhf", "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
+        "sampling_share": sampling / seconds, "scoring_share": scoring / seconds,
+        "update_share": 1 - (sampling + scoring) / seconds, "peak_mem_mib": peak_memory_mib(args.device),
+    }  # fmt: skip
+
+
 RUNNERS = {
     "sft": (run_sft_ours, run_sft_trl),
     "rm": (run_rm_ours, run_rm_trl),
     "dpo": (run_dpo_ours, run_dpo_trl),
+    "ppo": (run_ppo_ours, None),  # TRL 1.x no longer has a PPOTrainer to compare with
 }
 
 
@@ -353,6 +412,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="ppo: tokens sampled per response")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -376,6 +436,9 @@ def main() -> None:
         for impl in impls:
             if impl == "trl" and importlib.util.find_spec("trl") is None:
                 print("trl not installed: no TRL comparison (pip install trl)", file=sys.stderr)
+                continue
+            if impl == "trl" and RUNNERS.get(args.stage, (None, True))[1] is None:
+                print(f"no TRL comparison for {args.stage}: TRL 1.x has no PPOTrainer", file=sys.stderr)
                 continue
             child = subprocess.run(
                 [sys.executable, __file__, *sys.argv[1:], "--only", impl, "--model-dir", model_dir],
