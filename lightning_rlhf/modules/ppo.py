@@ -331,18 +331,21 @@ class PPOModule(L.LightningModule):
         scores = [float(self.reward_fn(p, r)) for p, r in zip(prompts, responses, strict=True)]
         return torch.tensor(scores, dtype=torch.float32, device=rollout.sequences.device)
 
-    def _log_rollout(self, prefix: str, experience: dict[str, Any]) -> None:
-        kl, scores = experience["kl"], experience["scores"]
-        size = len(scores)
-        self.log(f"{prefix}/objective/scores", scores.mean(), batch_size=size, prog_bar=True)
-        self.log(f"{prefix}/objective/kl", kl.mean(), batch_size=size)
-        self.log(f"{prefix}/objective/non_score_reward", -self.kl_coef * kl.mean(), batch_size=size)
-        self.log(f"{prefix}/objective/rlhf_reward", (scores - self.kl_coef * kl).mean(), batch_size=size)
-        # -log π of sampled tokens: a Monte Carlo estimate of the (tempered) policy's entropy per token.
-        entropy = -masked_mean(experience["logprobs"], experience["mask"])
-        self.log(f"{prefix}/objective/entropy", entropy, batch_size=size)
-        self.log(f"{prefix}/response_length", experience["mask"].sum(-1).float().mean(), batch_size=size)
-        self.log(f"{prefix}/eos_fraction", experience["ended"].float().mean(), batch_size=size)
+    def _log_rollout(self, experience: dict[str, Any]) -> None:
+        """Rollout statistics, averaged over every rank's sequences."""
+        kl, scores, mask = experience["kl"], experience["scores"], experience["mask"]
+        stats = {
+            "objective/scores": scores.mean(),
+            "objective/kl": kl.mean(),
+            "objective/non_score_reward": -self.kl_coef * kl.mean(),
+            "objective/rlhf_reward": (scores - self.kl_coef * kl).mean(),
+            # -log π of sampled tokens: a Monte Carlo estimate of the (tempered) policy's entropy per token.
+            "objective/entropy": -masked_mean(experience["logprobs"], mask),
+            "response_length": mask.sum(-1).float().mean(),
+            "eos_fraction": experience["ended"].float().mean(),
+        }
+        for name, value in stats.items():
+            self.log(f"train/{name}", value, sync_dist=True, prog_bar=name == "objective/scores")
 
     # -- PPO --------------------------------------------------------------------------------------------
     def ptx_loss(self, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
@@ -359,7 +362,7 @@ class PPOModule(L.LightningModule):
             experience = self.make_experience(batch)
             order = [torch.randperm(len(experience["scores"])) for _ in range(hp.ppo_epochs)]
         self.rollouts += 1
-        self._log_rollout("train", experience)
+        self._log_rollout(experience)
         self.log("train/kl_coef", self.kl_coef)
 
         optimizer = self.optimizers()
@@ -394,7 +397,7 @@ class PPOModule(L.LightningModule):
                 stats["policy/approxkl"].append(policy_stats["approx_kl"])
                 stats["value/clipfrac"].append(value_stats["clipfrac"])
         for name, values in stats.items():
-            self.log(f"train/{name}", torch.stack(values).mean())
+            self.log(f"train/{name}", torch.stack(values).mean(), sync_dist=True)
 
         if hp.target_kl is not None:
             kl = self.trainer.strategy.reduce(experience["kl"].mean(), reduce_op="mean")  # every rank: the same β
