@@ -1,7 +1,9 @@
-"""Sampling responses from a policy: what PPO rolls out, what the `sample` step writes for people to rank.
+"""Sampling responses from a policy, and the experience PPO learns from them.
 
 Generation is ``transformers``' KV-cached ``generate`` on left-padded prompts (``PromptCollator``); a response
-counts up to and including its first EOS, and everything after it is masked.
+counts up to and including its first EOS, and everything after it is masked. ``build_experience`` turns a
+rollout's log-probs, values and scores into what the PPO updates need (InstructGPT's per-token reward, GAE).
+The ``sample`` step uses the generation part to write responses for people to rank.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_rlhf.losses import gae, kl_penalty, masked_whiten, ppo_rewards
 
 
 class Rollout(NamedTuple):
@@ -82,3 +86,58 @@ def generate(
 def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
     """Response texts without special tokens."""
     return tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
+
+
+class Experience(NamedTuple):
+    """What one PPO rollout hands to its updates.
+
+    Attributes:
+        rollout: the sampled sequences and their masks.
+        logprobs: ``(b, r)`` log-probs of the response tokens under the policy that sampled them.
+        values: ``(b, r)`` value of the state before each response token.
+        advantages: ``(b, r)`` GAE advantages (whitened if asked).
+        returns: ``(b, r)`` value targets, ``advantages + values`` before whitening.
+        scores: ``(b,)`` reward of each whole response (after any missing-EOS penalty).
+        kl: ``(b,)`` per-token KL estimate to the reference, summed over the response.
+        ended: ``(b,)`` responses that ended with EOS.
+    """
+
+    rollout: Rollout
+    logprobs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    scores: Tensor
+    kl: Tensor
+    ended: Tensor
+
+    @property
+    def mask(self) -> Tensor:
+        return self.rollout.response_mask
+
+
+def build_experience(
+    rollout: Rollout,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    values: Tensor,
+    scores: Tensor,
+    eos_token_id: int,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+    missing_eos_penalty: float | None = None,
+) -> Experience:
+    """The InstructGPT reward per token, ``-β · KL_t`` plus the score on the last one (``losses.ppo_rewards``),
+    then GAE advantages and returns (``losses.gae``); all ``(b, r)`` tensors are over the rollout's responses."""
+    mask = rollout.response_mask
+    ended = ((rollout.responses == eos_token_id) & mask).any(-1)
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~ended).float()
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+    advantages, returns = gae(ppo_rewards(scores, kl, mask, kl_coef), values, mask, gamma, lam)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return Experience(rollout, logprobs, values, advantages, returns, scores, (kl * mask).sum(-1), ended)

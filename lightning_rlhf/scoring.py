@@ -6,13 +6,17 @@ Reads ``{"prompt", "response"}`` records (any source ``read_records`` reads; ``-
 each prompt ⊕ response ⊕ EOS with ``reward_model.sequence_rewards`` (the stored ``reward_offset`` subtracted
 unless ``--raw``) and writes the records with a ``reward`` field as JSON Lines, atomically: a temporary file in
 the output's directory, renamed over the output when complete.
+
+``import_reward_fn`` resolves PPO's ``reward_fn``: a function ``(prompt, response) -> float`` used instead of a
+reward model.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -92,3 +96,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.skip_invalid, args.device, args.dtype,
     )  # fmt: skip
     print(f"wrote {path}")
+
+
+def import_reward_fn(path: str) -> Callable[[str, str], float]:
+    """The function at import path ``package.module.function``, with an error that says what is wrong."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward_fn={path!r}: cannot import it ({err})") from None
+    if not callable(function):
+        raise ValueError(f"reward_fn={path!r} must name a function (prompt, response) -> float, as package.module.fn")
+    return function

@@ -317,7 +317,9 @@ def run_ppo_ours(args, model_dir: str) -> dict:
             start = time.perf_counter()
             experience = super().make_experience(batch)
             total = time.perf_counter() - start
-            self.rollout_stats.append((total - self.scoring, self.scoring, int(experience["attention_mask"].sum())))
+            self.rollout_stats.append(
+                (total - self.scoring, self.scoring, int(experience.rollout.attention_mask.sum()))
+            )
             return experience
 
         def score_rollout(self, rollout):

@@ -85,7 +85,7 @@ def test_experience_lines_up_with_unpadded_forwards_token_for_token(exports, val
         columns = torch.arange(len(prompt) - 1, len(full[0]) - 1)  # the column before each response token
         expected = torch.log_softmax(logits[columns], -1)[torch.arange(len(response)), torch.tensor(response)]
         n = len(response)
-        torch.testing.assert_close(experience["logprobs"][row, :n], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(experience.logprobs[row, :n], expected, atol=1e-5, rtol=1e-5)
         if value_head:  # the head on the policy's last hidden state, which starts as the reward model's head
             torch.testing.assert_close(module.value_head.weight, module.reward_model.score.weight)
             assert module.value_head.bias.item() == 0
@@ -93,13 +93,13 @@ def test_experience_lines_up_with_unpadded_forwards_token_for_token(exports, val
             values = module.value_head(hidden[columns]).squeeze(-1)
         else:
             values = token_values(module.value_model, full, ones)[0, columns]
-        torch.testing.assert_close(experience["values"][row, :n], values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(experience.values[row, :n], values, atol=1e-5, rtol=1e-5)
         score = sequence_rewards(module.reward_model, full, ones)[0]
-        torch.testing.assert_close(experience["scores"][row], score, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(experience["returns"][row, :n], score.expand(n), atol=1e-5, rtol=1e-5)
-        assert torch.all(experience["returns"][row, n:] == 0)
-    assert experience["ended"].tolist() == [True, False]
-    assert torch.all(experience["kl"] == 0)
+        torch.testing.assert_close(experience.scores[row], score, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(experience.returns[row, :n], score.expand(n), atol=1e-5, rtol=1e-5)
+        assert torch.all(experience.returns[row, n:] == 0)
+    assert experience.ended.tolist() == [True, False]
+    assert torch.all(experience.kl == 0)
 
 
 def test_missing_eos_penalty_lowers_only_the_unfinished_response(exports):
@@ -110,7 +110,7 @@ def test_missing_eos_penalty_lowers_only_the_unfinished_response(exports):
         torch.tensor([[40, 60, eos, pad], [40, 70, 71, 72]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
         torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool), 1,
     )  # fmt: skip
-    difference = plain.score_rollout(rollout)["scores"] - module.score_rollout(rollout)["scores"]
+    difference = plain.score_rollout(rollout).scores - module.score_rollout(rollout).scores
     torch.testing.assert_close(difference, torch.tensor([0.0, 1.5]))
 
 
@@ -134,7 +134,7 @@ def test_dropout_is_off_so_the_first_update_starts_at_ratio_one(exports, tmp_pat
 def mean_score(module: PPOModule, batch: dict[str, torch.Tensor]) -> float:
     torch.manual_seed(123)
     with torch.no_grad():
-        return module.make_experience(batch)["scores"].mean().item()
+        return module.make_experience(batch).scores.mean().item()
 
 
 @pytest.mark.slow
@@ -246,9 +246,9 @@ def test_value_head_on_the_policy_learns_the_returns(exports, tmp_path):
 
     def value_error() -> float:
         with torch.no_grad():
-            _, values = module.policy_outputs(held_out["sequences"], held_out["attention_mask"],
-                                              held_out["rollout"].prompt_length)  # fmt: skip
-        return masked_mean((values - held_out["returns"]) ** 2, held_out["mask"]).item()
+            _, values = module.policy_outputs(held_out.rollout.sequences, held_out.rollout.attention_mask,
+                                              held_out.rollout.prompt_length)  # fmt: skip
+        return masked_mean((values - held_out.returns) ** 2, held_out.mask).item()
 
     before = value_error()
     data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=8, max_length=32, val_fraction=0.0)
@@ -278,7 +278,7 @@ def test_reward_fn_scores_the_decoded_prompt_and_response(exports):
     attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     experience = module.score_rollout(Rollout(sequences, attention_mask, mask, 4))
-    torch.testing.assert_close(experience["scores"], torch.tensor([202.0, 401.0]))
+    torch.testing.assert_close(experience.scores, torch.tensor([202.0, 401.0]))
 
 
 def test_exactly_one_reward_source_and_an_importable_reward_fn(exports):

@@ -24,9 +24,7 @@ in policy and value model, so repeated forwards agree and the first minibatch's 
 
 from __future__ import annotations
 
-import importlib
 from collections import defaultdict
-from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -42,12 +40,8 @@ from transformers import PreTrainedModel
 from lightning_rlhf.losses import (
     KL_ESTIMATORS,
     adaptive_kl_coef,
-    gae,
-    kl_penalty,
     masked_mean,
-    masked_whiten,
     ppo_policy_loss,
-    ppo_rewards,
     ppo_value_loss,
     token_logprobs,
 )
@@ -62,21 +56,9 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
-from lightning_rlhf.rollout import Rollout, decode_responses, generate
+from lightning_rlhf.rollout import Experience, Rollout, build_experience, decode_responses, generate
+from lightning_rlhf.scoring import import_reward_fn
 from lightning_rlhf.strategies import fully_shard_models, gathered
-
-
-def import_reward_fn(path: str) -> Callable[[str, str], float]:
-    """The function at import path ``package.module.function``, with an error that says what is wrong."""
-    module_name, _, name = path.rpartition(".")
-    try:
-        function = getattr(importlib.import_module(module_name), name) if module_name else None
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward_fn={path!r}: cannot import it ({err})") from None
-    if not callable(function):
-        raise ValueError(f"reward_fn={path!r} must name a function (prompt, response) -> float, as package.module.fn")
-    return function
-
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
@@ -278,7 +260,7 @@ class PPOModule(L.LightningModule):
         return logprobs, values
 
     @torch.no_grad()
-    def make_experience(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+    def make_experience(self, batch: dict[str, Tensor]) -> Experience:
         """Sample one response per left-padded prompt of ``batch`` and score it (``score_rollout``)."""
         hp = self.hparams
         # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished; the
@@ -292,35 +274,16 @@ class PPOModule(L.LightningModule):
         return self.score_rollout(rollout)
 
     @torch.no_grad()
-    def score_rollout(self, rollout: Rollout) -> dict[str, Any]:
-        """Everything the PPO epochs need about sampled responses: ``(b, r)`` per response token (log-probs,
-        values, advantages, returns, mask) and ``(b,)`` per sequence (scores, summed KL, ended with EOS)."""
+    def score_rollout(self, rollout: Rollout) -> Experience:
+        """Policy and reference log-probs, values and scores of sampled responses, made into PPO experience."""
         hp = self.hparams
-        sequences, attention_mask, mask, start = rollout
+        sequences, attention_mask, _, start = rollout
         logprobs, values = self.policy_outputs(sequences, attention_mask, start)
         ref_logprobs = self.response_logprobs(self.ref_model, sequences, attention_mask, start)
-        scores = self.score(rollout)
-        ended = ((rollout.responses == self.tokenizer.eos_token_id) & mask).any(-1)
-        if hp.missing_eos_penalty is not None:
-            scores = scores - hp.missing_eos_penalty * (~ended).float()
-        kl = kl_penalty(logprobs, ref_logprobs, hp.kl_estimator)
-        rewards = ppo_rewards(scores, kl, mask, self.kl_coef)
-        advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
-        if hp.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        return {
-            "rollout": rollout,
-            "sequences": sequences,
-            "attention_mask": attention_mask,
-            "mask": mask,
-            "logprobs": logprobs,
-            "values": values,
-            "advantages": advantages,
-            "returns": returns,
-            "scores": scores,
-            "kl": (kl * mask).sum(-1),  # (b,) per sequence
-            "ended": ended,
-        }
+        return build_experience(
+            rollout, logprobs, ref_logprobs, values, self.score(rollout), self.tokenizer.eos_token_id, self.kl_coef,
+            hp.kl_estimator, hp.gamma, hp.lam, hp.whiten_advantages, hp.missing_eos_penalty,
+        )  # fmt: skip
 
     def score(self, rollout: Rollout) -> Tensor:
         """``(b,)`` float32 score of each prompt ⊕ response: the reward model's, or ``reward_fn``'s on the texts."""
@@ -331,18 +294,18 @@ class PPOModule(L.LightningModule):
         scores = [float(self.reward_fn(p, r)) for p, r in zip(prompts, responses, strict=True)]
         return torch.tensor(scores, dtype=torch.float32, device=rollout.sequences.device)
 
-    def _log_rollout(self, experience: dict[str, Any]) -> None:
+    def _log_rollout(self, experience: Experience) -> None:
         """Rollout statistics, averaged over every rank's sequences."""
-        kl, scores, mask = experience["kl"], experience["scores"], experience["mask"]
+        kl, scores, mask = experience.kl, experience.scores, experience.mask
         stats = {
             "objective/scores": scores.mean(),
             "objective/kl": kl.mean(),
             "objective/non_score_reward": -self.kl_coef * kl.mean(),
             "objective/rlhf_reward": (scores - self.kl_coef * kl).mean(),
             # -log π of sampled tokens: a Monte Carlo estimate of the (tempered) policy's entropy per token.
-            "objective/entropy": -masked_mean(experience["logprobs"], mask),
+            "objective/entropy": -masked_mean(experience.logprobs, mask),
             "response_length": mask.sum(-1).float().mean(),
-            "eos_fraction": experience["ended"].float().mean(),
+            "eos_fraction": experience.ended.float().mean(),
         }
         for name, value in stats.items():
             self.log(f"train/{name}", value, sync_dist=True, prog_bar=name == "objective/scores")
@@ -360,24 +323,26 @@ class PPOModule(L.LightningModule):
             raise ValueError("ptx_coef > 0 needs pretraining text: set the PromptDataModule's pretrain_path")
         with self.seeded(TRAIN_STREAM, self.rollouts):
             experience = self.make_experience(batch)
-            order = [torch.randperm(len(experience["scores"])) for _ in range(hp.ppo_epochs)]
+            order = [torch.randperm(len(experience.scores)) for _ in range(hp.ppo_epochs)]
         self.rollouts += 1
         self._log_rollout(experience)
         self.log("train/kl_coef", self.kl_coef)
 
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        start, size = experience["rollout"].prompt_length, len(experience["scores"])
+        rollout, size = experience.rollout, len(experience.scores)
         stats: dict[str, list[Tensor]] = defaultdict(list)
         for permutation in order:
             for rows in permutation.to(self.device).chunk(min(hp.num_mini_batches, size)):
-                sequences, attention_mask, mask = (experience[k][rows] for k in ("sequences", "attention_mask", "mask"))
-                logprobs, values = self.policy_outputs(sequences, attention_mask, start)
+                mask = experience.mask[rows]
+                logprobs, values = self.policy_outputs(
+                    rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
+                )
                 policy_loss, policy_stats = ppo_policy_loss(
-                    logprobs, experience["logprobs"][rows], experience["advantages"][rows], mask, hp.clip_range
+                    logprobs, experience.logprobs[rows], experience.advantages[rows], mask, hp.clip_range
                 )
                 value_loss, value_stats = ppo_value_loss(
-                    values, experience["values"][rows], experience["returns"][rows], mask, hp.clip_range_value
+                    values, experience.values[rows], experience.returns[rows], mask, hp.clip_range_value
                 )
                 loss = policy_loss + hp.vf_coef * value_loss
                 if hp.ptx_coef:
@@ -400,7 +365,7 @@ class PPOModule(L.LightningModule):
             self.log(f"train/{name}", torch.stack(values).mean(), sync_dist=True)
 
         if hp.target_kl is not None:
-            kl = self.trainer.strategy.reduce(experience["kl"].mean(), reduce_op="mean")  # every rank: the same β
+            kl = self.trainer.strategy.reduce(experience.kl.mean(), reduce_op="mean")  # every rank: the same β
             self.kl_coef = adaptive_kl_coef(
                 self.kl_coef, float(kl), hp.target_kl, size * self.trainer.world_size, hp.kl_horizon
             )
@@ -414,12 +379,12 @@ class PPOModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with self.seeded(VAL_STREAM, batch_idx):
             experience = self.make_experience(batch)
-        kl, scores = experience["kl"], experience["scores"]
+        kl, scores = experience.kl, experience.scores
         values = {
             "objective/scores": scores,
             "objective/kl": kl,
             "objective/rlhf_reward": scores - self.kl_coef * kl,
-            "response_length": experience["mask"].sum(-1).float(),
+            "response_length": experience.mask.sum(-1).float(),
         }
         for name, metric in self.val_metrics.items():
             metric.update(values[name])
@@ -427,14 +392,14 @@ class PPOModule(L.LightningModule):
         if batch_idx == 0 and self.hparams.log_samples:
             self._log_samples(batch, experience)
 
-    def _log_samples(self, batch: dict[str, Tensor], experience: dict[str, Any]) -> None:
+    def _log_samples(self, batch: dict[str, Tensor], experience: Experience) -> None:
         if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
             return
         n = self.hparams.log_samples
         prompts = self.tokenizer.batch_decode(batch["input_ids"][:n], skip_special_tokens=True)
-        responses = decode_responses(self.tokenizer, experience["rollout"])[:n]
+        responses = decode_responses(self.tokenizer, experience.rollout)[:n]
         rows = ["| prompt | response | score |", "|---|---|---|"]
-        for prompt, response, score in zip(prompts, responses, experience["scores"][:n].tolist(), strict=True):
+        for prompt, response, score in zip(prompts, responses, experience.scores[:n].tolist(), strict=True):
             rows.append(f"| {prompt!r} | {response!r} | {score:.3f} |")
         self.logger.experiment.add_text("val/samples", "\n".join(rows), self.global_step)
 
