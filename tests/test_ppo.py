@@ -131,6 +131,19 @@ def test_dropout_is_off_so_the_first_update_starts_at_ratio_one(exports, tmp_pat
     assert trainer.logged_metrics["train/policy/clipfrac"] == 0
 
 
+def test_a_step_changes_every_policy_and_value_parameter_and_no_frozen_one(exports, tmp_path):
+    module = ppo(exports, max_new_tokens=6, ppo_epochs=1, num_mini_batches=1)
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    frozen = [n for n in before if n.startswith(("ref_model.", "reward_model."))]
+    trained = [n for n in before if n.startswith(("model.", "value_model."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(before)
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=8, max_length=32, val_fraction=0.0)
+    fit(module, data, 1, tmp_path)
+    after = dict(module.named_parameters())
+    assert [n for n in trained if torch.equal(after[n], before[n])] == []
+    assert [n for n in frozen if not torch.equal(after[n], before[n])] == []
+
+
 def mean_score(module: PPOModule, batch: dict[str, torch.Tensor]) -> float:
     torch.manual_seed(123)
     with torch.no_grad():
