@@ -114,6 +114,13 @@ def test_missing_eos_penalty_lowers_only_the_unfinished_response(exports):
     torch.testing.assert_close(difference, torch.tensor([0.0, 1.5]))
 
 
+def test_prompt_plus_response_longer_than_the_model_allows_is_a_clear_error(exports):
+    """The tiny model has 128 positions: a 20-token prompt with 120 new tokens cannot fit."""
+    module = ppo(exports, max_new_tokens=120)
+    with pytest.raises(ValueError, match="max_position_embeddings=128"):
+        module.make_experience(prompts_batch(["x" * 20]))
+
+
 def test_dropout_is_off_so_the_first_update_starts_at_ratio_one(exports, tmp_path):
     """The export has attention dropout 0.5: with it on, two forwards of the same tokens would differ and the first
     minibatch's ratio π/π_old would not be 1. One rollout, one epoch, one minibatch: approx-KL and clip fraction 0."""
@@ -401,7 +408,8 @@ def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exp
                  "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "response_length"):  # fmt: skip
         assert f"train/{name}" in tags["scalars"], tags["scalars"]
     assert "val/objective/scores" in tags["scalars"]
-    assert any(tag.startswith("val/samples") for tag in tags["tensors"]), tags
+    for tag in ("train/samples", "val/samples"):
+        assert any(name.startswith(tag) for name in tags["tensors"]), tags
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     start = AutoModelForCausalLM.from_pretrained(sft)
     assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)

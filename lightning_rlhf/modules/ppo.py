@@ -137,7 +137,8 @@ class PPOModule(L.LightningModule):
             value_head: the value function is a linear head on the policy's last hidden state (one model fewer in
                 memory, one forward fewer per step; initialised from the reward model's head), instead of a separate
                 network initialised from the whole reward model.
-            log_samples: prompts, responses and scores of the first validation batch logged as TensorBoard text.
+            log_samples: how many prompts, responses and scores of the first rollout of each epoch and of the first
+                validation batch are logged as TensorBoard text (``train/samples``, ``val/samples``); 0 for none.
             seed: rollout ``i`` on rank ``k`` samples (and shuffles its minibatches) from a generator seeded by
                 ``(seed, i, k)``, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew,
                 and every validation draws the same samples for the same prompts.
@@ -263,6 +264,13 @@ class PPOModule(L.LightningModule):
     def make_experience(self, batch: dict[str, Tensor]) -> Experience:
         """Sample one response per left-padded prompt of ``batch`` and score it (``score_rollout``)."""
         hp = self.hparams
+        longest = batch["input_ids"].shape[1] + hp.max_new_tokens
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"prompts of {batch['input_ids'].shape[1]} tokens + max_new_tokens={hp.max_new_tokens} exceed the "
+                f"model's max_position_embeddings={limit}: lower data max_length or model max_new_tokens"
+            )
         # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished; the
         # policy stays gathered over the decode steps instead of all-gathering every block for every token.
         sharded = self.device_mesh is not None and self.device_mesh.size() > 1
@@ -326,6 +334,8 @@ class PPOModule(L.LightningModule):
             order = [torch.randperm(len(experience.scores)) for _ in range(hp.ppo_epochs)]
         self.rollouts += 1
         self._log_rollout(experience)
+        if batch_idx == 0:  # the first rollout of every epoch
+            self._log_samples("train/samples", batch, experience)
         self.log("train/kl_coef", self.kl_coef)
 
         optimizer = self.optimizers()
@@ -389,11 +399,14 @@ class PPOModule(L.LightningModule):
         for name, metric in self.val_metrics.items():
             metric.update(values[name])
             self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "objective/scores")
-        if batch_idx == 0 and self.hparams.log_samples:
-            self._log_samples(batch, experience)
+        if batch_idx == 0:
+            self._log_samples("val/samples", batch, experience)
 
-    def _log_samples(self, batch: dict[str, Tensor], experience: Experience) -> None:
-        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+    def _log_samples(self, tag: str, batch: dict[str, Tensor], experience: Experience) -> None:
+        """The first ``log_samples`` prompts, responses and scores as a TensorBoard text table (global rank 0)."""
+        if not self.hparams.log_samples or not isinstance(self.logger, TensorBoardLogger):
+            return
+        if not self.trainer.is_global_zero:
             return
         n = self.hparams.log_samples
         prompts = self.tokenizer.batch_decode(batch["input_ids"][:n], skip_special_tokens=True)
@@ -401,7 +414,7 @@ class PPOModule(L.LightningModule):
         rows = ["| prompt | response | score |", "|---|---|---|"]
         for prompt, response, score in zip(prompts, responses, experience.scores[:n].tolist(), strict=True):
             rows.append(f"| {prompt!r} | {response!r} | {score:.3f} |")
-        self.logger.experiment.add_text("val/samples", "\n".join(rows), self.global_step)
+        self.logger.experiment.add_text(tag, "\n".join(rows), self.global_step)
 
     # -- optimisation and export ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
