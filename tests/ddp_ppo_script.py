@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_rlhf import PPOModule, PromptDataModule, strategies
+from tests.helpers import end_distributed
 
 
 def checksum(model) -> float:
@@ -84,9 +85,7 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
     if trainer.is_global_zero:
         with open(out_path, "w") as out:
             json.dump(report, out)
-    # Tear the group down before interpreter exit: left to exit handlers, gloo's threads can abort the process.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
+from tests.helpers import end_distributed
 
 
 def checksum(model) -> float:
@@ -57,6 +58,7 @@ def main(out_path: str, root: str, sft_dir: str, train: str, val: str) -> None:
     if trainer.is_global_zero:
         with open(out_path, "w") as out:
             json.dump(report, out)
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_rlhf import DemonstrationDataModule, SFTModule
-from tests.helpers import TINY_CONFIG
+from tests.helpers import TINY_CONFIG, end_distributed
 
 
 class Probe(Callback):
@@ -54,6 +54,7 @@ def main(out_path: str, root: str) -> None:
     if trainer.is_global_zero:
         with open(out_path, "w") as out:
             json.dump({**gathered, "world_size": trainer.world_size, "tokens_seen": int(module.tokens_seen)}, out)
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, DPOModule, RewardModule, SFTModule
+from tests.helpers import end_distributed
 
 
 def main(root: str, sft_dir: str, comparisons: str, demonstrations: str) -> None:
@@ -49,8 +50,7 @@ def main(root: str, sft_dir: str, comparisons: str, demonstrations: str) -> None
                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                 default_root_dir=root, limit_val_batches=0,
             ).fit(module, data)  # fmt: skip
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -23,3 +23,10 @@ def make_tiny_export(directory, seed: int = 0) -> str:
     tokenizer = load_tokenizer(None)
     model = load_causal_lm(None, tokenizer, "float32", TINY_CONFIG)
     return str(export_pretrained(model, tokenizer, directory))
+
+
+def end_distributed() -> None:
+    """End a multi-process test script cleanly: left to interpreter exit, gloo's threads can abort the process
+    ("terminate called without an active exception"), seen now and then in CI."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
