@@ -95,6 +95,7 @@ class PromptCollator:
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
+        self.texts = DemonstrationCollator(pad_token_id)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         input_ids = [ex["input_ids"] for ex in examples]
@@ -103,6 +104,6 @@ class PromptCollator:
             "attention_mask": _attention_mask(input_ids, left=True),
         }
         if "ptx" in examples[0]:
-            texts = DemonstrationCollator(self.pad_token_id)([ex["ptx"] for ex in examples])
+            texts = self.texts([ex["ptx"] for ex in examples])
             batch.update({f"ptx_{name}": value for name, value in texts.items()})
         return batch

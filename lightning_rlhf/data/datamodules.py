@@ -99,9 +99,10 @@ class RecordDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------------
-    def _read(self, path: str, split: str) -> list[Record]:
+    def _read(self, path: str, split: str, kind: str | None = None) -> list[Record]:
+        """Records of ``kind`` (the DataModule's own by default), their count and skips reported."""
         hp = self.hparams
-        records, report = read_records(path, self.kind, hp.columns, hp.skip_invalid, split)
+        records, report = read_records(path, kind or self.kind, hp.columns, hp.skip_invalid, split)
         rank_zero_info(report.summary())
         for reason in report.reasons[:5]:
             log.warning("skipped %s", reason)
@@ -135,6 +136,10 @@ class RecordDataModule(L.LightningDataModule):
             f"{tokenizer.report.summary()}"
         )
         self.tokenize_report = tokenizer.report
+        self.setup_extras()
+
+    def setup_extras(self) -> None:
+        """Read and tokenize any data besides train and validation, once, after the tokenizer is loaded."""
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
@@ -195,17 +200,15 @@ class ComparisonDataModule(RecordDataModule):
         self.normalize_path, self.normalize_max_records = normalize_path, normalize_max_records
         self.normalize_examples: list[Any] = []
 
-    def setup(self, stage: str | None = None) -> None:
-        first = self.tokenizer is None
-        super().setup(stage)
-        if first and self.normalize_path:
-            hp = self.hparams
-            records, report = read_records(self.normalize_path, "demonstration", hp.columns, hp.skip_invalid)
-            rank_zero_info(f"normalisation set: {report.summary()}")
-            tokenizer = Tokenizer(self.tokenizer, hp.max_length, hp.skip_invalid)
-            self.normalize_examples = tokenizer.demonstrations(records[: self.normalize_max_records])
-            if not self.normalize_examples:
-                raise ValueError(f"{self.normalize_path}: no normalisation examples ({tokenizer.report.summary()})")
+    def setup_extras(self) -> None:
+        if not self.normalize_path:
+            return
+        hp = self.hparams
+        records = self._read(self.normalize_path, hp.split, "demonstration")
+        tokenizer = Tokenizer(self.tokenizer, hp.max_length, hp.skip_invalid)
+        self.normalize_examples = tokenizer.demonstrations(records[: self.normalize_max_records])
+        if not self.normalize_examples:
+            raise ValueError(f"{self.normalize_path}: no normalisation examples ({tokenizer.report.summary()})")
 
     def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
         return tokenizer.comparisons(records)
@@ -263,16 +266,13 @@ class PromptDataModule(RecordDataModule):
         self.pretrain_path, self.pretrain_max_length = pretrain_path, pretrain_max_length
         self.pretrain_examples: list[Any] = []
 
-    def setup(self, stage: str | None = None) -> None:
-        first = self.tokenizer is None
-        super().setup(stage)
-        if first and self.pretrain_path:
-            hp = self.hparams
-            records, report = read_records(self.pretrain_path, "text", hp.columns, hp.skip_invalid, hp.split)
-            tokenizer = Tokenizer(self.tokenizer, self.pretrain_max_length)
-            self.pretrain_examples = tokenizer.texts(records)
-            rank_zero_info(f"pretraining texts: {report.summary()}; {tokenizer.report.summary()}")
-            self.train_examples = WithPretraining(self.train_examples, self.pretrain_examples)
+    def setup_extras(self) -> None:
+        if not self.pretrain_path:
+            return
+        tokenizer = Tokenizer(self.tokenizer, self.pretrain_max_length)
+        self.pretrain_examples = tokenizer.texts(self._read(self.pretrain_path, self.hparams.split, "text"))
+        rank_zero_info(f"pretraining texts: {tokenizer.report.summary()}")
+        self.train_examples = WithPretraining(self.train_examples, self.pretrain_examples)
 
     def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
         return tokenizer.prompts(records)

@@ -253,10 +253,9 @@ class PPOModule(L.LightningModule):
         caught: list[Tensor] = []
         hook = self.model.base_model.register_forward_hook(lambda module, args, out: caught.append(out[0]))
         try:
-            logits = forward_logits(self.model, sequences, attention_mask)[:, start - 1 : -1]
+            logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
         finally:
             hook.remove()
-        logprobs = token_logprobs(logits, sequences[:, start:], temperature=self.hparams.temperature)
         values = self.value_head(caught[-1][:, start - 1 : -1]).squeeze(-1).float()
         return logprobs, values
 
@@ -410,7 +409,7 @@ class PPOModule(L.LightningModule):
             return
         n = self.hparams.log_samples
         prompts = self.tokenizer.batch_decode(batch["input_ids"][:n], skip_special_tokens=True)
-        responses = decode_responses(self.tokenizer, experience.rollout)[:n]
+        responses = self.tokenizer.batch_decode(experience.rollout.responses[:n], skip_special_tokens=True)
         rows = ["| prompt | response | score |", "|---|---|---|"]
         for prompt, response, score in zip(prompts, responses, experience.scores[:n].tolist(), strict=True):
             rows.append(f"| {prompt!r} | {response!r} | {score:.3f} |")
