@@ -242,13 +242,18 @@ def pairs_datamodule(args, model_dir: str):
     )  # fmt: skip
 
 
-def run_dpo_ours(args, model_dir: str) -> dict:
-    from lightning_rlhf import DPOModule
-
-    module = DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5))
+def run_pairs_ours(args, model_dir: str, module) -> dict:
+    """``module`` (reward model or DPO) trained on the preference pairs."""
     seconds, _ = fit_lightning(args, module, pairs_datamodule(args, model_dir))
     return result(args, "lightning_rlhf", pair_tokens(args, model_dir), seconds, n_params(module.model),
                   module.model.config)  # fmt: skip
+
+
+def run_dpo_ours(args, model_dir: str) -> dict:
+    from lightning_rlhf import DPOModule
+
+    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-5)  # noqa: E731
+    return run_pairs_ours(args, model_dir, DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=optimizer))
 
 
 def run_dpo_trl(args, model_dir: str) -> dict:
@@ -271,10 +276,8 @@ def run_dpo_trl(args, model_dir: str) -> dict:
 def run_rm_ours(args, model_dir: str) -> dict:
     from lightning_rlhf import RewardModule
 
-    module = RewardModule(model_dir, dtype=args.dtype, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5))
-    seconds, _ = fit_lightning(args, module, pairs_datamodule(args, model_dir))
-    return result(args, "lightning_rlhf", pair_tokens(args, model_dir), seconds, n_params(module.model),
-                  module.model.config)  # fmt: skip
+    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-5)  # noqa: E731
+    return run_pairs_ours(args, model_dir, RewardModule(model_dir, dtype=args.dtype, optimizer=optimizer))
 
 
 def run_rm_trl(args, model_dir: str) -> dict:
