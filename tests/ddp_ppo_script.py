@@ -8,7 +8,6 @@ met) and β after the FSDP2 run; both runs export their policy to ROOT_DIR/ddp a
 two runs with ``value_head=True`` to ROOT_DIR/ddp_head and ROOT_DIR/fsdp2_head.
 """
 
-import json
 import sys
 
 import lightning as L
@@ -16,7 +15,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_rlhf import PPOModule, PromptDataModule, strategies
-from tests.helpers import end_distributed
+from tests.helpers import finish
 
 
 def checksum(model) -> float:
@@ -82,10 +81,7 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
     # The value function as a head on the policy, both ways.
     fit("ddp", root, sft_dir, rm_dir, "ddp_head", value_head=True)
     fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2_head", value_head=True)
-    if trainer.is_global_zero:
-        with open(out_path, "w") as out:
-            json.dump(report, out)
-    end_distributed()
+    finish(trainer, out_path, report)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@
 Each stage trains 3 steps, then validates; rank 0 writes what every rank holds and what validation reported.
 """
 
-import json
 import sys
 
 import lightning as L
 import torch
 
 from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
-from tests.helpers import end_distributed
+from tests.helpers import finish
 
 
 def checksum(model) -> float:
@@ -55,10 +54,7 @@ def main(out_path: str, root: str, sft_dir: str, train: str, val: str) -> None:
         "dpo_cache_sizes": dpo.all_gather(torch.tensor(len(dpo.ref_cache))).flatten().tolist(),
         "dpo_val": dpo_metrics,
     }
-    if trainer.is_global_zero:
-        with open(out_path, "w") as out:
-            json.dump(report, out)
-    end_distributed()
+    finish(trainer, out_path, report)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 python tests/ddp_sft_script.py OUT.json ROOT_DIR
 """
 
-import json
 import sys
 
 import lightning as L
@@ -11,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_rlhf import DemonstrationDataModule, SFTModule
-from tests.helpers import TINY_CONFIG, end_distributed
+from tests.helpers import TINY_CONFIG, finish
 
 
 class Probe(Callback):
@@ -51,10 +50,7 @@ def main(out_path: str, root: str) -> None:
         "local_tokens": module.all_gather(torch.tensor(probe.local_tokens)).flatten().tolist(),
         "first_batches": module.all_gather(torch.tensor(probe.first_batch_fingerprint)).flatten().tolist(),
     }
-    if trainer.is_global_zero:
-        with open(out_path, "w") as out:
-            json.dump({**gathered, "world_size": trainer.world_size, "tokens_seen": int(module.tokens_seen)}, out)
-    end_distributed()
+    finish(trainer, out_path, {**gathered, "world_size": trainer.world_size, "tokens_seen": int(module.tokens_seen)})
 
 
 if __name__ == "__main__":

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
 
 # 2 layers, width 32: about 30k parameters with the 259-token byte vocabulary.
 TINY_CONFIG = {
@@ -30,3 +38,27 @@ def end_distributed() -> None:
     ("terminate called without an active exception"), seen now and then in CI."""
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def run_python(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a subprocess with this repository importable; fails the test, with its stderr, unless it
+    exits 0."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``lightning-rlhf ARGS`` (as ``python -m lightning_rlhf``), through ``run_python``."""
+    return run_python("-m", "lightning_rlhf", *args, cwd=cwd, timeout=timeout)
+
+
+def finish(trainer, out_path: str, report: dict) -> None:
+    """End a multi-process test script: global rank 0 writes ``report`` as JSON, then every rank leaves the group."""
+    if trainer.is_global_zero:
+        with open(out_path, "w") as out:
+            json.dump(report, out)
+    end_distributed()

@@ -1,10 +1,6 @@
 """The `lightning-rlhf` CLI: every shipped config parses, SFT runs end to end, and DDP on 2 CPU processes."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,23 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import SFTModule
 from lightning_rlhf.cli import main
+from tests.helpers import REPO, run_cli, run_python
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-
-
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_rlhf", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -78,12 +60,7 @@ def test_ddp_on_two_cpu_processes_keeps_replicas_identical(tmp_path):
     """Each rank gets different batches, gradients are averaged (identical parameters after 4 steps), and the
     tokens_seen counter adds both ranks' tokens."""
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "ddp_sft_script.py"), str(out), str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(str(REPO / "tests" / "ddp_sft_script.py"), str(out), str(tmp_path), cwd=tmp_path)
     report = json.loads(out.read_text())
     assert report["world_size"] == 2
     first, second = report["checksums"]

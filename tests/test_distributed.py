@@ -2,10 +2,8 @@
 one process; under FSDP2 (ModelParallelStrategy) every stage matches DDP."""
 
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,9 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model
-from tests.helpers import make_tiny_export
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, make_tiny_export, run_cli, run_python
 
 
 def write_comparisons(path: Path, n: int, seed: int) -> str:
@@ -47,12 +43,8 @@ def test_reward_model_and_dpo_under_ddp_match_a_single_process(tmp_path):
     train = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     val = write_comparisons(tmp_path / "val.jsonl", 8, seed=1)  # 8 prompts: 4 per rank, no sampler padding
     out = tmp_path / "ddp.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "ddp_preference_script.py"), str(out), str(tmp_path), sft_dir, train,
-         val],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(str(REPO / "tests" / "ddp_preference_script.py"), str(out), str(tmp_path), sft_dir, train, val,
+               cwd=tmp_path)  # fmt: skip
     report = json.loads(out.read_text())
     assert report["world_size"] == 2
     assert report["rm_checksums"][0] == report["rm_checksums"][1]
@@ -84,12 +76,8 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
     tokenizer = load_tokenizer(sft_dir)
     export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
     out = tmp_path / "ddp.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "ddp_ppo_script.py"), str(out), str(tmp_path), sft_dir,
-         str(tmp_path / "rm")],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(str(REPO / "tests" / "ddp_ppo_script.py"), str(out), str(tmp_path), sft_dir, str(tmp_path / "rm"),
+               cwd=tmp_path)  # fmt: skip
     report = json.loads(out.read_text())
     assert report["world_size"] == 2
     for name in ("policy_checksums", "value_checksums", "kl_coefs"):
@@ -123,18 +111,15 @@ def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processe
     rm_dir = export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
 
     def run(max_steps: int, *extra: str) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [sys.executable, "-m", "lightning_rlhf", "fit", "--config", str(REPO / "configs" / "ppo_fsdp2.yaml"),
-             "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy.init_args.data_parallel_size=2",
-             f"--model.init_args.model_name_or_path={sft_dir}", f"--model.init_args.reward_model_name_or_path={rm_dir}",
-             "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=4", f"--trainer.max_steps={max_steps}",
-             "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-             f"--model.init_args.export_dir={tmp_path / 'hf'}", *extra],
-            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+        return run_cli(
+            "fit", "--config", str(REPO / "configs" / "ppo_fsdp2.yaml"),
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy.init_args.data_parallel_size=2",
+            f"--model.init_args.model_name_or_path={sft_dir}", f"--model.init_args.reward_model_name_or_path={rm_dir}",
+            "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=4", f"--trainer.max_steps={max_steps}",
+            "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--model.init_args.export_dir={tmp_path / 'hf'}", *extra, cwd=tmp_path,
         )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
 
     run(8)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
@@ -158,12 +143,8 @@ def test_sft_reward_model_and_dpo_under_fsdp2_match_ddp(tmp_path):
     demonstrations.write_text(
         "".join(json.dumps({"prompt": f"Q{i}: ", "response": "abcdef"[i % 6 :]}) + "\n" for i in range(16))
     )
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "fsdp2_script.py"), str(tmp_path), sft_dir, comparisons,
-         str(demonstrations)],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(str(REPO / "tests" / "fsdp2_script.py"), str(tmp_path), sft_dir, comparisons, str(demonstrations),
+               cwd=tmp_path)  # fmt: skip
     start = load_file(Path(sft_dir) / "model.safetensors")
     for stage in ("sft", "rm", "dpo"):
         ddp, fsdp2 = (load_file(tmp_path / f"{stage}_{name}" / "model.safetensors") for name in ("ddp", "fsdp2"))

@@ -4,9 +4,6 @@ checkpoints, a planted preference learned, and the shipped config run through th
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -24,9 +21,8 @@ from lightning_rlhf.losses import dpo_loss
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.modules.dpo import DPOModule
 from lightning_rlhf.toy import toy_path
-from tests.helpers import TINY_CONFIG
+from tests.helpers import REPO, TINY_CONFIG, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 WORDS = ["abc", "hello", "xyz", "lightning", "rlhf", "qwerty", "moon", "sun", "tree", "river", "stone", "cloud"]
 
 
@@ -280,17 +276,13 @@ def policy_preference(module: DPOModule, datamodule: ComparisonDataModule) -> fl
 @pytest.mark.slow
 def test_dpo_config_runs_through_the_cli_with_metrics_export_and_no_reference_in_checkpoints(sft_export, tmp_path):
     assert Path(toy_path("comparisons")).exists(), "the embedded default comparisons are missing"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_rlhf", "fit", "--config", str(REPO / "configs" / "dpo.yaml"),
-         f"--model.init_args.model_name_or_path={sft_export}",
-         "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
-         "--trainer.log_every_n_steps=1",
-         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-         f"--model.init_args.export_dir={tmp_path / 'hf'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    run_cli(
+        "fit", "--config", str(REPO / "configs" / "dpo.yaml"), f"--model.init_args.model_name_or_path={sft_export}",
+        "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
     (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
     tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     for stage in ("train", "val"):

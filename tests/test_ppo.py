@@ -2,10 +2,6 @@
 penalty holding the policy near the reference, PPO-ptx, checkpoints without frozen models, and the CLI."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -19,9 +15,7 @@ from lightning_rlhf.losses import masked_mean
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, generate
-from tests.helpers import TINY_CONFIG
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, TINY_CONFIG, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -388,19 +382,16 @@ def test_prompts_carry_pretraining_text_and_an_epoch_meets_all_of_both(exports, 
 
 
 def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exports, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     sft, rm = exports
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_rlhf", "fit", "--config", str(REPO / "configs" / "ppo.yaml"),
-         f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
-         "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=8",
-         "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-         "--trainer.log_every_n_steps=1",
-         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-         f"--model.init_args.export_dir={tmp_path / 'hf'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    run_cli(
+        "fit", "--config", str(REPO / "configs" / "ppo.yaml"),
+        f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
+        "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=8",
+        "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
     (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
     accumulator = EventAccumulator(str(events)).Reload()
     tags = accumulator.Tags()

@@ -3,8 +3,6 @@
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,9 +19,8 @@ from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.scoring import score_file
-from tests.helpers import TINY_CONFIG, make_tiny_export
+from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = load_tokenizer(None)
 
 
@@ -314,15 +311,6 @@ def test_the_toy_comparisons_are_ranked_by_the_gold_judge():
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_rlhf", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.slow
