@@ -295,6 +295,16 @@ def test_reward_fn_scores_the_decoded_prompt_and_response(exports):
     torch.testing.assert_close(experience.scores, torch.tensor([202.0, 401.0]))
 
 
+def test_a_reward_model_with_another_tokenizer_is_refused(exports, tmp_path):
+    """Token ids only mean the same to policy and reward model if they share a vocabulary."""
+    tokenizer = load_tokenizer(exports[1])
+    tokenizer.add_tokens(["<extra>"])
+    other = export_pretrained(load_reward_model(exports[1], tokenizer), tokenizer, tmp_path / "other_rm")
+    module = PPOModule(exports[0], str(other))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        module.configure_model()
+
+
 def test_exactly_one_reward_source_and_an_importable_reward_fn(exports):
     with pytest.raises(ValueError, match="exactly one"):
         PPOModule(exports[0])
