@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
+from torch import Tensor, nn
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def optimizer_config(
-    model: nn.Module, optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None
+    model: nn.Module | list[dict[str, Any]], optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None
 ) -> dict[str, Any]:
     """``configure_optimizers``' answer: the optimiser over ``model``'s trainable parameters only (frozen or
-    reference weights never enter it), and the scheduler, if any, stepped every optimiser step."""
-    built = optimizer(p for p in model.parameters() if p.requires_grad)
+    reference weights never enter it), or over the given parameter groups (``[{"params": …, "lr": …}, …]``), and
+    the scheduler, if any, stepped every optimiser step."""
+    built = optimizer(trainable(model) if isinstance(model, nn.Module) else model)
     if scheduler is None:
         return {"optimizer": built}
     return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler(built), "interval": "step"}}
+
+
+def clip_grad_norms(optimizer: torch.optim.Optimizer, max_norm: float | None) -> list[Tensor]:
+    """Clip the gradients of each parameter group of ``optimizer`` to norm ``max_norm``, every group on its own
+    (``None``: no clipping); returns each group's norm before clipping, as a plain tensor (reduced over the shards
+    of FSDP2's DTensors, which ``clip_grad_norm_`` handles)."""
+    norms = []
+    for group in optimizer.param_groups:
+        norm = torch.nn.utils.clip_grad_norm_(group["params"], max_norm or math.inf)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norms

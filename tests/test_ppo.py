@@ -145,6 +145,30 @@ def test_a_step_changes_every_policy_and_value_parameter_and_no_frozen_one(expor
     assert [n for n in frozen if not torch.equal(after[n], before[n])] == []
 
 
+@pytest.mark.parametrize("value_head", [False, True])
+def test_policy_and_value_are_two_parameter_groups_clipped_apart_with_their_own_lr(exports, tmp_path, value_head):
+    """Group 0 holds exactly the policy's parameters, group 1 the value function's, with ``value_lr``. After a step
+    with max_grad_norm 1e-3 both logged pre-clip norms exceed it, and the policy's Adam-free SGD step is
+    lr · (clipped gradient) of norm exactly lr · 1e-3: one global clip would have made it smaller by the factor
+    policy_norm / sqrt(policy_norm² + value_norm²)."""
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    module = ppo(exports, max_new_tokens=6, ppo_epochs=1, num_mini_batches=1, value_head=value_head,
+                 value_lr=0.5, max_grad_norm=1e-3, optimizer=sgd)  # fmt: skip
+    optimizer = module.configure_optimizers()["optimizer"]
+    value = module.value_head if value_head else module.value_model
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in module.model.parameters()}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in value.parameters()}
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.5]
+    before = torch.cat([p.detach().flatten().clone() for p in module.model.parameters()])
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=8, max_length=32, val_fraction=0.0)
+    trainer = fit(module, data, 1, tmp_path)
+    policy_norm = float(trainer.logged_metrics["train/policy/grad_norm"])
+    value_norm = float(trainer.logged_metrics["train/value/grad_norm"])
+    assert policy_norm > 1e-3 and value_norm > 1e-3
+    step = torch.cat([p.detach().flatten() for p in module.model.parameters()]) - before
+    assert step.norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-3)
+
+
 def mean_score(module: PPOModule, batch: dict[str, torch.Tensor]) -> float:
     torch.manual_seed(123)
     with torch.no_grad():

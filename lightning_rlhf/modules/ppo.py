@@ -54,7 +54,7 @@ from lightning_rlhf.models import (
     load_tokenizer,
     shifted_logprobs,
 )
-from lightning_rlhf.optim import optimizer_config
+from lightning_rlhf.optim import clip_grad_norms, optimizer_config, trainable
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
 from lightning_rlhf.rollout import Experience, Rollout, build_experience, decode_responses, generate
 from lightning_rlhf.scoring import import_reward_fn
@@ -94,6 +94,7 @@ class PPOModule(L.LightningModule):
         missing_eos_penalty: float | None = None,
         ptx_coef: float = 0.0,
         max_grad_norm: float | None = 1.0,
+        value_lr: float | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
@@ -128,9 +129,14 @@ class PPOModule(L.LightningModule):
                 ``max_new_tokens`` (TRL's flag of the same name); ``None`` for none.
             ptx_coef: γ, the weight of the language-model loss on pretraining text (PPO-ptx); needs
                 ``PromptDataModule(pretrain_path=…)``.
-            max_grad_norm: clip the global gradient norm of policy and value model (``None`` for no clipping;
-                the Trainer's ``gradient_clip_val`` does not apply to manual optimisation).
-            optimizer: built over the policy's and value model's parameters once they exist.
+            max_grad_norm: clip the gradient norm of the policy and, separately, of the value function to this
+                (``None`` for no clipping; the Trainer's ``gradient_clip_val`` does not apply to manual optimisation).
+                Separately, because the value error's gradient is often tens of times the policy's: one global norm
+                would shrink every policy step by a factor that changes with the value error. With ``value_head``
+                the policy's backbone carries both gradients and is clipped as the policy.
+            value_lr: learning rate of the value function (its own parameter group); ``None``: the optimiser's.
+            optimizer: built over two parameter groups, the policy's and the value function's trainable parameters,
+                once they exist.
             scheduler: stepped every optimiser step.
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
             gradient_checkpointing: trade compute for activation memory (policy and value model).
@@ -360,8 +366,7 @@ class PPOModule(L.LightningModule):
                     stats["loss/ptx"].append(ptx.detach())
                 optimizer.zero_grad()
                 self.manual_backward(loss)
-                if hp.max_grad_norm:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                policy_norm, value_norm = clip_grad_norms(optimizer.optimizer, hp.max_grad_norm)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -370,6 +375,8 @@ class PPOModule(L.LightningModule):
                 stats["policy/clipfrac"].append(policy_stats["clipfrac"])
                 stats["policy/approxkl"].append(policy_stats["approx_kl"])
                 stats["value/clipfrac"].append(value_stats["clipfrac"])
+                stats["policy/grad_norm"].append(policy_norm)
+                stats["value/grad_norm"].append(value_norm)
         for name, values in stats.items():
             self.log(f"train/{name}", torch.stack(values).mean(), sync_dist=True)
 
@@ -418,8 +425,10 @@ class PPOModule(L.LightningModule):
     # -- optimisation and export ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         value = self.value_head if self.value_head is not None else self.value_model
-        return optimizer_config(nn.ModuleList([self.model, value]), self.optimizer_factory,
-                                self.scheduler_factory)  # fmt: skip
+        groups = [{"params": trainable(self.model)}, {"params": trainable(value)}]  # policy, value: clipped apart
+        if self.hparams.value_lr is not None:
+            groups[1]["lr"] = self.hparams.value_lr
+        return optimizer_config(groups, self.optimizer_factory, self.scheduler_factory)
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
