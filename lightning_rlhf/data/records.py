@@ -12,9 +12,10 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 FILE_TYPES = (".jsonl", ".json", ".parquet")
 
@@ -244,16 +245,24 @@ def read_records(
     return records, report
 
 
-def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write ``rows`` as JSON Lines to a temporary sibling, then rename it over ``path``."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """An open temporary sibling of ``path``, renamed over it when the block ends without an error (removed if it
+    raises): a reader never sees a half-written file, and an earlier complete one survives a crash."""
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as out:
+            yield out
         os.replace(staging, target)
     finally:
         if os.path.exists(staging):
             os.remove(staging)
-    return target
+
+
+def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write ``rows`` as JSON Lines to a temporary sibling, then rename it over ``path``."""
+    with atomic_file(path) as out:
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return Path(path).resolve()
