@@ -319,6 +319,25 @@ def test_reward_fn_scores_the_decoded_prompt_and_response(exports):
     torch.testing.assert_close(experience.scores, torch.tensor([202.0, 401.0]))
 
 
+def prompt_length(prompt: str, response: str) -> float:
+    return float(len(prompt))
+
+
+def test_judge_fn_is_logged_beside_the_reward_models_score_on_train_and_validation(exports, tmp_path):
+    """A watched judge, len(prompt), on train prompts of 3 and 5 characters and a validation prompt of 8: one rollout
+    of both train prompts logs train/objective/judge = (3 + 5) / 2 = 4, validation 8; the reward model still gives
+    the scores (objective/scores is not 4)."""
+    for name, prompts in (("train", ["abc", "hello"]), ("val", ["reversal"])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], train_path=str(tmp_path / "train.jsonl"),
+                            val_path=str(tmp_path / "val.jsonl"), batch_size=2, max_length=32)  # fmt: skip
+    module = ppo(exports, max_new_tokens=4, ppo_epochs=1, num_mini_batches=1, judge_fn="tests.test_ppo.prompt_length")
+    trainer = fit(module, data, 1, tmp_path, limit_val_batches=1, val_check_interval=1, check_val_every_n_epoch=None)
+    logged = trainer.logged_metrics
+    assert float(logged["train/objective/judge"]) == 4.0 and float(logged["val/objective/judge"]) == 8.0
+    assert float(logged["train/objective/scores"]) != 4.0
+
+
 def test_a_reward_model_with_another_tokenizer_is_refused(exports, tmp_path):
     """Token ids only mean the same to policy and reward model if they share a vocabulary."""
     tokenizer = load_tokenizer(exports[1])

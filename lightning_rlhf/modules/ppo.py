@@ -25,6 +25,7 @@ in policy and value model, so repeated forwards agree and the first minibatch's 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -74,6 +75,7 @@ class PPOModule(L.LightningModule):
         model_name_or_path: str,
         reward_model_name_or_path: str | None = None,
         reward_fn: str | None = None,
+        judge_fn: str | None = None,
         dtype: str = "float32",
         max_new_tokens: int = 64,
         temperature: float = 1.0,
@@ -111,6 +113,10 @@ class PPOModule(L.LightningModule):
                 text (e.g. ``lightning_rlhf.toy.gold_score``, a rule, a verifier); the prompt is as the policy saw it
                 (chat template rendered), both without special tokens. The value model then starts from the SFT
                 export with a fresh head (or, with ``value_head``, a zero head).
+            judge_fn: the import path of a function ``(prompt, response) -> float`` that is only watched, never
+                optimised: its mean over each rollout and over validation is logged as ``objective/judge`` beside the
+                reward model's ``objective/scores`` (e.g. a gold judge, to see reward over-optimisation: the
+                reward model's score rising while the judge's falls; Gao et al. 2022).
             dtype: parameter dtype of all four models, ``float32`` / ``bfloat16`` / ``float16``.
             max_new_tokens: longest response sampled.
             temperature, top_k, top_p: how responses are sampled (``temperature`` > 0).
@@ -153,6 +159,7 @@ class PPOModule(L.LightningModule):
         if (reward_model_name_or_path is None) == (reward_fn is None):
             raise ValueError("give PPOModule exactly one of reward_model_name_or_path and reward_fn")
         self.reward_fn = import_reward_fn(reward_fn) if reward_fn is not None else None
+        self.judge_fn = import_reward_fn(judge_fn) if judge_fn is not None else None
         if temperature <= 0:
             raise ValueError(f"temperature={temperature}: PPO samples its rollouts, so it must be > 0")
         if kl_estimator not in KL_ESTIMATORS:
@@ -173,7 +180,8 @@ class PPOModule(L.LightningModule):
         self.reward_model: PreTrainedModel | None = None
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
         self.rollouts = 0  # training rollouts so far, saved in checkpoints: it seeds the next one
-        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in VAL_METRICS})
+        watched = VAL_METRICS + (("objective/judge",) if judge_fn is not None else ())
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in watched})
         keep_out_of_checkpoints(self, "ref_model", "reward_model")  # rebuilt from their paths
 
     # -- models -----------------------------------------------------------------------------------------
@@ -302,9 +310,13 @@ class PPOModule(L.LightningModule):
         """``(b,)`` float32 score of each prompt ⊕ response: the reward model's, or ``reward_fn``'s on the texts."""
         if self.reward_fn is None:
             return sequence_rewards(self.reward_model, rollout.sequences, rollout.attention_mask)
+        return self.text_scores(self.reward_fn, rollout)
+
+    def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
+        """``(b,)`` float32 ``fn(prompt, response)`` on the decoded texts, without special tokens."""
         prompts = self.tokenizer.batch_decode(rollout.sequences[:, : rollout.prompt_length], skip_special_tokens=True)
         responses = decode_responses(self.tokenizer, rollout)
-        scores = [float(self.reward_fn(p, r)) for p, r in zip(prompts, responses, strict=True)]
+        scores = [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)]
         return torch.tensor(scores, dtype=torch.float32, device=rollout.sequences.device)
 
     def _log_rollout(self, experience: Experience) -> None:
@@ -320,6 +332,8 @@ class PPOModule(L.LightningModule):
             "response_length": mask.sum(-1).float().mean(),
             "eos_fraction": experience.ended.float().mean(),
         }
+        if self.judge_fn is not None:
+            stats["objective/judge"] = self.text_scores(self.judge_fn, experience.rollout).mean()
         for name, value in stats.items():
             self.log(f"train/{name}", value, sync_dist=True, prog_bar=name == "objective/scores")
 
@@ -402,6 +416,8 @@ class PPOModule(L.LightningModule):
             "objective/rlhf_reward": scores - self.kl_coef * kl,
             "response_length": experience.mask.sum(-1).float(),
         }
+        if self.judge_fn is not None:
+            values["objective/judge"] = self.text_scores(self.judge_fn, experience.rollout)
         for name, metric in self.val_metrics.items():
             metric.update(values[name])
             self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "objective/scores")
