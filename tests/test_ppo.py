@@ -15,7 +15,7 @@ from lightning_rlhf.losses import masked_mean
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, generate
-from tests.helpers import REPO, TINY_CONFIG, run_cli
+from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +346,19 @@ def test_a_reward_model_with_another_tokenizer_is_refused(exports, tmp_path):
     module = PPOModule(exports[0], str(other))
     with pytest.raises(ValueError, match="different tokenizers"):
         module.configure_model()
+
+
+def test_the_reference_can_be_another_model_than_the_policys_start(exports, tmp_path):
+    """Iterated RLHF: the policy starts from A, the KL is taken to B. The reference holds B's weights, and the first
+    rollout's KL is then non-zero, where with A as its own reference it is exactly 0."""
+    other = make_tiny_export(tmp_path / "other", seed=3)
+    batch = prompts_batch(["Reverse: abc\n", "Reverse: hello\n"])
+    for reference in (None, other):
+        module = ppo(exports, max_new_tokens=6, ref_model_name_or_path=reference)
+        mean_kl = module.make_experience(batch).kl.abs().sum().item()
+        expected = load_causal_lm(reference or exports[0], module.tokenizer).state_dict()
+        assert all(torch.equal(value, expected[name]) for name, value in module.ref_model.state_dict().items())
+        assert (mean_kl == 0) == (reference is None)
 
 
 def test_exactly_one_reward_source_and_an_importable_reward_fn(exports):

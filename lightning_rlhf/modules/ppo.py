@@ -76,6 +76,7 @@ class PPOModule(L.LightningModule):
         reward_model_name_or_path: str | None = None,
         reward_fn: str | None = None,
         judge_fn: str | None = None,
+        ref_model_name_or_path: str | None = None,
         dtype: str = "float32",
         max_new_tokens: int = 64,
         temperature: float = 1.0,
@@ -117,6 +118,9 @@ class PPOModule(L.LightningModule):
                 optimised: its mean over each rollout and over validation is logged as ``objective/judge`` beside the
                 reward model's ``objective/scores`` (e.g. a gold judge, to see reward over-optimisation: the
                 reward model's score rising while the judge's falls; Gao et al. 2022).
+            ref_model_name_or_path: the frozen reference of the KL penalty, when it is not the policy's starting
+                point (``None``: ``model_name_or_path``); e.g. iterated RLHF continues from the last round's policy and
+                keeps the SFT model as reference. It must share the policy's tokenizer.
             dtype: parameter dtype of all four models, ``float32`` / ``bfloat16`` / ``float16``.
             max_new_tokens: longest response sampled.
             temperature, top_k, top_p: how responses are sampled (``temperature`` > 0).
@@ -190,13 +194,11 @@ class PPOModule(L.LightningModule):
             return
         hp = self.hparams
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
-        self.ref_model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype).eval().requires_grad_(False)
+        reference = hp.ref_model_name_or_path or hp.model_name_or_path
+        self._check_tokenizer(reference, "reference model")
+        self.ref_model = load_causal_lm(reference, self.tokenizer, hp.dtype).eval().requires_grad_(False)
         if hp.reward_model_name_or_path is not None:
-            if load_tokenizer(hp.reward_model_name_or_path).get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError(
-                    f"the reward model {hp.reward_model_name_or_path} and the policy {hp.model_name_or_path} use "
-                    "different tokenizers: train the reward model from the same SFT export"
-                )
+            self._check_tokenizer(hp.reward_model_name_or_path, "reward model")
             self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
             self.reward_model.eval().requires_grad_(False)
         value_start = hp.reward_model_name_or_path or hp.model_name_or_path  # an SFT export gets a fresh head
@@ -210,6 +212,13 @@ class PPOModule(L.LightningModule):
                 if hp.gradient_checkpointing:
                     trained.gradient_checkpointing_enable()
         fully_shard_models(self, self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
+
+    def _check_tokenizer(self, path: str, role: str) -> None:
+        if path != self.hparams.model_name_or_path and load_tokenizer(path).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(
+                f"the {role} {path} and the policy {self.hparams.model_name_or_path} use different tokenizers: "
+                "token ids only mean the same to both with one vocabulary (train it from the same SFT export)"
+            )
 
     def _value_head_from(self, reward_head: nn.Linear | None) -> nn.Linear:
         """A value head on the policy's hidden states: the reward model's head when there is one of the same width,
