@@ -1,44 +1,70 @@
 """The InstructGPT pipeline on the embedded toy task, end to end on a CPU, with honest gold-judge numbers.
 
-    python scripts/pipeline.py            # from the repository root; about 2-3 minutes on 2 CPU cores
+    python scripts/pipeline.py                     # one seed, one round: about 5 minutes on 2 CPU cores
+    python scripts/pipeline.py --seeds 3           # seeds 0, 1, 2: the README's means and spreads
+    python scripts/pipeline.py --rounds 2          # iterated RLHF
+    python scripts/pipeline.py --noise 0.1         # a noisy simulated labeller
+    python scripts/pipeline.py --overoptimization  # also PPO pushed far past the gold optimum, for the plot
 
 1. SFT on the shipped demonstrations                  lightning-rlhf fit --config configs/sft.yaml
-2. K samples per prompt from the SFT model, ranked    lightning-rlhf sample --judge gold --noise σ
-   by the simulated labeller (gold judge + noise)
+2. fresh prompts (none of them held out), K samples   lightning-rlhf sample --judge gold --noise σ
+   each from the SFT model, ranked by the simulated
+   labeller (gold judge + noise)
 3. a reward model on those rankings                   lightning-rlhf fit --config configs/rm.yaml
-4. PPO against that reward model, SFT as reference   lightning-rlhf fit --config configs/ppo.yaml
+4. PPO against that reward model, SFT as reference,   lightning-rlhf fit --config configs/ppo.yaml
+   watching the gold judge (judge_fn) on the side;     ... --model.init_args.judge_fn=lightning_rlhf.toy.gold_score
    and, as a yardstick, PPO against the gold judge     ... --model.init_args.reward_fn=lightning_rlhf.toy.gold_score
    itself (what a perfect reward model would give)
 5. DPO on the same rankings                           lightning-rlhf fit --config configs/dpo.yaml
-6. evaluation on held-out prompts nobody trained on: gold score of every model, greedy and sampled at the
-   rollout temperature (alignment shows first in the sampled distribution), and the reward model's pairwise
-   accuracy against the gold judge on the SFT model's own samples.
+6. rounds 2 … R (``--rounds``): K samples of fresh prompts from the last round's PPO policy are ranked, the reward
+   model is retrained on every comparison so far, and PPO continues from the last policy (reference: SFT)
+7. evaluation on held-out prompts nobody trained on: gold score of every model, greedy and sampled at the rollout
+   temperature; win rates against SFT and Elo ratings (``lightning_rlhf.evaluation``) from the sampled responses,
+   prompt by prompt; the reward model's pairwise accuracy against the gold judge on the SFT model's own samples;
+   best-of-n with the reward model (n = 1 … 16) as the baseline to PPO; and the over-optimisation plot: gold score
+   and reward-model score against KL (Gao et al. 2022), for PPO and best-of-n.
 
-Every stage is the CLI a user would run, so the shipped configs are what is measured. The summary is printed
-and written to ``outputs/pipeline/summary.json`` (``--outputs`` moves everything).
+Every stage is the CLI a user would run, so the shipped configs are what is measured. The summary is printed and
+written to ``outputs/pipeline/summary.json`` with ``outputs/pipeline/overoptimization.png`` and ``win_rates.png``
+(``--outputs`` moves everything; with several seeds each seed's run is in ``outputs/seedN/`` and the summary holds
+means and spreads).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_rlhf.data.records import Record, write_jsonl_atomic
+from lightning_rlhf.evaluation import (
+    best_of_n,
+    best_of_n_kl,
+    plot_win_rates,
+    rating_report,
+    save_figure_atomic,
+    write_json_atomic,
+)
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model
 from lightning_rlhf.sampling import judge_records, sample_responses
 from lightning_rlhf.scoring import score_records
 from lightning_rlhf.toy import gold_score, make_prompts
-from lightning_rlhf.toy.evaluate import mean_gold_score
+from lightning_rlhf.toy.evaluate import gold_scores
 
 REPO = Path(__file__).resolve().parents[1]
 HELD_OUT_SEED = 1234  # the shipped demonstrations use seed 0, the shipped prompts seed 1
+GOLD = "lightning_rlhf.toy.gold_score"
+BEST_OF = 16
 
 
 def cli(*args: str) -> float:
@@ -49,107 +75,260 @@ def cli(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def gold_scores(model_dir: Path, prompts: list[str], temperature: float) -> dict[str, float]:
+def write_prompts(path: Path, n: int, seed: int, exclude: set[str]) -> Path:
+    """``n`` fresh toy prompts, none of them in ``exclude`` (the held-out evaluation prompts)."""
+    prompts = [record for record in make_prompts(n + len(exclude), seed=seed) if record["prompt"] not in exclude]
+    return write_jsonl_atomic(prompts[:n], path)
+
+
+def model_scores(model_dir: Path, prompts: list[str], temperature: float) -> dict:
+    """Gold score, greedy and sampled, of one response per prompt; the sampled scores per prompt are kept (under
+    ``per_prompt``) for the win rates. Every model is sampled under the same seed."""
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), tokenizer).eval()
     torch.manual_seed(0)
-    return {
-        "gold_greedy": mean_gold_score(model, tokenizer, prompts, temperature=0.0),
-        "gold_sampled": mean_gold_score(model, tokenizer, prompts, temperature=temperature),
-    }
+    greedy = gold_scores(model, tokenizer, prompts, temperature=0.0)
+    sampled = gold_scores(model, tokenizer, prompts, temperature=temperature)
+    return {"gold_greedy": statistics.mean(greedy), "gold_sampled": statistics.mean(sampled), "per_prompt": sampled}
 
 
-def reward_accuracy(rm_dir: Path, sft_dir: Path, prompts: list[str], k: int, temperature: float) -> dict[str, float]:
-    """Pairwise accuracy of the reward model against the gold judge on K fresh SFT samples per held-out prompt."""
+def rm_scores(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> list[list[float]]:
+    """The reward model's score of each sample, ``samples[i][j]`` answering ``prompts[i]``."""
+    tokenizer = load_tokenizer(str(rm_dir))
+    reward_model = load_reward_model(str(rm_dir), tokenizer).eval()
+    records = [Record("eval", {"prompt": p, "response": r}) for p, rs in zip(prompts, samples, strict=True) for r in rs]
+    flat = score_records(reward_model, tokenizer, records, batch_size=256)
+    k = len(samples[0])
+    return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def sft_samples(sft_dir: Path, prompts: list[str], k: int, temperature: float, seed: int) -> list[list[str]]:
     tokenizer = load_tokenizer(str(sft_dir))
     policy = load_causal_lm(str(sft_dir), tokenizer).eval()
-    torch.manual_seed(1)
-    samples = sample_responses(policy, tokenizer, prompts, k, 512, 128, max_new_tokens=16, temperature=temperature)
+    torch.manual_seed(seed)
+    return sample_responses(policy, tokenizer, prompts, k, 512, 256, max_new_tokens=16, temperature=temperature)
+
+
+def reward_accuracy(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> dict[str, float]:
+    """Pairwise accuracy of the reward model against the gold judge over every pair of distinct samples of a prompt
+    that the gold judge does not tie."""
     comparisons, _ = judge_records(prompts, samples, gold_score, noise=0.0, seed=0)
-    reward_model = load_reward_model(str(rm_dir), tokenizer).eval()
+    rewards = rm_scores(rm_dir, [c["prompt"] for c in comparisons], [c["responses"] for c in comparisons])
     correct = total = 0
-    for comparison in comparisons:
-        records = [Record("eval", {"prompt": comparison["prompt"], "response": r}) for r in comparison["responses"]]
-        rewards = score_records(reward_model, tokenizer, records)
+    for comparison, scores in zip(comparisons, rewards, strict=True):
         ranks = comparison["ranks"]
         for i in range(len(ranks)):
             for j in range(len(ranks)):
                 if ranks[i] < ranks[j]:
                     total += 1
-                    correct += rewards[i] > rewards[j]
+                    correct += scores[i] > scores[j]
     return {"rm_pairwise_accuracy_vs_gold": correct / max(total, 1), "rm_eval_pairs": total}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=8, help="samples per prompt to rank")
-    parser.add_argument("--noise", type=float, default=0.0, help="the simulated labeller's noise on gold scores")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling (rollout) temperature")
-    parser.add_argument("--eval_prompts", type=int, default=300, help="held-out prompts for the evaluation")
-    parser.add_argument("--outputs", type=Path, default=REPO / "outputs", help="where every stage writes")
-    parser.add_argument("--max_steps", type=int, default=None, help="override every stage's optimiser steps")
-    parser.add_argument("--skip_sft", action="store_true", help="reuse OUTPUTS/sft/hf")
-    args = parser.parse_args()
+def best_of_n_curve(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> dict[str, list[float]]:
+    """Gold score of the reward model's pick among the first n samples, n = 1 … N, and its analytic KL."""
+    gold = [[gold_score(p, r) for r in rs] for p, rs in zip(prompts, samples, strict=True)]
+    curve = best_of_n(torch.tensor(rm_scores(rm_dir, prompts, samples)), torch.tensor(gold))
+    n = list(range(1, len(samples[0]) + 1))
+    return {"n": n, "kl": [best_of_n_kl(i) for i in n], "gold": curve.tolist()}
 
-    outputs = args.outputs.resolve()
-    comparisons = outputs / "pipeline" / "comparisons.jsonl"
 
-    def fit(stage: str, config: str, *extra: str, scheduler: bool = True) -> float:
+def ppo_curve(run_dir: Path) -> dict[str, list[float]]:
+    """The PPO run's validation curves from its TensorBoard events: KL, reward-model score and gold score."""
+    events = EventAccumulator(str(max((run_dir / "tensorboard").glob("version_*"), key=lambda p: p.stat().st_mtime)))
+    events.Reload()
+    series = {name: events.Scalars(f"val/objective/{name}") for name in ("kl", "scores", "judge")}
+    return {"step": [e.step for e in series["kl"]], **{name: [e.value for e in s] for name, s in series.items()}}
+
+
+def plot_overoptimization(summary: dict, path: Path) -> Path:
+    """Gold score (solid) and reward-model score (dashed, right axis) against KL to the SFT model: PPO runs and
+    best-of-n with the reward model (Gao et al. 2022, figure 1)."""
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    gold_axes = figure.subplots()
+    rm_axes = gold_axes.twinx()
+    bon = summary["best_of_n"]
+    gold_axes.plot(bon["kl"], bon["gold"], "o-", color="tab:green", label="best-of-n (n = 1 … 16), gold")
+    gold_axes.plot([0], [summary["sft"]["gold_sampled"]], "k*", markersize=10, label="SFT, gold")
+    for name, color in (("ppo", "tab:blue"), ("ppo_overoptimized", "tab:red")):
+        curve = summary.get("curves", {}).get(name)
+        if curve:
+            gold_axes.plot(curve["kl"], curve["judge"], "o-", color=color, label=f"{name}, gold")
+            rm_axes.plot(curve["kl"], curve["scores"], "x--", color=color, alpha=0.6, label=f"{name}, reward model")
+    gold_axes.set(xlabel="KL(π ‖ π_SFT), nats per response", ylabel="gold score (sampled, T = 1)")
+    rm_axes.set_ylabel("reward-model score (dashed)")
+    gold_axes.set_title("Reward over-optimisation: the proxy rises, the gold score need not")
+    lines = gold_axes.get_legend_handles_labels()
+    more = rm_axes.get_legend_handles_labels()
+    gold_axes.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+    figure.tight_layout()
+    return save_figure_atomic(figure, path)
+
+
+def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list[str]) -> dict:
+    """The whole pipeline for one seed, everything under ``outputs``; returns its summary."""
+    pipeline = outputs / "pipeline"
+    seconds: dict[str, float] = {}
+    excluded = set(held_out)
+
+    def fit(stage: str, config: str, *extra: str, scheduler: bool = True) -> None:
         where = outputs / stage
         overrides = [f"--trainer.default_root_dir={where}", f"--trainer.logger.init_args.save_dir={where}",
-                     f"--model.init_args.export_dir={where / 'hf'}"]  # fmt: skip
+                     f"--model.init_args.export_dir={where / 'hf'}", f"--seed_everything={seed}"]  # fmt: skip
         if args.max_steps:
             overrides += [f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.max_steps}"]
             if scheduler:
                 overrides.append(f"--model.init_args.scheduler.init_args.total_iters={args.max_steps}")
-        return cli("fit", "--config", config, *overrides, *extra)
+        seconds[stage] = cli("fit", "--config", config, *overrides, *extra)
 
-    seconds = {}
+    def ranked_samples(stage: str, policy: Path, round_: int) -> Path:
+        prompts = write_prompts(pipeline / f"{stage}_prompts.jsonl", args.rank_prompts, 10_000 + 100 * seed + round_,
+                                excluded)  # fmt: skip
+        comparisons = pipeline / f"{stage}.jsonl"
+        seconds[stage] = cli(
+            "sample", "--model", str(policy), "--prompts", str(prompts), "--k", str(args.k), "--judge", "gold",
+            "--noise", str(args.noise), "--temperature", str(args.temperature), "--max_new_tokens", "16",
+            "--seed", str(seed + 1000 * round_), "--batch_size", "256", "--output", str(comparisons),
+        )  # fmt: skip
+        return comparisons
+
+    def ppo(stage: str, policy: Path, *reward: str, **overrides: str) -> None:
+        extra = [f"--model.init_args.{key}={value}" for key, value in overrides.items()]
+        if args.max_steps:  # validation counts rollouts, ppo_epochs · num_mini_batches = 4 steps each
+            extra.append(f"--trainer.val_check_interval={max(1, args.max_steps // 4)}")
+        fit(stage, "configs/ppo.yaml", f"--model.init_args.model_name_or_path={policy}",
+            f"--model.init_args.seed={seed}", *reward, *extra, scheduler=False)  # fmt: skip
+
+    sft = outputs / "sft" / "hf"
     if not args.skip_sft:
-        seconds["sft"] = fit("sft", "configs/sft.yaml")
-    seconds["sample"] = cli(
-        "sample", "--model", str(outputs / "sft" / "hf"), "--k", str(args.k), "--judge", "gold", "--noise",
-        str(args.noise), "--temperature", str(args.temperature), "--max_new_tokens", "16", "--output", str(comparisons),
-    )  # fmt: skip
-    from_sft = (
-        f"--model.init_args.model_name_or_path={outputs / 'sft' / 'hf'}",
-        f"--data.init_args.train_path={comparisons}",
-    )
-    seconds["reward_model"] = fit("rm", "configs/rm.yaml", *from_sft)
-    seconds["ppo"] = fit(
-        "ppo", "configs/ppo.yaml", from_sft[0], f"--model.init_args.reward_model_name_or_path={outputs / 'rm' / 'hf'}",
-        scheduler=False,
-    )  # fmt: skip
-    seconds["ppo_gold_reward"] = fit(
-        "ppo_gold_reward", "configs/ppo.yaml", from_sft[0], "--model.init_args.reward_model_name_or_path=null",
-        "--model.init_args.reward_fn=lightning_rlhf.toy.gold_score", scheduler=False,
-    )  # fmt: skip
-    seconds["dpo"] = fit("dpo", "configs/dpo.yaml", *from_sft)
+        fit("sft", "configs/sft.yaml")
+    comparisons = [ranked_samples("comparisons", sft, 1)]
+    from_sft = f"--model.init_args.model_name_or_path={sft}"
+    fit("rm", "configs/rm.yaml", from_sft, f"--data.init_args.train_path={comparisons[0]}")
+    against_rm = (f"--model.init_args.reward_model_name_or_path={outputs / 'rm' / 'hf'}",
+                  f"--model.init_args.judge_fn={GOLD}")  # fmt: skip
+    ppo("ppo", sft, *against_rm)
+    ppo("ppo_gold_reward", sft, "--model.init_args.reward_model_name_or_path=null",
+        f"--model.init_args.reward_fn={GOLD}", f"--model.init_args.judge_fn={GOLD}")  # fmt: skip
+    if args.overoptimization:  # no KL penalty, 3x the learning rate, twice the rollouts: past the gold optimum
+        steps = 2 * (args.max_steps or 480)
+        ppo("ppo_overoptimized", sft, *against_rm, f"--trainer.max_steps={steps}", kl_coef="0.0",
+            **{"optimizer.init_args.lr": "3e-4"})  # fmt: skip
+    fit("dpo", "configs/dpo.yaml", from_sft, f"--data.init_args.train_path={comparisons[0]}")
 
-    prompts = [record["prompt"] for record in make_prompts(args.eval_prompts, seed=HELD_OUT_SEED)]
+    policies = {"sft": sft, "ppo": outputs / "ppo" / "hf"}
+    reward_models = {"reward_model": outputs / "rm" / "hf"}
+    for round_ in range(2, args.rounds + 1):
+        last = policies["ppo" if round_ == 2 else f"ppo_round{round_ - 1}"]
+        comparisons.append(ranked_samples(f"comparisons_round{round_}", last, round_))
+        everything = write_jsonl_atomic(
+            [json.loads(line) for path in comparisons for line in path.read_text().splitlines()],
+            pipeline / f"comparisons_up_to_round{round_}.jsonl",
+        )
+        fit(f"rm_round{round_}", "configs/rm.yaml", from_sft, f"--data.init_args.train_path={everything}")
+        ppo(f"ppo_round{round_}", last, f"--model.init_args.ref_model_name_or_path={sft}",
+            f"--model.init_args.reward_model_name_or_path={outputs / f'rm_round{round_}' / 'hf'}",
+            f"--model.init_args.judge_fn={GOLD}")  # fmt: skip
+        policies[f"ppo_round{round_}"] = outputs / f"ppo_round{round_}" / "hf"
+        reward_models[f"reward_model_round{round_}"] = outputs / f"rm_round{round_}" / "hf"
+    policies |= {"ppo_gold_reward": outputs / "ppo_gold_reward" / "hf", "dpo": outputs / "dpo" / "hf"}
+    if args.overoptimization:
+        policies["ppo_overoptimized"] = outputs / "ppo_overoptimized" / "hf"
+
     start = time.perf_counter()
-    summary = {
-        "held_out_prompts": len(prompts),
-        "sampling_temperature": args.temperature,
-        "labeller_noise": args.noise,
-        "sft": gold_scores(outputs / "sft" / "hf", prompts, args.temperature),
-        "ppo": gold_scores(outputs / "ppo" / "hf", prompts, args.temperature),
-        "ppo_gold_reward": gold_scores(outputs / "ppo_gold_reward" / "hf", prompts, args.temperature),
-        "dpo": gold_scores(outputs / "dpo" / "hf", prompts, args.temperature),
-        "reward_model": reward_accuracy(outputs / "rm" / "hf", outputs / "sft" / "hf", prompts, 4, args.temperature),
-    }
+    summary: dict = {"seed": seed, "held_out_prompts": len(held_out), "sampling_temperature": args.temperature,
+                     "labeller_noise": args.noise, "ranked_prompts_per_round": args.rank_prompts, "k": args.k,
+                     "rounds": args.rounds}  # fmt: skip
+    for name, directory in policies.items():
+        summary[name] = model_scores(directory, held_out, args.temperature)
+    ratings = rating_report(list(policies), [summary[name].pop("per_prompt") for name in policies], "sft",
+                            bootstrap=1000, seed=seed)  # fmt: skip
+    for name in policies:
+        summary[name] |= {"win_rate_vs_sft": ratings["win_rate_vs_baseline"][name],
+                          "win_rate_vs_sft_ci": ratings["win_rate_vs_baseline_ci"][name],
+                          "elo": ratings["elo"][name], "elo_ci": ratings["elo_ci"][name]}  # fmt: skip
+    samples = sft_samples(sft, held_out, 4, args.temperature, seed=1)
+    for name, directory in reward_models.items():
+        summary[name] = reward_accuracy(directory, held_out, samples)
+    summary["best_of_n"] = best_of_n_curve(
+        reward_models["reward_model"], held_out, sft_samples(sft, held_out, BEST_OF, args.temperature, seed=2)
+    )
+    summary["curves"] = {name: ppo_curve(outputs / name) for name in policies if name.startswith("ppo")}
     seconds["evaluation"] = time.perf_counter() - start
     summary["seconds"] = {stage: round(s, 1) for stage, s in seconds.items()}
-    write_jsonl_atomic([summary], outputs / "pipeline" / "summary.json")
+    write_json_atomic(summary, pipeline / "summary.json")
+    save_figure_atomic(plot_win_rates(ratings), pipeline / "win_rates.png")
+    plot_overoptimization(summary, pipeline / "overoptimization.png")
+    return summary
 
-    print("\nGold-judge scores on held-out prompts (1.0 = every reversal exact):")
-    print(f"  {'model':16s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s}")
-    for stage in ("sft", "ppo", "ppo_gold_reward", "dpo"):
-        print(f"  {stage:16s} {summary[stage]['gold_greedy']:8.3f} {summary[stage]['gold_sampled']:16.3f}")
-    rm = summary["reward_model"]
-    print(f"Reward model vs gold judge: {rm['rm_pairwise_accuracy_vs_gold']:.3f} pairwise accuracy "
-          f"on {rm['rm_eval_pairs']} held-out pairs of SFT samples")  # fmt: skip
-    print(f"Stage seconds: {json.dumps(summary['seconds'])}; written to {outputs / 'pipeline' / 'summary.json'}")
+
+def aggregate(runs: list[dict]) -> dict:
+    """Means over seeds of every model's and reward model's numbers, with ``<metric>_spread`` = [min, max]."""
+    summary = {key: runs[0][key] for key in ("held_out_prompts", "sampling_temperature", "labeller_noise", "k",
+                                             "ranked_prompts_per_round", "rounds")}  # fmt: skip
+    summary["seeds"] = [run["seed"] for run in runs]
+    for name, entry in runs[0].items():
+        if not isinstance(entry, dict) or name in ("best_of_n", "curves", "seconds"):
+            continue
+        summary[name] = {}
+        for metric, value in entry.items():
+            if isinstance(value, (int, float)):
+                values = [run[name][metric] for run in runs]
+                summary[name][metric] = statistics.mean(values)
+                summary[name][f"{metric}_spread"] = [min(values), max(values)]
+    summary["runs"] = runs
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=1, help="run the whole pipeline for seeds 0 … N-1")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of iterated RLHF (sample, rank, RM, PPO)")
+    parser.add_argument("--rank_prompts", type=int, default=8000, help="fresh prompts ranked per round")
+    parser.add_argument("--k", type=int, default=8, help="samples per prompt to rank")
+    parser.add_argument("--noise", type=float, default=0.0, help="the simulated labeller's noise on gold scores")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling (rollout) temperature")
+    parser.add_argument("--eval_prompts", type=int, default=300, help="held-out prompts for the evaluation")
+    parser.add_argument("--overoptimization", action="store_true", help="also PPO with no KL penalty, pushed hard")
+    parser.add_argument("--outputs", type=Path, default=REPO / "outputs", help="where every stage writes")
+    parser.add_argument("--max_steps", type=int, default=None, help="override every stage's optimiser steps")
+    parser.add_argument("--skip_sft", action="store_true", help="reuse OUTPUTS/sft/hf (one seed only)")
+    args = parser.parse_args()
+    if args.seeds < 1 or args.rounds < 1 or (args.skip_sft and args.seeds > 1):
+        parser.error("--seeds and --rounds must be >= 1, and --skip_sft works with one seed only")
+
+    outputs = args.outputs.resolve()
+    held_out = [record["prompt"] for record in make_prompts(args.eval_prompts, seed=HELD_OUT_SEED)]
+    start = time.perf_counter()
+    if args.seeds == 1:
+        summary = run(args, 0, outputs, held_out)
+    else:
+        summary = aggregate([run(args, seed, outputs / f"seed{seed}", held_out) for seed in range(args.seeds)])
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    write_json_atomic(summary, outputs / "pipeline" / "summary.json")
+    report(summary, args, outputs)
+
+
+def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
+    seeds = f" (mean over seeds {summary['seeds']}, [min, max])" if "seeds" in summary else ""
+    print(f"\nGold-judge scores on held-out prompts (1.0 = every reversal exact){seeds}:")
+    print(f"  {'model':18s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s} {'win vs SFT':>11s} "
+          f"{'Elo':>6s}")  # fmt: skip
+    for name, entry in summary.items():
+        if isinstance(entry, dict) and "gold_greedy" in entry:
+            spread = entry.get("gold_sampled_spread")
+            spread = f"  [{spread[0]:.3f}, {spread[1]:.3f}]" if spread else ""
+            print(f"  {name:18s} {entry['gold_greedy']:8.3f} {entry['gold_sampled']:16.3f} "
+                  f"{entry['win_rate_vs_sft']:11.3f} {entry['elo']:6.0f}{spread}")  # fmt: skip
+    for name, entry in summary.items():
+        if name.startswith("reward_model"):
+            print(f"{name} vs gold judge: {entry['rm_pairwise_accuracy_vs_gold']:.3f} pairwise accuracy on "
+                  f"{entry['rm_eval_pairs']:.0f} held-out pairs of SFT samples")  # fmt: skip
+    print(
+        f"Total {summary['total_seconds']:.0f} s; written to {outputs / 'pipeline'} (summary.json, "
+        "overoptimization.png, win_rates.png)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,36 +7,52 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from transformers import AutoConfig
 
 REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
-def test_pipeline_chains_sft_sample_rm_ppo_dpo_and_reports_gold_scores(tmp_path):
-    """A short run (20 steps a stage; labeller noise breaks the ties of a barely trained model's samples): each
-    stage must read the previous stage's export, and the summary must hold the evaluation of all four models."""
+def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates_and_plots(tmp_path):
+    """A short run (20 steps a stage, 64 ranked prompts a round; labeller noise breaks the ties of a barely trained
+    model's samples) with two rounds and the over-optimised run: each stage must read the previous stage's export
+    (round 2's PPO the first round's policy, with SFT as reference), and the summary must hold the evaluation of
+    every model, the win rates and Elo against SFT, both reward models' accuracy and the best-of-n curve."""
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "pipeline.py"), "--outputs", str(tmp_path), "--max_steps", "20",
-         "--k", "4", "--noise", "0.2", "--eval_prompts", "16"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+         "--k", "4", "--noise", "0.2", "--eval_prompts", "16", "--rank_prompts", "64", "--rounds", "2",
+         "--overoptimization"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "pipeline" / "summary.json").read_text())
-    for stage in ("sft", "ppo", "ppo_gold_reward", "dpo"):
-        assert 0 <= summary[stage]["gold_greedy"] <= 1 and 0 <= summary[stage]["gold_sampled"] <= 1
-    assert summary["reward_model"]["rm_eval_pairs"] > 0
+    models = ("sft", "ppo", "ppo_round2", "ppo_gold_reward", "dpo", "ppo_overoptimized")
+    for stage in models:
+        entry = summary[stage]
+        assert 0 <= entry["gold_greedy"] <= 1 and 0 <= entry["gold_sampled"] <= 1
+        assert 0 <= entry["win_rate_vs_sft"] <= 1
+        low, high = entry["elo_ci"]
+        assert low <= entry["elo"] <= high
+    assert summary["sft"]["win_rate_vs_sft"] == 0.5 and summary["sft"]["elo"] == 1000
+    for name in ("reward_model", "reward_model_round2"):
+        assert summary[name]["rm_eval_pairs"] > 0
+    assert summary["best_of_n"]["n"] == list(range(1, 17)) and len(summary["best_of_n"]["gold"]) == 16
     assert summary["held_out_prompts"] == 16 and set(summary["seconds"]) == {
-        "sft",
-        "sample",
-        "reward_model",
-        "ppo",
-        "ppo_gold_reward",
-        "dpo",
-        "evaluation",
-    }
+        "sft", "comparisons", "rm", "ppo", "ppo_gold_reward", "ppo_overoptimized", "dpo",
+        "comparisons_round2", "rm_round2", "ppo_round2", "evaluation",
+    }  # fmt: skip
     assert AutoConfig.from_pretrained(tmp_path / "rm" / "hf").architectures == ["LlamaForSequenceClassification"]
-    for stage in ("ppo", "ppo_gold_reward", "dpo"):
+    for stage in ("ppo", "ppo_round2", "ppo_gold_reward", "dpo"):
         assert AutoConfig.from_pretrained(tmp_path / stage / "hf").architectures == ["LlamaForCausalLM"]
-    assert len((tmp_path / "pipeline" / "comparisons.jsonl").read_text().splitlines()) > 0
+    round2 = yaml.safe_load((tmp_path / "ppo_round2" / "tensorboard" / "version_0" / "hparams.yaml").read_text())
+    assert round2["model_name_or_path"] == str(tmp_path / "ppo" / "hf")
+    assert round2["ref_model_name_or_path"] == str(tmp_path / "sft" / "hf")
+    assert round2["reward_model_name_or_path"] == str(tmp_path / "rm_round2" / "hf")
+    rounds = (tmp_path / "pipeline").glob("comparisons*.jsonl")
+    lines = {path.name: len(path.read_text().splitlines()) for path in rounds}
+    assert lines["comparisons_up_to_round2.jsonl"] == lines["comparisons.jsonl"] + lines["comparisons_round2.jsonl"]
+    for png in ("overoptimization.png", "win_rates.png"):
+        assert (tmp_path / "pipeline" / png).read_bytes().startswith(PNG)
     assert "Gold-judge scores on held-out prompts" in result.stdout

@@ -1,18 +1,22 @@
-"""Honest alignment numbers for the toy task: the gold judge's mean score of a model's responses."""
+"""Honest alignment numbers for the toy task: the gold judge's scores of a model's responses."""
 
 from __future__ import annotations
-
-from statistics import mean
 
 from lightning_rlhf.sampling import sample_responses
 from lightning_rlhf.toy.reverse import gold_score
 
 
-def mean_gold_score(
+def gold_scores(
     model, tokenizer, prompts: list[str], temperature: float, max_new_tokens: int = 16, batch_size: int = 128
-) -> float:
-    """Mean gold score of one response per prompt: greedy when ``temperature == 0``, else sampled."""
+) -> list[float]:
+    """Gold score of one response per prompt, in prompt order: greedy when ``temperature == 0``, else sampled."""
     samples = sample_responses(
         model, tokenizer, prompts, 1, 512, batch_size, max_new_tokens=max_new_tokens, temperature=temperature
     )
-    return mean(gold_score(prompt, responses[0]) for prompt, responses in zip(prompts, samples, strict=True))
+    return [gold_score(prompt, responses[0]) for prompt, responses in zip(prompts, samples, strict=True)]
+
+
+def mean_gold_score(model, tokenizer, prompts: list[str], temperature: float, **kwargs) -> float:
+    """Mean of ``gold_scores``."""
+    scores = gold_scores(model, tokenizer, prompts, temperature, **kwargs)
+    return sum(scores) / len(scores)
