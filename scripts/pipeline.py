@@ -97,9 +97,8 @@ def rm_scores(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> lis
     tokenizer = load_tokenizer(str(rm_dir))
     reward_model = load_reward_model(str(rm_dir), tokenizer).eval()
     records = [Record("eval", {"prompt": p, "response": r}) for p, rs in zip(prompts, samples, strict=True) for r in rs]
-    flat = score_records(reward_model, tokenizer, records, batch_size=256)
-    k = len(samples[0])
-    return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+    flat = iter(score_records(reward_model, tokenizer, records, batch_size=256))
+    return [[next(flat) for _ in responses] for responses in samples]
 
 
 def sft_samples(sft_dir: Path, prompts: list[str], k: int, temperature: float, seed: int) -> list[list[str]]:
@@ -154,14 +153,15 @@ def plot_overoptimization(summary: dict, path: Path) -> Path:
     for name, color in (("ppo", "tab:blue"), ("ppo_overoptimized", "tab:red")):
         curve = summary.get("curves", {}).get(name)
         if curve:
-            gold_axes.plot(curve["kl"], curve["judge"], "o-", color=color, label=f"{name}, gold")
-            rm_axes.plot(curve["kl"], curve["scores"], "x--", color=color, alpha=0.6, label=f"{name}, reward model")
+            # Validation points in training order (the KL need not grow monotonically), so dotted.
+            gold_axes.plot(curve["kl"], curve["judge"], "o:", color=color, label=f"{name}, gold (validation)")
+            rm_axes.plot(curve["kl"], curve["scores"], "x:", color=color, alpha=0.5, label=f"{name}, reward model")
     gold_axes.set(xlabel="KL(π ‖ π_SFT), nats per response", ylabel="gold score (sampled, T = 1)")
     rm_axes.set_ylabel("reward-model score (dashed)")
     gold_axes.set_title("Reward over-optimisation: the proxy rises, the gold score need not")
     lines = gold_axes.get_legend_handles_labels()
     more = rm_axes.get_legend_handles_labels()
-    gold_axes.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+    gold_axes.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower right")
     figure.tight_layout()
     return save_figure_atomic(figure, path)
 
@@ -285,7 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=1, help="run the whole pipeline for seeds 0 … N-1")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of iterated RLHF (sample, rank, RM, PPO)")
-    parser.add_argument("--rank_prompts", type=int, default=8000, help="fresh prompts ranked per round")
+    parser.add_argument("--rank_prompts", type=int, default=16000, help="fresh prompts ranked per round")
     parser.add_argument("--k", type=int, default=8, help="samples per prompt to rank")
     parser.add_argument("--noise", type=float, default=0.0, help="the simulated labeller's noise on gold scores")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling (rollout) temperature")
