@@ -24,7 +24,7 @@ from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.rollout import decode_responses, generate
-from lightning_rlhf.toy import gold_score, toy_path
+from lightning_rlhf.toy import gold_score, make_prompts, toy_path
 
 JUDGES: dict[str, Callable[[str, str], float]] = {"gold": gold_score}
 
@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> SampleReport:
     parser = argparse.ArgumentParser(prog="lightning-rlhf sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face directory (e.g. the SFT export)")
     parser.add_argument("--prompts", default=toy_path("prompts"), help="prompt records (default: the toy prompts)")
+    parser.add_argument(
+        "--toy_prompts",
+        type=int,
+        default=None,
+        help="instead of --prompts, N fresh toy prompts drawn with --seed (a reward model needs many)",
+    )
     parser.add_argument("--output", required=True, help="JSON Lines file to write")
     parser.add_argument("--k", type=int, default=4, help="responses per prompt")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
@@ -107,8 +113,11 @@ def main(argv: list[str] | None = None) -> SampleReport:
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, tokenizer)
-    records, _ = read_records(args.prompts, "prompt")
-    prompts = [r.fields["prompt"] for r in records[: args.limit]]
+    if args.toy_prompts is not None:
+        prompts = [r["prompt"] for r in make_prompts(args.toy_prompts, seed=10_000 + args.seed)][: args.limit]
+    else:
+        records, _ = read_records(args.prompts, "prompt")
+        prompts = [r.fields["prompt"] for r in records[: args.limit]]
     samples = sample_responses(
         model, tokenizer, prompts, args.k, args.max_length, args.batch_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -48,3 +48,17 @@ def test_sample_cli_writes_k_responses_or_judged_comparisons_the_datamodule_read
     data = ComparisonDataModule(train_path=str(out), val_fraction=0, tokenizer_name_or_path=tiny_model_dir)
     data.setup("fit")
     assert len(data.train_examples) == len(lines)
+
+
+def test_toy_prompts_draws_that_many_fresh_prompts_by_seed(tiny_model_dir, tmp_path):
+    """--toy_prompts 5: five toy prompts, the same for the same --seed and others for another (shipped prompts are
+    not used)."""
+    drawn = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"samples{seed}.jsonl"
+        sampling.main(["--model", tiny_model_dir, "--toy_prompts", "5", "--k", "2", "--max_new_tokens", "2",
+                       "--seed", str(seed), "--output", str(out)])  # fmt: skip
+        prompts = [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
+        assert len(prompts) == 5 and all(p.startswith("Reverse: ") for p in prompts)
+        assert drawn.setdefault(seed, prompts) == prompts
+    assert drawn[0] != drawn[1]
