@@ -175,7 +175,8 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list[str])
     def fit(stage: str, config: str, *extra: str, scheduler: bool = True) -> None:
         where = outputs / stage
         overrides = [f"--trainer.default_root_dir={where}", f"--trainer.logger.init_args.save_dir={where}",
-                     f"--model.init_args.export_dir={where / 'hf'}", f"--seed_everything={seed}"]  # fmt: skip
+                     f"--model.init_args.export_dir={where / 'hf'}", f"--seed_everything={seed}",
+                     f"--data.init_args.seed={seed}"]  # fmt: skip
         if args.max_steps:
             overrides += [f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.max_steps}"]
             if scheduler:
