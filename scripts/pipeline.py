@@ -1,7 +1,7 @@
 """The InstructGPT pipeline on the embedded toy task, end to end on a CPU, with honest gold-judge numbers.
 
     python scripts/pipeline.py                     # one seed, one round: about 5 minutes on 2 CPU cores
-    python scripts/pipeline.py --seeds 3           # seeds 0, 1, 2: the README's means and spreads
+    python scripts/pipeline.py --seeds 0 1 2       # three seeds: the README's means and spreads
     python scripts/pipeline.py --rounds 2          # iterated RLHF
     python scripts/pipeline.py --noise 0.1         # a noisy simulated labeller
     python scripts/pipeline.py --overoptimization  # also PPO pushed far past the gold optimum, for the plot
@@ -284,7 +284,7 @@ def aggregate(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=1, help="run the whole pipeline for seeds 0 … N-1")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run the whole pipeline for each seed")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of iterated RLHF (sample, rank, RM, PPO)")
     parser.add_argument("--rank_prompts", type=int, default=16000, help="fresh prompts ranked per round")
     parser.add_argument("--k", type=int, default=8, help="samples per prompt to rank")
@@ -296,16 +296,16 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="override every stage's optimiser steps")
     parser.add_argument("--skip_sft", action="store_true", help="reuse OUTPUTS/sft/hf (one seed only)")
     args = parser.parse_args()
-    if args.seeds < 1 or args.rounds < 1 or (args.skip_sft and args.seeds > 1):
-        parser.error("--seeds and --rounds must be >= 1, and --skip_sft works with one seed only")
+    if args.rounds < 1 or len(set(args.seeds)) != len(args.seeds) or (args.skip_sft and len(args.seeds) > 1):
+        parser.error("--rounds must be >= 1, --seeds distinct, and --skip_sft works with one seed only")
 
     outputs = args.outputs.resolve()
     held_out = [record["prompt"] for record in make_prompts(args.eval_prompts, seed=HELD_OUT_SEED)]
     start = time.perf_counter()
-    if args.seeds == 1:
-        summary = run(args, 0, outputs, held_out)
+    if len(args.seeds) == 1:
+        summary = run(args, args.seeds[0], outputs, held_out)
     else:
-        summary = aggregate([run(args, seed, outputs / f"seed{seed}", held_out) for seed in range(args.seeds)])
+        summary = aggregate([run(args, seed, outputs / f"seed{seed}", held_out) for seed in args.seeds])
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(summary, outputs / "pipeline" / "summary.json")
     report(summary, args, outputs)
