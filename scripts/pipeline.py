@@ -141,7 +141,7 @@ def ppo_curve(run_dir: Path) -> dict[str, list[float]]:
 
 
 def plot_overoptimization(summary: dict, path: Path) -> Path:
-    """Gold score (solid) and reward-model score (dashed, right axis) against KL to the SFT model: PPO runs and
+    """Gold score (dots) and reward-model score (crosses, right axis) against KL to the SFT model: PPO runs and
     best-of-n with the reward model (Gao et al. 2022, figure 1)."""
     figure = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(figure)
@@ -157,7 +157,7 @@ def plot_overoptimization(summary: dict, path: Path) -> Path:
             gold_axes.plot(curve["kl"], curve["judge"], "o:", color=color, label=f"{name}, gold (validation)")
             rm_axes.plot(curve["kl"], curve["scores"], "x:", color=color, alpha=0.5, label=f"{name}, reward model")
     gold_axes.set(xlabel="KL(π ‖ π_SFT), nats per response", ylabel="gold score (sampled, T = 1)")
-    rm_axes.set_ylabel("reward-model score (dashed)")
+    rm_axes.set_ylabel("reward-model score (x)")
     gold_axes.set_title("Reward over-optimisation: the proxy rises, the gold score need not")
     lines = gold_axes.get_legend_handles_labels()
     more = rm_axes.get_legend_handles_labels()
