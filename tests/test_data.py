@@ -238,3 +238,18 @@ def test_epoch_shuffle_depends_only_on_seed_and_epoch():
     b.set_epoch(1)
     assert list(b) == list(a)
     assert torch.equal(torch.tensor(list(EpochShuffleSampler(50, seed=3))), torch.tensor(first))
+
+
+def test_atomic_writes_get_the_usual_file_mode_not_mkstemps_private_one(tmp_path):
+    """A written file is readable as any file the user creates (0666 minus the umask), not 0600."""
+    import os
+    import stat
+
+    from lightning_rlhf.data.records import write_jsonl_atomic
+
+    mask = os.umask(0o022)
+    try:
+        path = write_jsonl_atomic([{"a": 1}], tmp_path / "out.jsonl")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -245,6 +245,12 @@ def read_records(
     return records, report
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """An open temporary sibling of ``path``, renamed over it when the block ends without an error (removed if it
@@ -255,6 +261,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as out:
             yield out
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from everyone else
         os.replace(staging, target)
     finally:
         if os.path.exists(staging):
