@@ -45,19 +45,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_rlhf.data.records import Record, write_jsonl_atomic
+from lightning_rlhf.data.records import write_jsonl_atomic
 from lightning_rlhf.evaluation import (
     best_of_n,
     best_of_n_kl,
     plot_win_rates,
     rating_report,
+    reward_model_scorer,
     save_figure_atomic,
     write_json_atomic,
 )
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
 from lightning_rlhf.sampling import judge_records, sample_responses
-from lightning_rlhf.scoring import score_records
 from lightning_rlhf.toy import gold_score, make_prompts
 from lightning_rlhf.toy.evaluate import gold_scores
 
@@ -94,10 +93,8 @@ def model_scores(model_dir: Path, prompts: list[str], temperature: float) -> dic
 
 def rm_scores(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> list[list[float]]:
     """The reward model's score of each sample, ``samples[i][j]`` answering ``prompts[i]``."""
-    tokenizer = load_tokenizer(str(rm_dir))
-    reward_model = load_reward_model(str(rm_dir), tokenizer).eval()
-    records = [Record("eval", {"prompt": p, "response": r}) for p, rs in zip(prompts, samples, strict=True) for r in rs]
-    flat = iter(score_records(reward_model, tokenizer, records, batch_size=256))
+    pairs = [(p, r) for p, responses in zip(prompts, samples, strict=True) for r in responses]
+    flat = iter(reward_model_scorer(str(rm_dir), batch_size=256)(*map(list, zip(*pairs, strict=True))))
     return [[next(flat) for _ in responses] for responses in samples]
 
 

@@ -14,9 +14,3 @@ def gold_scores(
         model, tokenizer, prompts, 1, 512, batch_size, max_new_tokens=max_new_tokens, temperature=temperature
     )
     return [gold_score(prompt, responses[0]) for prompt, responses in zip(prompts, samples, strict=True)]
-
-
-def mean_gold_score(model, tokenizer, prompts: list[str], temperature: float, **kwargs) -> float:
-    """Mean of ``gold_scores``."""
-    scores = gold_scores(model, tokenizer, prompts, temperature, **kwargs)
-    return sum(scores) / len(scores)
