@@ -18,8 +18,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates_and_plots(tmp_path):
     """A short run (20 steps a stage, 64 ranked prompts a round; labeller noise breaks the ties of a barely trained
     model's samples) with two rounds and the over-optimised run, seed 1 (every stage's model and data seeded
-    alike): each stage must read the previous stage's export
-    (round 2's PPO the first round's policy, with SFT as reference), and the summary must hold the evaluation of
+    alike): each stage must read the previous stage's export (round 2's reward model starts from the first round's,
+    round 2's PPO from the first round's policy, with SFT as reference), and the summary must hold the evaluation of
     every model, the win rates and Elo against SFT, both reward models' accuracy and the best-of-n curve."""
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "pipeline.py"), "--outputs", str(tmp_path), "--max_steps", "20",
@@ -51,6 +51,8 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     assert round2["model_name_or_path"] == str(tmp_path / "ppo" / "hf")
     assert round2["ref_model_name_or_path"] == str(tmp_path / "sft" / "hf")
     assert round2["reward_model_name_or_path"] == str(tmp_path / "rm_round2" / "hf")
+    rm_round2 = yaml.safe_load((tmp_path / "rm_round2" / "tensorboard" / "version_0" / "hparams.yaml").read_text())
+    assert rm_round2["model_name_or_path"] == str(tmp_path / "rm" / "hf")  # warm start from round 1's reward model
     rounds = (tmp_path / "pipeline").glob("comparisons*.jsonl")
     lines = {path.name: len(path.read_text().splitlines()) for path in rounds}
     assert lines["comparisons_up_to_round2.jsonl"] == lines["comparisons.jsonl"] + lines["comparisons_round2.jsonl"]
