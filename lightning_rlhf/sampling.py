@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
@@ -43,20 +44,25 @@ class SampleReport:
         )
 
 
-def sample_responses(model, tokenizer, prompts: list, k: int, max_length: int, batch_size: int, **generation) -> list:
-    """``k`` decoded responses for each prompt (strings or chat messages), in prompt order."""
+def sample_responses(
+    model, tokenizer, prompts: list, k: int, max_length: int, batch_size: int, progress: bool = False, **generation
+) -> list:
+    """``k`` decoded responses for each prompt (strings or chat messages), in prompt order; ``progress`` shows a bar
+    (responses done, responses/s, time left) on stderr."""
     records = [Record(f"prompt {i}", {"prompt": prompt}) for i, prompt in enumerate(prompts)]
     examples = Tokenizer(tokenizer, max_length).prompts(records)
     collate = PromptCollator(tokenizer.pad_token_id)
     repeated = [ex for ex in examples for _ in range(k)]
     texts: list[str] = []
     device = next(model.parameters()).device
-    for start in range(0, len(repeated), batch_size):
-        batch = collate(repeated[start : start + batch_size])
-        rollout = generate(
-            model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
-        )
-        texts += decode_responses(tokenizer, rollout)
+    with tqdm(total=len(repeated), desc="sampling", unit="response", disable=not progress) as bar:
+        for start in range(0, len(repeated), batch_size):
+            batch = collate(repeated[start : start + batch_size])
+            rollout = generate(
+                model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
+            )
+            texts += decode_responses(tokenizer, rollout)
+            bar.update(len(rollout.sequences))
     return [texts[i * k : (i + 1) * k] for i in range(len(examples))]
 
 
@@ -120,7 +126,8 @@ def main(argv: list[str] | None = None) -> SampleReport:
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
 
-    judge = make_scorer(args.judge, args.batch_size) if args.judge else None  # a bad judge fails before sampling
+    # Built first, so that a judge that cannot be found fails before the sampling.
+    judge = make_scorer(args.judge, args.batch_size, progress=True) if args.judge else None
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, tokenizer)
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> SampleReport:
         prompts = [r.fields["prompt"] for r in records[: args.limit]]
     samples = sample_responses(
         model, tokenizer, prompts, args.k, args.max_length, args.batch_size,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        progress=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
     )  # fmt: skip
     if args.judge:
         out, report = judge_records(prompts, samples, judge, args.noise, args.seed)

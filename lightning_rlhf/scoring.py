@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.collate import DemonstrationCollator
@@ -41,21 +42,25 @@ def score_records(
     batch_size: int = 32,
     max_length: int = 512,
     subtract_offset: bool = True,
+    progress: bool = False,
 ) -> list[float]:
-    """Reward of each demonstration record, in order. Batches are formed by length to waste little padding."""
+    """Reward of each demonstration record, in order. Batches are formed by length to waste little padding;
+    ``progress`` shows a bar (records done, records/s, time left) on stderr."""
     examples = Tokenizer(tokenizer, max_length).demonstrations(list(records))  # raises on a bad record
     collate = DemonstrationCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     rewards = [0.0] * len(examples)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = collate([examples[i] for i in rows])
-        scores = sequence_rewards(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), subtract_offset
-        )
-        for i, score in zip(rows, scores.tolist(), strict=True):
-            rewards[i] = score
+    with tqdm(total=len(examples), desc="scoring", unit="record", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = collate([examples[i] for i in rows])
+            scores = sequence_rewards(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), subtract_offset
+            )
+            for i, score in zip(rows, scores.tolist(), strict=True):
+                rewards[i] = score
+            bar.update(len(rows))
     return rewards
 
 
@@ -77,7 +82,7 @@ def score_file(
     records, report = read_records(input_path, "demonstration", columns, skip_invalid)
     if report.skipped:
         print(report.summary())
-    rewards = score_records(model, tokenizer, records, batch_size, max_length, subtract_offset=not raw)
+    rewards = score_records(model, tokenizer, records, batch_size, max_length, subtract_offset=not raw, progress=True)
     rows = [{**record.fields, "reward": reward} for record, reward in zip(records, rewards, strict=True)]
     return write_jsonl_atomic(rows, output_path)
 
@@ -123,27 +128,30 @@ def _pointwise(judge: Callable[[str, str], float]) -> Scorer:
     return score
 
 
-def reward_model_scorer(model_dir: str, batch_size: int = 32, device: str = "cpu") -> Scorer:
+def reward_model_scorer(model_dir: str, batch_size: int = 32, device: str = "cpu", progress: bool = False) -> Scorer:
     """Scores from the reward model exported at ``model_dir`` (its ``reward_offset`` subtracted)."""
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, tokenizer).eval().requires_grad_(False).to(device)
 
     def score(prompts: list, responses: list[str]) -> list[float]:
         records = [Record("eval", {"prompt": p, "response": r}) for p, r in zip(prompts, responses, strict=True)]
-        return score_records(model, tokenizer, records, batch_size)
+        return score_records(model, tokenizer, records, batch_size, progress=progress)
 
     return score
 
 
-def make_scorer(judge: Callable[[str, str], float] | str, batch_size: int = 32, device: str = "cpu") -> Scorer:
+def make_scorer(
+    judge: Callable[[str, str], float] | str, batch_size: int = 32, device: str = "cpu", progress: bool = False
+) -> Scorer:
     """A scorer from ``judge``: a function ``(prompt, response) -> float``, ``"gold"`` (the toy task's gold judge),
-    the directory of a reward-model export, or the import path of a function (``package.module.fn``)."""
+    the directory of a reward-model export (``progress``: with a bar), or the import path of a function
+    (``package.module.fn``)."""
     if callable(judge):
         return _pointwise(judge)
     if judge == "gold":
         return _pointwise(gold_score)
     if Path(judge).is_dir():
-        return reward_model_scorer(judge, batch_size, device)
+        return reward_model_scorer(judge, batch_size, device, progress)
     try:
         return _pointwise(import_reward_fn(judge))
     except ValueError as err:
