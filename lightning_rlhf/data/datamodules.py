@@ -208,7 +208,6 @@ class ComparisonDataModule(RecordDataModule):
 
     def setup_extras(self) -> None:
         if not self.normalize_path:
-            rank_zero_info("no normalize_path: the reward model's offset stays 0 (rewards are not centred)")
             return
         hp = self.hparams
         records = self._read(self.normalize_path, hp.split, "demonstration")
