@@ -30,15 +30,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_rlhf.data.records import Record, atomic_file, read_records
+from lightning_rlhf.data.records import atomic_file, read_records
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
 from lightning_rlhf.sampling import sample_responses
-from lightning_rlhf.scoring import import_reward_fn, score_records
-from lightning_rlhf.toy import gold_score, make_prompts, toy_path
+from lightning_rlhf.scoring import import_reward_fn, make_scorer
+from lightning_rlhf.toy import make_prompts, toy_path
 
 ELO_SCALE = 400 / math.log(10)  # Elo points per nat of log-strength: 400 points = 10:1 odds
-Scorer = Callable[[list, list[str]], list[float]]  # (prompts, responses) -> one score per pair
 
 
 # --- the maths: pure functions of score tensors ---------------------------------------------------------------------
@@ -313,39 +311,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 # --- sampling and judging -------------------------------------------------------------------------------------------
-
-
-def _pointwise(judge: Callable[[str, str], float]) -> Scorer:
-    def score(prompts: list, responses: list[str]) -> list[float]:
-        # A chat prompt reaches a text judge as JSON, as in ``sampling.judge_records``.
-        texts = [prompt if isinstance(prompt, str) else json.dumps(prompt) for prompt in prompts]
-        return [float(judge(text, response)) for text, response in zip(texts, responses, strict=True)]
-
-    return score
-
-
-def reward_model_scorer(model_dir: str, batch_size: int = 32, device: str = "cpu") -> Scorer:
-    """Scores from the reward model exported at ``model_dir`` (its ``reward_offset`` subtracted)."""
-    tokenizer = load_tokenizer(model_dir)
-    model = load_reward_model(model_dir, tokenizer).eval().requires_grad_(False).to(device)
-
-    def score(prompts: list, responses: list[str]) -> list[float]:
-        records = [Record("eval", {"prompt": p, "response": r}) for p, r in zip(prompts, responses, strict=True)]
-        return score_records(model, tokenizer, records, batch_size)
-
-    return score
-
-
-def make_scorer(judge: Callable[[str, str], float] | str, batch_size: int = 32, device: str = "cpu") -> Scorer:
-    """A scorer from ``judge``: a function ``(prompt, response) -> float``, ``"gold"`` (the toy task's gold judge),
-    the directory of a reward-model export, or the import path of a function (``package.module.fn``)."""
-    if callable(judge):
-        return _pointwise(judge)
-    if judge == "gold":
-        return _pointwise(gold_score)
-    if Path(judge).is_dir():
-        return reward_model_scorer(judge, batch_size, device)
-    return _pointwise(import_reward_fn(judge))
 
 
 def evaluate_models(

@@ -27,6 +27,9 @@ from lightning_rlhf.losses import IGNORE_INDEX, masked_sum, token_logprobs
 
 BYTE_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 
+# Added to a tokenizer that has no pad token of its own (or uses EOS as one).
+PAD_TOKEN = "<|pad|>"
+
 # A minimal chat template for the byte tokenizer, so chat-message records work without a hub tokenizer.
 BYTE_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
@@ -64,15 +67,41 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model (local directory or hub name), or the byte-level default.
 
-    A tokenizer without a pad token gets its EOS token as pad: padding is always masked out, so sharing
-    the id is safe, and it keeps the vocabulary (and the embedding matrix) unchanged.
+    A tokenizer without a pad token, or whose pad token is its EOS, gets a pad token of its own (``PAD_TOKEN``,
+    added as a special token; the loaders grow the model's embeddings to match). Exports carry it, so tools that find
+    padding by its id (transformers' sequence-classification pooling, ``DataCollatorForLanguageModeling``'s label
+    masking) never take the end-of-turn token for padding.
     """
     tokenizer = byte_level_tokenizer() if name_or_path is None else AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token; set one")
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
+
+
+def fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make ``model`` use ``tokenizer``'s pad id and have an embedding row for each of its tokens.
+
+    Ids beyond the model's embedding are allowed only for special tokens added to the tokenizer (``PAD_TOKEN``, a
+    reward token); their new rows (input and output) start at the mean of the existing ones: deterministic, so a
+    policy and its reference grown from one checkpoint stay identical.
+    """
+    size = model.get_input_embeddings().num_embeddings
+    if size < len(tokenizer):
+        added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        if not set(range(size, len(tokenizer))) <= added:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {size}: they do not belong "
+                "together"
+            )
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        output = model.get_output_embeddings()
+        weights = {id(m.weight): m.weight for m in (model.get_input_embeddings(), output) if m is not None}
+        with torch.no_grad():
+            for weight in weights.values():
+                weight[size:] = weight[:size].mean(0)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -115,11 +144,7 @@ def load_causal_lm(
         if model_config:
             raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
-            f"{model.get_input_embeddings().num_embeddings}: they do not belong together"
-        )
+    fit_to_tokenizer(model, tokenizer)
     return model.train()
 
 

@@ -12,8 +12,10 @@ Architectures that transformers gives a ``…ForSequenceClassification`` class l
 TRL included, read the export too). For the others the same layout (backbone under the architecture's own prefix
 + ``score``) is built from ``GenericForSequenceClassification``; ``load_reward_model`` reads both.
 
-Rewards come from ``sequence_rewards``, never from the HF classes' own pooling: that one looks for the last
-non-pad token id (wrong when pad = EOS) and does not take positions from the mask. PPO loads the reward model
+Rewards come from ``sequence_rewards``: it takes positions from the attention mask, so left- and right-padded rows
+read the same. The HF classes' own pooling (the last token that is not the pad id) agrees with it on right-padded
+rows, because the tokenizer pads with a token of its own, never EOS (``models.load_tokenizer``); their ``logits``
+are the raw reward, before ``reward_offset``. PPO loads the reward model
 with ``load_reward_model(path).eval().requires_grad_(False)`` and a value function initialised from it with
 ``load_reward_model(path)`` + ``token_values``.
 """
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.modeling_layers import GenericForSequenceClassification
 
-from lightning_rlhf.models import default_model_config, position_ids_from_mask, resolve_dtype
+from lightning_rlhf.models import default_model_config, fit_to_tokenizer, position_ids_from_mask, resolve_dtype
 
 OFFSET_KEY = "reward_offset"
 TOKEN_KEY = "reward_token_id"
@@ -73,8 +75,8 @@ def load_reward_model(
         name_or_path: local Hugging Face directory or hub name: a causal LM (e.g. the SFT export, whose
             unembedding is dropped and a freshly initialised ``score`` head added) or a sequence-classification
             checkpoint with one label (its head is kept). ``None`` builds the embedded default from its config.
-        tokenizer: needed for the embedded default (vocabulary size, special tokens) and to fill a missing
-            ``pad_token_id``.
+        tokenizer: needed for the embedded default (vocabulary size, special tokens); when given, the model takes
+            its pad id and grows its embeddings to special tokens added to it (``models.fit_to_tokenizer``).
         dtype: parameter dtype.
         model_config: overrides of the embedded default's config.
     """
@@ -90,8 +92,8 @@ def load_reward_model(
             raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
         config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
         model = _reward_class(config).from_pretrained(name_or_path, config=config, dtype=torch_dtype)
-    if model.config.pad_token_id is None and tokenizer is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer is not None:
+        fit_to_tokenizer(model, tokenizer)
     setattr(model.config, OFFSET_KEY, float(getattr(model.config, OFFSET_KEY, 0.0) or 0.0))
     return model.train()
 

@@ -2,31 +2,32 @@
 
     lightning-rlhf sample --model outputs/sft/hf --k 4 --output outputs/samples.jsonl               # to rank by hand
     lightning-rlhf sample --model outputs/sft/hf --k 4 --judge gold --output outputs/comparisons.jsonl
+    lightning-rlhf sample --model outputs/sft/hf --k 4 --judge outputs/rm/hf --output outputs/comparisons.jsonl
 
 Without a judge each record is ``{"prompt", "responses"}``: add ``"ranks"`` (0 best, ties equal) and it is a
-comparison record. With ``--judge gold`` (the embedded toy task) a simulated labeller ranks them: the gold score
-plus Gaussian noise of scale ``--noise`` (AlpacaFarm-style simulated annotators). Identical samples are merged,
-and prompts whose responses all tie are left out and counted, never dropped silently.
+comparison record. With ``--judge`` a simulated labeller ranks them (AlpacaFarm-style simulated annotators): the
+judge's score plus Gaussian noise of scale ``--noise``. The judge is ``gold`` (the embedded toy task's gold judge),
+a reward-model export directory (its rewards, as ``score`` gives them) or the import path of any function
+``(prompt, response) -> float`` (``package.module.fn``; a chat prompt reaches it as JSON). Identical samples are
+merged, and prompts whose responses all tie are left out and counted, never dropped silently.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.rollout import decode_responses, generate
-from lightning_rlhf.toy import gold_score, make_prompts, toy_path
-
-JUDGES: dict[str, Callable[[str, str], float]] = {"gold": gold_score}
+from lightning_rlhf.scoring import Scorer, make_scorer
+from lightning_rlhf.toy import make_prompts
 
 
 @dataclass
@@ -43,20 +44,25 @@ class SampleReport:
         )
 
 
-def sample_responses(model, tokenizer, prompts: list, k: int, max_length: int, batch_size: int, **generation) -> list:
-    """``k`` decoded responses for each prompt (strings or chat messages), in prompt order."""
+def sample_responses(
+    model, tokenizer, prompts: list, k: int, max_length: int, batch_size: int, progress: bool = False, **generation
+) -> list:
+    """``k`` decoded responses for each prompt (strings or chat messages), in prompt order; ``progress`` shows a bar
+    (responses done, responses/s, time left) on stderr."""
     records = [Record(f"prompt {i}", {"prompt": prompt}) for i, prompt in enumerate(prompts)]
     examples = Tokenizer(tokenizer, max_length).prompts(records)
     collate = PromptCollator(tokenizer.pad_token_id)
     repeated = [ex for ex in examples for _ in range(k)]
     texts: list[str] = []
     device = next(model.parameters()).device
-    for start in range(0, len(repeated), batch_size):
-        batch = collate(repeated[start : start + batch_size])
-        rollout = generate(
-            model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
-        )
-        texts += decode_responses(tokenizer, rollout)
+    with tqdm(total=len(repeated), desc="sampling", unit="response", disable=not progress) as bar:
+        for start in range(0, len(repeated), batch_size):
+            batch = collate(repeated[start : start + batch_size])
+            rollout = generate(
+                model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
+            )
+            texts += decode_responses(tokenizer, rollout)
+            bar.update(len(rollout.sequences))
     return [texts[i * k : (i + 1) * k] for i in range(len(examples))]
 
 
@@ -66,21 +72,26 @@ def rank(scores: list[float]) -> list[int]:
     return [order.index(s) for s in scores]
 
 
-def judge_records(prompts: list, samples: list[list[str]], judge: Callable[[str, str], float], noise: float, seed: int):
-    """Comparison records ranked by ``judge`` + N(0, noise²); returns the records and a ``SampleReport``."""
+def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise: float, seed: int):
+    """Comparison records ranked by ``judge`` + N(0, noise²); returns the records and a ``SampleReport``.
+
+    ``judge`` scores a batch of (prompt, response) pairs (``scoring.make_scorer`` makes one of ``"gold"``, a
+    reward-model directory or a function); all distinct responses go to it in one call.
+    """
     rng = random.Random(seed)
     report = SampleReport(prompts=len(prompts))
+    unique = [list(dict.fromkeys(responses)) for responses in samples]
+    report.merged_duplicates = sum(len(r) - len(u) for r, u in zip(samples, unique, strict=True))
+    pairs = [(prompt, r) for prompt, responses in zip(prompts, unique, strict=True) for r in responses]
+    flat_scores = iter(judge([p for p, _ in pairs], [r for _, r in pairs]) if pairs else [])
     records = []
-    for prompt, responses in zip(prompts, samples, strict=True):
-        unique = list(dict.fromkeys(responses))
-        report.merged_duplicates += len(responses) - len(unique)
-        prompt_text = prompt if isinstance(prompt, str) else json.dumps(prompt)
-        scores = [judge(prompt_text, r) + (rng.gauss(0, noise) if noise else 0.0) for r in unique]
+    for prompt, responses in zip(prompts, unique, strict=True):
+        scores = [next(flat_scores) + (rng.gauss(0, noise) if noise else 0.0) for _ in responses]
         ranks = rank(scores)
         if len(set(ranks)) < 2:
             report.all_tied += 1
             continue
-        records.append({"prompt": prompt, "responses": unique, "ranks": ranks})
+        records.append({"prompt": prompt, "responses": responses, "ranks": ranks})
     report.written = len(records)
     return records, report
 
@@ -88,7 +99,7 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Callable[[str,
 def main(argv: list[str] | None = None) -> SampleReport:
     parser = argparse.ArgumentParser(prog="lightning-rlhf sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face directory (e.g. the SFT export)")
-    parser.add_argument("--prompts", default=toy_path("prompts"), help="prompt records (default: the toy prompts)")
+    parser.add_argument("--prompts", default="toy:prompts", help="prompt records (default: the toy prompts)")
     parser.add_argument(
         "--toy_prompts",
         type=int,
@@ -103,13 +114,20 @@ def main(argv: list[str] | None = None) -> SampleReport:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=512, help="most prompt tokens")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--judge", choices=sorted(JUDGES), default=None, help="rank with a simulated labeller")
+    parser.add_argument(
+        "--judge",
+        default=None,
+        help="rank with a simulated labeller: gold (the toy task), a reward-model directory, or package.module.fn "
+        "naming a function (prompt, response) -> float",
+    )
     parser.add_argument("--noise", type=float, default=0.0, help="std of the labeller's noise on judge scores")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
 
+    # Built first, so that a judge that cannot be found fails before the sampling.
+    judge = make_scorer(args.judge, args.batch_size, progress=True) if args.judge else None
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, tokenizer)
@@ -120,10 +138,10 @@ def main(argv: list[str] | None = None) -> SampleReport:
         prompts = [r.fields["prompt"] for r in records[: args.limit]]
     samples = sample_responses(
         model, tokenizer, prompts, args.k, args.max_length, args.batch_size,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        progress=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
     )  # fmt: skip
     if args.judge:
-        out, report = judge_records(prompts, samples, JUDGES[args.judge], args.noise, args.seed)
+        out, report = judge_records(prompts, samples, judge, args.noise, args.seed)
     else:
         out = [{"prompt": p, "responses": s} for p, s in zip(prompts, samples, strict=True)]
         report = SampleReport(prompts=len(prompts), written=len(out))

@@ -8,7 +8,8 @@ unless ``--raw``) and writes the records with a ``reward`` field as JSON Lines, 
 the output's directory, renamed over the output when complete.
 
 ``import_reward_fn`` resolves PPO's ``reward_fn``: a function ``(prompt, response) -> float`` used instead of a
-reward model.
+reward model. ``make_scorer`` makes one batch scorer of any judge (the toy's gold judge, a reward-model export, such a
+function): ``sample --judge`` ranks with it and ``evaluate`` rates with it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.collate import DemonstrationCollator
@@ -27,6 +29,9 @@ from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards
+from lightning_rlhf.toy import gold_score
+
+Scorer = Callable[[list, list[str]], list[float]]  # (prompts, responses) -> one score per pair
 
 
 @torch.no_grad()
@@ -37,21 +42,25 @@ def score_records(
     batch_size: int = 32,
     max_length: int = 512,
     subtract_offset: bool = True,
+    progress: bool = False,
 ) -> list[float]:
-    """Reward of each demonstration record, in order. Batches are formed by length to waste little padding."""
+    """Reward of each demonstration record, in order. Batches are formed by length to waste little padding;
+    ``progress`` shows a bar (records done, records/s, time left) on stderr."""
     examples = Tokenizer(tokenizer, max_length).demonstrations(list(records))  # raises on a bad record
     collate = DemonstrationCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     rewards = [0.0] * len(examples)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = collate([examples[i] for i in rows])
-        scores = sequence_rewards(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), subtract_offset
-        )
-        for i, score in zip(rows, scores.tolist(), strict=True):
-            rewards[i] = score
+    with tqdm(total=len(examples), desc="scoring", unit="record", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = collate([examples[i] for i in rows])
+            scores = sequence_rewards(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), subtract_offset
+            )
+            for i, score in zip(rows, scores.tolist(), strict=True):
+                rewards[i] = score
+            bar.update(len(rows))
     return rewards
 
 
@@ -73,7 +82,7 @@ def score_file(
     records, report = read_records(input_path, "demonstration", columns, skip_invalid)
     if report.skipped:
         print(report.summary())
-    rewards = score_records(model, tokenizer, records, batch_size, max_length, subtract_offset=not raw)
+    rewards = score_records(model, tokenizer, records, batch_size, max_length, subtract_offset=not raw, progress=True)
     rows = [{**record.fields, "reward": reward} for record, reward in zip(records, rewards, strict=True)]
     return write_jsonl_atomic(rows, output_path)
 
@@ -108,3 +117,44 @@ def import_reward_fn(path: str) -> Callable[[str, str], float]:
     if not callable(function):
         raise ValueError(f"reward_fn={path!r} must name a function (prompt, response) -> float, as package.module.fn")
     return function
+
+
+def _pointwise(judge: Callable[[str, str], float]) -> Scorer:
+    def score(prompts: list, responses: list[str]) -> list[float]:
+        # A chat prompt reaches a text judge as JSON, as in ``sampling.judge_records``.
+        texts = [prompt if isinstance(prompt, str) else json.dumps(prompt) for prompt in prompts]
+        return [float(judge(text, response)) for text, response in zip(texts, responses, strict=True)]
+
+    return score
+
+
+def reward_model_scorer(model_dir: str, batch_size: int = 32, device: str = "cpu", progress: bool = False) -> Scorer:
+    """Scores from the reward model exported at ``model_dir`` (its ``reward_offset`` subtracted)."""
+    tokenizer = load_tokenizer(model_dir)
+    model = load_reward_model(model_dir, tokenizer).eval().requires_grad_(False).to(device)
+
+    def score(prompts: list, responses: list[str]) -> list[float]:
+        records = [Record("eval", {"prompt": p, "response": r}) for p, r in zip(prompts, responses, strict=True)]
+        return score_records(model, tokenizer, records, batch_size, progress=progress)
+
+    return score
+
+
+def make_scorer(
+    judge: Callable[[str, str], float] | str, batch_size: int = 32, device: str = "cpu", progress: bool = False
+) -> Scorer:
+    """A scorer from ``judge``: a function ``(prompt, response) -> float``, ``"gold"`` (the toy task's gold judge),
+    the directory of a reward-model export (``progress``: with a bar), or the import path of a function
+    (``package.module.fn``)."""
+    if callable(judge):
+        return _pointwise(judge)
+    if judge == "gold":
+        return _pointwise(gold_score)
+    if Path(judge).is_dir():
+        return reward_model_scorer(judge, batch_size, device, progress)
+    try:
+        return _pointwise(import_reward_fn(judge))
+    except ValueError as err:
+        raise ValueError(
+            f"judge {judge!r} is neither 'gold', a reward-model directory nor a function package.module.fn: {err}"
+        ) from None

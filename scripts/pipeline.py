@@ -52,12 +52,12 @@ from lightning_rlhf.evaluation import (
     best_of_n_kl,
     plot_win_rates,
     rating_report,
-    reward_model_scorer,
     save_figure_atomic,
     write_json_atomic,
 )
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.sampling import judge_records, sample_responses
+from lightning_rlhf.scoring import make_scorer, reward_model_scorer
 from lightning_rlhf.toy import gold_score, make_prompts
 from lightning_rlhf.toy.evaluate import gold_scores
 
@@ -114,7 +114,7 @@ def sft_samples(sft_dir: Path, prompts: list[str], k: int, temperature: float, s
 def reward_accuracy(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> dict[str, float]:
     """Pairwise accuracy of the reward model against the gold judge over every pair of distinct samples of a prompt
     that the gold judge does not tie."""
-    comparisons, _ = judge_records(prompts, samples, gold_score, noise=0.0, seed=0)
+    comparisons, _ = judge_records(prompts, samples, make_scorer("gold"), noise=0.0, seed=0)
     rewards = rm_scores(rm_dir, [c["prompt"] for c in comparisons], [c["responses"] for c in comparisons])
     correct = total = 0
     for comparison, scores in zip(comparisons, rewards, strict=True):
@@ -212,7 +212,8 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list[str])
         fit("sft", "configs/sft.yaml")
     comparisons = [ranked_samples("comparisons", sft, 1)]
     from_sft = f"--model.init_args.model_name_or_path={sft}"
-    fit("rm", "configs/rm.yaml", from_sft, f"--data.init_args.train_path={comparisons[0]}")
+    toy_normalization = "--data.init_args.normalize_path=toy:demonstrations"  # rewards centred on the toy demos
+    fit("rm", "configs/rm.yaml", from_sft, f"--data.init_args.train_path={comparisons[0]}", toy_normalization)
     against_rm = (f"--model.init_args.reward_model_name_or_path={outputs / 'rm' / 'hf'}",
                   f"--model.init_args.judge_fn={GOLD}")  # fmt: skip
     ppo("ppo", sft, *against_rm)
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list[str])
         last_rm = reward_models["reward_model" if round_ == 2 else f"reward_model_round{round_ - 1}"]
         fit(f"rm_round{round_}", "configs/rm.yaml", f"--model.init_args.model_name_or_path={last_rm}",
             f"--data.init_args.train_path={everything}", f"--model.init_args.optimizer.init_args.lr={RM_ROUND_LR}",
-            steps=RM_ROUND_STEPS)  # fmt: skip
+            toy_normalization, steps=RM_ROUND_STEPS)  # fmt: skip
         ppo(f"ppo_round{round_}", last, f"--model.init_args.ref_model_name_or_path={sft}",
             f"--model.init_args.reward_model_name_or_path={outputs / f'rm_round{round_}' / 'hf'}",
             f"--model.init_args.judge_fn={GOLD}")  # fmt: skip

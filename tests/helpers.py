@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 
@@ -31,6 +32,46 @@ def make_tiny_export(directory, seed: int = 0) -> str:
     tokenizer = load_tokenizer(None)
     model = load_causal_lm(None, tokenizer, "float32", TINY_CONFIG)
     return str(export_pretrained(model, tokenizer, directory))
+
+
+# Real checkpoints' chat templates: ChatML (Qwen2-style; each turn closed by "<|im_end|>\n") and Llama-3-style (turns
+# closed by "<|eot_id|>", BOS written by the template).
+CHAT_STYLES = {
+    "chatml": {
+        "template": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        "specials": {"eos_token": "<|im_end|>"},
+        "extra": ["<|im_start|>"],
+    },
+    "llama3": {
+        "template": "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+        "specials": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        "extra": ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"],
+    },
+}
+
+
+def bpe_tokenizer(style: str, **specials: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here on a few strings, with ``style``'s chat template and special tokens
+    (``specials`` override them) and no pad token, as real checkpoints ship them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    chat = CHAT_STYLES[style]
+    vocabulary_specials = [*chat["specials"].values(), *chat["extra"], *specials.values()]
+    specials = {**chat["specials"], **specials}
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=list(dict.fromkeys(vocabulary_specials)),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    backend.train_from_iterator(["Reverse: abcde\nedcba", "the quick brown fox jumps over the lazy dog"] * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    tokenizer.chat_template = chat["template"]
+    return tokenizer
 
 
 def end_distributed() -> None:

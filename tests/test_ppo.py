@@ -341,7 +341,7 @@ def test_judge_fn_is_logged_beside_the_reward_models_score_on_train_and_validati
 def test_a_reward_model_with_another_tokenizer_is_refused(exports, tmp_path):
     """Token ids only mean the same to policy and reward model if they share a vocabulary."""
     tokenizer = load_tokenizer(exports[1])
-    tokenizer.add_tokens(["<extra>"])
+    tokenizer.add_tokens(["<extra>"], special_tokens=True)  # the loader grows the embedding to it
     other = export_pretrained(load_reward_model(exports[1], tokenizer), tokenizer, tmp_path / "other_rm")
     module = PPOModule(exports[0], str(other))
     with pytest.raises(ValueError, match="different tokenizers"):

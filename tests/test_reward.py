@@ -323,7 +323,7 @@ def test_rm_config_trains_from_an_sft_export_exports_and_scores_through_the_cli(
         "--trainer.limit_val_batches=4",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--model.init_args.model_name_or_path={sft_dir}", f"--model.init_args.export_dir={tmp_path / 'rm'}",
-        f"--data.init_args.normalize_path={demonstrations}", "--data.init_args.normalize_max_records=40",
+        "--data.init_args.normalize_path=toy:demonstrations", "--data.init_args.normalize_max_records=40",
         cwd=tmp_path,
     )  # fmt: skip
     (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")

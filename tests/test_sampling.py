@@ -5,7 +5,9 @@ import json
 from lightning_rlhf import ComparisonDataModule, sampling
 from lightning_rlhf.cli import main
 from lightning_rlhf.sampling import judge_records, rank
-from lightning_rlhf.toy import gold_score
+from lightning_rlhf.scoring import make_scorer
+
+GOLD = make_scorer("gold")
 
 
 def test_rank_is_dense_with_ties_sharing_a_rank():
@@ -17,18 +19,16 @@ def test_judge_merges_duplicates_and_counts_prompts_that_all_tie():
     Prompt 2: the same response four times -> one unique response, nothing to prefer: left out and counted."""
     prompts = ["Reverse: abc\n", "Reverse: xyz\n"]
     samples = [["cba", "cb", "cba", "cb"], ["zy"] * 4]
-    records, report = judge_records(prompts, samples, gold_score, noise=0.0, seed=0)
+    records, report = judge_records(prompts, samples, GOLD, noise=0.0, seed=0)
     assert records == [{"prompt": prompts[0], "responses": ["cba", "cb"], "ranks": [0, 1]}]
     assert (report.prompts, report.written, report.all_tied, report.merged_duplicates) == (2, 1, 1, 5)
 
 
 def test_noise_can_flip_the_labeller_but_is_seeded():
     prompts, samples = ["Reverse: abcdef\n"] * 200, [["fedcba", "fedcb"]] * 200
-    flipped = sum(r["ranks"] == [1, 0] for r in judge_records(prompts, samples, gold_score, 0.5, seed=1)[0])
+    flipped = sum(r["ranks"] == [1, 0] for r in judge_records(prompts, samples, GOLD, 0.5, seed=1)[0])
     assert 0 < flipped < 100
-    assert judge_records(prompts, samples, gold_score, 0.5, seed=1) == judge_records(
-        prompts, samples, gold_score, 0.5, seed=1
-    )
+    assert judge_records(prompts, samples, GOLD, 0.5, seed=1) == judge_records(prompts, samples, GOLD, 0.5, seed=1)
 
 
 def test_sample_cli_writes_k_responses_or_judged_comparisons_the_datamodule_reads(tiny_model_dir, tmp_path):

@@ -19,7 +19,6 @@ from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollato
 from lightning_rlhf.data.records import Record, read_records
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
-from lightning_rlhf.toy import toy_path
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +115,8 @@ class RecordDataModule(L.LightningDataModule):
         train_path = hp.train_path or self.default_train_path
         if train_path is None:
             raise ValueError(f"{type(self).__name__} needs train_path")
+        if not hp.train_path:
+            rank_zero_info(f"{type(self).__name__}: no train_path given, so the toy task's data: {train_path}")
         train_records = self._read(train_path, hp.split)
         if hp.val_path:
             val_records = self._read(hp.val_path, hp.val_split)
@@ -169,7 +170,7 @@ class DemonstrationDataModule(RecordDataModule):
     """``{"prompt", "response"}`` records for supervised fine-tuning; batches from ``DemonstrationCollator``."""
 
     kind = "demonstration"
-    default_train_path = toy_path("demonstrations")
+    default_train_path = "toy:demonstrations"
 
     def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
         return tokenizer.demonstrations(records)
@@ -182,21 +183,26 @@ class ComparisonDataModule(RecordDataModule):
     """``{"prompt", "responses", "ranks"}`` (or ``chosen`` / ``rejected``) records, batched by prompt.
 
     Optionally also a reward-normalisation set: demonstrations whose mean reward ``RewardModule`` stores as its
-    offset when fit ends (``normalize_dataloader``).
+    offset when fit ends (``normalize_dataloader``). Like the training data, it defaults to the toy task's only
+    when the training data is the toy task's: a user's comparisons are never normalised on toy demonstrations.
     """
 
     kind = "comparison"
-    default_train_path = toy_path("comparisons")
+    default_train_path = "toy:comparisons"
+    default_normalize_path = "toy:demonstrations"
 
     def __init__(self, *args, normalize_path: str | None = None, normalize_max_records: int | None = 1000, **kwargs):
         """
         Args:
             normalize_path: demonstration records (``{"prompt", "response"}``, e.g. the SFT data) whose mean reward
-                ``RewardModule`` subtracts at scoring time, so that they average 0; ``None`` for no normalisation.
+                ``RewardModule`` subtracts at scoring time, so that they average 0. ``None``: the toy task's
+                demonstrations when training on its shipped comparisons (no ``train_path``), else no normalisation.
             normalize_max_records: use at most this many of them (the first ones).
             *args, **kwargs: as ``RecordDataModule``.
         """
         super().__init__(*args, **kwargs)
+        if normalize_path is None and not self.hparams.train_path:
+            normalize_path = self.default_normalize_path
         self.normalize_path, self.normalize_max_records = normalize_path, normalize_max_records
         self.normalize_examples: list[Any] = []
 
@@ -252,7 +258,7 @@ class PromptDataModule(RecordDataModule):
     """
 
     kind = "prompt"
-    default_train_path = toy_path("prompts")
+    default_train_path = "toy:prompts"
 
     def __init__(self, *args, pretrain_path: str | None = None, pretrain_max_length: int = 512, **kwargs):
         """

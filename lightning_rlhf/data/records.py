@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from lightning_rlhf.toy import resolve_source
+
 FILE_TYPES = (".jsonl", ".json", ".parquet")
 
 
@@ -211,7 +213,8 @@ def read_records(
     """Validated records of ``kind`` (see ``VALIDATORS``) from ``source``.
 
     Args:
-        source: file, saved dataset directory or ``datasets`` name.
+        source: file, saved dataset directory or ``datasets`` name; ``toy:NAME`` for the toy data shipped in the
+            package (``toy.resolve_source``).
         kind: ``demonstration``, ``comparison``, ``prompt`` or ``text``.
         columns: our field name -> the source's column name, e.g. ``{"prompt": "question"}``.
         skip_invalid: count and skip invalid records instead of raising.
@@ -224,7 +227,7 @@ def read_records(
     rename = {source_name: ours for ours, source_name in (columns or {}).items()}
     report = ReadReport(source=source)
     records = []
-    for location, row in read_rows(source, split):
+    for location, row in read_rows(resolve_source(source), split):
         try:
             if isinstance(row, RecordError):
                 raise row

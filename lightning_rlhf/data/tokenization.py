@@ -2,7 +2,11 @@
 
 Prompt and response are rendered (chat messages through the tokenizer's chat template) and tokenized
 separately, then concatenated: the boundary is exact, so the prompt is masked from the loss token for token.
-Every response ends with the tokenizer's EOS so that models learn to stop.
+
+Every response ends with its end-of-turn token, the tokenizer's EOS, exactly once, so that models learn to stop
+where generation stops (``rollout.generate`` ends a response at its first EOS): a chat response ends at the first
+EOS the template writes, and template text after it (ChatML's ``"<|im_end|>\n"`` newline) is no part of it; a
+response without one (plain text, or a template that closes turns with ordinary text) gets EOS appended.
 
 Truncation policy, for ``max_length`` = prompt + response tokens:
 - a prompt is never cut: one that leaves no room for a single response token is an error
@@ -75,14 +79,32 @@ class Tokenizer:
         # A chat template writes its own special tokens (BOS included) into the text.
         return self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
-    def _response_ids(self, text: str, room: int) -> list[int]:
+    def _response_ids(self, text: str, room: int, chat: bool) -> list[int]:
+        """The response's tokens up to and including its first EOS (appended when it has none), cut to ``room``."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids or ids[-1] != self.tokenizer.eos_token_id:
-            ids = ids + [self.tokenizer.eos_token_id]
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            ids = ids[: ids.index(eos) + 1]
+        else:
+            if chat:
+                self._check_turn_end(ids)
+            ids = ids + [eos]
         if len(ids) > room:
             self.report.truncated += 1
             ids = ids[:room]
         return ids
+
+    def _check_turn_end(self, response_ids: list[int]) -> None:
+        """Refuse a chat template that closes the assistant's turn with a special token other than EOS: EOS after
+        it would end every response twice, and generation, which stops at EOS, would run past the turn's end."""
+        special = {i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special}
+        closing = [i for i in response_ids if i in special]
+        if closing:
+            token, eos = self.tokenizer.convert_ids_to_tokens(closing[-1]), self.tokenizer.eos_token
+            raise ValueError(
+                f"the chat template ends a turn with {token!r} but the tokenizer's EOS is {eos!r}: set the tokenizer's "
+                f"eos_token to {token!r} (tokenizer.eos_token = {token!r}; tokenizer.save_pretrained(...))"
+            )
 
     def _prompt(self, record: Record, response: Any = None, reserve: int = 1) -> tuple[list[int], str | None]:
         prompt = record.fields["prompt"]
@@ -107,17 +129,17 @@ class Tokenizer:
 
     def _demonstration(self, record: Record) -> dict[str, list[int]]:
         prompt_ids, response_text = self._prompt(record, record.fields["response"])
-        response_ids = self._response_ids(response_text, self.max_length - len(prompt_ids))
+        chat = not isinstance(record.fields["prompt"], str)
+        response_ids = self._response_ids(response_text, self.max_length - len(prompt_ids), chat)
         return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
 
     def _comparison(self, record: Record) -> dict[str, Any]:
         responses = record.fields["responses"]
         # Render each response after the same prompt; the prompt ids are shared.
         prompt_ids, _ = self._prompt(record)
-        room = self.max_length - len(prompt_ids)
-        response_ids = [
-            self._response_ids(render(self.tokenizer, record.fields["prompt"], r)[1], room) for r in responses
-        ]
+        room, prompt = self.max_length - len(prompt_ids), record.fields["prompt"]
+        chat = not isinstance(prompt, str)
+        response_ids = [self._response_ids(render(self.tokenizer, prompt, r)[1], room, chat) for r in responses]
         return {"prompt_ids": prompt_ids, "response_ids": response_ids, "ranks": list(record.fields["ranks"])}
 
     def _prompt_only(self, record: Record) -> dict[str, list[int]]:

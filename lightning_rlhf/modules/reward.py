@@ -83,9 +83,7 @@ class RewardModule(L.LightningModule):
         self.model = load_reward_model(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config)
         # A stored offset belongs to the weights it was measured on; training changes them.
         setattr(self.model.config, OFFSET_KEY, 0.0)
-        if hp.reward_token is not None:
-            if self.model.get_input_embeddings().num_embeddings < len(self.tokenizer):
-                self.model.resize_token_embeddings(len(self.tokenizer))
+        if hp.reward_token is not None:  # load_reward_model grew the embedding to the added token
             setattr(self.model.config, TOKEN_KEY, self.tokenizer.convert_tokens_to_ids(hp.reward_token))
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()

@@ -17,9 +17,22 @@ PROMPT_PREFIX = "Reverse: "
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 
+TOY_SCHEME = "toy:"
+
+
 def toy_path(name: str) -> str:
     """Path of a shipped toy file, e.g. ``toy_path("demonstrations")``."""
-    return str(DATA_DIR / f"{name}.jsonl")
+    path = DATA_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        shipped = ", ".join(f"{TOY_SCHEME}{p.stem}" for p in sorted(DATA_DIR.glob("*.jsonl")))
+        raise FileNotFoundError(f"{TOY_SCHEME}{name}: the package ships no such toy data; it has {shipped}")
+    return str(path)
+
+
+def resolve_source(source: str) -> str:
+    """``toy:NAME`` (``toy:demonstrations``, ``toy:comparisons``, ``toy:prompts``) is the toy data shipped inside the
+    package, found wherever the command runs; any other source comes back as given."""
+    return toy_path(source.removeprefix(TOY_SCHEME)) if source.startswith(TOY_SCHEME) else source
 
 
 def _word(rng: random.Random, min_len: int = 3, max_len: int = 8) -> str:
