@@ -213,6 +213,17 @@ def export_pretrained(
     return target
 
 
+def tied_duplicates(model: torch.nn.Module) -> list[str]:
+    """Names of parameters that are another parameter under a second name (a tied ``lm_head.weight``)."""
+    first: dict[int, str] = {}
+    duplicates = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            duplicates.append(name)
+        first.setdefault(id(param), name)
+    return duplicates
+
+
 def export_from_trainer(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike):
     """Export ``trainer.lightning_module.<attribute>`` in Hugging Face format, whatever the strategy.
 
@@ -231,7 +242,10 @@ def export_from_trainer(trainer, attribute: str, tokenizer: PreTrainedTokenizerB
     else:
         state = trainer.strategy.lightning_module_state_dict()
     if trainer.is_global_zero:
+        model = getattr(trainer.lightning_module, attribute)
         prefix = f"{attribute}."
         weights = {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
-        export_pretrained(getattr(trainer.lightning_module, attribute), tokenizer, directory, state_dict=weights)
+        for name in tied_duplicates(model):  # gathered copies no longer share memory: save_pretrained would keep both
+            weights.pop(name, None)
+        export_pretrained(model, tokenizer, directory, state_dict=weights)
     trainer.strategy.barrier("export")

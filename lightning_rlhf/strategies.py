@@ -27,12 +27,21 @@ def clip_gradients(
     module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
 
 
+def has_tied_embeddings(model: nn.Module) -> bool:
+    """Whether the model's unembedding (``lm_head``) shares its weight with the input embedding."""
+    get_output, get_input = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    output = get_output() if get_output is not None else None
+    return output is not None and get_input is not None and output.weight is get_input().weight
+
+
 def fully_shard_model(model: nn.Module, mesh) -> None:
     """FSDP2 (``fully_shard``) for ``ModelParallelStrategy``: each transformer block, the backbone and a scalar head
     are units of their own, then the whole model.
 
     Backbone and head get their own units because reward and value models call them directly
     (``reward_model.sequence_rewards``), bypassing the root module's forward that would gather its parameters.
+    A causal LM whose ``lm_head`` is tied to the embedding (Llama-3.2 1B/3B, small Qwen2.5, Gemma) keeps its
+    backbone in the root unit: one parameter cannot belong to two units, and a causal LM is only called whole.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -40,7 +49,7 @@ def fully_shard_model(model: nn.Module, mesh) -> None:
     for module in model.modules():
         if type(module).__name__ in block_classes:
             fully_shard(module, mesh=mesh)
-    if getattr(model, "base_model", model) is not model:
+    if getattr(model, "base_model", model) is not model and not has_tied_embeddings(model):
         fully_shard(model.base_model, mesh=mesh)
     if isinstance(getattr(model, "score", None), nn.Module):
         fully_shard(model.score, mesh=mesh)

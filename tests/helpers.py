@@ -25,11 +25,12 @@ TINY_CONFIG = {
 }
 
 
-def make_tiny_export(directory, seed: int = 0) -> str:
-    """A tiny Llama with the byte-level tokenizer, exported in Hugging Face format to ``directory``."""
+def make_tiny_export(directory, seed: int = 0, tied: bool = False) -> str:
+    """A tiny Llama with the byte-level tokenizer, exported in Hugging Face format to ``directory``; ``tied``: its
+    ``lm_head`` shares the embedding's weight (as in Llama-3.2 1B/3B, small Qwen2.5, Gemma)."""
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(None)
-    model = load_causal_lm(None, tokenizer, "float32", TINY_CONFIG)
+    model = load_causal_lm(None, tokenizer, "float32", {**TINY_CONFIG, "tie_word_embeddings": tied})
     return str(export_pretrained(model, tokenizer, directory))
 
 

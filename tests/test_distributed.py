@@ -105,8 +105,9 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
 @pytest.mark.slow
 def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processes(tmp_path):
     """configs/ppo_fsdp2.yaml through the CLI, only the device overridden (2 CPU processes instead of GPUs): FSDP2 in
-    bf16-true trains, exports a bf16 Hugging Face model, writes a sharded checkpoint, and resumes from it."""
-    sft_dir = make_tiny_export(tmp_path / "sft")
+    bf16-true trains, exports a bf16 Hugging Face model, writes a sharded checkpoint, and resumes from it. Policy and
+    reference have tied embeddings."""
+    sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     tokenizer = load_tokenizer(sft_dir)
     rm_dir = export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
 
@@ -136,8 +137,9 @@ def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processe
 def test_sft_reward_model_and_dpo_under_fsdp2_match_ddp(tmp_path):
     """The same 3 clipped steps from the same start with DDP and with FSDP2 (every model fully_shard-ed over the
     data-parallel mesh, DPO's live reference included): the gathered exports agree to float32 reduction order,
-    and so does the reward model's normalisation offset (a forward every rank makes on the same data)."""
-    sft_dir = make_tiny_export(tmp_path / "sft")
+    and so does the reward model's normalisation offset (a forward every rank makes on the same data). The start
+    has tied embeddings, which FSDP2 refused while the backbone was a unit of its own."""
+    sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     comparisons = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     demonstrations = tmp_path / "demonstrations.jsonl"
     demonstrations.write_text(
@@ -155,3 +157,24 @@ def test_sft_reward_model_and_dpo_under_fsdp2_match_ddp(tmp_path):
         assert not torch.equal(ddp[moved], start[moved]), stage
     offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{name}").reward_offset for name in ("ddp", "fsdp2")]
     assert offsets[0] != 0 and offsets[1] == pytest.approx(offsets[0], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sft_with_tied_embeddings_trains_and_exports_under_fsdp2_through_the_cli(tmp_path):
+    """The command of issue 12: FSDP2 gave the backbone a unit of its own while the tied ``lm_head`` stayed in the
+    root, and failed with 'Parameter model.embed_tokens.weight is shared with a parameter already managed by another
+    FSDP group'. Now it trains and exports a tied model that plain transformers loads."""
+    run_cli(
+        "fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.init_args.data_parallel_size=2", "--trainer.strategy.init_args.tensor_parallel_size=1",
+        '--model.init_args.model_config={"tie_word_embeddings": true}', "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.export_dir={tmp_path / 'hf'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.config.tie_word_embeddings
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    ids = torch.tensor([[1, 40, 41, 42]])
+    assert torch.isfinite(exported(input_ids=ids).logits).all()
