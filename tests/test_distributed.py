@@ -134,29 +134,35 @@ def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processe
 
 
 @pytest.mark.slow
-def test_sft_reward_model_and_dpo_under_fsdp2_match_ddp(tmp_path):
-    """The same 3 clipped steps from the same start with DDP and with FSDP2 (every model fully_shard-ed over the
-    data-parallel mesh, DPO's live reference included): the gathered exports agree to float32 reduction order,
-    and so does the reward model's normalisation offset (a forward every rank makes on the same data). The start
-    has tied embeddings, which FSDP2 refused while the backbone was a unit of its own."""
+def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path):
+    """The same 3 clipped steps from the same start with DDP, with FSDP2 (every model fully_shard-ed over the
+    data-parallel mesh, DPO's live reference included) and (SFT and reward model) with FSDP1 on 2 ranks (norm clipping
+    through the root FSDP module): the gathered exports agree to float32 reduction order, and so does the reward model's normalisation
+    offset (forwards every rank makes on the same data; under FSDP1 they crashed with "'weight' must be 2-D" outside
+    the root module's forward, and no export was written). The start has tied embeddings, which FSDP2 refused while
+    the backbone was a unit of its own."""
     sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     comparisons = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     demonstrations = tmp_path / "demonstrations.jsonl"
     demonstrations.write_text(
         "".join(json.dumps({"prompt": f"Q{i}: ", "response": "abcdef"[i % 6 :]}) + "\n" for i in range(16))
     )
-    run_python(str(REPO / "tests" / "fsdp2_script.py"), str(tmp_path), sft_dir, comparisons, str(demonstrations),
+    run_python(str(REPO / "tests" / "sharded_script.py"), str(tmp_path), sft_dir, comparisons, str(demonstrations),
                cwd=tmp_path)  # fmt: skip
     start = load_file(Path(sft_dir) / "model.safetensors")
     for stage in ("sft", "rm", "dpo"):
-        ddp, fsdp2 = (load_file(tmp_path / f"{stage}_{name}" / "model.safetensors") for name in ("ddp", "fsdp2"))
-        assert ddp.keys() == fsdp2.keys()
-        for name, weight in ddp.items():
-            torch.testing.assert_close(fsdp2[name], weight, atol=1e-5, rtol=1e-4, msg=f"{stage}: {name}")
+        ddp = load_file(tmp_path / f"{stage}_ddp" / "model.safetensors")
         moved = "model.layers.0.mlp.up_proj.weight"
         assert not torch.equal(ddp[moved], start[moved]), stage
-    offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{name}").reward_offset for name in ("ddp", "fsdp2")]
-    assert offsets[0] != 0 and offsets[1] == pytest.approx(offsets[0], abs=1e-5)
+        for sharded in ("fsdp2", "fsdp1") if stage != "dpo" else ("fsdp2",):
+            weights = load_file(tmp_path / f"{stage}_{sharded}" / "model.safetensors")
+            assert ddp.keys() == weights.keys()
+            for name, weight in ddp.items():
+                torch.testing.assert_close(
+                    weights[name], weight, atol=1e-5, rtol=1e-4, msg=f"{stage} {sharded}: {name}"
+                )
+    offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{name}").reward_offset for name in ("ddp", "fsdp2", "fsdp1")]
+    assert offsets[0] != 0 and offsets[1:] == pytest.approx([offsets[0]] * 2, abs=1e-5)
 
 
 @pytest.mark.slow
