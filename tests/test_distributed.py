@@ -136,11 +136,11 @@ def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processe
 @pytest.mark.slow
 def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path):
     """The same 3 clipped steps from the same start with DDP, with FSDP2 (every model fully_shard-ed over the
-    data-parallel mesh, DPO's live reference included) and (SFT and reward model) with FSDP1 on 2 ranks (norm clipping
-    through the root FSDP module): the gathered exports agree to float32 reduction order, and so does the reward model's normalisation
-    offset (forwards every rank makes on the same data; under FSDP1 they crashed with "'weight' must be 2-D" outside
-    the root module's forward, and no export was written). The start has tied embeddings, which FSDP2 refused while
-    the backbone was a unit of its own."""
+    data-parallel mesh, DPO's live reference included) and, for SFT and the reward model, with FSDP1 on 2 ranks (norm
+    clipping through the root FSDP module): the gathered exports agree to float32 reduction order, and so does the
+    reward model's normalisation offset (forwards every rank makes on the same data; under FSDP1 they crashed with
+    "'weight' must be 2-D" outside the root module's forward, and no export was written). The start has tied
+    embeddings, which FSDP2 refused while the backbone was a unit of its own."""
     sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     comparisons = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     demonstrations = tmp_path / "demonstrations.jsonl"
