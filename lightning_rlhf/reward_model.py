@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.modeling_layers import GenericForSequenceClassification
 
-from lightning_rlhf.models import default_model_config, position_ids_from_mask, resolve_dtype
+from lightning_rlhf.models import default_model_config, keep_float32_buffers, position_ids_from_mask, resolve_dtype
 
 OFFSET_KEY = "reward_offset"
 TOKEN_KEY = "reward_token_id"
@@ -93,6 +93,7 @@ def load_reward_model(
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     setattr(model.config, OFFSET_KEY, float(getattr(model.config, OFFSET_KEY, 0.0) or 0.0))
+    keep_float32_buffers(model)
     return model.train()
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.optim import Optimizer
+from torchmetrics import Metric
 
 
 def clip_gradients(
@@ -85,3 +87,15 @@ def gathered(model: nn.Module) -> Iterator[None]:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+
+def reset_float32(metrics: Iterable[Metric]) -> None:
+    """Reset torchmetrics states, in float32 whatever the module was cast to.
+
+    ``precision="bf16-true"`` casts the whole LightningModule, metric states included (torchmetrics ignores
+    ``.bfloat16()`` but not ``.to(dtype)``): sums of losses and token counts were then kept in bf16, where a count
+    stops growing at 2^18 and every addition rounds to 8 significant bits.
+    """
+    for metric in metrics:
+        metric.set_dtype(torch.float32)
+        metric.reset()

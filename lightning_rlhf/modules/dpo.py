@@ -37,7 +37,7 @@ from lightning_rlhf.models import (
     sequence_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.strategies import clip_gradients, fully_shard_models
+from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
 
 METRICS = (
     "rewards/chosen",
@@ -229,8 +229,8 @@ class DPOModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         # States last reset under trainer.validate's inference mode could not be updated in fit's no-grad mode.
-        for metric in self.val_metrics.values():
-            metric.reset()
+        # In float32: bf16-true casts them with the module.
+        reset_float32(self.val_metrics.values())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, n_prompts, stats = self._step(batch)

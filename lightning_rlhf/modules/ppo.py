@@ -59,7 +59,7 @@ from lightning_rlhf.optim import clip_grad_norms, optimizer_config, trainable
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
 from lightning_rlhf.rollout import Experience, Rollout, build_experience, decode_responses, generate
 from lightning_rlhf.scoring import import_reward_fn
-from lightning_rlhf.strategies import fully_shard_models, gathered
+from lightning_rlhf.strategies import fully_shard_models, gathered, reset_float32
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
@@ -412,8 +412,8 @@ class PPOModule(L.LightningModule):
     # -- validation -------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         # States last reset under trainer.validate's inference mode could not be updated in fit's no-grad mode.
-        for metric in self.val_metrics.values():
-            metric.reset()
+        # In float32: bf16-true casts them with the module.
+        reset_float32(self.val_metrics.values())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with self.seeded(VAL_STREAM, batch_idx):

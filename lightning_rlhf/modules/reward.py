@@ -24,7 +24,7 @@ from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_from_trainer, load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
-from lightning_rlhf.strategies import clip_gradients, fully_shard_models
+from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -114,8 +114,8 @@ class RewardModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # Fresh states here, not only after compute(): states reset under trainer.validate's inference mode
         # could not be updated by a later fit's validation (run under no_grad).
-        for metric in self.val_metrics.values():
-            metric.reset()
+        # In float32: bf16-true casts them with the module.
+        reset_float32(self.val_metrics.values())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self._step(batch)
