@@ -103,10 +103,10 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
 
 
 @pytest.mark.slow
-def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processes(tmp_path):
+def test_ppo_fsdp2_config_trains_in_mixed_bf16_exports_and_resumes_on_two_cpu_processes(tmp_path):
     """configs/ppo_fsdp2.yaml through the CLI, only the device overridden (2 CPU processes instead of GPUs): FSDP2 in
-    bf16-true trains, exports a bf16 Hugging Face model, writes a sharded checkpoint, and resumes from it. Policy and
-    reference have tied embeddings."""
+    bf16 mixed precision trains, exports its float32 master weights in Hugging Face format, writes a sharded
+    checkpoint, and resumes from it. Policy and reference have tied embeddings."""
     sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     tokenizer = load_tokenizer(sft_dir)
     rm_dir = export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
@@ -124,7 +124,7 @@ def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processe
 
     run(8)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert exported.config.dtype == torch.bfloat16
+    assert exported.config.dtype == torch.float32
     start = AutoModelForCausalLM.from_pretrained(sft_dir)
     assert not torch.equal(exported.lm_head.weight.float(), start.lm_head.weight)
     (checkpoint,) = (tmp_path / "tensorboard").glob("version_0/checkpoints/last.ckpt")
@@ -184,3 +184,20 @@ def test_sft_with_tied_embeddings_trains_and_exports_under_fsdp2_through_the_cli
     assert exported.lm_head.weight is exported.model.embed_tokens.weight
     ids = torch.tensor([[1, 40, 41, 42]])
     assert torch.isfinite(exported(input_ids=ids).logits).all()
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_keeps_float32_master_weights_and_computes_in_bf16(tmp_path):
+    """Under ModelParallelStrategy, precision="bf16-mixed" is FSDP2's MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32): the stored shards, their gradients and AdamW's state are float32 (pure-bf16 weights barely
+    move at RLHF learning rates), while each block is gathered and computed in bf16."""
+    out = tmp_path / "dtypes.json"
+    run_python(str(REPO / "tests" / "mixed_precision_script.py"), str(out), str(tmp_path), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report == {
+        "compute_weight": "torch.bfloat16",
+        "compute_input": "torch.bfloat16",
+        "stored_weight": "torch.float32",
+        "stored_grad": "torch.float32",
+        "optimizer_state": "torch.float32",
+    }
