@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import (
     AutoModelForCausalLM,
@@ -158,11 +159,21 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """``(b, t, v)`` logits with padding-independent positions."""
-    return model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).logits
+def forward_logits(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0
+) -> Tensor:
+    """``(b, t, v)`` logits with padding-independent positions; ``(b, k, v)`` for the last ``logits_to_keep = k``
+    columns only (the unembedding then runs over those alone: at a 128k vocabulary it dominates the memory)."""
+    kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+    position_ids = position_ids_from_mask(attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs).logits
+
+
+def next_tokens(labels: Tensor) -> Tensor:
+    """``(b, t)`` labels shifted left by one, ``IGNORE_INDEX`` in the last column: column ``t`` holds the token that
+    ``logits[:, t]`` predicts. Shifting the labels, not the logits, keeps ``logits[:, :-1]`` from being copied (and
+    saved for backward)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def shifted_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,9 +181,8 @@ def shifted_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
     ``logits[:, t]`` predicts token ``t + 1``; label ``IGNORE_INDEX`` (prompt, padding) is not scored.
     """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    return token_logprobs(logits[:, :-1], targets), mask
+    targets = next_tokens(labels)
+    return token_logprobs(logits, targets)[:, :-1], (targets != IGNORE_INDEX)[:, :-1]
 
 
 def sequence_logprobs(
