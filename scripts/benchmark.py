@@ -244,6 +244,17 @@ def demonstrations_path(args) -> str:
     return str(path)
 
 
+def prompts_path(args) -> str:
+    """The toy prompts, or ``--synthetic`` ones of ``--max-length`` tokens (bytes) in a temp file."""
+    if not args.synthetic:
+        return toy_path("prompts")
+    rng = random.Random(0)
+    path = Path(tempfile.mkdtemp()) / "prompts.jsonl"
+    prompts = ["".join(rng.choice(string.ascii_lowercase) for _ in range(args.max_length)) for _ in range(256)]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
+
+
 def pair_work(args, model, stage: str) -> tuple[int, float]:
     """Real tokens and model FLOPs of prompt ⊕ chosen and prompt ⊕ rejected in the timed steps, from the pairs'
     means: both sides are credited the same work per pair, whatever order their loaders draw the pairs in."""
@@ -371,7 +382,7 @@ def run_ppo_ours(args, model_dir: str) -> dict:
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
     )  # fmt: skip
     data = PromptDataModule(
-        train_path=toy_path("prompts"), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
+        train_path=prompts_path(args), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
         max_length=args.max_length,
     )  # fmt: skip
     seconds, _ = fit_lightning(args, module, data, steps_per_batch=4)
@@ -379,6 +390,7 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     sampling, scoring, tokens = (sum(column) for column in zip(*timed, strict=True))
     return {
         "impl": "lightning_rlhf", "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
+        "episodes_per_s": args.batch_size * args.steps / seconds,
         "sampling_share": sampling / seconds, "scoring_share": scoring / seconds,
         "update_share": 1 - (sampling + scoring) / seconds, "peak_mem_mib": peak_memory_mib(args.device),
     }  # fmt: skip

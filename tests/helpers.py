@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
@@ -23,6 +24,18 @@ TINY_CONFIG = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 128,
 }
+
+
+# Where the multi-process tests run: 2 CPU processes (gloo) always; on CUDA (NCCL) with 1 and with 2 devices, marked
+# ``gpu`` so CPU CI skips them.
+ACCELERATORS = [
+    pytest.param("cpu", 2, id="cpu-2"),
+    pytest.param("cuda", 1, id="cuda-1", marks=pytest.mark.gpu),
+    pytest.param(
+        "cuda", 2, id="cuda-2",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")],
+    ),
+]  # fmt: skip
 
 
 def make_tiny_export(directory, seed: int = 0, tied: bool = False) -> str:
