@@ -195,10 +195,18 @@ def sequence_logprobs(
 
 def keep_out_of_checkpoints(module: torch.nn.Module, *attributes: str) -> None:
     """Leave the weights of ``module.<attribute>`` (frozen models rebuilt from their paths in ``configure_model``)
-    out of ``module``'s state dict, and let a state dict without them load."""
+    out of ``module``'s state dict, and let a state dict without them load.
+
+    Not under FSDP1 (``FSDPStrategy``): its root module asserts that every parameter it manages is in the state
+    dict, so there they stay in (the export takes only the trained model's weights anyway).
+    """
     prefixes = tuple(f"{name}." for name in attributes)
 
     def drop(module, state_dict, prefix, local_metadata) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(getattr(getattr(module, "_trainer", None), "strategy", None), FSDPStrategy):
+            return
         for key in [k for k in state_dict if k[len(prefix) :].startswith(prefixes)]:
             del state_dict[key]
 

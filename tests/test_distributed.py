@@ -142,11 +142,11 @@ def test_ppo_fsdp2_config_trains_in_mixed_bf16_exports_and_resumes(tmp_path, acc
 @pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
 def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path, accelerator, devices):
     """The same 3 clipped steps from the same start with DDP, with FSDP2 (every model fully_shard-ed over the
-    data-parallel mesh, DPO's live reference included) and, for SFT and the reward model, with FSDP1 on 2 ranks (norm
-    clipping through the root FSDP module): the gathered exports agree to float32 reduction order, and so does the
-    reward model's normalisation offset (forwards every rank makes on the same data; under FSDP1 they crashed with
-    "'weight' must be 2-D" outside the root module's forward, and no export was written). The start has tied
-    embeddings, which FSDP2 refused while the backbone was a unit of its own."""
+    data-parallel mesh, DPO's live reference included) and with FSDP1 (norm clipping through the root FSDP module):
+    the gathered exports agree to float32 reduction order, and so does the reward model's normalisation offset
+    (forwards every rank makes on the same data; under FSDP1 they crashed with "'weight' must be 2-D" outside the
+    root module's forward, and no export was written). FSDP1's DPO export failed too, on the reference's weights left
+    out of the state dict. The start has tied embeddings, which FSDP2 refused while the backbone was its own unit."""
     sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     comparisons = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     demonstrations = tmp_path / "demonstrations.jsonl"
@@ -160,7 +160,7 @@ def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path, acce
         ddp = load_file(tmp_path / f"{stage}_ddp" / "model.safetensors")
         moved = "model.layers.0.mlp.up_proj.weight"
         assert not torch.equal(ddp[moved], start[moved]), stage
-        for sharded in ("fsdp2", "fsdp1") if stage != "dpo" else ("fsdp2",):
+        for sharded in ("fsdp2", "fsdp1"):
             weights = load_file(tmp_path / f"{stage}_{sharded}" / "model.safetensors")
             assert ddp.keys() == weights.keys()
             for name, weight in ddp.items():
