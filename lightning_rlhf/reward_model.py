@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.modeling_layers import GenericForSequenceClassification
 
-from lightning_rlhf.models import default_model_config, fit_to_tokenizer, position_ids_from_mask, resolve_dtype
+from lightning_rlhf.models import (
+    default_model_config,
+    fit_to_tokenizer,
+    keep_float32_buffers,
+    position_ids_from_mask,
+    resolve_dtype,
+)
 
 OFFSET_KEY = "reward_offset"
 TOKEN_KEY = "reward_token_id"
@@ -95,6 +101,7 @@ def load_reward_model(
     if tokenizer is not None:
         fit_to_tokenizer(model, tokenizer)
     setattr(model.config, OFFSET_KEY, float(getattr(model.config, OFFSET_KEY, 0.0) or 0.0))
+    keep_float32_buffers(model)
     return model.train()
 
 

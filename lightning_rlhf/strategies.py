@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.optim import Optimizer
+from torchmetrics import Metric
 
 
 def clip_gradients(
@@ -27,35 +29,60 @@ def clip_gradients(
     module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
 
 
-def fully_shard_model(model: nn.Module, mesh) -> None:
+def has_tied_embeddings(model: nn.Module) -> bool:
+    """Whether the model's unembedding (``lm_head``) shares its weight with the input embedding."""
+    get_output, get_input = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    output = get_output() if get_output is not None else None
+    return output is not None and get_input is not None and output.weight is get_input().weight
+
+
+def mixed_precision_policy(precision: str):
+    """FSDP2's mixed precision for a Lightning ``precision`` flag: with ``bf16-mixed`` (``16-mixed``) the parameters,
+    gradients and optimiser state stay in the model's dtype (float32 master weights) while each unit is gathered and
+    computed in bf16 (fp16), and gradients are reduced in float32. Pure-bf16 weights barely move at RLHF learning
+    rates: an AdamW step smaller than a weight's bf16 spacing rounds away. Other flags: FSDP2's default (no casts)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    compute = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    if compute is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+
+
+def fully_shard_model(model: nn.Module, mesh, mp_policy=None) -> None:
     """FSDP2 (``fully_shard``) for ``ModelParallelStrategy``: each transformer block, the backbone and a scalar head
     are units of their own, then the whole model.
 
     Backbone and head get their own units because reward and value models call them directly
     (``reward_model.sequence_rewards``), bypassing the root module's forward that would gather its parameters.
+    A causal LM whose ``lm_head`` is tied to the embedding (Llama-3.2 1B/3B, small Qwen2.5, Gemma) keeps its
+    backbone in the root unit: one parameter cannot belong to two units, and a causal LM is only called whole.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in block_classes:
-            fully_shard(module, mesh=mesh)
-    if getattr(model, "base_model", model) is not model:
-        fully_shard(model.base_model, mesh=mesh)
+            fully_shard(module, **kwargs)
+    if getattr(model, "base_model", model) is not model and not has_tied_embeddings(model):
+        fully_shard(model.base_model, **kwargs)
     if isinstance(getattr(model, "score", None), nn.Module):
-        fully_shard(model.score, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(model.score, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def fully_shard_models(module: L.LightningModule, *models: nn.Module | None) -> None:
     """Under ``ModelParallelStrategy`` (``module.device_mesh`` is set): FSDP2 for each model over the data-parallel
-    mesh. Called at the end of ``configure_model``; does nothing under other strategies."""
+    mesh, with the trainer's mixed precision (``mixed_precision_policy``). Called at the end of ``configure_model``;
+    does nothing under other strategies."""
     if module.device_mesh is None:
         return
     mesh = module.device_mesh["data_parallel"]
+    policy = mixed_precision_policy(str(module.trainer.precision))
     for model in models:
         if model is not None:
-            fully_shard_model(model, mesh)
+            fully_shard_model(model, mesh, policy)
 
 
 @contextmanager
@@ -76,3 +103,15 @@ def gathered(model: nn.Module) -> Iterator[None]:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+
+def reset_float32(metrics: Iterable[Metric]) -> None:
+    """Reset torchmetrics states, in float32 whatever the module was cast to.
+
+    ``precision="bf16-true"`` casts the whole LightningModule, metric states included (torchmetrics ignores
+    ``.bfloat16()`` but not ``.to(dtype)``): sums of losses and token counts were then kept in bf16, where a count
+    stops growing at 2^18 and every addition rounds to 8 significant bits.
+    """
+    for metric in metrics:
+        metric.set_dtype(torch.float32)
+        metric.reset()

@@ -9,9 +9,14 @@
 Every implementation runs in its own subprocess, so peak memory is its own.
 
 ``sft`` trains the same initial weights (saved once, loaded by both) on the toy demonstrations with the prompt
-masked. It reports training tokens/s (real, non-pad tokens), model-FLOPs utilisation when ``--peak-tflops`` is
-known (on CUDA the default is the H100 bf16 dense peak), and peak memory (CUDA allocator, or peak RSS on CPU).
-TRL is skipped, with a note, when it is not installed.
+masked. It reports training tokens/s (real, non-pad tokens), model-FLOPs utilisation (``lightning_rlhf.flops``: 6N
+per trained token with N the parameters that multiply activations, attention at each sequence's real length, DPO
+8N for policy and reference; divided by the card's dense peak for ``--dtype``, or ``--peak-tflops``), and peak
+memory (CUDA allocator, or peak RSS on CPU). TRL is skipped, with a note, when it is not installed.
+``--synthetic`` trains on random records as long as ``--max-length`` instead of the short toy ones, and
+``--vocab-size`` widens the model's vocabulary (the byte tokenizer uses 259 ids of it), e.g. the issue's
+random-init Llama configs: ``--hidden-size 1024 --layers 24 --vocab-size 32000`` (0.5B) and
+``--hidden-size 2048 --layers 16 --vocab-size 32000`` (1.2B).
 
 ``rm`` and ``dpo`` train the same initial weights on the same chosen/rejected pairs (the best and the worst response
 of each shipped toy comparison): ``RewardModule`` vs TRL's ``RewardTrainer`` (a fresh scalar head on the backbone),
@@ -33,7 +38,9 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import resource
+import string
 import subprocess
 import sys
 import tempfile
@@ -42,9 +49,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_rlhf.flops import FORWARD_PASSES, forward_flops, matmul_params, peak_tflops
 from lightning_rlhf.toy import toy_path
-
-H100_BF16_DENSE_TFLOPS = 989.0
 
 
 def sync(device: str) -> None:
@@ -64,9 +70,20 @@ def current_memory_mib(device: str) -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B)."""
-    return 6 * n_params + 12 * layers * hidden * seq_len
+def model_flops(args, model, lengths: list[int], stage: str) -> float:
+    """Model FLOPs of training ``stage`` on sequences of these real lengths (``lightning_rlhf.flops``)."""
+    cfg = model.config
+    width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    forward = forward_flops(matmul_params(model), cfg.num_hidden_layers, width, lengths)
+    return FORWARD_PASSES[stage] * forward
+
+
+def peak(args) -> float | None:
+    """Peak TFLOPS of the card for the dtype the benchmark computes in (``--peak-tflops`` overrides)."""
+    if args.peak_tflops or args.device != "cuda":
+        return args.peak_tflops
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    return peak_tflops(torch.cuda.get_device_name(), getattr(torch, args.dtype), tf32)
 
 
 def make_initial_model(args, directory: Path) -> str:
@@ -81,29 +98,29 @@ def make_initial_model(args, directory: Path) -> str:
         "num_attention_heads": max(1, args.hidden_size // 64),
         "num_key_value_heads": max(1, args.hidden_size // 64),
         "max_position_embeddings": max(512, args.max_length),
+        "vocab_size": max(args.vocab_size, len(tokenizer)),
     }
     return str(export_pretrained(load_causal_lm(None, tokenizer, "float32", config), tokenizer, directory))
 
 
-def result(args, name: str, tokens: int, seconds: float, n_params: int, cfg) -> dict:
-    tokens_per_s = tokens / seconds
-    out = {"impl": name, "tokens_per_s": tokens_per_s, "step_s": seconds / args.steps, "peak_mem_mib": None}
+def result(args, name: str, tokens: int, seconds: float, flops: float) -> dict:
+    """Throughput of the timed steps; MFU = model FLOPs per second / the card's peak for the dtype used."""
+    out = {"impl": name, "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps}
     out["peak_mem_mib"] = peak_memory_mib(args.device)
-    peak = args.peak_tflops or (H100_BF16_DENSE_TFLOPS if args.device == "cuda" else None)
-    if peak:
-        fpt = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, args.max_length)
-        out["mfu"] = tokens_per_s * fpt / (peak * 1e12)
+    if peak(args):
+        out["mfu"] = flops / seconds / (peak(args) * 1e12)
     return out
 
 
-def fit_lightning(args, module, data, steps_per_batch: int = 1) -> tuple[float, int]:
-    """Train ``module`` for warmup + steps batches; seconds of the timed steps and the real tokens they saw.
-    ``steps_per_batch``: optimiser steps per batch (manual optimisation takes several)."""
+def fit_lightning(args, module, data, steps_per_batch: int = 1) -> tuple[float, list[int]]:
+    """Train ``module`` for warmup + steps batches; seconds of the timed steps and the real lengths of the sequences
+    they saw. ``steps_per_batch``: optimiser steps per batch (manual optimisation takes several)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
     class Timer(Callback):
-        tokens, start, end = 0, 0.0, 0.0
+        start, end = 0.0, 0.0
+        lengths: list[int] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == args.warmup:
@@ -112,7 +129,7 @@ def fit_lightning(args, module, data, steps_per_batch: int = 1) -> tuple[float, 
                     torch.cuda.reset_peak_memory_stats()
                 self.start = time.perf_counter()
             if batch_idx >= args.warmup:
-                self.tokens += int(batch["attention_mask"].sum())
+                self.lengths += batch["attention_mask"].sum(-1).tolist()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sync(args.device)
@@ -124,7 +141,7 @@ def fit_lightning(args, module, data, steps_per_batch: int = 1) -> tuple[float, 
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
         default_root_dir=tempfile.mkdtemp(),
     ).fit(module, data)  # fmt: skip
-    return timer.end - timer.start, timer.tokens
+    return timer.end - timer.start, timer.lengths
 
 
 def train_hf(args, trainer) -> float:
@@ -165,20 +182,16 @@ def trl_name() -> str:
     return f"trl {__import__('trl').__version__}"
 
 
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def run_sft_ours(args, model_dir: str) -> dict:
     from lightning_rlhf import DemonstrationDataModule, SFTModule
 
     module = SFTModule(model_dir, dtype=args.dtype, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
     data = DemonstrationDataModule(
-        train_path=toy_path("demonstrations"), tokenizer_name_or_path=model_dir, val_fraction=0,
+        train_path=demonstrations_path(args), tokenizer_name_or_path=model_dir, val_fraction=0,
         batch_size=args.batch_size, max_length=args.max_length,
     )  # fmt: skip
-    seconds, tokens = fit_lightning(args, module, data)
-    return result(args, "lightning_rlhf", tokens, seconds, n_params(module.model), module.model.config)
+    seconds, lengths = fit_lightning(args, module, data)
+    return result(args, "lightning_rlhf", sum(lengths), seconds, model_flops(args, module.model, lengths, "sft"))
 
 
 def run_sft_trl(args, model_dir: str) -> dict:
@@ -186,28 +199,33 @@ def run_sft_trl(args, model_dir: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    records = [json.loads(line) for line in Path(toy_path("demonstrations")).read_text().splitlines()]
+    records = [json.loads(line) for line in Path(demonstrations_path(args)).read_text().splitlines()]
     dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in records])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     config = SFTConfig(**trl_args(args), learning_rate=1e-4, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    counts: list[int] = []
+    batches: list[list[int]] = []
     inner = trainer.data_collator
 
     def counting_collator(examples):
         batch = inner(examples)
-        counts.append(int((batch["input_ids"] != tokenizer.pad_token_id).sum()))
+        batches.append(batch["attention_mask"].sum(-1).tolist())
         return batch
 
     trainer.data_collator = counting_collator
     seconds = train_hf(args, trainer)
-    tokens = sum(counts[args.warmup : args.warmup + args.steps])
-    return result(args, trl_name(), tokens, seconds, n_params(model), model.config)
+    lengths = [n for batch in batches[args.warmup : args.warmup + args.steps] for n in batch]
+    return result(args, trl_name(), sum(lengths), seconds, model_flops(args, model, lengths, "sft"))
 
 
-def preference_pairs() -> list[dict[str, str]]:
-    """Best vs worst response of each shipped toy comparison."""
+def preference_pairs(args) -> list[dict[str, str]]:
+    """Best vs worst response of each shipped toy comparison, or ``--synthetic`` pairs as long as ``--max-length``."""
+    if args.synthetic:
+        rng = random.Random(0)
+        text = lambda n: "".join(rng.choice(string.ascii_lowercase) for _ in range(n))  # noqa: E731
+        prompt, response = args.max_length // 4, args.max_length - args.max_length // 4 - 2  # room for EOS
+        return [{"prompt": text(prompt), "chosen": text(response), "rejected": text(response)} for _ in range(256)]
     pairs = []
     for line in Path(toy_path("comparisons")).read_text().splitlines():
         record = json.loads(line)
@@ -216,44 +234,68 @@ def preference_pairs() -> list[dict[str, str]]:
     return pairs
 
 
-def pair_tokens(args, model_dir: str) -> int:
-    """Real tokens of prompt ⊕ chosen and prompt ⊕ rejected in the timed steps, from the pairs' mean length: both
-    sides are credited the same work per pair, whatever order their loaders draw the pairs in."""
+def demonstrations_path(args) -> str:
+    """The toy demonstrations, or ``--synthetic`` ones (prompt ⊕ chosen of the synthetic pairs) in a temp file."""
+    if not args.synthetic:
+        return toy_path("demonstrations")
+    path = Path(tempfile.mkdtemp()) / "demonstrations.jsonl"
+    rows = [{"prompt": p["prompt"], "response": p["chosen"]} for p in preference_pairs(args)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def prompts_path(args) -> str:
+    """The toy prompts, or ``--synthetic`` ones of ``--max-length`` tokens (bytes) in a temp file."""
+    if not args.synthetic:
+        return toy_path("prompts")
+    rng = random.Random(0)
+    path = Path(tempfile.mkdtemp()) / "prompts.jsonl"
+    prompts = ["".join(rng.choice(string.ascii_lowercase) for _ in range(args.max_length)) for _ in range(256)]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
+
+
+def pair_work(args, model, stage: str) -> tuple[int, float]:
+    """Real tokens and model FLOPs of prompt ⊕ chosen and prompt ⊕ rejected in the timed steps, from the pairs'
+    means: both sides are credited the same work per pair, whatever order their loaders draw the pairs in."""
     from lightning_rlhf.data.records import Record
     from lightning_rlhf.data.tokenization import Tokenizer
     from lightning_rlhf.models import load_tokenizer
 
-    pairs = preference_pairs()
+    pairs = preference_pairs(args)
     records = [Record(str(i), {"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ranks": [0, 1]})
                for i, p in enumerate(pairs)]  # fmt: skip
-    examples = Tokenizer(load_tokenizer(model_dir), args.max_length).comparisons(records)
-    per_pair = sum(2 * len(ex["prompt_ids"]) + sum(map(len, ex["response_ids"])) for ex in examples) / len(examples)
-    return int(per_pair * args.batch_size * args.steps)
+    examples = Tokenizer(load_tokenizer(args.model_dir), args.max_length).comparisons(records)
+    lengths = [[len(ex["prompt_ids"]) + len(r) for r in ex["response_ids"]] for ex in examples]
+    trained = args.batch_size * args.steps / len(examples)  # pairs trained on, per pair of the data
+    tokens = sum(map(sum, lengths)) * trained
+    flops = sum(model_flops(args, model, pair, stage) for pair in lengths) * trained
+    return int(tokens), flops
 
 
 def pairs_datamodule(args, model_dir: str):
     from lightning_rlhf import ComparisonDataModule
 
     path = Path(tempfile.mkdtemp()) / "pairs.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs()))
+    path.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(args)))
     return ComparisonDataModule(
         train_path=str(path), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
         max_length=args.max_length,
     )  # fmt: skip
 
 
-def run_pairs_ours(args, model_dir: str, module) -> dict:
+def run_pairs_ours(args, model_dir: str, module, stage: str) -> dict:
     """``module`` (reward model or DPO) trained on the preference pairs."""
     seconds, _ = fit_lightning(args, module, pairs_datamodule(args, model_dir))
-    return result(args, "lightning_rlhf", pair_tokens(args, model_dir), seconds, n_params(module.model),
-                  module.model.config)  # fmt: skip
+    tokens, flops = pair_work(args, module.model, stage)
+    return result(args, "lightning_rlhf", tokens, seconds, flops)
 
 
 def run_dpo_ours(args, model_dir: str) -> dict:
     from lightning_rlhf import DPOModule
 
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-5)  # noqa: E731
-    return run_pairs_ours(args, model_dir, DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=optimizer))
+    return run_pairs_ours(args, model_dir, DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=optimizer), "dpo")
 
 
 def run_dpo_trl(args, model_dir: str) -> dict:
@@ -266,18 +308,19 @@ def run_dpo_trl(args, model_dir: str) -> dict:
     trainer = DPOTrainer(
         model=model, ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
         args=DPOConfig(**trl_args(args), learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"]),
-        train_dataset=datasets.Dataset.from_list(preference_pairs()),
+        train_dataset=datasets.Dataset.from_list(preference_pairs(args)),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )  # fmt: skip
     seconds = train_hf(args, trainer)
-    return result(args, trl_name(), pair_tokens(args, model_dir), seconds, n_params(model), model.config)
+    tokens, flops = pair_work(args, model, "dpo")
+    return result(args, trl_name(), tokens, seconds, flops)
 
 
 def run_rm_ours(args, model_dir: str) -> dict:
     from lightning_rlhf import RewardModule
 
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-5)  # noqa: E731
-    return run_pairs_ours(args, model_dir, RewardModule(model_dir, dtype=args.dtype, optimizer=optimizer))
+    return run_pairs_ours(args, model_dir, RewardModule(model_dir, dtype=args.dtype, optimizer=optimizer), "rm")
 
 
 def run_rm_trl(args, model_dir: str) -> dict:
@@ -290,11 +333,12 @@ def run_rm_trl(args, model_dir: str) -> dict:
     )
     trainer = RewardTrainer(
         model=model, args=RewardConfig(**trl_args(args), learning_rate=1e-5),
-        train_dataset=datasets.Dataset.from_list(preference_pairs()),
+        train_dataset=datasets.Dataset.from_list(preference_pairs(args)),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )  # fmt: skip
     seconds = train_hf(args, trainer)
-    return result(args, trl_name(), pair_tokens(args, model_dir), seconds, n_params(model), model.config)
+    tokens, flops = pair_work(args, model, "rm")
+    return result(args, trl_name(), tokens, seconds, flops)
 
 
 def run_ppo_ours(args, model_dir: str) -> dict:
@@ -338,7 +382,7 @@ def run_ppo_ours(args, model_dir: str) -> dict:
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
     )  # fmt: skip
     data = PromptDataModule(
-        train_path=toy_path("prompts"), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
+        train_path=prompts_path(args), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
         max_length=args.max_length,
     )  # fmt: skip
     seconds, _ = fit_lightning(args, module, data, steps_per_batch=4)
@@ -346,6 +390,7 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     sampling, scoring, tokens = (sum(column) for column in zip(*timed, strict=True))
     return {
         "impl": "lightning_rlhf", "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
+        "episodes_per_s": args.batch_size * args.steps / seconds,
         "sampling_share": sampling / seconds, "scoring_share": scoring / seconds,
         "update_share": 1 - (sampling + scoring) / seconds, "peak_mem_mib": peak_memory_mib(args.device),
     }  # fmt: skip
@@ -422,7 +467,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: H100 bf16 on CUDA")
+    parser.add_argument("--vocab-size", type=int, default=0, help="model vocabulary (default: the tokenizer's 259)")
+    parser.add_argument("--synthetic", action="store_true", help="random records as long as --max-length")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="for MFU; default on CUDA: the card's dense peak for --dtype")  # fmt: skip
     parser.add_argument("--only", choices=["ours", "naive", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,7 +1,7 @@
-"""Run by tests/test_distributed.py: PPO fitted on 2 CPU processes with DDP, then again from the same start with
-FSDP2 (``ModelParallelStrategy``), adaptive β on.
+"""Run by tests/test_distributed.py: PPO fitted with DDP (default: on 2 CPU processes), then again from the same start
+with FSDP2 (``ModelParallelStrategy``), adaptive β on.
 
-    python tests/ddp_ppo_script.py OUT.json ROOT_DIR SFT_EXPORT REWARD_MODEL_EXPORT
+    python tests/ddp_ppo_script.py OUT.json ROOT_DIR SFT_EXPORT REWARD_MODEL_EXPORT [cpu|cuda] [DEVICES]
 
 Rank 0 writes what every rank held after the DDP run's 3 rollouts (weight checksums, β, the first prompt each rank
 met) and β after the FSDP2 run; both runs export their policy to ROOT_DIR/ddp and ROOT_DIR/fsdp2, and the same
@@ -34,7 +34,7 @@ def sharding_around_generation(module: PPOModule) -> list[bool]:
     from torch.distributed.tensor import DTensor
 
     weight = lambda: module.model.model.layers[0].mlp.up_proj.weight  # noqa: E731
-    ids = torch.tensor([[5, 6, 7]])
+    ids = torch.tensor([[5, 6, 7]], device=module.device)
     with strategies.gathered(module.model), torch.no_grad():
         module.model(ids)
         module.model(ids)
@@ -42,7 +42,8 @@ def sharding_around_generation(module: PPOModule) -> list[bool]:
     return [inside, isinstance(weight(), DTensor)]
 
 
-def fit(strategy, root: str, sft_dir: str, rm_dir: str, export: str, **kwargs) -> tuple[L.Trainer, RecordingPPO]:
+def fit(strategy, root: str, sft_dir: str, rm_dir: str, export: str, accelerator: str, devices: int,
+        **kwargs) -> tuple[L.Trainer, RecordingPPO]:  # fmt: skip
     L.seed_everything(0)
     module = RecordingPPO(
         sft_dir, rm_dir, max_new_tokens=6, ppo_epochs=1, num_mini_batches=2, kl_estimator="k3", target_kl=0.01,
@@ -50,15 +51,17 @@ def fit(strategy, root: str, sft_dir: str, rm_dir: str, export: str, **kwargs) -
     )  # fmt: skip
     data = PromptDataModule(tokenizer_name_or_path=sft_dir, batch_size=4, max_length=32, val_fraction=0.0)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=6, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_steps=6, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, data)
     return trainer, module
 
 
-def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
-    trainer, module = fit("ddp", root, sft_dir, rm_dir, "ddp")
+def main(out_path: str, root: str, sft_dir: str, rm_dir: str, accelerator: str = "cpu", devices: str = "2") -> None:
+    n = int(devices)
+    trainer, module = fit("ddp", root, sft_dir, rm_dir, "ddp", accelerator, n)
 
     def gathered(value: float) -> list[float]:
         return module.all_gather(torch.tensor([value], dtype=torch.float64)).flatten().tolist()
@@ -73,14 +76,14 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str) -> None:
     }
 
     def fsdp2():
-        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        return ModelParallelStrategy(data_parallel_size=n, tensor_parallel_size=1)
 
-    _, sharded = fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2")
+    _, sharded = fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2", accelerator, n)
     report["fsdp2_kl_coefs"] = gathered(sharded.kl_coef)
     report["sharded_inside_outside_gathered"] = sharding_around_generation(sharded)
     # The value function as a head on the policy, both ways.
-    fit("ddp", root, sft_dir, rm_dir, "ddp_head", value_head=True)
-    fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2_head", value_head=True)
+    fit("ddp", root, sft_dir, rm_dir, "ddp_head", accelerator, n, value_head=True)
+    fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2_head", accelerator, n, value_head=True)
     finish(trainer, out_path, report)
 
 

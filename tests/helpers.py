@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -26,11 +27,24 @@ TINY_CONFIG = {
 }
 
 
-def make_tiny_export(directory, seed: int = 0) -> str:
-    """A tiny Llama with the byte-level tokenizer, exported in Hugging Face format to ``directory``."""
+# Where the multi-process tests run: 2 CPU processes (gloo) always; on CUDA (NCCL) with 1 and with 2 devices, marked
+# ``gpu`` so CPU CI skips them.
+ACCELERATORS = [
+    pytest.param("cpu", 2, id="cpu-2"),
+    pytest.param("cuda", 1, id="cuda-1", marks=pytest.mark.gpu),
+    pytest.param(
+        "cuda", 2, id="cuda-2",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")],
+    ),
+]  # fmt: skip
+
+
+def make_tiny_export(directory, seed: int = 0, tied: bool = False) -> str:
+    """A tiny Llama with the byte-level tokenizer, exported in Hugging Face format to ``directory``; ``tied``: its
+    ``lm_head`` shares the embedding's weight (as in Llama-3.2 1B/3B, small Qwen2.5, Gemma)."""
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(None)
-    model = load_causal_lm(None, tokenizer, "float32", TINY_CONFIG)
+    model = load_causal_lm(None, tokenizer, "float32", {**TINY_CONFIG, "tie_word_embeddings": tied})
     return str(export_pretrained(model, tokenizer, directory))
 
 

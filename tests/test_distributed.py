@@ -1,5 +1,6 @@
-"""The stages on 2 CPU processes: under DDP replicas agree and validation reduced over both ranks equals validation in
-one process; under FSDP2 (ModelParallelStrategy) every stage matches DDP."""
+"""The stages on several processes: under DDP replicas agree and validation reduced over the ranks equals validation in
+one process; under FSDP2 (ModelParallelStrategy) every stage, and under FSDP1 SFT and the reward model, match DDP.
+Each runs on 2 CPU processes (gloo), and on CUDA (NCCL) with 1 and 2 devices where there are GPUs (``ACCELERATORS``)."""
 
 import json
 import random
@@ -15,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model
-from tests.helpers import REPO, make_tiny_export, run_cli, run_python
+from tests.helpers import ACCELERATORS, REPO, make_tiny_export, run_cli, run_python
 
 
 def write_comparisons(path: Path, n: int, seed: int) -> str:
@@ -38,19 +39,20 @@ def validate_alone(module, sft_dir, train, val, root) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_reward_model_and_dpo_under_ddp_match_a_single_process(tmp_path):
+@pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
+def test_reward_model_and_dpo_under_ddp_match_a_single_process(tmp_path, accelerator, devices):
     sft_dir = make_tiny_export(tmp_path / "sft")
     train = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     val = write_comparisons(tmp_path / "val.jsonl", 8, seed=1)  # 8 prompts: 4 per rank, no sampler padding
     out = tmp_path / "ddp.json"
     run_python(str(REPO / "tests" / "ddp_preference_script.py"), str(out), str(tmp_path), sft_dir, train, val,
-               cwd=tmp_path)  # fmt: skip
+               accelerator, str(devices), cwd=tmp_path)  # fmt: skip
     report = json.loads(out.read_text())
-    assert report["world_size"] == 2
-    assert report["rm_checksums"][0] == report["rm_checksums"][1]
-    assert report["dpo_checksums"][0] == report["dpo_checksums"][1]
+    assert report["world_size"] == devices
+    assert len(set(report["rm_checksums"])) == 1
+    assert len(set(report["dpo_checksums"])) == 1
     # Each rank holds the reference log-prob of every train and val response (16·2.5 + 8·2.5 = 60 rows).
-    assert report["dpo_cache_sizes"] == [60, 60]
+    assert report["dpo_cache_sizes"] == [60] * devices
 
     rm = RewardModule(str(tmp_path / "rm"))
     rm.configure_model()
@@ -68,7 +70,8 @@ def test_reward_model_and_dpo_under_ddp_match_a_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_prompts(tmp_path):
+@pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
+def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_prompts(tmp_path, accelerator, devices):
     """Several manual backward passes per training_step must all be all-reduced: after 3 rollouts (6 optimiser
     steps) both ranks hold the same policy and value model, and the same adaptive β, although each rank sampled
     its own prompts. The frozen reference never moves."""
@@ -77,12 +80,12 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
     export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
     out = tmp_path / "ddp.json"
     run_python(str(REPO / "tests" / "ddp_ppo_script.py"), str(out), str(tmp_path), sft_dir, str(tmp_path / "rm"),
-               cwd=tmp_path)  # fmt: skip
+               accelerator, str(devices), cwd=tmp_path)  # fmt: skip
     report = json.loads(out.read_text())
-    assert report["world_size"] == 2
+    assert report["world_size"] == devices
     for name in ("policy_checksums", "value_checksums", "kl_coefs"):
-        assert report[name][0] == report[name][1], (name, report)
-    assert report["first_prompts"][0] != report["first_prompts"][1]
+        assert len(set(report[name])) == 1, (name, report)
+    assert len(set(report["first_prompts"])) == devices
     assert report["kl_coefs"][0] != 0.05  # β did adapt
     start = AutoModelForCausalLM.from_pretrained(sft_dir)
     assert report["reference_checksums"][0] == pytest.approx(sum(p.double().sum().item() for p in start.parameters()))
@@ -103,17 +106,20 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
 
 
 @pytest.mark.slow
-def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processes(tmp_path):
-    """configs/ppo_fsdp2.yaml through the CLI, only the device overridden (2 CPU processes instead of GPUs): FSDP2 in
-    bf16-true trains, exports a bf16 Hugging Face model, writes a sharded checkpoint, and resumes from it."""
-    sft_dir = make_tiny_export(tmp_path / "sft")
+@pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
+def test_ppo_fsdp2_config_trains_in_mixed_bf16_exports_and_resumes(tmp_path, accelerator, devices):
+    """configs/ppo_fsdp2.yaml through the CLI, only the devices overridden (e.g. 2 CPU processes for GPUs): FSDP2 in
+    bf16 mixed precision trains, exports its float32 master weights in Hugging Face format, writes a sharded
+    checkpoint, and resumes from it. Policy and reference have tied embeddings."""
+    sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     tokenizer = load_tokenizer(sft_dir)
     rm_dir = export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
 
     def run(max_steps: int, *extra: str) -> subprocess.CompletedProcess:
         return run_cli(
             "fit", "--config", str(REPO / "configs" / "ppo_fsdp2.yaml"),
-            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy.init_args.data_parallel_size=2",
+            f"--trainer.accelerator={accelerator}", f"--trainer.devices={devices}",
+            f"--trainer.strategy.init_args.data_parallel_size={devices}",
             f"--model.init_args.model_name_or_path={sft_dir}", f"--model.init_args.reward_model_name_or_path={rm_dir}",
             "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=4", f"--trainer.max_steps={max_steps}",
             "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
@@ -123,35 +129,85 @@ def test_ppo_fsdp2_config_trains_in_bf16_exports_and_resumes_on_two_cpu_processe
 
     run(8)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert exported.config.dtype == torch.bfloat16
+    assert exported.config.dtype == torch.float32
     start = AutoModelForCausalLM.from_pretrained(sft_dir)
     assert not torch.equal(exported.lm_head.weight.float(), start.lm_head.weight)
     (checkpoint,) = (tmp_path / "tensorboard").glob("version_0/checkpoints/last.ckpt")
-    assert len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per rank
+    assert len(list(checkpoint.glob("*.distcp"))) == devices  # one shard per rank
     resumed = run(16, f"--ckpt_path={checkpoint}")
     assert "Restored all states" in resumed.stdout + resumed.stderr
 
 
 @pytest.mark.slow
-def test_sft_reward_model_and_dpo_under_fsdp2_match_ddp(tmp_path):
-    """The same 3 clipped steps from the same start with DDP and with FSDP2 (every model fully_shard-ed over the
-    data-parallel mesh, DPO's live reference included): the gathered exports agree to float32 reduction order,
-    and so does the reward model's normalisation offset (a forward every rank makes on the same data)."""
-    sft_dir = make_tiny_export(tmp_path / "sft")
+@pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
+def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path, accelerator, devices):
+    """The same 3 clipped steps from the same start with DDP, with FSDP2 (every model fully_shard-ed over the
+    data-parallel mesh, DPO's live reference included) and with FSDP1 (norm clipping through the root FSDP module):
+    the gathered exports agree to float32 reduction order, and so does the reward model's normalisation offset
+    (forwards every rank makes on the same data; under FSDP1 they crashed with "'weight' must be 2-D" outside the
+    root module's forward, and no export was written). FSDP1's DPO export failed too, on the reference's weights left
+    out of the state dict. The start has tied embeddings, which FSDP2 refused while the backbone was its own unit."""
+    sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     comparisons = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     demonstrations = tmp_path / "demonstrations.jsonl"
     demonstrations.write_text(
         "".join(json.dumps({"prompt": f"Q{i}: ", "response": "abcdef"[i % 6 :]}) + "\n" for i in range(16))
     )
-    run_python(str(REPO / "tests" / "fsdp2_script.py"), str(tmp_path), sft_dir, comparisons, str(demonstrations),
-               cwd=tmp_path)  # fmt: skip
+    run_python(str(REPO / "tests" / "sharded_script.py"), str(tmp_path), sft_dir, comparisons, str(demonstrations),
+               accelerator, str(devices), cwd=tmp_path)  # fmt: skip
     start = load_file(Path(sft_dir) / "model.safetensors")
     for stage in ("sft", "rm", "dpo"):
-        ddp, fsdp2 = (load_file(tmp_path / f"{stage}_{name}" / "model.safetensors") for name in ("ddp", "fsdp2"))
-        assert ddp.keys() == fsdp2.keys()
-        for name, weight in ddp.items():
-            torch.testing.assert_close(fsdp2[name], weight, atol=1e-5, rtol=1e-4, msg=f"{stage}: {name}")
+        ddp = load_file(tmp_path / f"{stage}_ddp" / "model.safetensors")
         moved = "model.layers.0.mlp.up_proj.weight"
         assert not torch.equal(ddp[moved], start[moved]), stage
-    offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{name}").reward_offset for name in ("ddp", "fsdp2")]
-    assert offsets[0] != 0 and offsets[1] == pytest.approx(offsets[0], abs=1e-5)
+        for sharded in ("fsdp2", "fsdp1"):
+            weights = load_file(tmp_path / f"{stage}_{sharded}" / "model.safetensors")
+            assert ddp.keys() == weights.keys()
+            for name, weight in ddp.items():
+                torch.testing.assert_close(
+                    weights[name], weight, atol=1e-5, rtol=1e-4, msg=f"{stage} {sharded}: {name}"
+                )
+    offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{name}").reward_offset for name in ("ddp", "fsdp2", "fsdp1")]
+    assert offsets[0] != 0 and offsets[1:] == pytest.approx([offsets[0]] * 2, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
+def test_sft_with_tied_embeddings_trains_and_exports_under_fsdp2_through_the_cli(tmp_path, accelerator, devices):
+    """The command of issue 12: FSDP2 gave the backbone a unit of its own while the tied ``lm_head`` stayed in the
+    root, and failed with 'Parameter model.embed_tokens.weight is shared with a parameter already managed by another
+    FSDP group'. Now it trains and exports a tied model that plain transformers loads."""
+    run_cli(
+        "fit", "--config", str(REPO / "configs" / "sft.yaml"), f"--trainer.accelerator={accelerator}",
+        f"--trainer.devices={devices}", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        f"--trainer.strategy.init_args.data_parallel_size={devices}",
+        "--trainer.strategy.init_args.tensor_parallel_size=1",
+        '--model.init_args.model_config={"tie_word_embeddings": true}', "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.export_dir={tmp_path / 'hf'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.config.tie_word_embeddings
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    ids = torch.tensor([[1, 40, 41, 42]])
+    assert torch.isfinite(exported(input_ids=ids).logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
+def test_fsdp2_bf16_mixed_keeps_float32_master_weights_and_computes_in_bf16(tmp_path, accelerator, devices):
+    """Under ModelParallelStrategy, precision="bf16-mixed" is FSDP2's MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32): the stored shards, their gradients and AdamW's state are float32 (pure-bf16 weights barely
+    move at RLHF learning rates), while each block is gathered and computed in bf16."""
+    out = tmp_path / "dtypes.json"
+    run_python(str(REPO / "tests" / "mixed_precision_script.py"), str(out), str(tmp_path), accelerator, str(devices),
+               cwd=tmp_path)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report == {
+        "compute_weight": "torch.bfloat16",
+        "compute_input": "torch.bfloat16",
+        "stored_weight": "torch.float32",
+        "stored_grad": "torch.float32",
+        "optimizer_state": "torch.float32",
+    }

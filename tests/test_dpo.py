@@ -296,3 +296,41 @@ def test_dpo_config_runs_through_the_cli_with_metrics_export_and_no_reference_in
     torch.testing.assert_close(exported.lm_head.weight, state["model.lm_head.weight"], rtol=0, atol=0)
     start = AutoModelForCausalLM.from_pretrained(sft_export)
     assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)
+
+
+def test_pair_layout_weighs_each_prompt_the_same_hand_computed():
+    """Three prompts: A with K = 3 ranked 0, 1, 2 (rows 0-2: pairs 0>1, 0>2, 1>2), B with a tie (rows 3-4: no pair),
+    C with K = 2 ranked 1, 0 (rows 5-6: pair 6>5). Two prompts have pairs, so A's three pairs weigh 1/(3·2) = 1/6
+    each and C's one pair 1/(1·2) = 1/2; the best rows (better in a pair, worse in none) are 0 and 6."""
+    from lightning_rlhf.modules.dpo import pair_layout
+
+    batch = {
+        "input_ids": torch.zeros(7, 3, dtype=torch.long),
+        "response_index": torch.tensor([[0, 1, 2], [3, 4, -1], [5, 6, -1]]),
+        "pairs": torch.tensor([[0, 1], [0, 2], [1, 2], [6, 5]]),
+    }
+    layout = pair_layout(batch)
+    torch.testing.assert_close(layout["pair_weights"], torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]))
+    assert layout["best"].tolist() == [0, 6]
+    assert layout["n_prompts"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precompute", [False, True])
+def test_a_dpo_step_on_a_gpu_never_waits_for_the_device(sft_export, precompute):
+    """With the pair layout (and row keys) worked out on the CPU before the transfer, the loss, its backward and
+    the logged statistics run without a host-device synchronisation (torch raises on one in sync debug mode)."""
+    module = dpo(sft_export, nll_weight=0.5, precompute_ref_logprobs=precompute).cuda()
+    batch = make_batch(planted_records(["moon", "lightning"]))
+    if precompute:
+        module.precompute_reference([[batch]])
+    batch = module.on_before_batch_transfer(batch, 0)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _, stats = module._step(batch)
+        loss.backward()
+        torch.stack([values.mean() for values in stats.values()])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

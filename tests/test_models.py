@@ -65,3 +65,33 @@ def test_export_replaces_atomically_and_keeps_the_old_one_on_failure(tmp_path, t
         export_pretrained(model, tokenizer, target)
     assert (target / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging directory left behind
+
+
+def test_shifted_logprobs_equal_the_logit_slicing_path_without_copying_the_logits():
+    """Shifting the labels instead of slicing ``logits[:, :-1]`` gives the same log-probs and gradient, and autograd
+    saves the logits themselves, not a (b, t-1, v) copy of them."""
+    from lightning_rlhf.losses import IGNORE_INDEX, token_logprobs
+    from lightning_rlhf.models import shifted_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :3] = IGNORE_INDEX
+    labels[2, 5:] = IGNORE_INDEX
+    old = token_logprobs(logits[:, :-1], labels[:, 1:])
+    (old_grad,) = torch.autograd.grad(old.sum(), logits)
+
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        new, mask = shifted_logprobs(logits, labels)
+    torch.testing.assert_close(new, old, atol=1e-6, rtol=0)
+    assert torch.equal(mask, labels[:, 1:] != IGNORE_INDEX)
+    (new_grad,) = torch.autograd.grad(new.sum(), logits)
+    torch.testing.assert_close(new_grad, old_grad, atol=1e-6, rtol=0)
+    big = [t for t in saved if t.numel() >= logits[:, :-1].numel()]
+    assert big and all(t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() for t in big)

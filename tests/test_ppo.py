@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from lightning_rlhf import PPOModule, PromptDataModule
 from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.losses import masked_mean
-from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer, position_ids_from_mask
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, generate
 from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli
@@ -470,3 +470,54 @@ def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exp
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     start = AutoModelForCausalLM.from_pretrained(sft)
     assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)
+
+
+def test_scoring_forwards_run_in_micro_batches_over_response_logits_only(exports):
+    """``forward_batch_size=2`` splits a rollout of 5 into forwards of 2, 2 and 1 rows for every model, and the
+    unembedding runs over the response columns only (``logits_to_keep``: the column before each response token, and
+    the last); the experience equals the whole-batch, full-logits computation to 1e-6."""
+    torch.manual_seed(0)
+    module = ppo(exports, forward_batch_size=2, temperature=0.7)
+    batch = prompts_batch(["Reverse: ab\n", "Reverse: hello\n", "x", "Reverse: qwerty\n", "yz\n"])
+    rollout = generate(module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], 6, 1.0, 0, 1.0)
+    rows_seen: dict[str, list[int]] = {"model": [], "ref_model": [], "value_model": [], "reward_model": []}
+    columns_seen = []
+    hooks = [
+        getattr(module, name).register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: rows_seen[name].append(kwargs["input_ids"].size(0)), with_kwargs=True
+        )
+        for name in ("model", "ref_model")
+    ]
+    hooks += [
+        getattr(module, name).base_model.register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: rows_seen[name].append(kwargs["input_ids"].size(0)), with_kwargs=True
+        )
+        for name in ("value_model", "reward_model")
+    ]
+    hooks.append(module.model.lm_head.register_forward_pre_hook(lambda m, args: columns_seen.append(args[0].size(1))))
+    experience = module.score_rollout(rollout)
+    for hook in hooks:
+        hook.remove()
+    assert all(rows == [2, 2, 1] for rows in rows_seen.values()), rows_seen
+    response_columns = rollout.sequences.size(1) - rollout.prompt_length
+    assert columns_seen == [response_columns + 1] * 3
+
+    def full_logprobs(model):  # the old path: every column's logits, then sliced
+        positions = position_ids_from_mask(rollout.attention_mask)
+        logits = model(
+            input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=positions
+        ).logits
+        columns = logits[:, rollout.prompt_length - 1 : -1] / 0.7
+        return torch.log_softmax(columns, -1).gather(-1, rollout.sequences[:, rollout.prompt_length :, None])[..., 0]
+
+    with torch.no_grad():
+        mask = experience.mask
+        logprobs = full_logprobs(module.model)
+        torch.testing.assert_close(experience.logprobs * mask, logprobs * mask, atol=1e-6, rtol=0)
+        kl = ((logprobs - full_logprobs(module.ref_model)) * mask).sum(-1)  # k1, summed over the response
+        torch.testing.assert_close(experience.kl, kl, atol=1e-5, rtol=0)
+        values = token_values(module.value_model, rollout.sequences, rollout.attention_mask)
+        torch.testing.assert_close(experience.values * mask, values[:, rollout.prompt_length - 1 : -1] * mask,
+                                   atol=1e-6, rtol=0)  # fmt: skip
+        scores = sequence_rewards(module.reward_model, rollout.sequences, rollout.attention_mask)
+        torch.testing.assert_close(experience.scores, scores, atol=1e-5, rtol=1e-6)  # float32 sums of another order

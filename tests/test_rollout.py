@@ -1,5 +1,6 @@
 """Generation on left-padded prompts: responses masked after EOS, padding does not change what is generated."""
 
+import pytest
 import torch
 
 from lightning_rlhf.data.collate import PromptCollator
@@ -18,12 +19,14 @@ def prompts_batch(tokenizer, texts):
     return PromptCollator(tokenizer.pad_token_id)([{"input_ids": tokenizer(t)["input_ids"]} for t in texts])
 
 
-def test_greedy_generation_does_not_depend_on_left_padding(tiny_model_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_greedy_generation_does_not_depend_on_left_padding(tiny_model_dir, device):
     """A short prompt generated alone and next to a much longer one (so left-padded by 20) decodes the same."""
     tokenizer = load_tokenizer(tiny_model_dir)
-    model = load_causal_lm(tiny_model_dir, tokenizer)
-    alone = prompts_batch(tokenizer, ["Reverse: ab\n"])
+    model = load_causal_lm(tiny_model_dir, tokenizer).to(device)
+    alone = {k: v.to(device) for k, v in prompts_batch(tokenizer, ["Reverse: ab\n"]).items()}
     padded = prompts_batch(tokenizer, ["Reverse: ab\n", "Reverse: " + "x" * 20 + "\n"])
+    padded = {k: v.to(device) for k, v in padded.items()}
     first = generate(model, tokenizer, alone["input_ids"], alone["attention_mask"], max_new_tokens=12, temperature=0)
     second = generate(model, tokenizer, padded["input_ids"], padded["attention_mask"], max_new_tokens=12, temperature=0)
     assert decode_responses(tokenizer, first)[0] == decode_responses(tokenizer, second)[0]

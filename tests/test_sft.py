@@ -172,3 +172,55 @@ def test_validate_then_fit_reports_the_same_validation_loss_for_the_same_weights
     second = trainer(tmp_path).validate(module, data, verbose=False)[0]["val/loss"]
     trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, data)
     assert first == pytest.approx(second, abs=1e-6)
+
+
+class ValidationRecorder(SFTModule):
+    """Records each validation batch's loss and scored-token count as plain Python numbers."""
+
+    def validation_step(self, batch, batch_idx):
+        loss, n_scored = self._loss(batch)
+        self.recorded.append((float(loss), int(n_scored)))
+        self.val_loss.update(loss, weight=n_scored)
+
+    def on_validation_epoch_end(self):
+        self.counted = self.val_loss.weight.clone()  # before the reset
+        super().on_validation_epoch_end()
+
+
+def test_bf16_true_validation_keeps_metric_states_in_float32(tmp_path):
+    """precision="bf16-true" casts the module, torchmetrics states included: the token count and the weighted loss
+    sum were kept in bf16 (above 256 a count rounds to 2 or more, and each update's loss was rounded to 8 bits).
+
+    The states must hold exactly what float32 counting gives: weight = Σ n_b over the batches, and val/loss =
+    Σ loss_b · n_b / Σ n_b, worked out here in float64 from the per-batch numbers of the same bf16 model."""
+    L.seed_everything(0)
+    module = ValidationRecorder(model_config=TINY_CONFIG)
+    module.recorded = []
+    rows = [{"prompt": f"Reverse: {w}\n", "response": w[::-1] * 5} for w in ["abcdefgh", "hello", "xyzuvw", "lightning",
+            "reinforce", "qwerty", "moonlight", "sunset"]]  # fmt: skip
+    path = tmp_path / "demos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = DemonstrationDataModule(train_path=str(path), val_path=str(path), batch_size=1, max_length=96)
+    logged = trainer(tmp_path, precision="bf16-true").validate(module, data, verbose=False)[0]
+    counts = [n for _, n in module.recorded]
+    assert sum(counts) > 256 and len(counts) == 8
+    assert module.counted.dtype == torch.float32 and module.counted.item() == sum(counts)
+    expected = sum(loss * n for loss, n in module.recorded) / sum(counts)
+    assert logged["val/loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_rope_frequencies_stay_float32_when_a_bf16_true_run_casts_the_model(tmp_path):
+    """bf16-true casts every buffer; RoPE's inverse frequencies rounded to bf16 are off by up to 4e-3 relative (0.45
+    rad of rotation at position 1,024). They are put back, exactly, before the forward."""
+    L.seed_everything(0)
+    module = SFTModule(model_config=TINY_CONFIG)
+    module.configure_model()
+    rotary = module.model.model.rotary_emb
+    exact = rotary.inv_freq.clone()
+    assert not torch.equal(exact.bfloat16().float(), exact)  # the rounding this guards against
+    data = toy_datamodule(tmp_path)
+    data.hparams.val_fraction = 0.25
+    trainer(tmp_path, precision="bf16-true").validate(module, data, verbose=False)
+    assert module.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, exact)
+    assert torch.equal(rotary.original_inv_freq, exact)

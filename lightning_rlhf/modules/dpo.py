@@ -37,7 +37,7 @@ from lightning_rlhf.models import (
     sequence_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.strategies import clip_gradients, fully_shard_models
+from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
 
 METRICS = (
     "rewards/chosen",
@@ -60,6 +60,27 @@ def row_keys(batch: dict[str, Tensor]) -> list[bytes]:
         hashlib.blake2b(torch.stack([ids[m], lab[m]]).numpy().tobytes(), digest_size=16).digest()
         for ids, lab, m in zip(input_ids, labels, mask.bool(), strict=True)
     ]
+
+
+def pair_layout(batch: dict[str, Tensor]) -> dict[str, Any]:
+    """How a comparison batch's pairs weigh, worked out on the CPU before the batch moves to the device (on a GPU,
+    ``nonzero``, ``bincount``, ``unique`` and ``int()`` would each wait for the device).
+
+    Returns:
+        ``pair_weights``: ``(p,)`` ``1 / (pairs of the pair's prompt · prompts with pairs in the batch)``, so each
+            prompt with pairs weighs the same and its pairs share its weight;
+        ``best``: ``(m,)`` rows better in some pair and worse in none (RPO's NLL term);
+        ``n_prompts``: the number of prompts with pairs, an ``int``.
+    """
+    rows, present = batch["response_index"], batch["response_index"] >= 0  # (b, k) flat row of each response
+    prompt_of_row = torch.zeros(len(batch["input_ids"]), dtype=torch.long)  # (n,)
+    prompt_of_row[rows[present]] = torch.arange(len(rows))[:, None].expand_as(rows)[present]
+    chosen, rejected = batch["pairs"].unbind(-1)  # (p,)
+    pairs_per_prompt = torch.bincount(prompt_of_row[chosen], minlength=len(rows))  # (b,)
+    n_prompts = int((pairs_per_prompt > 0).sum())
+    weights = 1.0 / (pairs_per_prompt[prompt_of_row[chosen]] * max(n_prompts, 1)).float()
+    best = torch.unique(chosen[~torch.isin(chosen, rejected)])
+    return {"pair_weights": weights, "best": best, "n_prompts": n_prompts}
 
 
 class DPOModule(L.LightningModule):
@@ -164,26 +185,32 @@ class DPOModule(L.LightningModule):
         self._ensure_ref_cache()  # trainer.validate alone never calls on_fit_start
 
     def reference_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
-        """``(n,)`` summed reference log-probs of the batch's responses, live or from the cache."""
+        """``(n,)`` summed reference log-probs of the batch's responses, live or from the cache (looked up on the CPU
+        in ``on_before_batch_transfer``)."""
         if self.ref_model is not None:
             with torch.no_grad():
                 logps, _ = sequence_logprobs(
                     self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"]
                 )
             return logps
+        return batch["ref_logprobs"]
+
+    def cached_reference_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(n,)`` float32 cached reference log-probs of a CPU batch's rows."""
         try:
-            values = [self.ref_cache[key] for key in row_keys(batch)]
+            return torch.tensor([self.ref_cache[key] for key in row_keys(batch)], dtype=torch.float32)
         except KeyError:
             raise KeyError(
                 "a response has no precomputed reference log-prob: precompute_ref_logprobs covers the DataModule's "
                 "train and validation data only"
             ) from None
-        return torch.tensor(values, dtype=torch.float32, device=self.device)
 
     # -- loss -------------------------------------------------------------------------------------------
-    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, int, dict[str, Tensor]]:
         """Loss (each prompt with pairs weighing the same), its number of prompts, and per-pair statistics."""
         hp = self.hparams
+        if "pair_weights" not in batch:  # a CPU batch handed over directly, not through the trainer
+            batch = self.on_before_batch_transfer(dict(batch), 0)
         logps, counts = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         ref_logps = self.reference_logprobs(batch)  # (n,) summed over response tokens, like logps
         policy_scores, ref_scores = logps, ref_logps
@@ -194,13 +221,7 @@ class DPOModule(L.LightningModule):
             policy_scores[chosen], policy_scores[rejected], ref_scores[chosen], ref_scores[rejected], hp.beta,
             hp.loss_type, hp.label_smoothing,
         )  # fmt: skip
-
-        rows, present = batch["response_index"], batch["response_index"] >= 0  # (b, k) flat row of each response
-        prompt_of_row = torch.zeros(len(logps), dtype=torch.long, device=rows.device)  # (n,)
-        prompt_of_row[rows[present]] = torch.arange(len(rows), device=rows.device)[:, None].expand_as(rows)[present]
-        pairs_per_prompt = torch.bincount(prompt_of_row[chosen], minlength=len(rows))  # (b,)
-        n_prompts = (pairs_per_prompt > 0).sum()
-        loss = (losses / pairs_per_prompt[prompt_of_row[chosen]]).sum() / n_prompts.clamp(min=1)
+        loss = (losses * batch["pair_weights"]).sum()
 
         stats = {
             "rewards/chosen": chosen_rewards,
@@ -213,15 +234,21 @@ class DPOModule(L.LightningModule):
         if hp.nll_weight:
             # RPO (Pang et al. 2024): per-token NLL of each prompt's best responses (better in a pair, worse in
             # none) keeps their likelihood from falling with the rejected ones'.
-            best = torch.unique(chosen[~torch.isin(chosen, rejected)])
+            best = batch["best"]
             nll = -(logps[best] / counts[best].clamp(min=1)).mean() if len(best) else logps.sum() * 0
             loss = loss + hp.nll_weight * nll
             stats["nll"] = nll.detach().expand(len(chosen))
-        return loss, n_prompts, stats
+        return loss, batch["n_prompts"], stats
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Pair weights, RPO's best rows and any cached reference log-probs, from the batch on the CPU."""
+        if self.ref_model is None:
+            batch = {**batch, "ref_logprobs": self.cached_reference_logprobs(batch)}
+        return {**batch, **pair_layout(batch)}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, n_prompts, stats = self._step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=max(int(n_prompts), 1))
+        self.log("train/loss", loss, prog_bar=True, batch_size=max(n_prompts, 1))
         if len(batch["pairs"]):
             for name, values in stats.items():
                 self.log(f"train/{name}", values.mean(), batch_size=len(values))
@@ -229,8 +256,8 @@ class DPOModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         # States last reset under trainer.validate's inference mode could not be updated in fit's no-grad mode.
-        for metric in self.val_metrics.values():
-            metric.reset()
+        # In float32: bf16-true casts them with the module.
+        reset_float32(self.val_metrics.values())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, n_prompts, stats = self._step(batch)

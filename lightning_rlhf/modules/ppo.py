@@ -53,13 +53,14 @@ from lightning_rlhf.models import (
     keep_out_of_checkpoints,
     load_causal_lm,
     load_tokenizer,
+    next_tokens,
     shifted_logprobs,
 )
 from lightning_rlhf.optim import clip_grad_norms, optimizer_config, trainable
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
 from lightning_rlhf.rollout import Experience, Rollout, build_experience, decode_responses, generate
 from lightning_rlhf.scoring import import_reward_fn
-from lightning_rlhf.strategies import fully_shard_models, gathered
+from lightning_rlhf.strategies import fully_shard_models, gathered, reset_float32
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
@@ -105,6 +106,7 @@ class PPOModule(L.LightningModule):
         value_head: bool = False,
         log_samples: int = 4,
         seed: int = 0,
+        forward_batch_size: int | None = None,
     ):
         """
         Args:
@@ -158,6 +160,9 @@ class PPOModule(L.LightningModule):
             seed: rollout ``i`` on rank ``k`` samples (and shuffles its minibatches) from a generator seeded by
                 ``(seed, i, k)``, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew,
                 and every validation draws the same samples for the same prompts.
+            forward_batch_size: rows per scoring forward of a rollout (policy, value, reference and reward model);
+                ``None``: the whole rollout batch at once. Bounds the activations and logits held at once (at a 128k
+                vocabulary, 16 rows × 128 response tokens of float32 logits are 1 GiB).
         """
         super().__init__()
         if (reward_model_name_or_path is None) == (reward_fn is None):
@@ -170,6 +175,8 @@ class PPOModule(L.LightningModule):
             raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
         if target_kl is not None and target_kl <= 0:
             raise ValueError(f"target_kl={target_kl} must be > 0 (or None for a fixed kl_coef)")
+        if forward_batch_size is not None and forward_batch_size < 1:
+            raise ValueError(f"forward_batch_size={forward_batch_size} must be >= 1 (or None for the whole batch)")
         if ppo_epochs < 1 or num_mini_batches < 1:
             raise ValueError(f"ppo_epochs={ppo_epochs} and num_mini_batches={num_mini_batches} must be >= 1")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -261,9 +268,13 @@ class PPOModule(L.LightningModule):
 
     # -- rollouts ---------------------------------------------------------------------------------------
     def response_logprobs(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int):
-        """``(b, r)`` log-prob of each response token (columns ``start:``) under ``model``'s tempered distribution."""
-        logits = forward_logits(model, sequences, attention_mask)[:, start - 1 : -1]  # column t-1 predicts token t
-        return token_logprobs(logits, sequences[:, start:], temperature=self.hparams.temperature)
+        """``(b, r)`` log-prob of each response token (columns ``start:``) under ``model``'s tempered distribution.
+
+        Logits come for the columns ``start - 1:`` only (``logits_to_keep``), never over the prompt.
+        """
+        logits = forward_logits(model, sequences, attention_mask, logits_to_keep=sequences.size(1) - start + 1)
+        targets = next_tokens(sequences[:, start - 1 :])  # (b, r + 1): column t-1 predicts token t; last: none
+        return token_logprobs(logits, targets, temperature=self.hparams.temperature)[:, :-1]
 
     def policy_outputs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """``(b, r)`` policy log-probs of the response tokens and values of the states before them (the value at the
@@ -305,21 +316,31 @@ class PPOModule(L.LightningModule):
 
     @torch.no_grad()
     def score_rollout(self, rollout: Rollout) -> Experience:
-        """Policy and reference log-probs, values and scores of sampled responses, made into PPO experience."""
+        """Policy and reference log-probs, values and scores of sampled responses, made into PPO experience.
+
+        The forwards run ``forward_batch_size`` rows at a time (every rank the same number of forwards, as sharded
+        models need, when ranks hold rollouts of the same size).
+        """
         hp = self.hparams
         sequences, attention_mask, _, start = rollout
-        logprobs, values = self.policy_outputs(sequences, attention_mask, start)
-        ref_logprobs = self.response_logprobs(self.ref_model, sequences, attention_mask, start)
+        parts = []
+        for rows in torch.arange(len(sequences), device=sequences.device).split(
+            hp.forward_batch_size or len(sequences)
+        ):
+            ids, mask = sequences[rows], attention_mask[rows]
+            logprobs, values = self.policy_outputs(ids, mask, start)
+            ref_logprobs = self.response_logprobs(self.ref_model, ids, mask, start)
+            scores = sequence_rewards(self.reward_model, ids, mask) if self.reward_fn is None else None
+            parts.append((logprobs, values, ref_logprobs, scores))
+        logprobs, values, ref_logprobs, scores = (
+            torch.cat(column) if column[0] is not None else None for column in zip(*parts, strict=True)
+        )
+        if scores is None:
+            scores = self.text_scores(self.reward_fn, rollout)
         return build_experience(
-            rollout, logprobs, ref_logprobs, values, self.score(rollout), self.tokenizer.eos_token_id, self.kl_coef,
+            rollout, logprobs, ref_logprobs, values, scores, self.tokenizer.eos_token_id, self.kl_coef,
             hp.kl_estimator, hp.gamma, hp.lam, hp.whiten_advantages, hp.missing_eos_penalty,
         )  # fmt: skip
-
-    def score(self, rollout: Rollout) -> Tensor:
-        """``(b,)`` float32 score of each prompt ⊕ response: the reward model's, or ``reward_fn``'s on the texts."""
-        if self.reward_fn is None:
-            return sequence_rewards(self.reward_model, rollout.sequences, rollout.attention_mask)
-        return self.text_scores(self.reward_fn, rollout)
 
     def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
         """``(b,)`` float32 ``fn(prompt, response)`` on the decoded texts, without special tokens."""
@@ -412,8 +433,8 @@ class PPOModule(L.LightningModule):
     # -- validation -------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         # States last reset under trainer.validate's inference mode could not be updated in fit's no-grad mode.
-        for metric in self.val_metrics.values():
-            metric.reset()
+        # In float32: bf16-true casts them with the module.
+        reset_float32(self.val_metrics.values())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with self.seeded(VAL_STREAM, batch_idx):

@@ -24,7 +24,7 @@ from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_from_trainer, load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
-from lightning_rlhf.strategies import clip_gradients, fully_shard_models
+from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -112,8 +112,8 @@ class RewardModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # Fresh states here, not only after compute(): states reset under trainer.validate's inference mode
         # could not be updated by a later fit's validation (run under no_grad).
-        for metric in self.val_metrics.values():
-            metric.reset()
+        # In float32: bf16-true casts them with the module.
+        reset_float32(self.val_metrics.values())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self._step(batch)
@@ -139,20 +139,27 @@ class RewardModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> Tensor:
+        """``(n,)`` raw rewards (no offset subtracted) of the batch's ``input_ids`` / ``attention_mask`` rows."""
+        return sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], subtract_offset=False)
+
     @torch.no_grad()
     def normalize(self, batches: Iterable[dict[str, Tensor]]) -> float:
         """Store the mean raw reward of the sequences in ``batches`` (``input_ids`` / ``attention_mask``, as the
         demonstration collator makes them) as the offset subtracted at scoring time; returns it.
 
         Called by every rank on the same batches (sharded models need all ranks in each forward), so all agree.
+        Under a trainer the forwards go through the strategy's ``predict_step``: FSDP1 gathers the parameters
+        outside its wrapped blocks (embedding, final norm, head) only inside the root module's forward.
         """
         was_training = self.model.training
         self.model.eval()
+        predict = self.trainer.strategy.predict_step if self._trainer is not None else self.predict_step
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for batch in batches:
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            total += sequence_rewards(self.model, ids, mask, subtract_offset=False).double().sum()
-            count += ids.size(0)
+        for index, batch in enumerate(batches):
+            batch = {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask")}
+            total += predict(batch, index).double().sum()
+            count += batch["input_ids"].size(0)
         self.model.train(was_training)
         if count == 0:
             raise ValueError("reward normalisation got no sequences")

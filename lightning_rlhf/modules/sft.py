@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
 from lightning_rlhf.models import export_from_trainer, forward_logits, load_causal_lm, load_tokenizer, shifted_logprobs
 from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.strategies import clip_gradients, fully_shard_models
+from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -90,8 +90,9 @@ class SFTModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        # Reset here too: a state last reset under trainer.validate's inference mode cannot be updated later.
-        self.val_loss.reset()
+        # Reset here too: a state last reset under trainer.validate's inference mode cannot be updated later. In
+        # float32: bf16-true casts the states with the module.
+        reset_float32([self.val_loss])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, n_scored = self._loss(batch)

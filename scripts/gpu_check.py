@@ -1,0 +1,178 @@
+"""The first thing to run on a machine with GPUs: the GPU tests, every sharded configuration for a few steps, and the
+benchmarks, written to one report.
+
+    python scripts/gpu_check.py                      # everything; report in outputs/gpu_check/report.md (+ .json)
+    python scripts/gpu_check.py --skip-benchmarks    # tests and configurations only (a few minutes)
+
+1. ``pytest -m gpu``: the distributed tests on NCCL with 1 and 2 devices (2 needs two GPUs), FSDP1, bf16, DPO
+   without host-device synchronisation, generation on CUDA.
+2. Each stage under sharding on every visible GPU for a few steps through the CLI, from tiny random exports:
+   ``configs/sft_fsdp.yaml`` (FSDP1), ``configs/ppo_fsdp2.yaml`` (FSDP2, bf16 mixed), and ``sft.yaml``, ``rm.yaml``,
+   ``dpo.yaml`` under FSDP2 in bf16 mixed precision.
+3. ``scripts/benchmark.py`` in bf16 on the random-init Llama configurations of issue 12 (0.5B: width 1024, 24
+   layers; 1B: width 2048, 16 layers; vocabulary 32k) with full-length synthetic records: tokens/s, MFU against
+   the card's bf16 peak, peak memory, and TRL beside ours where ``trl`` is installed.
+
+Every step runs in its own process; a failure is recorded and the next step still runs. The report names the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_rlhf.data.records import atomic_file
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--hidden-size", "1024", "--layers", "24", "--vocab-size", "32000"]  # about 0.5B parameters
+LARGE = ["--hidden-size", "2048", "--layers", "16", "--vocab-size", "32000"]  # about 1.2B parameters
+BENCHMARKS = {  # the shapes of issue 12's TRL reference points
+    "sft 0.5B bs 8 x 512": ["sft", *SMALL, "--batch-size", "8", "--max-length", "512"],
+    "rm 0.5B bs 8 x 512": ["rm", *SMALL, "--batch-size", "8", "--max-length", "512"],
+    "dpo 0.5B bs 8 x 512": ["dpo", *SMALL, "--batch-size", "8", "--max-length", "512"],
+    "dpo 1B bs 4 x 1024": ["dpo", *LARGE, "--batch-size", "4", "--max-length", "1024"],
+    "ppo 0.5B bs 16, prompt 64, response 128": ["ppo", *SMALL, "--batch-size", "16", "--max-length", "64",
+                                                 "--max-new-tokens", "128"],
+}  # fmt: skip
+
+
+def run(name: str, command: list[str], timeout: int) -> dict:
+    """Run ``command`` from the repository root; its outcome, time and the end of its output."""
+    print(f"== {name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        code, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as expired:
+        code, output = "timeout", f"{expired.stdout or ''}{expired.stderr or ''}"
+    seconds = time.perf_counter() - start
+    print(f"   -> {code} in {seconds:.0f} s", flush=True)
+    return {"name": name, "command": command, "returncode": code, "seconds": round(seconds, 1), "output": output}
+
+
+def tiny_exports(root: Path) -> tuple[str, str]:
+    """A small random SFT export (tied embeddings, as Llama-3.2 and small Qwen2.5 have) and a reward model from it."""
+    from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+    from lightning_rlhf.reward_model import load_reward_model
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)
+    policy = load_causal_lm(None, tokenizer, "float32", {"tie_word_embeddings": True})
+    sft = str(export_pretrained(policy, tokenizer, root / "start" / "sft"))
+    return sft, str(export_pretrained(load_reward_model(sft, tokenizer), tokenizer, root / "start" / "rm"))
+
+
+def config_runs(root: Path, devices: int) -> dict[str, list[str]]:
+    """A few steps of each sharded configuration on ``devices`` GPUs, every output under ``root``."""
+    sft, rm = tiny_exports(root)
+    cli = [sys.executable, "-m", "lightning_rlhf", "fit"]
+    fsdp2 = [
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        f"--trainer.strategy.init_args.data_parallel_size={devices}",
+        "--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.precision=bf16-mixed",
+    ]  # fmt: skip
+
+    def common(name: str) -> list[str]:
+        out = root / name
+        return [
+            "--trainer.accelerator=gpu", f"--trainer.devices={devices}", "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
+            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--model.init_args.export_dir={out / 'hf'}",
+        ]  # fmt: skip
+
+    return {
+        "sft_fsdp.yaml (FSDP1, bf16-mixed)": [*cli, "--config", "configs/sft_fsdp.yaml", *common("sft_fsdp"),
+                                              f"--model.init_args.model_name_or_path={sft}"],
+        "ppo_fsdp2.yaml (FSDP2, bf16-mixed)": [*cli, "--config", "configs/ppo_fsdp2.yaml", *common("ppo_fsdp2"),
+                                               f"--trainer.strategy.init_args.data_parallel_size={devices}",
+                                               f"--model.init_args.model_name_or_path={sft}",
+                                               f"--model.init_args.reward_model_name_or_path={rm}"],
+        "sft.yaml under FSDP2": [*cli, "--config", "configs/sft.yaml", *common("sft"), *fsdp2,
+                                 f"--model.init_args.model_name_or_path={sft}"],
+        "rm.yaml under FSDP2": [*cli, "--config", "configs/rm.yaml", *common("rm"), *fsdp2,
+                                f"--model.init_args.model_name_or_path={sft}"],
+        "dpo.yaml under FSDP2": [*cli, "--config", "configs/dpo.yaml", *common("dpo"), *fsdp2,
+                                 f"--model.init_args.model_name_or_path={sft}"],
+    }  # fmt: skip
+
+
+def benchmark_rows(output: str) -> list[dict]:
+    """The result rows of a ``scripts/benchmark.py`` run, from the JSON it prints."""
+    start, end = output.find('{\n "shape"'), output.rfind("}")
+    try:
+        return json.loads(output[start : end + 1])["results"]
+    except (ValueError, KeyError):
+        return []
+
+
+def record(report: dict, step: dict, path: Path) -> None:
+    """Add a finished step (its output cut to the end) to the report and rewrite the report."""
+    step["tail"] = step.pop("output")[-3000:]
+    report["steps"].append(step)
+    write_report(path, report)
+
+
+def write_report(path: Path, report: dict) -> None:
+    lines = [f"# GPU check: {report['device']}", "", f"torch {report['torch']}, {report['devices']} GPU(s), "
+             f"{report['date']}", "", "| step | result | seconds |", "|---|---|---|"]  # fmt: skip
+    for step in report["steps"]:
+        ok = "pass" if step["returncode"] == 0 else f"FAIL ({step['returncode']})"
+        lines.append(f"| {step['name']} | {ok} | {step['seconds']} |")
+    lines += ["", "| benchmark (bf16) | implementation | tokens/s | MFU | episodes/s | peak memory MiB |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for step in report["steps"]:
+        for row in step.get("results", []):
+            mfu = f"{100 * row['mfu']:.1f} %" if "mfu" in row else "-"
+            episodes = f"{row['episodes_per_s']:.2f}" if "episodes_per_s" in row else "-"
+            lines.append(f"| {step['name']} | {row['impl']} | {row['tokens_per_s']:,.0f} | {mfu} | {episodes} | "
+                         f"{row['peak_mem_mib']:,.0f} |")  # fmt: skip
+    failed = [step for step in report["steps"] if step["returncode"] != 0]
+    for step in failed:
+        lines += ["", f"## {step['name']} failed", "", "```", step["tail"], "```"]
+    with atomic_file(path) as out:
+        out.write("\n".join(lines) + "\n")
+    with atomic_file(path.with_suffix(".json")) as out:
+        json.dump(report, out, indent=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/gpu_check/report.md")
+    parser.add_argument("--skip-benchmarks", action="store_true")
+    parser.add_argument("--steps", default="10", help="timed benchmark steps")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds for each step")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this check is for a machine with GPUs")
+    devices = torch.cuda.device_count()
+    report = {
+        "device": torch.cuda.get_device_name(), "devices": devices, "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": [],
+    }  # fmt: skip
+    path = (REPO / args.out).resolve()
+    record(report, run("pytest -m gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs"], 3600), path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, command in config_runs(Path(tmp), devices).items():
+            record(report, run(name, command, args.timeout), path)
+    if not args.skip_benchmarks:
+        for name, benchmark in BENCHMARKS.items():
+            command = [sys.executable, "scripts/benchmark.py", *benchmark, "--dtype", "bfloat16", "--synthetic",
+                       "--steps", args.steps]  # fmt: skip
+            step = run(f"benchmark {name}", command, args.timeout)
+            step["results"] = benchmark_rows(step["output"])
+            record(report, step, path)
+    print(path.read_text())
+    failed = [step["name"] for step in report["steps"] if step["returncode"] != 0]
+    raise SystemExit(f"failed: {', '.join(failed)}" if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
