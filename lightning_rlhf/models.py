@@ -182,35 +182,117 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(submodule, name, 0.0)
 
 
+EXPORT_MARKER = ".lightning_rlhf_export"  # in every export we write: a directory without it is not ours to replace
+
+
+class ExportError(ValueError):
+    """An export target that would destroy what we did not write, or that cannot be written."""
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _staging_dirs(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.tmp-*")) + sorted(target.parent.glob(f".{target.name}.old-*"))
+
+
+def recover_export(directory: str | os.PathLike) -> None:
+    """Finish or undo an export that a kill interrupted: put a previous export moved aside back when the target is
+    missing (the kill fell between the two renames), and remove staging directories of ours that are left over."""
+    target = Path(directory).resolve()
+    if not target.parent.is_dir():
+        return
+    for leftover in _staging_dirs(target):
+        if leftover.is_dir() and (not any(leftover.iterdir()) or (leftover / EXPORT_MARKER).exists()):
+            if leftover.name.startswith(f".{target.name}.old-") and not target.exists():
+                leftover.rename(target)  # the previous, complete export
+                _fsync(target.parent)
+            else:
+                shutil.rmtree(leftover)
+
+
+def check_export_target(directory: str | os.PathLike, run_dirs: list[str | os.PathLike] = ()) -> Path:
+    """Refuse an export target that an export could damage, before any work is done; returns the resolved path.
+
+    The target must not be a file, nor a non-empty directory that is not an earlier export of ours (recognised by
+    ``EXPORT_MARKER``), nor the working directory or the run's own directories (``run_dirs``: logs, checkpoints) or a
+    directory holding them; its parent must be writable. Interrupted earlier exports are recovered first.
+    """
+    target = Path(directory).resolve()
+    for kept in [Path.cwd(), *run_dirs]:
+        if _is_within(Path(kept).resolve(), target):
+            raise ExportError(
+                f"export_dir={str(directory)!r} is or contains {kept}, which the export would replace: "
+                "give the export a directory of its own (e.g. <root>/hf)"
+            )
+    recover_export(target)
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"export_dir={str(directory)!r} is a file: give a directory for the export")
+    if target.is_dir() and any(target.iterdir()) and not (target / EXPORT_MARKER).exists():
+        raise ExportError(
+            f"export_dir={str(directory)!r} is a non-empty directory that no export of ours wrote "
+            f"(no {EXPORT_MARKER}): refusing to replace it; give a new or empty directory"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target.parent).close()
+    except OSError as err:
+        raise ExportError(f"export_dir={str(directory)!r} cannot be written ({err.strerror}: {err.filename})") from None
+    return target
+
+
 def export_pretrained(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     directory: str | os.PathLike,
     state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``save_pretrained`` output for model and tokenizer atomically.
+    """Write ``save_pretrained`` output for model and tokenizer atomically, replacing only an earlier export of ours.
 
-    Everything is written into a temporary sibling directory first, which then replaces ``directory`` by rename,
-    so a crash mid-export never leaves a half-written model where a finished one was. ``state_dict`` replaces the
-    model's own weights (e.g. the full weights gathered from a sharded model).
+    Everything is written into a temporary sibling directory first, with ``EXPORT_MARKER``, and fsynced; it then
+    replaces ``directory`` by rename. A kill between moving the previous export aside and renaming the new one in
+    leaves the previous one under ``.NAME.old-*``, which the next export or ``check_export_target`` puts back.
+    ``state_dict`` replaces the model's own weights (e.g. the full weights gathered from a sharded model).
     """
-    target = Path(directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_export_target(directory)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        (staging / EXPORT_MARKER).write_text("written by lightning_rlhf.models.export_pretrained\n")
         model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
+        for written in staging.rglob("*"):
+            if written.is_file():
+                _fsync(written)
+        _fsync(staging)
         if target.exists():
             previous = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(previous)
             staging.rename(target)
+            _fsync(target.parent)
             shutil.rmtree(previous)
         else:
             staging.rename(target)
+        _fsync(target.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return target
+
+
+def run_directories(trainer) -> list[str]:
+    """Directories a run writes besides its export: root, logs and checkpoints (an export must not replace them)."""
+    dirs = [trainer.default_root_dir, trainer.log_dir]
+    dirs += [getattr(callback, "dirpath", None) for callback in trainer.checkpoint_callbacks]
+    return [d for d in dirs if d]
 
 
 def export_from_trainer(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike):

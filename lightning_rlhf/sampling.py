@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_rlhf.data.collate import PromptCollator
-from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
+from lightning_rlhf.data.records import Record, check_output_file, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.rollout import decode_responses, generate
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> SampleReport:
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
 
+    check_output_file(args.output)
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, tokenizer)

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.collate import DemonstrationCollator
-from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
+from lightning_rlhf.data.records import Record, check_output_file, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards
@@ -68,6 +68,7 @@ def score_file(
     dtype: str = "float32",
 ) -> Path:
     """Score the records of ``input_path`` with the reward model exported at ``model_dir``; see module docstring."""
+    check_output_file(output_path)
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, tokenizer, dtype).eval().requires_grad_(False).to(device)
     records, report = read_records(input_path, "demonstration", columns, skip_invalid)

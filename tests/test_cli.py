@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import SFTModule
 from lightning_rlhf.cli import main
+from lightning_rlhf.models import ExportError
 from tests.helpers import REPO, run_cli, run_python
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -94,3 +95,20 @@ def test_help_points_to_the_extra_subcommands(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([subcommand, "--help"])
         assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("export_dir", ["scratch", "."])
+def test_an_export_dir_holding_the_users_files_or_the_run_is_refused_before_training(tmp_path, monkeypatch, export_dir):
+    """The issue's reproduction: export_dir = the run's root (holding the user's files), and export_dir = the working
+    directory. Both stop before the first step, and every file is still there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scratch" / "precious").mkdir(parents=True)
+    (tmp_path / "scratch" / "precious" / "notes.txt").write_text("x")
+    with pytest.raises(ExportError):
+        main([
+            "fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.max_steps=2",
+            "--trainer.default_root_dir=scratch", "--trainer.logger.init_args.save_dir=scratch",
+            f"--model.init_args.export_dir={export_dir}", "--trainer.enable_progress_bar=false",
+        ])  # fmt: skip
+    assert (tmp_path / "scratch" / "precious" / "notes.txt").read_text() == "x"
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -1,16 +1,25 @@
 """Loading from a local Hugging Face directory, padding-independent log-probs, atomic export."""
 
+import os
+import shutil
+
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from lightning_rlhf import DemonstrationDataModule, SFTModule, models
 from lightning_rlhf.models import (
+    EXPORT_MARKER,
+    ExportError,
+    check_export_target,
     export_pretrained,
     forward_logits,
     load_causal_lm,
     load_tokenizer,
     sequence_logprobs,
 )
+from tests.helpers import TINY_CONFIG
 
 
 def test_local_directory_loads_the_saved_weights_and_tokenizer(tiny_model_dir):
@@ -65,3 +74,73 @@ def test_export_replaces_atomically_and_keeps_the_old_one_on_failure(tmp_path, t
         export_pretrained(model, tokenizer, target)
     assert (target / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging directory left behind
+
+
+def test_export_refuses_a_non_empty_directory_it_did_not_write(tmp_path, tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    (tmp_path / "scratch" / "precious").mkdir(parents=True)
+    (tmp_path / "scratch" / "precious" / "notes.txt").write_text("x")
+    with pytest.raises(ExportError, match="no export of ours wrote"):
+        export_pretrained(model, tokenizer, tmp_path / "scratch")
+    assert (tmp_path / "scratch" / "precious" / "notes.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
+
+
+def test_export_refuses_the_working_directory_even_when_empty(tmp_path, tiny_model_dir, monkeypatch):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ExportError, match="is or contains"):
+        export_pretrained(load_causal_lm(tiny_model_dir, tokenizer), tokenizer, ".")
+    with pytest.raises(ExportError, match="is or contains"):
+        check_export_target(tmp_path / "run", run_dirs=[tmp_path / "run" / "tensorboard"])
+
+
+def test_export_replaces_an_earlier_export_of_ours_and_fsyncs(tmp_path, tiny_model_dir, monkeypatch):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    export_pretrained(model, tokenizer, tmp_path / "hf")
+    assert (tmp_path / "hf" / EXPORT_MARKER).exists()
+    (tmp_path / "hf" / "stale.txt").write_text("from the old export")
+    synced = []
+    real_fsync = models.os.fsync
+    monkeypatch.setattr(
+        models.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd)
+    )
+    export_pretrained(model, tokenizer, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "stale.txt").exists()
+    assert any(path.endswith("model.safetensors") for path in synced)
+    assert str(tmp_path) in synced  # the directory holding the renamed export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_kill_between_the_two_renames_is_recovered_on_the_next_run(tmp_path, tiny_model_dir):
+    """The state a kill leaves between ``target → .hf.old-PID`` and ``staging → target``: no ``hf``, the previous
+    export aside and a complete staging directory. The next check puts the previous export back and removes the
+    staging directory; a directory of the user's that merely looks like ours (no marker) is left alone."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    export_pretrained(model, tokenizer, tmp_path / "hf")
+    before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "hf").rename(tmp_path / ".hf.old-123")
+    shutil.copytree(tmp_path / ".hf.old-123", tmp_path / ".hf.tmp-abc")
+    (tmp_path / ".hf.tmp-users").mkdir()
+    (tmp_path / ".hf.tmp-users" / "notes.txt").write_text("x")
+    check_export_target(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.tmp-users", "hf"]
+
+
+def test_an_unwritable_export_dir_fails_before_training(tmp_path):
+    """Root ignores permission bits, so "unwritable" here is a path under a regular file."""
+    (tmp_path / "file").write_text("x")
+    module = SFTModule(model_config=TINY_CONFIG, export_dir=str(tmp_path / "file" / "hf"))
+    steps = []
+    module.training_step = lambda batch, batch_idx: steps.append(batch_idx)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(ExportError, match="cannot be written"):
+        trainer.fit(module, DemonstrationDataModule(batch_size=4, max_length=32))
+    assert steps == []

@@ -2,7 +2,9 @@
 
 import json
 
-from lightning_rlhf import ComparisonDataModule, sampling
+import pytest
+
+from lightning_rlhf import ComparisonDataModule, sampling, scoring
 from lightning_rlhf.cli import main
 from lightning_rlhf.sampling import judge_records, rank
 from lightning_rlhf.toy import gold_score
@@ -62,3 +64,16 @@ def test_toy_prompts_draws_that_many_fresh_prompts_by_seed(tiny_model_dir, tmp_p
         assert len(prompts) == 5 and all(p.startswith("Reverse: ") for p in prompts)
         assert drawn.setdefault(seed, prompts) == prompts
     assert drawn[0] != drawn[1]
+
+
+def test_sample_and_score_refuse_an_unwritable_output_before_any_work(tiny_model_dir, tmp_path, monkeypatch):
+    """The output's parent is a regular file (root ignores permission bits): both stop before loading a model."""
+    (tmp_path / "file").write_text("x")
+    loaded = []
+    monkeypatch.setattr(sampling, "load_causal_lm", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(scoring, "load_reward_model", lambda *a, **k: loaded.append(a))
+    with pytest.raises(OSError, match="cannot be written"):
+        main(["sample", "--model", tiny_model_dir, "--k", "2", "--output", str(tmp_path / "file" / "out.jsonl")])
+    with pytest.raises(OSError, match="is a directory"):
+        main(["score", "--model", tiny_model_dir, "--input", str(tmp_path / "file"), "--output", str(tmp_path)])
+    assert loaded == []

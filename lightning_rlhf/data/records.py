@@ -261,11 +261,32 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as out:
             yield out
+            out.flush()
+            os.fsync(out.fileno())
         os.chmod(staging, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from everyone else
         os.replace(staging, target)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse an output path that cannot be written, before the work that produces it: a directory, or a place where
+    no file can be created. Creates missing parent directories; returns the resolved path."""
+    target = Path(path).resolve()
+    if target.is_dir():
+        raise OSError(f"--output {path}: is a directory; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=target.parent).close()
+    except OSError as err:
+        raise OSError(f"--output {path}: cannot be written ({err.strerror}: {err.filename})") from None
+    return target
 
 
 def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:

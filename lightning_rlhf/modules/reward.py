@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_rlhf.losses import ranking_loss
-from lightning_rlhf.models import export_from_trainer, load_tokenizer
+from lightning_rlhf.models import check_export_target, export_from_trainer, load_tokenizer, run_directories
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.strategies import clip_gradients, fully_shard_models
@@ -162,6 +162,10 @@ class RewardModule(L.LightningModule):
         setattr(self.model.config, OFFSET_KEY, offset)
         rank_zero_info(f"reward_offset = {offset:.4f}: mean raw reward of {count} normalisation sequences")
         return offset
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.export_dir and self.trainer.is_global_zero:
+            check_export_target(self.hparams.export_dir, run_directories(self.trainer))  # before training, not after
 
     def on_train_end(self) -> None:
         hp = self.hparams
