@@ -1,6 +1,12 @@
 """The `lightning-rlhf` CLI: every shipped config parses, SFT runs end to end, and DDP on 2 CPU processes."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +118,57 @@ def test_an_export_dir_holding_the_users_files_or_the_run_is_refused_before_trai
         ])  # fmt: skip
     assert (tmp_path / "scratch" / "precious" / "notes.txt").read_text() == "x"
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def logged(root, tag: str) -> dict[int, float]:
+    (events,) = Path(root).glob("tensorboard/version_*/events.out.tfevents.*")
+    return {event.step: event.value for event in EventAccumulator(str(events)).Reload().Scalars(tag)}
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_with_the_losses_of_the_uninterrupted_run(tmp_path):
+    """``configs/sft.yaml`` (60 batches an epoch), 10 steps, a checkpoint every 4: one run straight; one killed with
+    SIGKILL while it holds after the step-4 checkpoint, then resumed from it with ``--ckpt_path``. Steps 5..10 of
+    the resumed run log the straight run's losses (with the old DataLoader they were the losses of batches 0..5)."""
+
+    def args(name: str, *extra: str) -> list[str]:
+        callbacks = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(tmp_path / name / "ckpt"),
+                    "every_n_train_steps": 4,
+                    "save_top_k": -1,
+                    "filename": "{step}",
+                },
+            }
+        ]
+        if name == "killed":
+            callbacks.append({"class_path": "tests.helpers.HoldAfter", "init_args": {"step": 4, "root": str(tmp_path)}})
+        (tmp_path / f"{name}.yaml").write_text(json.dumps({"trainer": {"callbacks": callbacks}}))
+        return [
+            "-m", "lightning_rlhf", "fit", "--config", str(REPO / "configs" / "sft.yaml"),
+            "--config", str(tmp_path / f"{name}.yaml"), "--trainer.max_steps=10", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / name}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / name}", "--model.init_args.export_dir=null", *extra,
+        ]  # fmt: skip
+
+    run_python(*args("straight"), cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.Popen([sys.executable, *args("killed")], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):
+            if (tmp_path / "holding").exists() or killed.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "holding").exists(), "the run never reached its hold after step 4"
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    checkpoint = tmp_path / "killed" / "ckpt" / "step=4.ckpt"
+    run_python(*args("resumed", f"--ckpt_path={checkpoint}"), cwd=tmp_path)
+    straight, resumed = logged(tmp_path / "straight", "train/loss"), logged(tmp_path / "resumed", "train/loss")
+    assert sorted(resumed) == sorted(straight)[4:] and len(straight) == 10
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], abs=1e-5), step

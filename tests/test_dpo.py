@@ -21,7 +21,7 @@ from lightning_rlhf.losses import dpo_loss
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.modules.dpo import DPOModule
 from lightning_rlhf.toy import toy_path
-from tests.helpers import REPO, TINY_CONFIG, run_cli
+from tests.helpers import REPO, TINY_CONFIG, run_cli, straight_and_resumed
 
 WORDS = ["abc", "hello", "xyz", "lightning", "rlhf", "qwerty", "moon", "sun", "tree", "river", "stone", "cloud"]
 
@@ -296,3 +296,20 @@ def test_dpo_config_runs_through_the_cli_with_metrics_export_and_no_reference_in
     torch.testing.assert_close(exported.lm_head.weight, state["model.lm_head.weight"], rtol=0, atol=0)
     start = AutoModelForCausalLM.from_pretrained(sft_export)
     assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)
+
+
+def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_on(sft_export, tmp_path):
+    """16 comparisons in batches of 4 (4 an epoch), checkpoint after step 3, 6 steps: the resumed run trains on the
+    straight run's batches 4..6 with the same losses."""
+
+    def fit(callbacks, ckpt_path):
+        L.seed_everything(0)
+        module = DPOModule(sft_export, optimizer=adamw(1e-3))
+        trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=callbacks).fit(
+            module, planted_datamodule(tmp_path, 16, 4, 4), ckpt_path=ckpt_path
+        )
+
+    straight, resumed = straight_and_resumed(fit, ("train/loss",), 3, tmp_path)
+    assert len(straight.batches) == 6 and straight.batches[4] != straight.batches[0]
+    assert resumed.batches == straight.batches[3:]
+    torch.testing.assert_close(resumed.metrics, straight.metrics[3:], atol=1e-5, rtol=0)

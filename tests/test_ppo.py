@@ -15,7 +15,7 @@ from lightning_rlhf.losses import masked_mean
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, generate
-from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli
+from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli, straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -216,49 +216,33 @@ def test_adaptive_kl_coefficient_rises_while_kl_exceeds_its_target_and_is_checkp
     torch.testing.assert_close(restored.value_model.score.weight, module.value_model.score.weight)
 
 
-class RolloutRecorder(L.Callback):
-    def __init__(self):
-        self.rows: list[tuple[float, ...]] = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        names = ("train/objective/scores", "train/loss/policy", "train/loss/value", "train/kl_coef")
-        self.rows.append(tuple(float(trainer.callback_metrics[name]) for name in names))
-
-
-def test_resume_from_checkpoint_draws_the_same_rollouts_and_losses(exports, tmp_path):
-    """Two epochs of 2 rollouts straight vs one epoch, checkpoint, resume for the second: scores, policy and value
-    losses and the adaptive β of rollouts 3 and 4 agree (weights, optimiser, β and the rollout counter that seeds
-    sampling all restored). The checkpoint sits at an epoch's end: Lightning restarts a plain DataLoader's epoch on
-    a mid-epoch resume instead of fast-forwarding it."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+def test_a_resume_mid_epoch_draws_the_rollouts_and_losses_of_the_uninterrupted_run(exports, tmp_path):
+    """8 prompts in batches of 2 (4 rollouts an epoch), 4 optimiser steps a rollout, checkpoint after rollout 2
+    (mid-epoch), 5 rollouts in all: the resumed run's rollouts 3..5 have the straight run's prompts, scores, policy
+    and value losses and adaptive β (weights, optimiser, β, the rollout counter that seeds sampling and the
+    DataLoader's place in the epoch all restored)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in "abc de fgh ij kl mno pq rs".split())
     )
-    data = PromptDataModule(
-        train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0
-    )
 
-    def run(epochs: int, root, ckpt_path=None) -> list[tuple[float, ...]]:
+    def fit(callbacks, ckpt_path):
         L.seed_everything(0)
+        data = PromptDataModule(
+            train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=2, max_length=32, val_fraction=0.0
+        )
         module = ppo(exports, max_new_tokens=6, ppo_epochs=2, num_mini_batches=2, target_kl=0.5, kl_horizon=40)
-        recorder = RolloutRecorder()
-        trainer = L.Trainer(
-            accelerator="cpu", max_epochs=epochs, limit_val_batches=0, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=root,
-            callbacks=[recorder, ModelCheckpoint(dirpath=root, save_last=True)],
-        )  # fmt: skip
-        trainer.fit(module, data, ckpt_path=ckpt_path)
-        return recorder.rows
+        L.Trainer(
+            accelerator="cpu", max_steps=20, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+        ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
 
-    straight = run(2, tmp_path / "straight")
-    first = run(1, tmp_path / "interrupted")
-    resumed = run(2, tmp_path / "interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
-    assert len(straight) == 4
-    torch.testing.assert_close(torch.tensor(first), torch.tensor(straight[:2]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight[2:]), atol=1e-5, rtol=1e-6)
-    assert straight[3][3] != straight[0][3]  # β moved
+    names = ("train/objective/scores", "train/loss/policy", "train/loss/value", "train/kl_coef")
+    straight, resumed = straight_and_resumed(fit, names, 8, tmp_path)
+    assert len(straight.batches) == 5 and straight.batches[4] != straight.batches[0]
+    assert resumed.batches == straight.batches[2:]
+    torch.testing.assert_close(resumed.metrics, straight.metrics[2:], atol=1e-5, rtol=1e-6)
+    assert straight.metrics[4][3] != straight.metrics[0][3]  # β moved
 
 
 def test_value_head_on_the_policy_learns_the_returns(exports, tmp_path):

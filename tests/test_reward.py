@@ -19,7 +19,7 @@ from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.scoring import score_file
-from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli
+from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli, straight_and_resumed
 
 TOKENIZER = load_tokenizer(None)
 
@@ -349,3 +349,25 @@ def test_rm_config_trains_from_an_sft_export_exports_and_scores_through_the_cli(
     trained = load_file(tmp_path / "rm" / "model.safetensors")
     initial = load_file(Path(sft_dir) / "model.safetensors")
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_on(tiny_model_dir, tmp_path):
+    """12 comparisons in batches of 4 (3 an epoch), checkpoint after step 2, 5 steps: the resumed run trains on the
+    straight run's batches 3..5 with the same losses."""
+    train = write_jsonl(tmp_path / "train.jsonl", marker_comparisons(12, seed=0))
+
+    def fit(callbacks, ckpt_path):
+        L.seed_everything(0)
+        data = ComparisonDataModule(
+            train_path=train, tokenizer_name_or_path=tiny_model_dir, batch_size=4, val_fraction=0
+        )
+        module = RewardModule(tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+        L.Trainer(
+            accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path, callbacks=callbacks,
+        ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
+
+    straight, resumed = straight_and_resumed(fit, ("train/loss",), 2, tmp_path)
+    assert len(straight.batches) == 5 and straight.batches[3] != straight.batches[0]
+    assert resumed.batches == straight.batches[2:]
+    torch.testing.assert_close(resumed.metrics, straight.metrics[2:], atol=1e-5, rtol=0)

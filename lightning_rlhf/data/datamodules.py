@@ -44,6 +44,40 @@ class EpochShuffleSampler(Sampler[int]):
         return self.length
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose place in the epoch is saved in Lightning checkpoints, so a run resumed mid-epoch goes on
+    with exactly the batches the uninterrupted run would have trained on next.
+
+    Lightning saves ``state_dict()`` of a training DataLoader that has one (``_FitLoop.on_save_checkpoint``) and
+    hands it back to ``load_state_dict`` on resume. The state is the sampler's epoch and the batches yielded so far
+    in it; a resumed iteration over the same epoch passes over that many batches first. Lightning does not prefetch
+    from a loader with a length, so batches yielded are batches trained on when a checkpoint is written.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = {"epoch": 0, "batches": 0}
+        self.resume_from: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = getattr(self.sampler, "epoch", 0)  # set by Lightning's set_epoch (also on a distributed wrapper)
+        resume, self.resume_from = self.resume_from, None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self.position = {"epoch": epoch, "batches": skip}
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches)
+        for batch in batches:
+            self.position["batches"] += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_from = dict(state)
+
+
 class RecordDataModule(L.LightningDataModule):
     """Shared reading, splitting and loading; subclasses name the record kind, tokenization and collator."""
 
@@ -141,9 +175,9 @@ class RecordDataModule(L.LightningDataModule):
     def setup_extras(self) -> None:
         """Read and tokenize any data besides train and validation, once, after the tokenizer is loaded."""
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         hp = self.hparams
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_examples,
             batch_size=hp.batch_size,
             sampler=EpochShuffleSampler(len(self.train_examples), hp.seed),
