@@ -61,12 +61,29 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+STAGES = ("sft", "rm", "ppo", "dpo")  # configs/<stage>.yaml exports outputs/<stage>/hf
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A clear error for a local model path that does not exist, instead of transformers' attempt to read it as a
+    hub repository id. A name that could be a hub id (``org/name``, no leading ``.``, ``/`` or ``~``) passes."""
+    path = Path(name_or_path).expanduser()
+    local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if path.exists() or not local:
+        return
+    stage = next((part for part in reversed(path.parts) if part in STAGES), None)
+    hint = f" (lightning-rlhf fit --config configs/{stage}.yaml)" if stage else ""
+    raise FileNotFoundError(f"the path {name_or_path} does not exist: run the stage that exports it first{hint}")
+
+
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model (local directory or hub name), or the byte-level default.
 
     A tokenizer without a pad token gets its EOS token as pad: padding is always masked out, so sharing
     the id is safe, and it keeps the vocabulary (and the embedding matrix) unchanged.
     """
+    if name_or_path is not None:
+        check_model_path(name_or_path)
     tokenizer = byte_level_tokenizer() if name_or_path is None else AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -114,6 +131,7 @@ def load_causal_lm(
     else:
         if model_config:
             raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
+        check_model_path(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.modeling_layers import GenericForSequenceClassification
 
-from lightning_rlhf.models import default_model_config, position_ids_from_mask, resolve_dtype
+from lightning_rlhf.models import check_model_path, default_model_config, position_ids_from_mask, resolve_dtype
 
 OFFSET_KEY = "reward_offset"
 TOKEN_KEY = "reward_token_id"
@@ -88,6 +88,7 @@ def load_reward_model(
     else:
         if model_config:
             raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
+        check_model_path(name_or_path)
         config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
         model = _reward_class(config).from_pretrained(name_or_path, config=config, dtype=torch_dtype)
     if model.config.pad_token_id is None and tokenizer is not None:

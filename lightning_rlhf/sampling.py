@@ -35,11 +35,12 @@ class SampleReport:
     written: int = 0
     all_tied: int = 0
     merged_duplicates: int = 0
+    empty: int = 0
 
     def summary(self) -> str:
         return (
             f"{self.written} of {self.prompts} prompts written; {self.all_tied} left out because all their responses "
-            f"tied; {self.merged_duplicates} duplicate samples merged"
+            f"tied; {self.merged_duplicates} duplicate samples merged; {self.empty} empty responses left out"
         )
 
 
@@ -47,6 +48,13 @@ def sample_responses(model, tokenizer, prompts: list, k: int, max_length: int, b
     """``k`` decoded responses for each prompt (strings or chat messages), in prompt order."""
     records = [Record(f"prompt {i}", {"prompt": prompt}) for i, prompt in enumerate(prompts)]
     examples = Tokenizer(tokenizer, max_length).prompts(records)
+    longest = max(len(ex["input_ids"]) for ex in examples) + generation.get("max_new_tokens", 0)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"the longest prompt + max_new_tokens is {longest} tokens, past the model's max_position_embeddings="
+            f"{limit}: lower --max_new_tokens or --max_length"
+        )
     collate = PromptCollator(tokenizer.pad_token_id)
     repeated = [ex for ex in examples for _ in range(k)]
     texts: list[str] = []
@@ -72,8 +80,9 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Callable[[str,
     report = SampleReport(prompts=len(prompts))
     records = []
     for prompt, responses in zip(prompts, samples, strict=True):
-        unique = list(dict.fromkeys(responses))
-        report.merged_duplicates += len(responses) - len(unique)
+        unique = [r for r in dict.fromkeys(responses) if r]  # an empty response is not a valid comparison entry
+        report.empty += sum(not r for r in responses)
+        report.merged_duplicates += len(responses) - len(unique) - sum(not r for r in responses)
         prompt_text = prompt if isinstance(prompt, str) else json.dumps(prompt)
         scores = [judge(prompt_text, r) + (rng.gauss(0, noise) if noise else 0.0) for r in unique]
         ranks = rank(scores)
@@ -126,8 +135,8 @@ def main(argv: list[str] | None = None) -> SampleReport:
     if args.judge:
         out, report = judge_records(prompts, samples, JUDGES[args.judge], args.noise, args.seed)
     else:
-        out = [{"prompt": p, "responses": s} for p, s in zip(prompts, samples, strict=True)]
-        report = SampleReport(prompts=len(prompts), written=len(out))
+        out = [{"prompt": p, "responses": [r for r in s if r]} for p, s in zip(prompts, samples, strict=True)]
+        report = SampleReport(prompts=len(prompts), written=len(out), empty=sum(not r for s in samples for r in s))
     write_jsonl_atomic(out, args.output)
     print(f"{args.output}: {report.summary()}")
     return report

@@ -37,13 +37,18 @@ def score_records(
     batch_size: int = 32,
     max_length: int = 512,
     subtract_offset: bool = True,
-) -> list[float]:
-    """Reward of each demonstration record, in order. Batches are formed by length to waste little padding."""
-    examples = Tokenizer(tokenizer, max_length).demonstrations(list(records))  # raises on a bad record
+    skip_invalid: bool = False,
+) -> list[float | None]:
+    """Reward of each demonstration record, in order. Batches are formed by length to waste little padding.
+
+    A record that cannot be tokenized (a prompt longer than ``max_length``) raises, or with ``skip_invalid`` gets
+    ``None``."""
+    tokenize = Tokenizer(tokenizer, max_length, skip_invalid)
+    examples = {i: ex[0] for i, record in enumerate(records) if (ex := tokenize.demonstrations([record]))}
     collate = DemonstrationCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    rewards = [0.0] * len(examples)
+    order = sorted(examples, key=lambda i: len(examples[i]["input_ids"]))
+    rewards: list[float | None] = [None] * len(records)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = collate([examples[i] for i in rows])
@@ -67,15 +72,17 @@ def score_file(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> Path:
-    """Score the records of ``input_path`` with the reward model exported at ``model_dir``; see module docstring."""
+    """Score the records of ``input_path`` with the reward model exported at ``model_dir``; see module docstring.
+    With ``skip_invalid``, invalid records and records whose prompt exceeds ``max_length`` are left out, counted."""
     check_output_file(output_path)
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, tokenizer, dtype).eval().requires_grad_(False).to(device)
     records, report = read_records(input_path, "demonstration", columns, skip_invalid)
-    if report.skipped:
-        print(report.summary())
-    rewards = score_records(model, tokenizer, records, batch_size, max_length, subtract_offset=not raw)
-    rows = [{**record.fields, "reward": reward} for record, reward in zip(records, rewards, strict=True)]
+    rewards = score_records(model, tokenizer, records, batch_size, max_length, not raw, skip_invalid)
+    rows = [{**record.fields, "reward": r} for record, r in zip(records, rewards, strict=True) if r is not None]
+    too_long = len(records) - len(rows)
+    if report.skipped or too_long:
+        print(f"{report.summary()}; {too_long} records with prompts over max_length={max_length} skipped")
     return write_jsonl_atomic(rows, output_path)
 
 

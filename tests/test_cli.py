@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,6 @@ from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import SFTModule
 from lightning_rlhf.cli import main
-from lightning_rlhf.models import ExportError
 from tests.helpers import REPO, run_cli, run_python
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -104,13 +104,15 @@ def test_help_points_to_the_extra_subcommands(capsys):
 
 
 @pytest.mark.parametrize("export_dir", ["scratch", "."])
-def test_an_export_dir_holding_the_users_files_or_the_run_is_refused_before_training(tmp_path, monkeypatch, export_dir):
+def test_an_export_dir_holding_the_users_files_or_the_run_is_refused_before_training(
+    tmp_path, monkeypatch, capsys, export_dir
+):
     """The issue's reproduction: export_dir = the run's root (holding the user's files), and export_dir = the working
     directory. Both stop before the first step, and every file is still there."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "scratch" / "precious").mkdir(parents=True)
     (tmp_path / "scratch" / "precious" / "notes.txt").write_text("x")
-    with pytest.raises(ExportError):
+    with pytest.raises(SystemExit, match="1"):
         main([
             "fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.max_steps=2",
             "--trainer.default_root_dir=scratch", "--trainer.logger.init_args.save_dir=scratch",
@@ -118,6 +120,8 @@ def test_an_export_dir_holding_the_users_files_or_the_run_is_refused_before_trai
         ])  # fmt: skip
     assert (tmp_path / "scratch" / "precious" / "notes.txt").read_text() == "x"
     assert not list(tmp_path.rglob("*.ckpt"))
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"export_dir={export_dir!r} is or contains" in error
 
 
 def logged(root, tag: str) -> dict[int, float]:
@@ -172,3 +176,51 @@ def test_a_run_killed_mid_epoch_resumes_with_the_losses_of_the_uninterrupted_run
     assert sorted(resumed) == sorted(straight)[4:] and len(straight) == 10
     for step, loss in resumed.items():
         assert loss == pytest.approx(straight[step], abs=1e-5), step
+
+
+def error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_a_stage_run_before_the_stage_it_reads_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    """configs/dpo.yaml before SFT: not transformers' "Repo id must be in the form ..." but the missing path, the
+    stage that writes it, exit status 1; with --debug the exception itself."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="1"):
+        main(["fit", "--config", str(REPO / "configs" / "dpo.yaml")])
+    assert error_lines(capsys) == [
+        "error: the path outputs/sft/hf does not exist: run the stage that exports it first "
+        "(lightning-rlhf fit --config configs/sft.yaml)"
+    ]
+    with pytest.raises(ValueError, match="does not exist"):  # jsonargparse's wrapper, the cause chained inside
+        main(["fit", "--config", str(REPO / "configs" / "dpo.yaml"), "--debug"])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data.init_args.train_path=bad.jsonl"], r"error: .*bad\.jsonl line 2: field 'response' is missing"),
+        (["--data.init_args.batch_size=0"], r"error: batch_size=0: must be >= 1"),
+        (["--model.init_args.dtype=float64"], r"error: dtype='float64' is not one of"),
+    ],
+    ids=["record error", "invalid setting", "invalid dtype"],
+)
+def test_user_errors_in_fit_are_one_line_and_exit_status_1(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(SystemExit, match="1"):
+        main(["fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.max_steps=1",
+              "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--model.init_args.export_dir=null",
+              "--trainer.default_root_dir=run", *args])  # fmt: skip
+    (line,) = error_lines(capsys)
+    assert re.match(expected, line), line
+
+
+def test_a_trainer_misconfiguration_is_one_line_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="1"):
+        main(["fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.enable_checkpointing=false"])
+    (line,) = error_lines(capsys)
+    assert "enable_checkpointing=False` but found `ModelCheckpoint`" in line

@@ -313,3 +313,17 @@ def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_
     assert len(straight.batches) == 6 and straight.batches[4] != straight.batches[0]
     assert resumed.batches == straight.batches[3:]
     torch.testing.assert_close(resumed.metrics, straight.metrics[3:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"beta": -1.0}, r"beta=-1.0: must be > 0"),
+        ({"beta": 0.0}, r"beta=0.0: must be > 0"),
+        ({"nll_weight": -0.5}, r"nll_weight=-0.5: must be >= 0"),
+        ({"label_smoothing": 0.5}, r"label_smoothing=0.5: must be in \[0, 0.5\)"),
+    ],
+)
+def test_dpo_settings_out_of_range_are_refused_naming_the_range(setting, message):
+    with pytest.raises(ValueError, match=message):
+        DPOModule("never/loaded/sft", **setting)

@@ -454,3 +454,20 @@ def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exp
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     start = AutoModelForCausalLM.from_pretrained(sft)
     assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"kl_coef": -1.0}, r"kl_coef=-1.0: must be >= 0"),
+        ({"clip_range": -1.0}, r"clip_range=-1.0: must be > 0"),
+        ({"clip_range_value": 0.0}, r"clip_range_value=0.0: must be > 0"),
+        ({"lam": 1.5}, r"lam=1.5: must be in \[0, 1\]"),
+        ({"max_grad_norm": 0.0}, r"max_grad_norm=0.0: must be > 0 or None"),
+        ({"num_mini_batches": 0}, r"num_mini_batches=0: must be >= 1"),
+        ({"max_new_tokens": 0}, r"max_new_tokens=0: must be >= 1"),
+    ],
+)
+def test_ppo_settings_out_of_range_are_refused_naming_the_range(setting, message):
+    with pytest.raises(ValueError, match=message):
+        PPOModule("never/loaded/sft", reward_fn="lightning_rlhf.toy.gold_score", **setting)

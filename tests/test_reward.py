@@ -269,6 +269,10 @@ BAD_COMPARISONS = {
         {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 2]},
         r"field 'ranks' = \[0, 2\]: each rank must lie in 0\.\.1",
     ),
+    "both spellings": (
+        {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "chosen": "b", "rejected": "a"},
+        r"fields \['responses', 'ranks'\] and \['chosen', 'rejected'\] are both present",
+    ),
     "duplicate with two ranks": (
         {"prompt": "p", "responses": ["a", "b", "a"], "ranks": [0, 1, 2]},
         r"field 'responses': the same response appears with ranks 0 and 2",
@@ -289,8 +293,8 @@ def test_bad_comparisons_are_a_clear_error_naming_file_line_and_field(case, tmp_
 def test_bad_comparisons_are_skipped_and_counted_when_asked(tmp_path):
     path = write_jsonl(tmp_path / "ranks.jsonl", [GOOD, *(record for record, _ in BAD_COMPARISONS.values()), GOOD])
     records, report = read_records(path, "comparison", skip_invalid=True)
-    assert (len(records), report.skipped) == (2, 4)
-    assert [r.split(": ")[0] for r in report.reasons] == [f"{path} line {n}" for n in (2, 3, 4, 5)]
+    assert (len(records), report.skipped) == (2, 5)
+    assert [r.split(": ")[0] for r in report.reasons] == [f"{path} line {n}" for n in (2, 3, 4, 5, 6)]
     data = ComparisonDataModule(train_path=path, val_fraction=0, skip_invalid=True)
     data.setup("fit")
     assert len(data.train_examples) == 2
@@ -371,3 +375,25 @@ def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_
     assert len(straight.batches) == 5 and straight.batches[3] != straight.batches[0]
     assert resumed.batches == straight.batches[2:]
     torch.testing.assert_close(resumed.metrics, straight.metrics[2:], atol=1e-5, rtol=0)
+
+
+def test_score_skip_invalid_skips_an_over_long_prompt_and_says_so(tiny_model_dir, tmp_path, capsys):
+    """max_length 8: "p" (1 token) fits, the 20-byte prompt does not; scoring without skipping names its line."""
+    module = tiny_module(tiny_model_dir)
+    export_pretrained(module.model, module.tokenizer, tmp_path / "rm")
+    rows = [{"prompt": "p", "response": "r"}, {"prompt": "x" * 20, "response": "r"}, {"prompt": "q", "response": "s"}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(RecordError, match=r"in\.jsonl line 2: field 'prompt' is 20 tokens"):
+        score_file(str(tmp_path / "rm"), path, str(tmp_path / "out.jsonl"), max_length=8)
+    score_file(str(tmp_path / "rm"), path, str(tmp_path / "out.jsonl"), max_length=8, skip_invalid=True)
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in scored] == ["p", "q"]
+    assert "1 records with prompts over max_length=8 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"), [({"margin": -1.0}, r"margin=-1.0: must be >= 0"), ({"center_coef": -0.1}, r">= 0")]
+)
+def test_reward_module_settings_out_of_range_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        RewardModule(**setting)

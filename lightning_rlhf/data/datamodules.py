@@ -20,6 +20,7 @@ from lightning_rlhf.data.records import Record, read_records
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.toy import toy_path
+from lightning_rlhf.validation import check_range
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,11 @@ class RecordDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction={val_fraction} must lie in [0, 1)")
+        check_range("val_fraction", val_fraction, "in [0, 1)", 0 <= val_fraction < 1)
+        check_range("batch_size", batch_size, ">= 1", batch_size >= 1)
+        check_range("val_batch_size", val_batch_size, ">= 1 or None", val_batch_size is None or val_batch_size >= 1)
+        check_range("max_length", max_length, ">= 2 (a prompt token and a response token)", max_length >= 2)
+        check_range("num_workers", num_workers, ">= 0", num_workers >= 0)
         self.tokenizer = None
         self.train_examples: list[Any] = []
         self.val_examples: list[Any] = []

@@ -40,6 +40,7 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.strategies import clip_gradients, fully_shard_models
+from lightning_rlhf.validation import check_range
 
 METRICS = (
     "rewards/chosen",
@@ -97,8 +98,9 @@ class DPOModule(L.LightningModule):
         super().__init__()
         if loss_type not in DPO_LOSSES:
             raise ValueError(f"loss_type={loss_type!r} is not one of {sorted(DPO_LOSSES)}")
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 0.5)")
+        check_range("beta", beta, "> 0", beta > 0)
+        check_range("label_smoothing", label_smoothing, "in [0, 0.5)", 0 <= label_smoothing < 0.5)
+        check_range("nll_weight", nll_weight, ">= 0", nll_weight >= 0)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

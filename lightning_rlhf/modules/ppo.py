@@ -62,6 +62,7 @@ from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence
 from lightning_rlhf.rollout import Experience, Rollout, build_experience, decode_responses, generate
 from lightning_rlhf.scoring import import_reward_fn
 from lightning_rlhf.strategies import fully_shard_models, gathered
+from lightning_rlhf.validation import check_range
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
@@ -166,14 +167,23 @@ class PPOModule(L.LightningModule):
             raise ValueError("give PPOModule exactly one of reward_model_name_or_path and reward_fn")
         self.reward_fn = import_reward_fn(reward_fn) if reward_fn is not None else None
         self.judge_fn = import_reward_fn(judge_fn) if judge_fn is not None else None
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature}: PPO samples its rollouts, so it must be > 0")
+        check_range("temperature", temperature, "> 0 (PPO samples its rollouts)", temperature > 0)
+        check_range("max_new_tokens", max_new_tokens, ">= 1", max_new_tokens >= 1)
+        check_range("kl_coef", kl_coef, ">= 0", kl_coef >= 0)
+        check_range("clip_range", clip_range, "> 0", clip_range > 0)
+        check_range("clip_range_value", clip_range_value, "> 0", clip_range_value > 0)
+        check_range("vf_coef", vf_coef, ">= 0", vf_coef >= 0)
+        check_range("gamma", gamma, "in [0, 1]", 0 <= gamma <= 1)
+        check_range("lam", lam, "in [0, 1]", 0 <= lam <= 1)
+        check_range("ptx_coef", ptx_coef, ">= 0", ptx_coef >= 0)
+        check_range("max_grad_norm", max_grad_norm, "> 0 or None", max_grad_norm is None or max_grad_norm > 0)
+        check_range("kl_horizon", kl_horizon, ">= 1", kl_horizon >= 1)
+        check_range("log_samples", log_samples, ">= 0", log_samples >= 0)
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
-        if target_kl is not None and target_kl <= 0:
-            raise ValueError(f"target_kl={target_kl} must be > 0 (or None for a fixed kl_coef)")
-        if ppo_epochs < 1 or num_mini_batches < 1:
-            raise ValueError(f"ppo_epochs={ppo_epochs} and num_mini_batches={num_mini_batches} must be >= 1")
+        check_range("target_kl", target_kl, "> 0 (or None for a fixed kl_coef)", target_kl is None or target_kl > 0)
+        check_range("ppo_epochs", ppo_epochs, ">= 1", ppo_epochs >= 1)
+        check_range("num_mini_batches", num_mini_batches, ">= 1", num_mini_batches >= 1)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer

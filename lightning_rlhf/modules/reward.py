@@ -25,6 +25,7 @@ from lightning_rlhf.models import check_export_target, export_from_trainer, load
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.strategies import clip_gradients, fully_shard_models
+from lightning_rlhf.validation import check_range
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -67,6 +68,8 @@ class RewardModule(L.LightningModule):
             gradient_checkpointing: trade compute for activation memory.
         """
         super().__init__()
+        check_range("margin", margin, ">= 0", margin >= 0)
+        check_range("center_coef", center_coef, ">= 0", center_coef >= 0)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
