@@ -100,3 +100,15 @@ class HoldAfter(L.Callback):
         if trainer.global_step >= self.step:
             (self.root / "holding").touch()
             time.sleep(600)
+
+
+def make_tiny_gpt2_export(directory, seed: int = 0) -> str:
+    """A tiny GPT-2 (learned absolute positions, unlike RoPE's shift-invariant ones) with the byte tokenizer."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tokenizer = load_tokenizer(None)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tokenizer), **ids,
+                        eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(seed)
+    return str(export_pretrained(AutoModelForCausalLM.from_config(config), tokenizer, directory))

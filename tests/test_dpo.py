@@ -18,7 +18,7 @@ from lightning_rlhf.data.collate import ComparisonCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.losses import dpo_loss
-from lightning_rlhf.models import export_pretrained, load_tokenizer
+from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 from lightning_rlhf.modules.dpo import DPOModule
 from lightning_rlhf.toy import toy_path
 from tests.helpers import REPO, TINY_CONFIG, run_cli, straight_and_resumed
@@ -327,3 +327,17 @@ def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_
 def test_dpo_settings_out_of_range_are_refused_naming_the_range(setting, message):
     with pytest.raises(ValueError, match=message):
         DPOModule("never/loaded/sft", **setting)
+
+
+def test_dropout_is_off_in_the_policy_so_step_0_is_exactly_log_2(tmp_path):
+    """A model configured with attention_dropout=0.3, the module in train mode as fit leaves it: policy and reference
+    are the same weights, so the loss must be exactly log 2 and every implicit reward 0 (with dropout on in the
+    policy it came out 0.6938 and the rewards non-zero)."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)
+    model = load_causal_lm(None, tokenizer, "float32", {**TINY_CONFIG, "attention_dropout": 0.3})
+    module = dpo(str(export_pretrained(model, tokenizer, tmp_path / "hf"))).train()
+    torch.manual_seed(1)
+    loss, _, stats = module._step(make_batch(planted_records(WORDS[:4])))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["rewards/chosen"].abs().max() == 0 and stats["rewards/rejected"].abs().max() == 0

@@ -19,7 +19,7 @@ from lightning_rlhf.models import (
     load_tokenizer,
     sequence_logprobs,
 )
-from tests.helpers import TINY_CONFIG
+from tests.helpers import TINY_CONFIG, make_tiny_gpt2_export
 
 
 def test_local_directory_loads_the_saved_weights_and_tokenizer(tiny_model_dir):
@@ -40,10 +40,14 @@ def test_model_config_overrides_are_refused_for_pretrained_models(tiny_model_dir
         load_causal_lm(tiny_model_dir, load_tokenizer(tiny_model_dir), model_config={"hidden_size": 8})
 
 
-def test_left_and_right_padding_give_the_same_sequence_logprobs(tiny_model_dir):
-    """The same 5-token sequence, padded by 3 on either side, scores the same: positions come from the mask."""
-    tokenizer = load_tokenizer(tiny_model_dir)
-    model = load_causal_lm(tiny_model_dir, tokenizer).eval()
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_left_and_right_padding_give_the_same_sequence_logprobs(tiny_model_dir, tmp_path, architecture):
+    """The same 5-token sequence, padded by 3 on either side, scores the same: positions come from the mask.
+    Llama's rotary positions only see differences of positions, so only GPT-2's learned absolute positions make
+    this fail when ``forward_logits`` leaves ``position_ids`` out."""
+    path = tiny_model_dir if architecture == "llama" else make_tiny_gpt2_export(tmp_path / "gpt2")
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer).eval()
     seq, pad = [5, 6, 7, 8, 9], tokenizer.pad_token_id
     input_ids = torch.tensor([seq + [pad] * 3, [pad] * 3 + seq])
     attention_mask = torch.tensor([[1] * 5 + [0] * 3, [0] * 3 + [1] * 5])

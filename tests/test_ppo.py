@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from lightning_rlhf import PPOModule, PromptDataModule
+from lightning_rlhf import PPOModule, PromptDataModule, RewardModule
 from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.losses import masked_mean
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
@@ -322,10 +322,32 @@ def test_judge_fn_is_logged_beside_the_reward_models_score_on_train_and_validati
     assert float(logged["train/objective/scores"]) != 4.0
 
 
-def test_a_reward_model_with_another_tokenizer_is_refused(exports, tmp_path):
-    """Token ids only mean the same to policy and reward model if they share a vocabulary."""
-    tokenizer = load_tokenizer(exports[1])
-    tokenizer.add_tokens(["<extra>"])
+def test_a_reward_model_trained_with_a_reward_token_is_accepted_and_reads_it(exports, tmp_path):
+    """A reward model trained with ``reward_token`` has the policy's vocabulary plus that token (id 259): accepted,
+    and a rollout's score is the one read at the appended reward token."""
+    rm = RewardModule(exports[0], reward_token="<|reward|>")
+    rm.configure_model()
+    rm_dir = export_pretrained(rm.model, rm.tokenizer, tmp_path / "rm")
+    module = ppo((exports[0], str(rm_dir)), max_new_tokens=6)
+    batch = prompts_batch(["Reverse: abc\n", "Reverse: hello\n"])
+    experience = module.make_experience(batch)
+    rollout = experience.rollout
+    with torch.no_grad():
+        expected = sequence_rewards(rm.model.eval(), rollout.sequences, rollout.attention_mask)
+    torch.testing.assert_close(experience.scores, expected)
+    assert module.reward_model.config.reward_token_id == len(module.tokenizer) == 259
+
+
+def test_a_reward_model_whose_ids_mean_other_tokens_is_refused(exports, tmp_path):
+    """Token ids only mean the same to policy and reward model if its vocabulary holds the policy's, id for id: a
+    byte tokenizer with the bytes in reverse order is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet(), reverse=True))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     other = export_pretrained(load_reward_model(exports[1], tokenizer), tokenizer, tmp_path / "other_rm")
     module = PPOModule(exports[0], str(other))
     with pytest.raises(ValueError, match="different tokenizers"):
@@ -471,3 +493,52 @@ def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exp
 def test_ppo_settings_out_of_range_are_refused_naming_the_range(setting, message):
     with pytest.raises(ValueError, match=message):
         PPOModule("never/loaded/sft", reward_fn="lightning_rlhf.toy.gold_score", **setting)
+
+
+class NormRecordingAdamW(torch.optim.AdamW):
+    """AdamW that records the gradient norm of each parameter group (policy, value) it is asked to apply."""
+
+    def step(self, closure=None):
+        norms = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g["params"]])) for g in self.param_groups]
+        self.norms.append([float(n) for n in norms])
+        return super().step(closure)
+
+
+def test_minibatches_are_exactly_num_mini_batches_and_pin_steps_schedule_and_clipping(exports, tmp_path):
+    """10 prompts in one batch, num_mini_batches=4, ppo_epochs=2: minibatches of 3, 3, 2, 2 rows (``torch.chunk``
+    makes 3, 3, 3, 1), so 8 optimiser steps a rollout and max_steps=16 is exactly 2 rollouts; the scheduler steps
+    once per optimiser step (16). max_grad_norm=1e-4 is far below the raw norms, so every step applies a policy and
+    a value gradient of norm 1e-4 exactly (clipped apart)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in "abcdefghij"))
+    data = PromptDataModule(
+        train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=10, max_length=32, val_fraction=0.0
+    )
+    optimizers: list[NormRecordingAdamW] = []
+
+    def optimizer(params):
+        optimizers.append(NormRecordingAdamW(params, lr=1e-3))
+        optimizers[-1].norms = []
+        return optimizers[-1]
+
+    module = ppo(
+        exports, max_new_tokens=6, ppo_epochs=2, num_mini_batches=4, max_grad_norm=1e-4, optimizer=optimizer,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0),
+    )  # fmt: skip
+    rows = []
+    policy_outputs = module.policy_outputs
+    module.policy_outputs = lambda sequences, *args: rows.append(len(sequences)) or policy_outputs(sequences, *args)
+    trainer = fit(module, data, 16, tmp_path)
+    assert module.rollouts == 2 and trainer.global_step == 16
+    assert rows == [10, 3, 3, 2, 2, 3, 3, 2, 2] * 2  # the rollout's own scoring pass, then the minibatches
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 16
+    (recorded,) = optimizers
+    assert len(recorded.norms) == 16
+    torch.testing.assert_close(torch.tensor(recorded.norms), torch.full((16, 2), 1e-4), rtol=1e-3, atol=0)
+
+
+def test_a_rollout_batch_smaller_than_num_mini_batches_is_refused(exports):
+    module = ppo(exports, max_new_tokens=4, num_mini_batches=4)
+    module.trainer = None
+    with pytest.raises(ValueError, match="rollout batch of 2 prompts cannot make num_mini_batches=4"):
+        module.training_step(prompts_batch(["Reverse: a\n", "Reverse: b\n"]), 0)

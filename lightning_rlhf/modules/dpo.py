@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
 from lightning_rlhf.models import (
     check_export_target,
+    disable_dropout,
     export_from_trainer,
     keep_out_of_checkpoints,
     load_causal_lm,
@@ -121,6 +122,7 @@ class DPOModule(L.LightningModule):
             return
         hp = self.hparams
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
+        disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if not hp.precompute_ref_logprobs:
