@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lightning_rlhf.data.records import unwritable_reason
 from lightning_rlhf.losses import IGNORE_INDEX, masked_sum, token_logprobs
 
 BYTE_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -246,12 +247,17 @@ def check_export_target(directory: str | os.PathLike, run_dirs: list[str | os.Pa
     directory holding them; its parent must be writable. Interrupted earlier exports are recovered first.
     """
     target = Path(directory).resolve()
-    for kept in [Path.cwd(), *run_dirs]:
-        if _is_within(Path(kept).resolve(), target):
+    kept = [(Path.cwd(), "the working directory")] + [
+        (Path(d), "a directory of the run (logs, checkpoints)") for d in run_dirs
+    ]
+    for path, what in kept:
+        if _is_within(path.resolve(), target):
             raise ExportError(
-                f"export_dir={str(directory)!r} is or contains {kept}, which the export would replace: "
-                "give the export a directory of its own (e.g. <root>/hf)"
+                f"export_dir={str(directory)!r} would replace {path}, {what}: give the export a directory of its own "
+                "(e.g. <root>/hf)"
             )
+    if reason := unwritable_reason(target.parent):
+        raise ExportError(f"export_dir={str(directory)!r} cannot be written ({reason})")
     recover_export(target)
     if target.exists() and not target.is_dir():
         raise ExportError(f"export_dir={str(directory)!r} is a file: give a directory for the export")
@@ -260,11 +266,6 @@ def check_export_target(directory: str | os.PathLike, run_dirs: list[str | os.Pa
             f"export_dir={str(directory)!r} is a non-empty directory that no export of ours wrote "
             f"(no {EXPORT_MARKER}): refusing to replace it; give a new or empty directory"
         )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=target.parent).close()
-    except OSError as err:
-        raise ExportError(f"export_dir={str(directory)!r} cannot be written ({err.strerror}: {err.filename})") from None
     return target
 
 

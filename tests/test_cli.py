@@ -121,7 +121,7 @@ def test_an_export_dir_holding_the_users_files_or_the_run_is_refused_before_trai
     assert (tmp_path / "scratch" / "precious" / "notes.txt").read_text() == "x"
     assert not list(tmp_path.rglob("*.ckpt"))
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert f"export_dir={export_dir!r} is or contains" in error
+    assert f"export_dir={export_dir!r} would replace" in error
 
 
 def logged(root, tag: str) -> dict[int, float]:

@@ -310,17 +310,27 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             os.remove(staging)
 
 
+def unwritable_reason(directory: Path) -> str | None:
+    """Why no file can be created in ``directory`` (created if missing), or ``None`` when one can."""
+    blocking = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"{blocking} is a file, not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        return f"{err.strerror}: {err.filename or directory}"
+    return None
+
+
 def check_output_file(path: str | os.PathLike) -> Path:
     """Refuse an output path that cannot be written, before the work that produces it: a directory, or a place where
     no file can be created. Creates missing parent directories; returns the resolved path."""
     target = Path(path).resolve()
     if target.is_dir():
         raise OSError(f"--output {path}: is a directory; give a file name")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=target.parent).close()
-    except OSError as err:
-        raise OSError(f"--output {path}: cannot be written ({err.strerror}: {err.filename})") from None
+    if reason := unwritable_reason(target.parent):
+        raise OSError(f"--output {path}: cannot be written ({reason})")
     return target
 
 
