@@ -247,10 +247,8 @@ def check_export_target(directory: str | os.PathLike, run_dirs: list[str | os.Pa
     directory holding them; its parent must be writable. Interrupted earlier exports are recovered first.
     """
     target = Path(directory).resolve()
-    kept = [(Path.cwd(), "the working directory")] + [
-        (Path(d), "a directory of the run (logs, checkpoints)") for d in run_dirs
-    ]
-    for path, what in kept:
+    run = [(Path(d), "a directory of the run (logs, checkpoints)") for d in run_dirs]
+    for path, what in [(Path.cwd(), "the working directory"), *run]:
         if _is_within(path.resolve(), target):
             raise ExportError(
                 f"export_dir={str(directory)!r} would replace {path}, {what}: give the export a directory of its own "
