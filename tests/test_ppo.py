@@ -488,6 +488,8 @@ def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exp
         ({"max_grad_norm": 0.0}, r"max_grad_norm=0.0: must be > 0 or None"),
         ({"num_mini_batches": 0}, r"num_mini_batches=0: must be >= 1"),
         ({"max_new_tokens": 0}, r"max_new_tokens=0: must be >= 1"),
+        ({"top_k": 5}, r"top_k=5: must be 0 \(PPO scores the whole tempered distribution"),
+        ({"top_p": 0.9}, r"top_p=0.9: must be 1.0 \(PPO scores the whole tempered distribution"),
     ],
 )
 def test_ppo_settings_out_of_range_are_refused_naming_the_range(setting, message):
