@@ -262,7 +262,8 @@ def check_export_target(directory: str | os.PathLike, run_dirs: list[str | os.Pa
     if target.is_dir() and any(target.iterdir()) and not (target / EXPORT_MARKER).exists():
         raise ExportError(
             f"export_dir={str(directory)!r} is a non-empty directory that no export of ours wrote "
-            f"(no {EXPORT_MARKER}): refusing to replace it; give a new or empty directory"
+            f"(no {EXPORT_MARKER}): refusing to replace it; give a new or empty directory (an export written before "
+            "the marker existed: delete it first)"
         )
     return target
 

@@ -118,6 +118,13 @@ def main(argv: list[str] | None = None) -> SampleReport:
     args = parser.parse_args(argv)
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
+    for name, ok, allowed in [
+        ("k", args.k >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("temperature", args.temperature >= 0, ">= 0"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"), ("noise", args.noise >= 0, ">= 0"),
+    ]:  # fmt: skip
+        if not ok:
+            parser.error(f"--{name}={getattr(args, name)}: must be {allowed}")
 
     check_output_file(args.output)
     torch.manual_seed(args.seed)

@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
+    for name in ("batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     path = score_file(
         args.model, args.input, args.output, args.batch_size, args.max_length, args.raw, args.columns,
         args.skip_invalid, args.device, args.dtype,

@@ -96,3 +96,13 @@ def test_empty_samples_are_left_out_of_comparisons_and_counted():
     records, report = judge_records(["Reverse: abc\n"], [["cba", "", "cb", ""]], gold_score, noise=0.0, seed=0)
     assert records == [{"prompt": "Reverse: abc\n", "responses": ["cba", "cb"], "ranks": [0, 1]}]
     assert (report.empty, report.merged_duplicates) == (2, 0)
+
+
+def test_sample_and_score_settings_out_of_range_are_usage_errors(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "o.jsonl")
+    with pytest.raises(SystemExit, match="2"):
+        main(["sample", "--model", tiny_model_dir, "--k", "0", "--output", out])
+    assert "--k=0: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["score", "--model", tiny_model_dir, "--input", out, "--output", out, "--batch_size", "0"])
+    assert "--batch_size=0: must be >= 1" in capsys.readouterr().err
