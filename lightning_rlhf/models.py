@@ -306,11 +306,13 @@ def export_pretrained(
     return target
 
 
-def run_directories(trainer) -> list[str]:
-    """Directories a run writes besides its export: root, logs and checkpoints (an export must not replace them)."""
-    dirs = [trainer.default_root_dir, trainer.log_dir]
+def check_export_before_fit(trainer, directory: str | os.PathLike) -> None:
+    """``check_export_target`` against the run's own directories (root, logs, checkpoints), on global rank 0, when
+    fit starts: a target that the export at the end would refuse stops the run before it trains."""
+    dirs = [trainer.default_root_dir, trainer.log_dir]  # log_dir is a broadcast: every rank must ask for it
     dirs += [getattr(callback, "dirpath", None) for callback in trainer.checkpoint_callbacks]
-    return [d for d in dirs if d]
+    if trainer.is_global_zero:
+        check_export_target(directory, [d for d in dirs if d])
 
 
 def export_from_trainer(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike):

@@ -30,13 +30,12 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
 from lightning_rlhf.models import (
-    check_export_target,
+    check_export_before_fit,
     disable_dropout,
     export_from_trainer,
     keep_out_of_checkpoints,
     load_causal_lm,
     load_tokenizer,
-    run_directories,
     sequence_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
@@ -255,8 +254,8 @@ class DPOModule(L.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.export_dir and self.trainer.is_global_zero:
-            check_export_target(self.hparams.export_dir, run_directories(self.trainer))  # before training, not after
+        if stage == "fit" and self.hparams.export_dir:
+            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:

@@ -47,14 +47,13 @@ from lightning_rlhf.losses import (
     token_logprobs,
 )
 from lightning_rlhf.models import (
-    check_export_target,
+    check_export_before_fit,
     disable_dropout,
     export_from_trainer,
     forward_logits,
     keep_out_of_checkpoints,
     load_causal_lm,
     load_tokenizer,
-    run_directories,
     shifted_logprobs,
 )
 from lightning_rlhf.optim import clip_grad_norms, optimizer_config, trainable
@@ -487,8 +486,8 @@ class PPOModule(L.LightningModule):
         return optimizer_config(groups, self.optimizer_factory, self.scheduler_factory)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.export_dir and self.trainer.is_global_zero:
-            check_export_target(self.hparams.export_dir, run_directories(self.trainer))  # before training, not after
+        if stage == "fit" and self.hparams.export_dir:
+            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_rlhf.losses import ranking_loss
-from lightning_rlhf.models import check_export_target, export_from_trainer, load_tokenizer, run_directories
+from lightning_rlhf.models import check_export_before_fit, export_from_trainer, load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.strategies import clip_gradients, fully_shard_models
@@ -167,8 +167,8 @@ class RewardModule(L.LightningModule):
         return offset
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.export_dir and self.trainer.is_global_zero:
-            check_export_target(self.hparams.export_dir, run_directories(self.trainer))  # before training, not after
+        if stage == "fit" and self.hparams.export_dir:
+            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
         hp = self.hparams

@@ -17,12 +17,11 @@ from torchmetrics import MeanMetric
 
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
 from lightning_rlhf.models import (
-    check_export_target,
+    check_export_before_fit,
     export_from_trainer,
     forward_logits,
     load_causal_lm,
     load_tokenizer,
-    run_directories,
     shifted_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
@@ -118,8 +117,8 @@ class SFTModule(L.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.export_dir and self.trainer.is_global_zero:
-            check_export_target(self.hparams.export_dir, run_directories(self.trainer))  # before training, not after
+        if stage == "fit" and self.hparams.export_dir:
+            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
