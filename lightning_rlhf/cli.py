@@ -15,9 +15,11 @@ Extra subcommands, outside LightningCLI:
 
 from __future__ import annotations
 
+import os
 import sys
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_rlhf import evaluation, sampling, scoring
@@ -35,12 +37,47 @@ HELP = (
     "The InstructGPT pipeline as Lightning modules. LightningCLI subcommands below, plus: "
     "'lightning-rlhf sample --help' (K responses per prompt, optionally ranked by a simulated labeller), "
     "'lightning-rlhf score --help' (rewards from an exported reward model) and "
-    "'lightning-rlhf evaluate --help' (win rates and Elo ratings between checkpoints, judged on held-out prompts)."
+    "'lightning-rlhf evaluate --help' (win rates and Elo ratings between checkpoints, judged on held-out prompts). "
+    "User errors (paths, data, settings) print one line and exit 1; --debug (or LIGHTNING_RLHF_DEBUG=1) shows the "
+    "traceback. Beware: every class_path, and PPO's reward_fn / judge_fn, imports and runs the code it names."
 )
 
 
+# What a user can cause and fix (bad paths, data, settings): one line and exit status 1, not a traceback. Other
+# exceptions are bugs of ours and keep their traceback. ``--debug`` (or LIGHTNING_RLHF_DEBUG=1) shows it anyway.
+USER_ERRORS = (ValueError, OSError, MisconfigurationException)
+DEBUG_HINT = "(add --debug, or set LIGHTNING_RLHF_DEBUG=1, for the full traceback)"
+
+
+def next_in_chain(err: BaseException) -> BaseException | None:
+    return err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The innermost user error in ``err``'s chain: jsonargparse wraps a constructor's error in its own ValueError
+    that dumps the whole config."""
+    chain = [err]
+    while (cause := next_in_chain(chain[-1])) is not None and cause not in chain:
+        chain.append(cause)
+    return next((e for e in reversed(chain) if isinstance(e, USER_ERRORS)), None)
+
+
 def main(args: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if args is None else args
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("LIGHTNING_RLHF_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        run(argv, from_command_line=args is None)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        cause = user_error(err)
+        message = " ".join(str(cause).split()) or type(cause).__name__
+        print(f"error: {message}\n{DEBUG_HINT}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(argv: list[str], from_command_line: bool = False) -> None:
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         EXTRA_SUBCOMMANDS[argv[0]](argv[1:])
         return
@@ -51,7 +88,7 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": HELP},
-        args=args,
+        args=None if from_command_line and argv == sys.argv[1:] else argv,
     )
 
 

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lightning_rlhf.data.records import unwritable_reason
 from lightning_rlhf.losses import IGNORE_INDEX, masked_sum, token_logprobs
 
 BYTE_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -66,6 +67,21 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+STAGES = ("sft", "rm", "ppo", "dpo")  # configs/<stage>.yaml exports outputs/<stage>/hf
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A clear error for a local model path that does not exist, instead of transformers' attempt to read it as a
+    hub repository id. A name that could be a hub id (``org/name``, no leading ``.``, ``/`` or ``~``) passes."""
+    path = Path(name_or_path).expanduser()
+    local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if path.exists() or not local:
+        return
+    stage = next((part for part in reversed(path.parts) if part in STAGES), None)
+    hint = f" (lightning-rlhf fit --config configs/{stage}.yaml)" if stage else ""
+    raise FileNotFoundError(f"the path {name_or_path} does not exist: run the stage that exports it first{hint}")
+
+
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model (local directory or hub name), or the byte-level default.
 
@@ -74,6 +90,8 @@ def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     padding by its id (transformers' sequence-classification pooling, ``DataCollatorForLanguageModeling``'s label
     masking) never take the end-of-turn token for padding.
     """
+    if name_or_path is not None:
+        check_model_path(name_or_path)
     tokenizer = byte_level_tokenizer() if name_or_path is None else AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
@@ -145,6 +163,7 @@ def load_causal_lm(
     else:
         if model_config:
             raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
+        check_model_path(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
     fit_to_tokenizer(model, tokenizer)
     keep_float32_buffers(model)
@@ -255,31 +274,105 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(submodule, name, 0.0)
 
 
+EXPORT_MARKER = ".lightning_rlhf_export"  # in every export we write: a directory without it is not ours to replace
+
+
+class ExportError(ValueError):
+    """An export target that would destroy what we did not write, or that cannot be written."""
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _staging_dirs(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.tmp-*")) + sorted(target.parent.glob(f".{target.name}.old-*"))
+
+
+def recover_export(directory: str | os.PathLike) -> None:
+    """Finish or undo an export that a kill interrupted: put a previous export moved aside back when the target is
+    missing (the kill fell between the two renames), and remove staging directories of ours that are left over."""
+    target = Path(directory).resolve()
+    if not target.parent.is_dir():
+        return
+    for leftover in _staging_dirs(target):
+        if leftover.is_dir() and (not any(leftover.iterdir()) or (leftover / EXPORT_MARKER).exists()):
+            if leftover.name.startswith(f".{target.name}.old-") and not target.exists():
+                leftover.rename(target)  # the previous, complete export
+                _fsync(target.parent)
+            else:
+                shutil.rmtree(leftover)
+
+
+def check_export_target(directory: str | os.PathLike, run_dirs: list[str | os.PathLike] = ()) -> Path:
+    """Refuse an export target that an export could damage, before any work is done; returns the resolved path.
+
+    The target must not be a file, nor a non-empty directory that is not an earlier export of ours (recognised by
+    ``EXPORT_MARKER``), nor the working directory or the run's own directories (``run_dirs``: logs, checkpoints) or a
+    directory holding them; its parent must be writable. Interrupted earlier exports are recovered first.
+    """
+    target = Path(directory).resolve()
+    run = [(Path(d), "a directory of the run (logs, checkpoints)") for d in run_dirs]
+    for path, what in [(Path.cwd(), "the working directory"), *run]:
+        if _is_within(path.resolve(), target):
+            raise ExportError(
+                f"export_dir={str(directory)!r} would replace {path}, {what}: give the export a directory of its own "
+                "(e.g. <root>/hf)"
+            )
+    if reason := unwritable_reason(target.parent):
+        raise ExportError(f"export_dir={str(directory)!r} cannot be written ({reason})")
+    recover_export(target)
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"export_dir={str(directory)!r} is a file: give a directory for the export")
+    if target.is_dir() and any(target.iterdir()) and not (target / EXPORT_MARKER).exists():
+        raise ExportError(
+            f"export_dir={str(directory)!r} is a non-empty directory that no export of ours wrote "
+            f"(no {EXPORT_MARKER}): refusing to replace it; give a new or empty directory (an export written before "
+            "the marker existed: delete it first)"
+        )
+    return target
+
+
 def export_pretrained(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     directory: str | os.PathLike,
     state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``save_pretrained`` output for model and tokenizer atomically.
+    """Write ``save_pretrained`` output for model and tokenizer atomically, replacing only an earlier export of ours.
 
-    Everything is written into a temporary sibling directory first, which then replaces ``directory`` by rename,
-    so a crash mid-export never leaves a half-written model where a finished one was. ``state_dict`` replaces the
-    model's own weights (e.g. the full weights gathered from a sharded model).
+    Everything is written into a temporary sibling directory first, with ``EXPORT_MARKER``, and fsynced; it then
+    replaces ``directory`` by rename. A kill between moving the previous export aside and renaming the new one in
+    leaves the previous one under ``.NAME.old-*``, which the next export or ``check_export_target`` puts back.
+    ``state_dict`` replaces the model's own weights (e.g. the full weights gathered from a sharded model).
     """
-    target = Path(directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_export_target(directory)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        (staging / EXPORT_MARKER).write_text("written by lightning_rlhf.models.export_pretrained\n")
         model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
+        for written in staging.rglob("*"):
+            if written.is_file():
+                _fsync(written)
+        _fsync(staging)
         if target.exists():
             previous = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(previous)
             staging.rename(target)
+            _fsync(target.parent)
             shutil.rmtree(previous)
         else:
             staging.rename(target)
+        _fsync(target.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -295,6 +388,15 @@ def tied_duplicates(model: torch.nn.Module) -> list[str]:
             duplicates.append(name)
         first.setdefault(id(param), name)
     return duplicates
+
+
+def check_export_before_fit(trainer, directory: str | os.PathLike) -> None:
+    """``check_export_target`` against the run's own directories (root, logs, checkpoints), on global rank 0, when
+    fit starts: a target that the export at the end would refuse stops the run before it trains."""
+    dirs = [trainer.default_root_dir, trainer.log_dir]  # log_dir is a broadcast: every rank must ask for it
+    dirs += [getattr(callback, "dirpath", None) for callback in trainer.checkpoint_callbacks]
+    if trainer.is_global_zero:
+        check_export_target(directory, [d for d in dirs if d])
 
 
 def export_from_trainer(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike):

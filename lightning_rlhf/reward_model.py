@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.modeling_layers import GenericForSequenceClassification
 
 from lightning_rlhf.models import (
+    check_model_path,
     default_model_config,
     fit_to_tokenizer,
     keep_float32_buffers,
@@ -96,6 +97,7 @@ def load_reward_model(
     else:
         if model_config:
             raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
+        check_model_path(name_or_path)
         config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
         model = _reward_class(config).from_pretrained(name_or_path, config=config, dtype=torch_dtype)
     if tokenizer is not None:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.losses import gae, kl_penalty, masked_whiten, ppo_rewards
 
@@ -58,25 +58,28 @@ def generate(
 ) -> Rollout:
     """Sample (``temperature > 0``) or decode greedily (``temperature == 0``) a response for each left-padded prompt.
 
+    Generation follows exactly these settings (``top_k=0`` and ``top_p=1`` sample the whole tempered distribution,
+    what PPO's log-probs score): nothing comes from the checkpoint's own ``generation_config.json``, whose
+    repetition penalty or ``no_repeat_ngram_size`` would change what is sampled without the log-probs knowing.
     The model is put in eval mode for generation and restored afterwards. ``synced_gpus`` keeps ranks of a
     sharded model stepping together until all of them have finished.
     """
-    was_training = model.training
-    model.eval()
     sampling = temperature > 0
-    sample_args = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if sampling else {}
-    sequences = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        synced_gpus=synced_gpus,
-        use_cache=True,
-        **sample_args,
-    )
-    model.train(was_training)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if sampling else {}),
+    )  # fmt: skip
+    was_training, checkpoint_defaults = model.training, model.generation_config
+    model.eval()
+    model.generation_config = GenerationConfig()  # generate fills unset values from here: the library defaults only
+    try:
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced_gpus
+        )
+    finally:
+        model.generation_config = checkpoint_defaults
+        model.train(was_training)
     prompt_length = input_ids.shape[1]
     response_mask = mask_after_eos(sequences[:, prompt_length:], tokenizer.eos_token_id)
     sequences[:, prompt_length:] = sequences[:, prompt_length:].masked_fill(~response_mask, tokenizer.pad_token_id)

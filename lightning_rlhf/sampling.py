@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from lightning_rlhf.data.collate import PromptCollator
-from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
+from lightning_rlhf.data.records import Record, check_output_file, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.rollout import decode_responses, generate
@@ -36,11 +36,12 @@ class SampleReport:
     written: int = 0
     all_tied: int = 0
     merged_duplicates: int = 0
+    empty: int = 0
 
     def summary(self) -> str:
         return (
             f"{self.written} of {self.prompts} prompts written; {self.all_tied} left out because all their responses "
-            f"tied; {self.merged_duplicates} duplicate samples merged"
+            f"tied; {self.merged_duplicates} duplicate samples merged; {self.empty} empty responses left out"
         )
 
 
@@ -51,6 +52,13 @@ def sample_responses(
     (responses done, responses/s, time left) on stderr."""
     records = [Record(f"prompt {i}", {"prompt": prompt}) for i, prompt in enumerate(prompts)]
     examples = Tokenizer(tokenizer, max_length).prompts(records)
+    longest = max(len(ex["input_ids"]) for ex in examples) + generation.get("max_new_tokens", 0)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"the longest prompt + max_new_tokens is {longest} tokens, past the model's max_position_embeddings="
+            f"{limit}: lower --max_new_tokens or --max_length"
+        )
     collate = PromptCollator(tokenizer.pad_token_id)
     repeated = [ex for ex in examples for _ in range(k)]
     texts: list[str] = []
@@ -80,8 +88,10 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise:
     """
     rng = random.Random(seed)
     report = SampleReport(prompts=len(prompts))
-    unique = [list(dict.fromkeys(responses)) for responses in samples]
-    report.merged_duplicates = sum(len(r) - len(u) for r, u in zip(samples, unique, strict=True))
+    # An empty response is not a valid comparison entry: left out and counted, as duplicates are merged and counted.
+    unique = [[r for r in dict.fromkeys(responses) if r] for responses in samples]
+    report.empty = sum(not r for responses in samples for r in responses)
+    report.merged_duplicates = sum(len(r) - len(u) for r, u in zip(samples, unique, strict=True)) - report.empty
     pairs = [(prompt, r) for prompt, responses in zip(prompts, unique, strict=True) for r in responses]
     flat_scores = iter(judge([p for p, _ in pairs], [r for _, r in pairs]) if pairs else [])
     records = []
@@ -125,7 +135,15 @@ def main(argv: list[str] | None = None) -> SampleReport:
     args = parser.parse_args(argv)
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
+    for name, ok, allowed in [
+        ("k", args.k >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("temperature", args.temperature >= 0, ">= 0"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"), ("noise", args.noise >= 0, ">= 0"),
+    ]:  # fmt: skip
+        if not ok:
+            parser.error(f"--{name}={getattr(args, name)}: must be {allowed}")
 
+    check_output_file(args.output)
     # Built first, so that a judge that cannot be found fails before the sampling.
     judge = make_scorer(args.judge, args.batch_size, progress=True) if args.judge else None
     torch.manual_seed(args.seed)
@@ -143,8 +161,8 @@ def main(argv: list[str] | None = None) -> SampleReport:
     if args.judge:
         out, report = judge_records(prompts, samples, judge, args.noise, args.seed)
     else:
-        out = [{"prompt": p, "responses": s} for p, s in zip(prompts, samples, strict=True)]
-        report = SampleReport(prompts=len(prompts), written=len(out))
+        out = [{"prompt": p, "responses": [r for r in s if r]} for p, s in zip(prompts, samples, strict=True)]
+        report = SampleReport(prompts=len(prompts), written=len(out), empty=sum(not r for s in samples for r in s))
     write_jsonl_atomic(out, args.output)
     print(f"{args.output}: {report.summary()}")
     return report

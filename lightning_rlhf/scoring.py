@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.collate import DemonstrationCollator
-from lightning_rlhf.data.records import Record, read_records, write_jsonl_atomic
+from lightning_rlhf.data.records import Record, check_output_file, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards
@@ -43,14 +43,19 @@ def score_records(
     max_length: int = 512,
     subtract_offset: bool = True,
     progress: bool = False,
-) -> list[float]:
+    skip_invalid: bool = False,
+) -> list[float | None]:
     """Reward of each demonstration record, in order. Batches are formed by length to waste little padding;
-    ``progress`` shows a bar (records done, records/s, time left) on stderr."""
-    examples = Tokenizer(tokenizer, max_length).demonstrations(list(records))  # raises on a bad record
+    ``progress`` shows a bar (records done, records/s, time left) on stderr.
+
+    A record that cannot be tokenized (a prompt longer than ``max_length``) raises, or with ``skip_invalid`` gets
+    ``None``."""
+    tokenize = Tokenizer(tokenizer, max_length, skip_invalid)
+    examples = {i: ex[0] for i, record in enumerate(records) if (ex := tokenize.demonstrations([record]))}
     collate = DemonstrationCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    rewards = [0.0] * len(examples)
+    order = sorted(examples, key=lambda i: len(examples[i]["input_ids"]))
+    rewards: list[float | None] = [None] * len(records)
     with tqdm(total=len(examples), desc="scoring", unit="record", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -76,14 +81,26 @@ def score_file(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> Path:
-    """Score the records of ``input_path`` with the reward model exported at ``model_dir``; see module docstring."""
+    """Score the records of ``input_path`` with the reward model exported at ``model_dir``; see module docstring.
+    With ``skip_invalid``, invalid records and records whose prompt exceeds ``max_length`` are left out, counted."""
+    check_output_file(output_path)
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, tokenizer, dtype).eval().requires_grad_(False).to(device)
     records, report = read_records(input_path, "demonstration", columns, skip_invalid)
-    if report.skipped:
-        print(report.summary())
-    rewards = score_records(model, tokenizer, records, batch_size, max_length, subtract_offset=not raw, progress=True)
-    rows = [{**record.fields, "reward": reward} for record, reward in zip(records, rewards, strict=True)]
+    rewards = score_records(
+        model,
+        tokenizer,
+        records,
+        batch_size,
+        max_length,
+        subtract_offset=not raw,
+        progress=True,
+        skip_invalid=skip_invalid,
+    )
+    rows = [{**record.fields, "reward": r} for record, r in zip(records, rewards, strict=True) if r is not None]
+    too_long = len(records) - len(rows)
+    if report.skipped or too_long:
+        print(f"{report.summary()}; {too_long} records with prompts over max_length={max_length} skipped")
     return write_jsonl_atomic(rows, output_path)
 
 
@@ -100,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
+    for name in ("batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     path = score_file(
         args.model, args.input, args.output, args.batch_size, args.max_length, args.raw, args.columns,
         args.skip_invalid, args.device, args.dtype,

@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -117,3 +119,51 @@ def finish(trainer, out_path: str, report: dict) -> None:
         with open(out_path, "w") as out:
             json.dump(report, out)
     end_distributed()
+
+
+class StepRecorder(L.Callback):
+    """The input ids of every training batch and the named logged metrics after it."""
+
+    def __init__(self, metrics: tuple[str, ...]):
+        self.names, self.batches, self.metrics = metrics, [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.batches.append(batch["input_ids"].tolist())
+        self.metrics.append([float(trainer.callback_metrics[name]) for name in self.names])
+
+
+def straight_and_resumed(fit, metrics: tuple[str, ...], every: int, root: Path) -> tuple[StepRecorder, StepRecorder]:
+    """Run ``fit(callbacks, ckpt_path)`` once straight, writing a checkpoint every ``every`` optimiser steps, and once
+    resumed from the first of them: what each run trained on and logged, step by step."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    straight, resumed = StepRecorder(metrics), StepRecorder(metrics)
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_top_k=-1, filename="{step}")
+    fit([straight, checkpoints], None)
+    fit([resumed], str(root / "ckpt" / f"step={every}.ckpt"))
+    return straight, resumed
+
+
+class HoldAfter(L.Callback):
+    """Before each batch from optimiser step ``step`` on (so after that step's checkpoint is written), touch
+    ``ROOT/holding`` and sleep: a test can then kill the run at a known point."""
+
+    def __init__(self, step: int, root: str):
+        self.step, self.root = step, Path(root)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            (self.root / "holding").touch()
+            time.sleep(600)
+
+
+def make_tiny_gpt2_export(directory, seed: int = 0) -> str:
+    """A tiny GPT-2 (learned absolute positions, unlike RoPE's shift-invariant ones) with the byte tokenizer."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tokenizer = load_tokenizer(None)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tokenizer), **ids,
+                        eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(seed)
+    return str(export_pretrained(AutoModelForCausalLM.from_config(config), tokenizer, directory))

@@ -1,6 +1,13 @@
 """The `lightning-rlhf` CLI: every shipped config parses, SFT runs end to end, and DDP on 2 CPU processes."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +101,126 @@ def test_help_points_to_the_extra_subcommands(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([subcommand, "--help"])
         assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("export_dir", ["scratch", "."])
+def test_an_export_dir_holding_the_users_files_or_the_run_is_refused_before_training(
+    tmp_path, monkeypatch, capsys, export_dir
+):
+    """The issue's reproduction: export_dir = the run's root (holding the user's files), and export_dir = the working
+    directory. Both stop before the first step, and every file is still there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scratch" / "precious").mkdir(parents=True)
+    (tmp_path / "scratch" / "precious" / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit, match="1"):
+        main([
+            "fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.max_steps=2",
+            "--trainer.default_root_dir=scratch", "--trainer.logger.init_args.save_dir=scratch",
+            f"--model.init_args.export_dir={export_dir}", "--trainer.enable_progress_bar=false",
+        ])  # fmt: skip
+    assert (tmp_path / "scratch" / "precious" / "notes.txt").read_text() == "x"
+    assert not list(tmp_path.rglob("*.ckpt"))
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"export_dir={export_dir!r} would replace" in error
+
+
+def logged(root, tag: str) -> dict[int, float]:
+    (events,) = Path(root).glob("tensorboard/version_*/events.out.tfevents.*")
+    return {event.step: event.value for event in EventAccumulator(str(events)).Reload().Scalars(tag)}
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_with_the_losses_of_the_uninterrupted_run(tmp_path):
+    """``configs/sft.yaml`` (60 batches an epoch), 10 steps, a checkpoint every 4: one run straight; one killed with
+    SIGKILL while it holds after the step-4 checkpoint, then resumed from it with ``--ckpt_path``. Steps 5..10 of
+    the resumed run log the straight run's losses (with the old DataLoader they were the losses of batches 0..5)."""
+
+    def args(name: str, *extra: str) -> list[str]:
+        callbacks = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(tmp_path / name / "ckpt"),
+                    "every_n_train_steps": 4,
+                    "save_top_k": -1,
+                    "filename": "{step}",
+                },
+            }
+        ]
+        if name == "killed":
+            callbacks.append({"class_path": "tests.helpers.HoldAfter", "init_args": {"step": 4, "root": str(tmp_path)}})
+        (tmp_path / f"{name}.yaml").write_text(json.dumps({"trainer": {"callbacks": callbacks}}))
+        return [
+            "-m", "lightning_rlhf", "fit", "--config", str(REPO / "configs" / "sft.yaml"),
+            "--config", str(tmp_path / f"{name}.yaml"), "--trainer.max_steps=10", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / name}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / name}", "--model.init_args.export_dir=null", *extra,
+        ]  # fmt: skip
+
+    run_python(*args("straight"), cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.Popen([sys.executable, *args("killed")], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):
+            if (tmp_path / "holding").exists() or killed.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "holding").exists(), "the run never reached its hold after step 4"
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    checkpoint = tmp_path / "killed" / "ckpt" / "step=4.ckpt"
+    run_python(*args("resumed", f"--ckpt_path={checkpoint}"), cwd=tmp_path)
+    straight, resumed = logged(tmp_path / "straight", "train/loss"), logged(tmp_path / "resumed", "train/loss")
+    assert sorted(resumed) == sorted(straight)[4:] and len(straight) == 10
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], abs=1e-5), step
+
+
+def error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_a_stage_run_before_the_stage_it_reads_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    """configs/dpo.yaml before SFT: not transformers' "Repo id must be in the form ..." but the missing path, the
+    stage that writes it, exit status 1; with --debug the exception itself."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="1"):
+        main(["fit", "--config", str(REPO / "configs" / "dpo.yaml")])
+    assert error_lines(capsys) == [
+        "error: the path outputs/sft/hf does not exist: run the stage that exports it first "
+        "(lightning-rlhf fit --config configs/sft.yaml)"
+    ]
+    with pytest.raises(ValueError, match="does not exist"):  # jsonargparse's wrapper, the cause chained inside
+        main(["fit", "--config", str(REPO / "configs" / "dpo.yaml"), "--debug"])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data.init_args.train_path=bad.jsonl"], r"error: .*bad\.jsonl line 2: field 'response' is missing"),
+        (["--data.init_args.batch_size=0"], r"error: batch_size=0: must be >= 1"),
+        (["--model.init_args.dtype=float64"], r"error: dtype='float64' is not one of"),
+    ],
+    ids=["record error", "invalid setting", "invalid dtype"],
+)
+def test_user_errors_in_fit_are_one_line_and_exit_status_1(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(SystemExit, match="1"):
+        main(["fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.max_steps=1",
+              "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--model.init_args.export_dir=null",
+              "--trainer.default_root_dir=run", *args])  # fmt: skip
+    (line,) = error_lines(capsys)
+    assert re.match(expected, line), line
+
+
+def test_a_trainer_misconfiguration_is_one_line_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="1"):
+        main(["fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.enable_checkpointing=false"])
+    (line,) = error_lines(capsys)
+    assert "enable_checkpointing=False` but found `ModelCheckpoint`" in line

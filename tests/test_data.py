@@ -1,6 +1,7 @@
 """Record reading and validation, tokenization boundaries and truncation, collators, DataModules."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -62,12 +63,14 @@ def test_bad_records_name_file_line_and_field(tmp_path, rows, kind, expected):
         read_records(path, kind)
 
 
-def test_an_empty_sampled_response_is_a_valid_comparison_candidate(tmp_path):
-    """A policy can answer with EOS at once; rankings of its samples must be able to say that is worse."""
-    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "responses": ["a", ""], "ranks": [0, 1]}])
-    (record,), _ = read_records(path, "comparison")
-    (example,) = Tokenizer(TOKENIZER, max_length=16).comparisons([record])
-    assert example["response_ids"][1] == [EOS]
+def test_an_empty_response_is_refused_in_responses_as_in_rejected(tmp_path):
+    """The two spellings of a comparison get the same rule (``sample`` leaves empty samples out and counts them)."""
+    for record in (
+        {"prompt": "p", "responses": ["a", ""], "ranks": [0, 1]},
+        {"prompt": "p", "chosen": "a", "rejected": ""},
+    ):
+        with pytest.raises(RecordError, match=r"c\.jsonl line 1: field '(responses\[1\]|rejected)' is an empty string"):
+            read_records(write_jsonl(tmp_path / "c.jsonl", [record]), "comparison")
 
 
 def test_skip_invalid_counts_what_it_skipped(tmp_path):
@@ -253,3 +256,47 @@ def test_atomic_writes_get_the_usual_file_mode_not_mkstemps_private_one(tmp_path
     finally:
         os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_non_utf8_line_is_an_error_naming_file_and_line_or_a_counted_skip(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(RecordError, match=r"latin1\.jsonl line 2: not valid UTF-8 \(byte 0xe9 at byte 16 of"):
+        read_records(str(path), "demonstration")
+    records, report = read_records(str(path), "demonstration", skip_invalid=True)
+    assert [r.location for r in records] == [f"{path} line 1"] and report.skipped == 1
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[\n{"prompt": "a", "response": "b"},\n{"prompt": "caf\xe9", "response": "b"}\n]')
+    with pytest.raises(RecordError, match=r"latin1\.json line 3: not valid UTF-8 \(byte 0xe9\)"):
+        read_records(str(path), "demonstration")
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    for name in ("bom.jsonl", "bom.json"):
+        row = json.dumps({"prompt": "é", "response": "b"})
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (row if name.endswith("l") else f"[{row}]").encode())
+        (record,), _ = read_records(str(tmp_path / name), "demonstration")
+        assert record.fields == {"prompt": "é", "response": "b"}
+
+
+def test_a_corrupt_parquet_file_and_a_fifo_are_clear_errors(tmp_path):
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(RecordError, match=r"broken\.parquet: not a readable Parquet file"):
+        read_records(str(tmp_path / "broken.parquet"), "demonstration")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(RecordError, match=r"pipe\.jsonl: not a regular file"):
+        read_records(str(tmp_path / "pipe.jsonl"), "demonstration")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"batch_size": 0}, r"batch_size=0: must be >= 1"),
+        ({"val_batch_size": 0}, r"val_batch_size=0: must be >= 1 or None"),
+        ({"max_length": 1}, r"max_length=1: must be >= 2"),
+        ({"val_fraction": 1.0}, r"val_fraction=1.0: must be in \[0, 1\)"),
+    ],
+)
+def test_datamodule_settings_out_of_range_are_refused_naming_the_range(setting, message):
+    with pytest.raises(ValueError, match=message):
+        DemonstrationDataModule(**setting)

@@ -18,10 +18,10 @@ from lightning_rlhf.data.collate import ComparisonCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.losses import dpo_loss
-from lightning_rlhf.models import export_pretrained, load_tokenizer
+from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 from lightning_rlhf.modules.dpo import DPOModule
 from lightning_rlhf.toy import toy_path
-from tests.helpers import REPO, TINY_CONFIG, run_cli
+from tests.helpers import REPO, TINY_CONFIG, run_cli, straight_and_resumed
 
 WORDS = ["abc", "hello", "xyz", "lightning", "rlhf", "qwerty", "moon", "sun", "tree", "river", "stone", "cloud"]
 
@@ -334,3 +334,48 @@ def test_a_dpo_step_on_a_gpu_never_waits_for_the_device(sft_export, precompute):
         torch.stack([values.mean() for values in stats.values()])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_on(sft_export, tmp_path):
+    """16 comparisons in batches of 4 (4 an epoch), checkpoint after step 3, 6 steps: the resumed run trains on the
+    straight run's batches 4..6 with the same losses."""
+
+    def fit(callbacks, ckpt_path):
+        L.seed_everything(0)
+        module = DPOModule(sft_export, optimizer=adamw(1e-3))
+        trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=callbacks).fit(
+            module, planted_datamodule(tmp_path, 16, 4, 4), ckpt_path=ckpt_path
+        )
+
+    straight, resumed = straight_and_resumed(fit, ("train/loss",), 3, tmp_path)
+    assert len(straight.batches) == 6 and straight.batches[4] != straight.batches[0]
+    assert resumed.batches == straight.batches[3:]
+    torch.testing.assert_close(resumed.metrics, straight.metrics[3:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"beta": -1.0}, r"beta=-1.0: must be > 0"),
+        ({"beta": 0.0}, r"beta=0.0: must be > 0"),
+        ({"nll_weight": -0.5}, r"nll_weight=-0.5: must be >= 0"),
+        ({"label_smoothing": 0.5}, r"label_smoothing=0.5: must be in \[0, 0.5\)"),
+    ],
+)
+def test_dpo_settings_out_of_range_are_refused_naming_the_range(setting, message):
+    with pytest.raises(ValueError, match=message):
+        DPOModule("never/loaded/sft", **setting)
+
+
+def test_dropout_is_off_in_the_policy_so_step_0_is_exactly_log_2(tmp_path):
+    """A model configured with attention_dropout=0.3, the module in train mode as fit leaves it: policy and reference
+    are the same weights, so the loss must be exactly log 2 and every implicit reward 0 (with dropout on in the
+    policy it came out 0.6938 and the rewards non-zero)."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)
+    model = load_causal_lm(None, tokenizer, "float32", {**TINY_CONFIG, "attention_dropout": 0.3})
+    module = dpo(str(export_pretrained(model, tokenizer, tmp_path / "hf"))).train()
+    torch.manual_seed(1)
+    loss, _, stats = module._step(make_batch(planted_records(WORDS[:4])))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["rewards/chosen"].abs().max() == 0 and stats["rewards/rejected"].abs().max() == 0

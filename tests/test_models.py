@@ -1,16 +1,25 @@
 """Loading from a local Hugging Face directory, padding-independent log-probs, atomic export."""
 
+import os
+import shutil
+
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from lightning_rlhf import DemonstrationDataModule, SFTModule, models
 from lightning_rlhf.models import (
+    EXPORT_MARKER,
+    ExportError,
+    check_export_target,
     export_pretrained,
     forward_logits,
     load_causal_lm,
     load_tokenizer,
     sequence_logprobs,
 )
+from tests.helpers import TINY_CONFIG, make_tiny_gpt2_export
 
 
 def test_local_directory_loads_the_saved_weights_and_tokenizer(tiny_model_dir):
@@ -31,10 +40,14 @@ def test_model_config_overrides_are_refused_for_pretrained_models(tiny_model_dir
         load_causal_lm(tiny_model_dir, load_tokenizer(tiny_model_dir), model_config={"hidden_size": 8})
 
 
-def test_left_and_right_padding_give_the_same_sequence_logprobs(tiny_model_dir):
-    """The same 5-token sequence, padded by 3 on either side, scores the same: positions come from the mask."""
-    tokenizer = load_tokenizer(tiny_model_dir)
-    model = load_causal_lm(tiny_model_dir, tokenizer).eval()
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_left_and_right_padding_give_the_same_sequence_logprobs(tiny_model_dir, tmp_path, architecture):
+    """The same 5-token sequence, padded by 3 on either side, scores the same: positions come from the mask.
+    Llama's rotary positions only see differences of positions, so only GPT-2's learned absolute positions make
+    this fail when ``forward_logits`` leaves ``position_ids`` out."""
+    path = tiny_model_dir if architecture == "llama" else make_tiny_gpt2_export(tmp_path / "gpt2")
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer).eval()
     seq, pad = [5, 6, 7, 8, 9], tokenizer.pad_token_id
     input_ids = torch.tensor([seq + [pad] * 3, [pad] * 3 + seq])
     attention_mask = torch.tensor([[1] * 5 + [0] * 3, [0] * 3 + [1] * 5])
@@ -95,3 +108,73 @@ def test_shifted_logprobs_equal_the_logit_slicing_path_without_copying_the_logit
     torch.testing.assert_close(new_grad, old_grad, atol=1e-6, rtol=0)
     big = [t for t in saved if t.numel() >= logits[:, :-1].numel()]
     assert big and all(t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() for t in big)
+
+
+def test_export_refuses_a_non_empty_directory_it_did_not_write(tmp_path, tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    (tmp_path / "scratch" / "precious").mkdir(parents=True)
+    (tmp_path / "scratch" / "precious" / "notes.txt").write_text("x")
+    with pytest.raises(ExportError, match="no export of ours wrote"):
+        export_pretrained(model, tokenizer, tmp_path / "scratch")
+    assert (tmp_path / "scratch" / "precious" / "notes.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
+
+
+def test_export_refuses_the_working_directory_even_when_empty(tmp_path, tiny_model_dir, monkeypatch):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ExportError, match="would replace"):
+        export_pretrained(load_causal_lm(tiny_model_dir, tokenizer), tokenizer, ".")
+    with pytest.raises(ExportError, match="would replace"):
+        check_export_target(tmp_path / "run", run_dirs=[tmp_path / "run" / "tensorboard"])
+
+
+def test_export_replaces_an_earlier_export_of_ours_and_fsyncs(tmp_path, tiny_model_dir, monkeypatch):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    export_pretrained(model, tokenizer, tmp_path / "hf")
+    assert (tmp_path / "hf" / EXPORT_MARKER).exists()
+    (tmp_path / "hf" / "stale.txt").write_text("from the old export")
+    synced = []
+    real_fsync = models.os.fsync
+    monkeypatch.setattr(
+        models.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd)
+    )
+    export_pretrained(model, tokenizer, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "stale.txt").exists()
+    assert any(path.endswith("model.safetensors") for path in synced)
+    assert str(tmp_path) in synced  # the directory holding the renamed export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_kill_between_the_two_renames_is_recovered_on_the_next_run(tmp_path, tiny_model_dir):
+    """The state a kill leaves between ``target → .hf.old-PID`` and ``staging → target``: no ``hf``, the previous
+    export aside and a complete staging directory. The next check puts the previous export back and removes the
+    staging directory; a directory of the user's that merely looks like ours (no marker) is left alone."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    export_pretrained(model, tokenizer, tmp_path / "hf")
+    before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "hf").rename(tmp_path / ".hf.old-123")
+    shutil.copytree(tmp_path / ".hf.old-123", tmp_path / ".hf.tmp-abc")
+    (tmp_path / ".hf.tmp-users").mkdir()
+    (tmp_path / ".hf.tmp-users" / "notes.txt").write_text("x")
+    check_export_target(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.tmp-users", "hf"]
+
+
+def test_an_unwritable_export_dir_fails_before_training(tmp_path):
+    """Root ignores permission bits, so "unwritable" here is a path under a regular file."""
+    (tmp_path / "file").write_text("x")
+    module = SFTModule(model_config=TINY_CONFIG, export_dir=str(tmp_path / "file" / "hf"))
+    steps = []
+    module.training_step = lambda batch, batch_idx: steps.append(batch_idx)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(ExportError, match="cannot be written"):
+        trainer.fit(module, DemonstrationDataModule(batch_size=4, max_length=32))
+    assert steps == []

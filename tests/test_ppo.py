@@ -9,13 +9,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from lightning_rlhf import PPOModule, PromptDataModule
+from lightning_rlhf import PPOModule, PromptDataModule, RewardModule
 from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.losses import masked_mean
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer, position_ids_from_mask
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, generate
-from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli
+from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli, straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -216,49 +216,33 @@ def test_adaptive_kl_coefficient_rises_while_kl_exceeds_its_target_and_is_checkp
     torch.testing.assert_close(restored.value_model.score.weight, module.value_model.score.weight)
 
 
-class RolloutRecorder(L.Callback):
-    def __init__(self):
-        self.rows: list[tuple[float, ...]] = []
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        names = ("train/objective/scores", "train/loss/policy", "train/loss/value", "train/kl_coef")
-        self.rows.append(tuple(float(trainer.callback_metrics[name]) for name in names))
-
-
-def test_resume_from_checkpoint_draws_the_same_rollouts_and_losses(exports, tmp_path):
-    """Two epochs of 2 rollouts straight vs one epoch, checkpoint, resume for the second: scores, policy and value
-    losses and the adaptive β of rollouts 3 and 4 agree (weights, optimiser, β and the rollout counter that seeds
-    sampling all restored). The checkpoint sits at an epoch's end: Lightning restarts a plain DataLoader's epoch on
-    a mid-epoch resume instead of fast-forwarding it."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+def test_a_resume_mid_epoch_draws_the_rollouts_and_losses_of_the_uninterrupted_run(exports, tmp_path):
+    """8 prompts in batches of 2 (4 rollouts an epoch), 4 optimiser steps a rollout, checkpoint after rollout 2
+    (mid-epoch), 5 rollouts in all: the resumed run's rollouts 3..5 have the straight run's prompts, scores, policy
+    and value losses and adaptive β (weights, optimiser, β, the rollout counter that seeds sampling and the
+    DataLoader's place in the epoch all restored)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in "abc de fgh ij kl mno pq rs".split())
     )
-    data = PromptDataModule(
-        train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0
-    )
 
-    def run(epochs: int, root, ckpt_path=None) -> list[tuple[float, ...]]:
+    def fit(callbacks, ckpt_path):
         L.seed_everything(0)
+        data = PromptDataModule(
+            train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=2, max_length=32, val_fraction=0.0
+        )
         module = ppo(exports, max_new_tokens=6, ppo_epochs=2, num_mini_batches=2, target_kl=0.5, kl_horizon=40)
-        recorder = RolloutRecorder()
-        trainer = L.Trainer(
-            accelerator="cpu", max_epochs=epochs, limit_val_batches=0, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=root,
-            callbacks=[recorder, ModelCheckpoint(dirpath=root, save_last=True)],
-        )  # fmt: skip
-        trainer.fit(module, data, ckpt_path=ckpt_path)
-        return recorder.rows
+        L.Trainer(
+            accelerator="cpu", max_steps=20, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+        ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
 
-    straight = run(2, tmp_path / "straight")
-    first = run(1, tmp_path / "interrupted")
-    resumed = run(2, tmp_path / "interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
-    assert len(straight) == 4
-    torch.testing.assert_close(torch.tensor(first), torch.tensor(straight[:2]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight[2:]), atol=1e-5, rtol=1e-6)
-    assert straight[3][3] != straight[0][3]  # β moved
+    names = ("train/objective/scores", "train/loss/policy", "train/loss/value", "train/kl_coef")
+    straight, resumed = straight_and_resumed(fit, names, 8, tmp_path)
+    assert len(straight.batches) == 5 and straight.batches[4] != straight.batches[0]
+    assert resumed.batches == straight.batches[2:]
+    torch.testing.assert_close(resumed.metrics, straight.metrics[2:], atol=1e-5, rtol=1e-6)
+    assert straight.metrics[4][3] != straight.metrics[0][3]  # β moved
 
 
 def test_value_head_on_the_policy_learns_the_returns(exports, tmp_path):
@@ -338,10 +322,32 @@ def test_judge_fn_is_logged_beside_the_reward_models_score_on_train_and_validati
     assert float(logged["train/objective/scores"]) != 4.0
 
 
-def test_a_reward_model_with_another_tokenizer_is_refused(exports, tmp_path):
-    """Token ids only mean the same to policy and reward model if they share a vocabulary."""
-    tokenizer = load_tokenizer(exports[1])
-    tokenizer.add_tokens(["<extra>"], special_tokens=True)  # the loader grows the embedding to it
+def test_a_reward_model_trained_with_a_reward_token_is_accepted_and_reads_it(exports, tmp_path):
+    """A reward model trained with ``reward_token`` has the policy's vocabulary plus that token (id 259): accepted,
+    and a rollout's score is the one read at the appended reward token."""
+    rm = RewardModule(exports[0], reward_token="<|reward|>")
+    rm.configure_model()
+    rm_dir = export_pretrained(rm.model, rm.tokenizer, tmp_path / "rm")
+    module = ppo((exports[0], str(rm_dir)), max_new_tokens=6)
+    batch = prompts_batch(["Reverse: abc\n", "Reverse: hello\n"])
+    experience = module.make_experience(batch)
+    rollout = experience.rollout
+    with torch.no_grad():
+        expected = sequence_rewards(rm.model.eval(), rollout.sequences, rollout.attention_mask)
+    torch.testing.assert_close(experience.scores, expected)
+    assert module.reward_model.config.reward_token_id == len(module.tokenizer) == 259
+
+
+def test_a_reward_model_whose_ids_mean_other_tokens_is_refused(exports, tmp_path):
+    """Token ids only mean the same to policy and reward model if its vocabulary holds the policy's, id for id: a
+    byte tokenizer with the bytes in reverse order is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet(), reverse=True))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     other = export_pretrained(load_reward_model(exports[1], tokenizer), tokenizer, tmp_path / "other_rm")
     module = PPOModule(exports[0], str(other))
     with pytest.raises(ValueError, match="different tokenizers"):
@@ -521,3 +527,71 @@ def test_scoring_forwards_run_in_micro_batches_over_response_logits_only(exports
                                    atol=1e-6, rtol=0)  # fmt: skip
         scores = sequence_rewards(module.reward_model, rollout.sequences, rollout.attention_mask)
         torch.testing.assert_close(experience.scores, scores, atol=1e-5, rtol=1e-6)  # float32 sums of another order
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"kl_coef": -1.0}, r"kl_coef=-1.0: must be >= 0"),
+        ({"clip_range": -1.0}, r"clip_range=-1.0: must be > 0"),
+        ({"clip_range_value": 0.0}, r"clip_range_value=0.0: must be > 0"),
+        ({"lam": 1.5}, r"lam=1.5: must be in \[0, 1\]"),
+        ({"max_grad_norm": 0.0}, r"max_grad_norm=0.0: must be > 0 or None"),
+        ({"num_mini_batches": 0}, r"num_mini_batches=0: must be >= 1"),
+        ({"max_new_tokens": 0}, r"max_new_tokens=0: must be >= 1"),
+        ({"top_k": 5}, r"top_k=5: must be 0 \(PPO scores the whole tempered distribution"),
+        ({"top_p": 0.9}, r"top_p=0.9: must be 1.0 \(PPO scores the whole tempered distribution"),
+    ],
+)
+def test_ppo_settings_out_of_range_are_refused_naming_the_range(setting, message):
+    with pytest.raises(ValueError, match=message):
+        PPOModule("never/loaded/sft", reward_fn="lightning_rlhf.toy.gold_score", **setting)
+
+
+class NormRecordingAdamW(torch.optim.AdamW):
+    """AdamW that records the gradient norm of each parameter group (policy, value) it is asked to apply."""
+
+    def step(self, closure=None):
+        norms = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g["params"]])) for g in self.param_groups]
+        self.norms.append([float(n) for n in norms])
+        return super().step(closure)
+
+
+def test_minibatches_are_exactly_num_mini_batches_and_pin_steps_schedule_and_clipping(exports, tmp_path):
+    """10 prompts in one batch, num_mini_batches=4, ppo_epochs=2: minibatches of 3, 3, 2, 2 rows (``torch.chunk``
+    makes 3, 3, 3, 1), so 8 optimiser steps a rollout and max_steps=16 is exactly 2 rollouts; the scheduler steps
+    once per optimiser step (16). max_grad_norm=1e-4 is far below the raw norms, so every step applies a policy and
+    a value gradient of norm 1e-4 exactly (clipped apart)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in "abcdefghij"))
+    data = PromptDataModule(
+        train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=10, max_length=32, val_fraction=0.0
+    )
+    optimizers: list[NormRecordingAdamW] = []
+
+    def optimizer(params):
+        optimizers.append(NormRecordingAdamW(params, lr=1e-3))
+        optimizers[-1].norms = []
+        return optimizers[-1]
+
+    module = ppo(
+        exports, max_new_tokens=6, ppo_epochs=2, num_mini_batches=4, max_grad_norm=1e-4, optimizer=optimizer,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0),
+    )  # fmt: skip
+    rows = []
+    policy_outputs = module.policy_outputs
+    module.policy_outputs = lambda sequences, *args: rows.append(len(sequences)) or policy_outputs(sequences, *args)
+    trainer = fit(module, data, 16, tmp_path)
+    assert module.rollouts == 2 and trainer.global_step == 16
+    assert rows == [10, 3, 3, 2, 2, 3, 3, 2, 2] * 2  # the rollout's own scoring pass, then the minibatches
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 16
+    (recorded,) = optimizers
+    assert len(recorded.norms) == 16
+    torch.testing.assert_close(torch.tensor(recorded.norms), torch.full((16, 2), 1e-4), rtol=1e-3, atol=0)
+
+
+def test_a_rollout_batch_smaller_than_num_mini_batches_is_refused(exports):
+    module = ppo(exports, max_new_tokens=4, num_mini_batches=4)
+    module.trainer = None
+    with pytest.raises(ValueError, match="rollout batch of 2 prompts cannot make num_mini_batches=4"):
+        module.training_step(prompts_batch(["Reverse: a\n", "Reverse: b\n"]), 0)

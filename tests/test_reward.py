@@ -19,7 +19,7 @@ from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.scoring import score_file
-from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli
+from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli, straight_and_resumed
 
 TOKENIZER = load_tokenizer(None)
 
@@ -269,6 +269,10 @@ BAD_COMPARISONS = {
         {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 2]},
         r"field 'ranks' = \[0, 2\]: each rank must lie in 0\.\.1",
     ),
+    "both spellings": (
+        {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1], "chosen": "b", "rejected": "a"},
+        r"fields \['responses', 'ranks'\] and \['chosen', 'rejected'\] are both present",
+    ),
     "duplicate with two ranks": (
         {"prompt": "p", "responses": ["a", "b", "a"], "ranks": [0, 1, 2]},
         r"field 'responses': the same response appears with ranks 0 and 2",
@@ -289,8 +293,8 @@ def test_bad_comparisons_are_a_clear_error_naming_file_line_and_field(case, tmp_
 def test_bad_comparisons_are_skipped_and_counted_when_asked(tmp_path):
     path = write_jsonl(tmp_path / "ranks.jsonl", [GOOD, *(record for record, _ in BAD_COMPARISONS.values()), GOOD])
     records, report = read_records(path, "comparison", skip_invalid=True)
-    assert (len(records), report.skipped) == (2, 4)
-    assert [r.split(": ")[0] for r in report.reasons] == [f"{path} line {n}" for n in (2, 3, 4, 5)]
+    assert (len(records), report.skipped) == (2, 5)
+    assert [r.split(": ")[0] for r in report.reasons] == [f"{path} line {n}" for n in (2, 3, 4, 5, 6)]
     data = ComparisonDataModule(train_path=path, val_fraction=0, skip_invalid=True)
     data.setup("fit")
     assert len(data.train_examples) == 2
@@ -349,3 +353,47 @@ def test_rm_config_trains_from_an_sft_export_exports_and_scores_through_the_cli(
     trained = load_file(tmp_path / "rm" / "model.safetensors")
     initial = load_file(Path(sft_dir) / "model.safetensors")
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_on(tiny_model_dir, tmp_path):
+    """12 comparisons in batches of 4 (3 an epoch), checkpoint after step 2, 5 steps: the resumed run trains on the
+    straight run's batches 3..5 with the same losses."""
+    train = write_jsonl(tmp_path / "train.jsonl", marker_comparisons(12, seed=0))
+
+    def fit(callbacks, ckpt_path):
+        L.seed_everything(0)
+        data = ComparisonDataModule(
+            train_path=train, tokenizer_name_or_path=tiny_model_dir, batch_size=4, val_fraction=0
+        )
+        module = RewardModule(tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+        L.Trainer(
+            accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path, callbacks=callbacks,
+        ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
+
+    straight, resumed = straight_and_resumed(fit, ("train/loss",), 2, tmp_path)
+    assert len(straight.batches) == 5 and straight.batches[3] != straight.batches[0]
+    assert resumed.batches == straight.batches[2:]
+    torch.testing.assert_close(resumed.metrics, straight.metrics[2:], atol=1e-5, rtol=0)
+
+
+def test_score_skip_invalid_skips_an_over_long_prompt_and_says_so(tiny_model_dir, tmp_path, capsys):
+    """max_length 8: "p" (1 token) fits, the 20-byte prompt does not; scoring without skipping names its line."""
+    module = tiny_module(tiny_model_dir)
+    export_pretrained(module.model, module.tokenizer, tmp_path / "rm")
+    rows = [{"prompt": "p", "response": "r"}, {"prompt": "x" * 20, "response": "r"}, {"prompt": "q", "response": "s"}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(RecordError, match=r"in\.jsonl line 2: field 'prompt' is 20 tokens"):
+        score_file(str(tmp_path / "rm"), path, str(tmp_path / "out.jsonl"), max_length=8)
+    score_file(str(tmp_path / "rm"), path, str(tmp_path / "out.jsonl"), max_length=8, skip_invalid=True)
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in scored] == ["p", "q"]
+    assert "1 records with prompts over max_length=8 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"), [({"margin": -1.0}, r"margin=-1.0: must be >= 0"), ({"center_coef": -0.1}, r">= 0")]
+)
+def test_reward_module_settings_out_of_range_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        RewardModule(**setting)

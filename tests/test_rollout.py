@@ -5,7 +5,7 @@ import torch
 
 from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
-from lightning_rlhf.rollout import decode_responses, generate, mask_after_eos
+from lightning_rlhf.rollout import Rollout, build_experience, decode_responses, generate, mask_after_eos
 
 
 def test_mask_after_eos_keeps_the_first_eos_and_nothing_after():
@@ -44,3 +44,48 @@ def test_rollout_masks_and_pads_after_eos(tiny_model_dir):
     assert torch.equal(rollout.response_mask, mask_after_eos(responses, tokenizer.eos_token_id))
     assert (responses[~rollout.response_mask] == tokenizer.pad_token_id).all()
     assert torch.equal(rollout.attention_mask[:, rollout.prompt_length :], rollout.response_mask.long())
+
+
+def test_generation_ignores_the_checkpoints_own_generation_settings(tiny_model_dir):
+    """A checkpoint whose generation_config.json forbids repeating any token (``no_repeat_ngram_size=1``, a
+    repetition penalty of 50): greedy decoding is still the argmax of the model's logits step by step (computed
+    here by hand), and sampling still repeats tokens, as the tempered distribution the log-probs score does."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer).eval()
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.repetition_penalty = 50.0
+    batch = prompts_batch(tokenizer, ["Reverse: abc\n"])
+    greedy = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens=100, temperature=0)
+    tokens = batch["input_ids"][0].tolist()
+    with torch.no_grad():
+        for _ in range(100):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+            if tokens[-1] == tokenizer.eos_token_id:
+                break
+    expected = tokens[batch["input_ids"].shape[1] :]
+    assert greedy.responses[0, : len(expected)].tolist() == expected
+    assert len(set(expected)) < len(expected)  # the argmax does repeat itself: the check above has teeth
+
+    torch.manual_seed(0)
+    batch = prompts_batch(tokenizer, ["Reverse: abc\n"] * 8)
+    sampled = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens=40)
+    rows = [row[mask].tolist() for row, mask in zip(sampled.responses, sampled.response_mask, strict=True)]
+    assert any(len(set(row)) < len(row) for row in rows)
+
+
+def test_advantages_are_whitened_over_response_tokens_only():
+    """Two responses, 3 and 1 tokens (two padding columns); no KL (log-probs equal), values 0, γ = λ = 1, scores 1
+    and 2 on each last token. GAE: row 0 A = [1, 1, 1], row 1 A = [2] (padding ignored). Over the 4 real tokens the
+    mean is 1.25 and the unbiased variance ((3 · 0.25²) + 0.75²) / 3 = 0.25, so whitened row 0 = (1 − 1.25) / 0.5 =
+    −0.5 each, row 1 = (2 − 1.25) / 0.5 = 1.5, padding 0. Whitening over all 6 entries (padding as zeros) would give
+    mean 5/6 instead."""
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    sequences = torch.tensor([[9, 5, 6, 7], [9, 5, 0, 0]])
+    rollout = Rollout(sequences, torch.cat([torch.ones(2, 1, dtype=torch.long), mask.long()], 1), mask, 1)
+    zeros = torch.zeros(2, 3)
+    experience = build_experience(
+        rollout, zeros, zeros, zeros, torch.tensor([1.0, 2.0]), eos_token_id=2, kl_coef=0.1, gamma=1.0, lam=1.0
+    )
+    expected = torch.tensor([[-0.5, -0.5, -0.5], [1.5, 0.0, 0.0]])
+    torch.testing.assert_close(experience.advantages, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(experience.returns, torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, 0.0]]))

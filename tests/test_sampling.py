@@ -2,7 +2,9 @@
 
 import json
 
-from lightning_rlhf import ComparisonDataModule, sampling
+import pytest
+
+from lightning_rlhf import ComparisonDataModule, sampling, scoring
 from lightning_rlhf.cli import main
 from lightning_rlhf.sampling import judge_records, rank
 from lightning_rlhf.scoring import make_scorer
@@ -62,3 +64,45 @@ def test_toy_prompts_draws_that_many_fresh_prompts_by_seed(tiny_model_dir, tmp_p
         assert len(prompts) == 5 and all(p.startswith("Reverse: ") for p in prompts)
         assert drawn.setdefault(seed, prompts) == prompts
     assert drawn[0] != drawn[1]
+
+
+def test_sample_and_score_refuse_an_unwritable_output_before_any_work(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The output's parent is a regular file (root ignores permission bits): both stop before loading a model."""
+    (tmp_path / "file").write_text("x")
+    loaded = []
+    monkeypatch.setattr(sampling, "load_causal_lm", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(scoring, "load_reward_model", lambda *a, **k: loaded.append(a))
+    with pytest.raises(SystemExit, match="1"):
+        main(["sample", "--model", tiny_model_dir, "--k", "2", "--output", str(tmp_path / "file" / "out.jsonl")])
+    assert "out.jsonl: cannot be written" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="1"):
+        main(["score", "--model", tiny_model_dir, "--input", str(tmp_path / "file"), "--output", str(tmp_path)])
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert loaded == []
+
+
+def test_sample_refuses_to_generate_past_the_models_positions(tiny_model_dir, tmp_path):
+    """The tiny model has 128 positions: "Reverse: abc\\n" is 13 bytes, 13 tokens (no BOS), + 120 new = 133."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Reverse: abc\n"}) + "\n")
+    args = ["--model", tiny_model_dir, "--prompts", str(prompts), "--k", "2", "--output", str(tmp_path / "o.jsonl")]
+    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens is 133 tokens, past the model's max_position"):
+        sampling.main([*args, "--max_new_tokens", "120"])
+
+
+def test_empty_samples_are_left_out_of_comparisons_and_counted():
+    """'' twice among 4 samples: left out (a comparison refuses an empty response), counted apart from the one
+    duplicate of 'cba'."""
+    records, report = judge_records(["Reverse: abc\n"], [["cba", "", "cb", ""]], GOLD, noise=0.0, seed=0)
+    assert records == [{"prompt": "Reverse: abc\n", "responses": ["cba", "cb"], "ranks": [0, 1]}]
+    assert (report.empty, report.merged_duplicates) == (2, 0)
+
+
+def test_sample_and_score_settings_out_of_range_are_usage_errors(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "o.jsonl")
+    with pytest.raises(SystemExit, match="2"):
+        main(["sample", "--model", tiny_model_dir, "--k", "0", "--output", out])
+    assert "--k=0: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["score", "--model", tiny_model_dir, "--input", out, "--output", out, "--batch_size", "0"])
+    assert "--batch_size=0: must be >= 1" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from lightning_rlhf.data.collate import DemonstrationCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
-from tests.helpers import TINY_CONFIG
+from tests.helpers import TINY_CONFIG, straight_and_resumed
 
 
 def tiny_sft(**kwargs) -> SFTModule:
@@ -224,3 +224,21 @@ def test_rope_frequencies_stay_float32_when_a_bf16_true_run_casts_the_model(tmp_
     assert module.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, exact)
     assert torch.equal(rotary.original_inv_freq, exact)
+
+
+def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_on(tmp_path):
+    """4 batches an epoch, checkpoint after step 3 (mid-epoch), 7 steps in all: the resumed run trains on batches
+    4..7 of the straight run (the rest of epoch 0, then epoch 1), not on the start of epoch 0 again, with the same
+    losses."""
+
+    def fit(callbacks, ckpt_path):
+        L.seed_everything(0)
+        module = SFTModule(model_config=TINY_CONFIG, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3))
+        trainer(tmp_path, max_steps=7, callbacks=callbacks).fit(
+            module, toy_datamodule(tmp_path, 8, 2), ckpt_path=ckpt_path
+        )
+
+    straight, resumed = straight_and_resumed(fit, ("train/loss",), 3, tmp_path)
+    assert len(straight.batches) == 7 and straight.batches[4] != straight.batches[0]
+    assert resumed.batches == straight.batches[3:]
+    torch.testing.assert_close(resumed.metrics, straight.metrics[3:], atol=1e-5, rtol=0)

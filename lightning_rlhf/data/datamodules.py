@@ -19,6 +19,7 @@ from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollato
 from lightning_rlhf.data.records import Record, read_records
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.validation import check_range
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,40 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.length
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose place in the epoch is saved in Lightning checkpoints, so a run resumed mid-epoch goes on
+    with exactly the batches the uninterrupted run would have trained on next.
+
+    Lightning saves ``state_dict()`` of a training DataLoader that has one (``_FitLoop.on_save_checkpoint``) and
+    hands it back to ``load_state_dict`` on resume. The state is the sampler's epoch and the batches yielded so far
+    in it; a resumed iteration over the same epoch passes over that many batches first. Lightning does not prefetch
+    from a loader with a length, so batches yielded are batches trained on when a checkpoint is written.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = {"epoch": 0, "batches": 0}
+        self.resume_from: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = getattr(self.sampler, "epoch", 0)  # set by Lightning's set_epoch (also on a distributed wrapper)
+        resume, self.resume_from = self.resume_from, None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self.position = {"epoch": epoch, "batches": skip}
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches)
+        for batch in batches:
+            self.position["batches"] += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_from = dict(state)
 
 
 class RecordDataModule(L.LightningDataModule):
@@ -84,8 +119,11 @@ class RecordDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction={val_fraction} must lie in [0, 1)")
+        check_range("val_fraction", val_fraction, "in [0, 1)", 0 <= val_fraction < 1)
+        check_range("batch_size", batch_size, ">= 1", batch_size >= 1)
+        check_range("val_batch_size", val_batch_size, ">= 1 or None", val_batch_size is None or val_batch_size >= 1)
+        check_range("max_length", max_length, ">= 2 (a prompt token and a response token)", max_length >= 2)
+        check_range("num_workers", num_workers, ">= 0", num_workers >= 0)
         self.tokenizer = None
         self.train_examples: list[Any] = []
         self.val_examples: list[Any] = []
@@ -142,9 +180,9 @@ class RecordDataModule(L.LightningDataModule):
     def setup_extras(self) -> None:
         """Read and tokenize any data besides train and validation, once, after the tokenizer is loaded."""
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         hp = self.hparams
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_examples,
             batch_size=hp.batch_size,
             sampler=EpochShuffleSampler(len(self.train_examples), hp.seed),

@@ -65,12 +65,12 @@ def _is_messages(value: Any) -> bool:
     )
 
 
-def _check_text_or_messages(record: Mapping[str, Any], name: str, allow_empty: bool = False) -> Any:
+def _check_text_or_messages(record: Mapping[str, Any], name: str) -> Any:
     if name not in record or record[name] is None:
         raise RecordError(f"field {name!r} is missing")
     value = record[name]
     if _is_text(value):
-        if not value and not allow_empty:
+        if not value:
             raise RecordError(f"field {name!r} is an empty string")
         return value
     if _is_messages(value):
@@ -102,7 +102,14 @@ def validate_text(record: Mapping[str, Any]) -> dict[str, Any]:
 def validate_comparison(record: Mapping[str, Any]) -> dict[str, Any]:
     """``responses`` + ``ranks`` (0 best, ties equal), or the pairwise ``chosen`` / ``rejected`` shorthand."""
     prompt = _check_text_or_messages(record, "prompt")
-    if "responses" not in record and "chosen" in record:
+    pairwise = [k for k in ("chosen", "rejected") if k in record]
+    ranked = [k for k in ("responses", "ranks") if k in record]
+    if pairwise and ranked:
+        raise RecordError(
+            f"fields {ranked} and {pairwise} are both present: give either 'responses' + 'ranks' or 'chosen' + "
+            "'rejected', not both (which one holds the preference?)"
+        )
+    if pairwise:
         chosen = _check_text_or_messages(record, "chosen")
         rejected = _check_text_or_messages(record, "rejected")
         if chosen == rejected:
@@ -121,10 +128,8 @@ def validate_comparison(record: Mapping[str, Any]) -> dict[str, Any]:
         raise RecordError(f"field 'ranks' = {ranks}: each rank must lie in 0..{len(ranks) - 1}")
     if len(set(ranks)) == 1:
         raise RecordError(f"field 'ranks' = {ranks}: all responses tie, so there is no preference to learn")
-    # A sampled response may be empty (EOS at once): a real, usually bad, answer that rankings may contain.
-    checked = [
-        _check_text_or_messages({f"responses[{i}]": r}, f"responses[{i}]", True) for i, r in enumerate(responses)
-    ]
+    # Empty responses are refused as an empty 'rejected' is (``sample`` leaves them out and counts them).
+    checked = [_check_text_or_messages({f"responses[{i}]": r}, f"responses[{i}]") for i, r in enumerate(responses)]
     seen: dict[str, int] = {}
     for response, rank in zip(checked, ranks, strict=True):
         key = json.dumps(response)
@@ -141,12 +146,29 @@ VALIDATORS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
 }
 
 
+def _decode(raw: bytes, first: bool) -> str:
+    """One line of UTF-8 (a byte-order mark at the start of the file is dropped), or a ``RecordError`` naming the
+    byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as err:
+        raise RecordError(
+            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line)"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    # Decoded line by line, so that one bad byte is an error of its line (skippable), not of the whole file.
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            location = f"{path} line {number}"
+            try:
+                line = _decode(raw, first=number == 1)
+            except RecordError as err:
+                yield location, err
+                continue
             if not line.strip():
                 continue
-            location = f"{path} line {number}"
             try:
                 yield location, json.loads(line)
             except json.JSONDecodeError as err:
@@ -154,8 +176,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise RecordError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}: invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -174,6 +202,8 @@ def _read_table(rows: Any, name: str) -> Iterator[tuple[str, Any]]:
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
     """Raw rows of ``source`` with their location. A row may be a ``RecordError`` (e.g. a malformed JSON line)."""
     path = Path(source)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise RecordError(f"{path}: not a regular file (a FIFO, socket or device); give a {'/'.join(FILE_TYPES)} file")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
@@ -181,9 +211,14 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
         if suffix == ".json":
             return _read_json(path)
         if suffix == ".parquet":
+            import pyarrow
             import pyarrow.parquet as pq
 
-            return _read_table(pq.read_table(path).to_pylist(), str(path))
+            try:
+                table = pq.read_table(path)
+            except pyarrow.ArrowException as err:
+                raise RecordError(f"{path}: not a readable Parquet file ({err})") from None
+            return _read_table(table.to_pylist(), str(path))
         raise RecordError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
     import datasets
 
@@ -264,11 +299,42 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as out:
             yield out
+            out.flush()
+            os.fsync(out.fileno())
         os.chmod(staging, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from everyone else
         os.replace(staging, target)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+def unwritable_reason(directory: Path) -> str | None:
+    """Why no file can be created in ``directory`` (created if missing), or ``None`` when one can."""
+    blocking = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"{blocking} is a file, not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        return f"{err.strerror}: {err.filename or directory}"
+    return None
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse an output path that cannot be written, before the work that produces it: a directory, or a place where
+    no file can be created. Creates missing parent directories; returns the resolved path."""
+    target = Path(path).resolve()
+    if target.is_dir():
+        raise OSError(f"--output {path}: is a directory; give a file name")
+    if reason := unwritable_reason(target.parent):
+        raise OSError(f"--output {path}: cannot be written ({reason})")
+    return target
 
 
 def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:

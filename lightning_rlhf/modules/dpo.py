@@ -30,6 +30,8 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
 from lightning_rlhf.models import (
+    check_export_before_fit,
+    disable_dropout,
     export_from_trainer,
     keep_out_of_checkpoints,
     load_causal_lm,
@@ -38,6 +40,7 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
+from lightning_rlhf.validation import check_range
 
 METRICS = (
     "rewards/chosen",
@@ -116,8 +119,9 @@ class DPOModule(L.LightningModule):
         super().__init__()
         if loss_type not in DPO_LOSSES:
             raise ValueError(f"loss_type={loss_type!r} is not one of {sorted(DPO_LOSSES)}")
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 0.5)")
+        check_range("beta", beta, "> 0", beta > 0)
+        check_range("label_smoothing", label_smoothing, "in [0, 0.5)", 0 <= label_smoothing < 0.5)
+        check_range("nll_weight", nll_weight, ">= 0", nll_weight >= 0)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -138,6 +142,7 @@ class DPOModule(L.LightningModule):
             return
         hp = self.hparams
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
+        disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if not hp.precompute_ref_logprobs:
@@ -274,6 +279,10 @@ class DPOModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.export_dir:
+            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:

@@ -47,6 +47,7 @@ from lightning_rlhf.losses import (
     token_logprobs,
 )
 from lightning_rlhf.models import (
+    check_export_before_fit,
     disable_dropout,
     export_from_trainer,
     forward_logits,
@@ -61,6 +62,7 @@ from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence
 from lightning_rlhf.rollout import Experience, Rollout, build_experience, decode_responses, generate
 from lightning_rlhf.scoring import import_reward_fn
 from lightning_rlhf.strategies import fully_shard_models, gathered, reset_float32
+from lightning_rlhf.validation import check_range
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
@@ -114,18 +116,21 @@ class PPOModule(L.LightningModule):
             reward_model_name_or_path: the reward model export (``RewardModule``); the value model starts here too.
             reward_fn: instead of a reward model, the import path of a function ``(prompt, response) -> float`` on
                 text (e.g. ``lightning_rlhf.toy.gold_score``, a rule, a verifier); the prompt is as the policy saw it
-                (chat template rendered), both without special tokens. The value model then starts from the SFT
+                (chat template rendered), both without special tokens. It imports and runs the code it names, as
+                ``class_path`` does: name only code you trust. The value model then starts from the SFT
                 export with a fresh head (or, with ``value_head``, a zero head).
-            judge_fn: the import path of a function ``(prompt, response) -> float`` that is only watched, never
-                optimised: its mean over each rollout and over validation is logged as ``objective/judge`` beside the
-                reward model's ``objective/scores`` (e.g. a gold judge, to see reward over-optimisation: the
-                reward model's score rising while the judge's falls; Gao et al. 2022).
+            judge_fn: the import path of a function ``(prompt, response) -> float`` (run like ``reward_fn``) that is
+                only watched, never optimised: its mean over each rollout and over validation is logged as
+                ``objective/judge`` beside the reward model's ``objective/scores`` (e.g. a gold judge, to see reward
+                over-optimisation: the reward model's score rising while the judge's falls; Gao et al. 2022).
             ref_model_name_or_path: the frozen reference of the KL penalty, when it is not the policy's starting
                 point (``None``: ``model_name_or_path``); e.g. iterated RLHF continues from the last round's policy and
                 keeps the SFT model as reference. It must share the policy's tokenizer.
             dtype: parameter dtype of all four models, ``float32`` / ``bfloat16`` / ``float16``.
             max_new_tokens: longest response sampled.
-            temperature, top_k, top_p: how responses are sampled (``temperature`` > 0).
+            temperature: how responses are sampled (> 0); the log-probs are those of ``softmax(logits / temperature)``.
+            top_k, top_p: must stay 0 and 1: a truncated distribution is not the one the log-probs, the KL and the
+                probability ratios are computed under (kept as arguments so that a config setting them fails clearly).
             kl_coef: β, the weight of the per-token KL penalty to the reference (the initial β when adaptive).
             kl_estimator: ``k1`` (the log-ratio InstructGPT uses), ``k2`` or ``k3`` (see ``losses.kl_penalty``).
             target_kl: KL per sequence that the adaptive controller steers towards; ``None`` keeps β fixed.
@@ -169,16 +174,28 @@ class PPOModule(L.LightningModule):
             raise ValueError("give PPOModule exactly one of reward_model_name_or_path and reward_fn")
         self.reward_fn = import_reward_fn(reward_fn) if reward_fn is not None else None
         self.judge_fn = import_reward_fn(judge_fn) if judge_fn is not None else None
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature}: PPO samples its rollouts, so it must be > 0")
+        check_range("temperature", temperature, "> 0 (PPO samples its rollouts)", temperature > 0)
+        check_range("max_new_tokens", max_new_tokens, ">= 1", max_new_tokens >= 1)
+        scored = "(PPO scores the whole tempered distribution, not a truncated one)"
+        check_range("top_k", top_k, f"0 {scored}", top_k == 0)
+        check_range("top_p", top_p, f"1.0 {scored}", top_p == 1.0)
+        check_range("kl_coef", kl_coef, ">= 0", kl_coef >= 0)
+        check_range("clip_range", clip_range, "> 0", clip_range > 0)
+        check_range("clip_range_value", clip_range_value, "> 0", clip_range_value > 0)
+        check_range("vf_coef", vf_coef, ">= 0", vf_coef >= 0)
+        check_range("gamma", gamma, "in [0, 1]", 0 <= gamma <= 1)
+        check_range("lam", lam, "in [0, 1]", 0 <= lam <= 1)
+        check_range("ptx_coef", ptx_coef, ">= 0", ptx_coef >= 0)
+        check_range("max_grad_norm", max_grad_norm, "> 0 or None", max_grad_norm is None or max_grad_norm > 0)
+        check_range("kl_horizon", kl_horizon, ">= 1", kl_horizon >= 1)
+        check_range("log_samples", log_samples, ">= 0", log_samples >= 0)
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
-        if target_kl is not None and target_kl <= 0:
-            raise ValueError(f"target_kl={target_kl} must be > 0 (or None for a fixed kl_coef)")
-        if forward_batch_size is not None and forward_batch_size < 1:
-            raise ValueError(f"forward_batch_size={forward_batch_size} must be >= 1 (or None for the whole batch)")
-        if ppo_epochs < 1 or num_mini_batches < 1:
-            raise ValueError(f"ppo_epochs={ppo_epochs} and num_mini_batches={num_mini_batches} must be >= 1")
+        check_range("target_kl", target_kl, "> 0 (or None for a fixed kl_coef)", target_kl is None or target_kl > 0)
+        check_range("forward_batch_size", forward_batch_size, ">= 1 (or None for the whole batch)",
+                    forward_batch_size is None or forward_batch_size >= 1)  # fmt: skip
+        check_range("ppo_epochs", ppo_epochs, ">= 1", ppo_epochs >= 1)
+        check_range("num_mini_batches", num_mini_batches, ">= 1", num_mini_batches >= 1)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
@@ -221,10 +238,16 @@ class PPOModule(L.LightningModule):
         fully_shard_models(self, self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
 
     def _check_tokenizer(self, path: str, role: str) -> None:
-        if path != self.hparams.model_name_or_path and load_tokenizer(path).get_vocab() != self.tokenizer.get_vocab():
+        """The other model must read every policy token id as the policy does: the same vocabulary, or a superset
+        of it (a reward model trained with ``reward_token`` has that one token more)."""
+        if path == self.hparams.model_name_or_path:
+            return
+        theirs = load_tokenizer(path).get_vocab()
+        if any(theirs.get(token) != index for token, index in self.tokenizer.get_vocab().items()):
             raise ValueError(
                 f"the {role} {path} and the policy {self.hparams.model_name_or_path} use different tokenizers: "
-                "token ids only mean the same to both with one vocabulary (train it from the same SFT export)"
+                "token ids only mean the same to both when its vocabulary holds the policy's, id for id (train it "
+                "from the same SFT export)"
             )
 
     def _value_head_from(self, reward_head: nn.Linear | None) -> nn.Linear:
@@ -378,6 +401,11 @@ class PPOModule(L.LightningModule):
         hp = self.hparams
         if hp.ptx_coef and "ptx_input_ids" not in batch:
             raise ValueError("ptx_coef > 0 needs pretraining text: set the PromptDataModule's pretrain_path")
+        if len(batch["input_ids"]) < hp.num_mini_batches:
+            raise ValueError(
+                f"a rollout batch of {len(batch['input_ids'])} prompts cannot make num_mini_batches="
+                f"{hp.num_mini_batches} minibatches: raise the data batch_size (or lower num_mini_batches)"
+            )
         with self.seeded(TRAIN_STREAM, self.rollouts):
             experience = self.make_experience(batch)
             order = [torch.randperm(len(experience.scores)) for _ in range(hp.ppo_epochs)]
@@ -392,7 +420,9 @@ class PPOModule(L.LightningModule):
         rollout, size = experience.rollout, len(experience.scores)
         stats: dict[str, list[Tensor]] = defaultdict(list)
         for permutation in order:
-            for rows in permutation.to(self.device).chunk(min(hp.num_mini_batches, size)):
+            # Exactly num_mini_batches near-even minibatches (10 rows in 4: 3, 3, 2, 2; chunk would make 3, 3, 3, 1),
+            # so that max_steps = rollouts · ppo_epochs · num_mini_batches holds.
+            for rows in permutation.to(self.device).tensor_split(hp.num_mini_batches):
                 mask = experience.mask[rows]
                 logprobs, values = self.policy_outputs(
                     rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
@@ -475,6 +505,10 @@ class PPOModule(L.LightningModule):
         if self.hparams.value_lr is not None:
             groups[1]["lr"] = self.hparams.value_lr
         return optimizer_config(groups, self.optimizer_factory, self.scheduler_factory)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.export_dir:
+            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:

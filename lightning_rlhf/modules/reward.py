@@ -21,10 +21,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_rlhf.losses import ranking_loss
-from lightning_rlhf.models import export_from_trainer, load_tokenizer
+from lightning_rlhf.models import check_export_before_fit, export_from_trainer, load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
+from lightning_rlhf.validation import check_range
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -67,6 +68,8 @@ class RewardModule(L.LightningModule):
             gradient_checkpointing: trade compute for activation memory.
         """
         super().__init__()
+        check_range("margin", margin, ">= 0", margin >= 0)
+        check_range("center_coef", center_coef, ">= 0", center_coef >= 0)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -167,6 +170,10 @@ class RewardModule(L.LightningModule):
         setattr(self.model.config, OFFSET_KEY, offset)
         rank_zero_info(f"reward_offset = {offset:.4f}: mean raw reward of {count} normalisation sequences")
         return offset
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.export_dir:
+            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
         hp = self.hparams

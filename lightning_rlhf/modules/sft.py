@@ -16,7 +16,14 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
-from lightning_rlhf.models import export_from_trainer, forward_logits, load_causal_lm, load_tokenizer, shifted_logprobs
+from lightning_rlhf.models import (
+    check_export_before_fit,
+    export_from_trainer,
+    forward_logits,
+    load_causal_lm,
+    load_tokenizer,
+    shifted_logprobs,
+)
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
 
@@ -109,6 +116,10 @@ class SFTModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.export_dir:
+            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
