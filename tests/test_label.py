@@ -1,10 +1,14 @@
 """The label step: people rank sampled responses through a small web app; agreement and consensus from labels."""
 
 import json
+import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
+import uvicorn
 from starlette.testclient import TestClient
 
 from lightning_rlhf import ComparisonDataModule, label
@@ -37,6 +41,21 @@ def samples(tmp_path):
 
 def lines(path) -> list[dict]:
     return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@contextmanager
+def serving(store: LabelStore, token: str | None = None) -> Iterator[int]:
+    """The app over ``store`` served by a real uvicorn on a free port (yielded) in a thread."""
+    server = uvicorn.Server(uvicorn.Config(make_app(store, token), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.01)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join()
 
 
 # --- agreement and consensus: hand-computed ---------------------------------------------------------------------
@@ -224,17 +243,10 @@ def test_concurrent_posts_of_the_same_label_write_it_once(samples, tmp_path):
 def test_eight_labellers_at_once_over_http_lose_and_duplicate_nothing(tmp_path):
     """A real uvicorn server; 25 items wanted by 8 labellers each: 8 threads ask and post until told 204. All 200
     labels are in the file, each (item, labeller) once, and the file resumes to complete."""
-    uvicorn = pytest.importorskip("uvicorn")
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps({"prompt": f"p{i}", "responses": ["a", "b"]}) + "\n" for i in range(25)))
     out = tmp_path / "labels.jsonl"
     store = LabelStore(read_items(str(samples)), out, labellers_per_item=8)
-    server = uvicorn.Server(uvicorn.Config(make_app(store), host="127.0.0.1", port=0, log_level="warning"))
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
-    while not server.started:
-        threading.Event().wait(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     accepted, failures = [], []
 
     def label(name: str):
@@ -245,13 +257,12 @@ def test_eight_labellers_at_once_over_http_lose_and_duplicate_nothing(tmp_path):
                 )
                 (accepted if answer.status_code == 200 else failures).append((name, item.json()["item"]))
 
-    threads = [threading.Thread(target=label, args=(f"labeller{n}",)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    server.should_exit = True
-    serving.join()
+    with serving(store) as port:
+        threads = [threading.Thread(target=label, args=(f"labeller{n}",)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     store.close()
     written = {(r["labeller"], r["item"]) for r in lines(out)}
     assert failures == [] and len(accepted) == len(lines(out)) == len(written) == 200
@@ -273,7 +284,6 @@ def test_page_and_its_script_show_model_output_only_as_text(samples, tmp_path):
 
 def test_another_host_requires_a_token(samples, tmp_path, monkeypatch, capsys):
     """--host 0.0.0.0 without --token: a token is made up and printed, and the API refuses requests without it."""
-    uvicorn = pytest.importorskip("uvicorn")
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
     main(["label", "--input", samples, "--output", str(tmp_path / "labels.jsonl"), "--host", "0.0.0.0"])
@@ -314,3 +324,67 @@ def test_labels_and_their_aggregate_feed_the_reward_models_datamodule(samples, t
         data = ComparisonDataModule(train_path=str(path), val_fraction=0, tokenizer_name_or_path=tiny_model_dir)
         data.setup("fit")
         assert len(data.train_examples) == count
+
+
+# --- in a real browser -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")), reason="needs chromium")
+def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
+    """Headless Chromium, keyboard only where a person would use it: alice ranks item 0 with a tie (1, 2, 1) and
+    flags response 2, submitting with Enter; sees item 1's XSS response as its literal text (no <img>, no script
+    run) and ranks it (2, 1), submitting with Ctrl+Enter; ranks the chat item (3, 1, 2) with a better answer,
+    clicking Submit; then is told nothing is left. The file holds exactly those three records."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    out = tmp_path / "labels.jsonl"
+    store = LabelStore(read_items(samples), out)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        with serving(store, token="s3cret") as port:
+            browser.get(f"http://127.0.0.1:{port}/#token=s3cret")
+            wait = WebDriverWait(browser, 20)
+            element = browser.find_element
+
+            def on_item(item: int) -> None:
+                wait.until(lambda b: f"Item {item}." in element(By.ID, "progress").text)
+
+            element(By.ID, "name").send_keys("alice", Keys.ENTER)
+            on_item(0)
+            assert element(By.ID, "progress").text == "Done 0 / 3 labels (yours: 0). Item 0."
+            Select(element(By.ID, "flag-1")).select_by_visible_text("not an answer")
+            element(By.ID, "rank-1").send_keys("2")
+            element(By.ID, "rank-2").send_keys("1")
+            element(By.ID, "rank-0").send_keys("1", Keys.ENTER)
+
+            on_item(1)
+            texts = [pre.text for pre in browser.find_elements(By.CSS_SELECTOR, "#responses pre")]
+            assert texts == ["yx", XSS]
+            assert browser.find_elements(By.CSS_SELECTOR, "#responses img, #responses script") == []
+            assert browser.title != "pwned"
+            element(By.ID, "rank-0").send_keys("2", Keys.TAB, Keys.TAB, "1", Keys.CONTROL, Keys.ENTER)
+
+            on_item(2)
+            assert element(By.ID, "prompt").text == "user: Reverse: hi"
+            for i, entered in enumerate("312"):
+                element(By.ID, f"rank-{i}").send_keys(entered)
+            element(By.ID, "demonstration").send_keys("ih")
+            element(By.ID, "submit").click()
+            wait.until(lambda b: "Nothing left" in element(By.ID, "message").text)
+    finally:
+        browser.quit()
+        store.close()
+    assert [{k: v for k, v in r.items() if k != "time"} for r in lines(out)] == [
+        {**SAMPLES[0], "ranks": [0, 1, 0], "labeller": "alice", "item": 0,
+         "flags": [{"response": 1, "reason": "not an answer"}]},
+        {**SAMPLES[1], "ranks": [1, 0], "labeller": "alice", "item": 1},
+        {**SAMPLES[2], "ranks": [2, 0, 1], "labeller": "alice", "item": 2, "demonstration": "ih"},
+    ]  # fmt: skip
