@@ -49,8 +49,9 @@ def serving(store: LabelStore, token: str | None = None) -> Iterator[int]:
     server = uvicorn.Server(uvicorn.Config(make_app(store, token), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
+    while not server.started and thread.is_alive():
         threading.Event().wait(0.01)
+    assert server.started, "uvicorn did not start"
     try:
         yield server.servers[0].sockets[0].getsockname()[1]
     finally:
@@ -111,11 +112,14 @@ def test_borda_and_bradley_terry_consensus_by_hand():
     """[0,1,2], [1,0,2], [0,1,2]: response 0 is above 1 twice and above 2 three times -> 5 points; response 1 above 0
     once and above 2 three times -> 4; response 2 -> 0: Borda ranks [0, 1, 2]. Every pair was compared equally often,
     so Bradley-Terry orders by total wins the same way. With ties, [0,0,1] and [1,0,2]: response 0 gets ½ + 0 (vs 1)
-    + 2 (vs 2) = 2.5, response 1 gets ½ + 1 + 2 = 3.5, response 2 gets 0 -> [1, 0, 2]. Opposite rankings of two
-    responses tie: [0, 0]."""
+    + 2 (vs 2) = 2.5, response 1 gets ½ + 1 + 2 = 3.5, response 2 gets 0 -> [1, 0, 2]. The half point decides
+    [0,0,1] and [0,2,1]: response 0 gets ½ + 1 + 1 + 1 = 3.5, response 1 ½ + 1 = 1.5 (its tie with 0 and its win over
+    2), response 2 gets 1 (over 1 in the second) -> [0, 1, 2]; without it 1 and 2 would tie. Opposite rankings of
+    two responses tie: [0, 0]."""
     three = [[0, 1, 2], [1, 0, 2], [0, 1, 2]]
     assert borda(three) == [0, 1, 2] and bradley_terry_consensus(three) == [0, 1, 2]
     assert borda([[0, 0, 1], [1, 0, 2]]) == [1, 0, 2]
+    assert borda([[0, 0, 1], [0, 2, 1]]) == [0, 1, 2]
     assert borda([[0, 1], [1, 0]]) == [0, 0] and bradley_terry_consensus([[0, 1], [1, 0]]) == [0, 0]
 
 
@@ -251,11 +255,14 @@ def test_eight_labellers_at_once_over_http_lose_and_duplicate_nothing(tmp_path):
 
     def label(name: str):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-            while (item := client.get("/api/next", params={"labeller": name})).status_code == 200:
-                answer = client.post(
-                    "/api/label", json={"labeller": name, "item": item.json()["item"], "ranks": [0, 1]}
-                )
-                (accepted if answer.status_code == 200 else failures).append((name, item.json()["item"]))
+            for _ in range(26):  # 25 items for each, then 204 (bounded: a broken server must not hang the test)
+                item = client.get("/api/next", params={"labeller": name})
+                if item.status_code == 204:
+                    return
+                body = {"labeller": name, "item": item.json()["item"], "ranks": [0, 1]}
+                answer = client.post("/api/label", json=body)
+                (accepted if answer.status_code == 200 else failures).append((name, body["item"]))
+            failures.append((name, "never told 204"))
 
     with serving(store) as port:
         threads = [threading.Thread(target=label, args=(f"labeller{n}",)) for n in range(8)]
