@@ -395,3 +395,20 @@ def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
         {**SAMPLES[1], "ranks": [1, 0], "labeller": "alice", "item": 1},
         {**SAMPLES[2], "ranks": [2, 0, 1], "labeller": "alice", "item": 2, "demonstration": "ih"},
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"labeller": None}, "'labeller'"),
+        ({"item": -1}, "'item'"),
+        ({"ranks": [0, 0, 0]}, "all responses tie"),
+    ],
+)
+def test_aggregate_refuses_a_bad_label_naming_file_line_and_field(tmp_path, change, words):
+    labels = tmp_path / "labels.jsonl"
+    good = {**SAMPLES[0], "ranks": [0, 1, 2], "labeller": "alice", "item": 0}
+    labels.write_text(json.dumps(good) + "\n" + json.dumps({**good, "labeller": "bob", **change}) + "\n")
+    with pytest.raises(RecordError, match=rf"labels.jsonl line 2: .*{words}"):
+        label.main(["--aggregate", str(labels), "--output", str(tmp_path / "comparisons.jsonl")])
+    assert not (tmp_path / "comparisons.jsonl").exists()

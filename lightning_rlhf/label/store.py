@@ -114,8 +114,8 @@ def read_labels(path: str | os.PathLike, items: list[dict[str, Any]] | None = No
             if not isinstance(row, Mapping):
                 raise RecordError(f"expected a JSON object, got {type(row).__name__}")
             validate_comparison(row)
-            if not isinstance(row.get("labeller"), str) or not isinstance(row.get("item"), int):
-                raise RecordError("fields 'labeller' (text) and 'item' (an integer) are required in a label")
+            if not isinstance(row.get("labeller"), str) or not isinstance(row.get("item"), int) or row["item"] < 0:
+                raise RecordError("fields 'labeller' (text) and 'item' (an integer from 0) are required in a label")
             if items is not None and (
                 row["item"] >= len(items) or {k: row[k] for k in ("prompt", "responses")} != items[row["item"]]
             ):
@@ -151,7 +151,11 @@ class LabelStore:
     """
 
     def __init__(
-        self, items: list[dict[str, Any]], output: str | os.PathLike, labellers_per_item: int = 1, lease_seconds=600
+        self,
+        items: list[dict[str, Any]],
+        output: str | os.PathLike,
+        labellers_per_item: int = 1,
+        lease_seconds: float = 600,
     ):
         if labellers_per_item < 1:
             raise ValueError(f"labellers_per_item must be at least 1, got {labellers_per_item}")
