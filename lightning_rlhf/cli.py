@@ -11,6 +11,7 @@ Extra subcommands, outside LightningCLI:
     lightning-rlhf sample --model outputs/sft/hf --k 4 --judge gold --output comparisons.jsonl   (see sampling.py)
     lightning-rlhf evaluate --models outputs/sft/hf outputs/dpo/hf --names sft dpo --judge gold --output outputs/eval
         (win rates, Bradley-Terry / Elo ratings with bootstrap intervals; see evaluation.py)
+    lightning-rlhf label --input samples.jsonl --output labels.jsonl   (people rank the samples; see label/)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_rlhf import evaluation, sampling, scoring
+from lightning_rlhf import evaluation, label, sampling, scoring
 
 
 class RLHFCLI(LightningCLI):
@@ -30,12 +31,13 @@ class RLHFCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
 
 
-EXTRA_SUBCOMMANDS = {"score": scoring.main, "sample": sampling.main, "evaluate": evaluation.main}
+EXTRA_SUBCOMMANDS = {"score": scoring.main, "sample": sampling.main, "evaluate": evaluation.main, "label": label.main}
 
 
 HELP = (
     "The InstructGPT pipeline as Lightning modules. LightningCLI subcommands below, plus: "
     "'lightning-rlhf sample --help' (K responses per prompt, optionally ranked by a simulated labeller), "
+    "'lightning-rlhf label --help' (a web page where people rank them, and their agreement), "
     "'lightning-rlhf score --help' (rewards from an exported reward model) and "
     "'lightning-rlhf evaluate --help' (win rates and Elo ratings between checkpoints, judged on held-out prompts). "
     "User errors (paths, data, settings) print one line and exit 1; --debug (or LIGHTNING_RLHF_DEBUG=1) shows the "
