@@ -47,7 +47,7 @@ def read_items(path: str) -> list[dict[str, Any]]:
                 {
                     "prompt": _check_text_or_messages(row, "prompt"),
                     "responses": [
-                        _check_text_or_messages({f"responses[{i}]": r}, f"responses[{i}]", True)
+                        _check_text_or_messages({f"responses[{i}]": r}, f"responses[{i}]")
                         for i, r in enumerate(responses)
                     ],
                 }
