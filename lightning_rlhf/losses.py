@@ -262,10 +262,17 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+    aggregation: str = "token_mean",
+    max_length: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), negated to minimise: masked mean of
-    ``max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε))`` with ``ρ = exp(logprobs - old_logprobs)``, all ``(b, t)``.
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), negated to minimise: masked mean (or another ``aggregation``,
+    see ``aggregate_loss``) of ``max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε))`` with ``ρ = exp(logprobs - old_logprobs)``, all
+    ``(b, t)``.
 
     Returns:
         The loss and statistics: ``clipfrac`` (share of tokens where the clipped term won) and ``approx_kl``
@@ -275,7 +282,7 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation, max_length)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).float(), mask).detach(),
         "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask),
@@ -326,3 +333,103 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int, hor
     """
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+# -- Critic-free estimators (GRPO: Shao et al. 2024; Dr. GRPO: Liu et al. 2025; RLOO: Ahmadian et al. 2024;
+# REINFORCE++: Hu 2025). No value function: a response's baseline comes from its group or from the batch. -------
+
+
+def _grpo(groups: Tensor, eps: float) -> Tensor:
+    return (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + eps)  # unbiased std
+
+
+def _dr_grpo(groups: Tensor, eps: float) -> Tensor:
+    return groups - groups.mean(-1, keepdim=True)
+
+
+def _rloo(groups: Tensor, eps: float) -> Tensor:
+    others_mean = (groups.sum(-1, keepdim=True) - groups) / (groups.size(-1) - 1)
+    return groups - others_mean
+
+
+# Each maps ``(n_groups, G)`` sequence rewards to advantages.
+GROUP_ESTIMATORS: dict[str, Callable[[Tensor, float], Tensor]] = {"grpo": _grpo, "dr_grpo": _dr_grpo, "rloo": _rloo}
+
+
+def group_advantages(scores: Tensor, group_size: int, estimator: str = "grpo", eps: float = 1e-4) -> Tensor:
+    """One advantage per response from the rewards of the ``group_size`` (G) responses sampled for its prompt.
+
+    ``grpo``: ``(s - mean_g) / (std_g + eps)`` with the group's unbiased standard deviation; ``dr_grpo``:
+    ``s - mean_g``; ``rloo``: ``s - mean of the other G - 1 scores of the group``. A group of equal scores gives
+    zeros (no signal, and no NaN).
+
+    Args:
+        scores: ``(b,)`` with ``b = n_groups · G``, a prompt's G responses in consecutive rows.
+        group_size: G >= 2.
+        estimator: one of ``GROUP_ESTIMATORS``.
+
+    Returns:
+        ``(b,)`` advantages, in the rows of ``scores``.
+    """
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not one of {sorted(GROUP_ESTIMATORS)}")
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"group_size={group_size}: needs >= 2 responses per prompt, and {scores.numel()} scores "
+                         "must hold whole groups")  # fmt: skip
+    return GROUP_ESTIMATORS[estimator](scores.view(-1, group_size), eps).reshape(scores.shape)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """``G_t = r_t + γ G_{t+1}`` over right-padded response tokens, ``(b, t)``: GAE with no values and λ = 1."""
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
+    return returns
+
+
+def reinforce_pp_advantages(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ (Hu 2025): InstructGPT's per-token rewards (``ppo_rewards``: ``-β · KL_t``, the score on the last
+    token), discounted returns, whitened over all real tokens of the batch (padding neither counts nor gets any).
+
+    Returns:
+        ``(b, t)`` advantages, 0 past the mask.
+    """
+    return masked_whiten(discounted_returns(ppo_rewards(scores, kl, mask, kl_coef), mask, gamma), mask)
+
+
+# -- Loss aggregation: how per-token losses become one number -----------------------------------------------
+
+
+def _token_mean(losses: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
+    return masked_mean(losses, mask)
+
+
+def _seq_mean_token_sum(losses: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
+    if max_length is None:
+        raise ValueError("seq_mean_token_sum divides each response's token sum by a constant max_length: give one")
+    return (masked_sum(losses, mask, dim=-1) / max_length).mean()
+
+
+def _seq_mean_token_mean(losses: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
+    return masked_mean(losses, mask, dim=-1).mean()
+
+
+# ``token_mean``: every token of the batch weighs the same (long responses weigh more); ``seq_mean_token_sum``:
+# Dr. GRPO's length-unbiased form, token sums over a constant length; ``seq_mean_token_mean``: GRPO's paper form,
+# every response weighs the same whatever its length.
+LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
+    "token_mean": _token_mean,
+    "seq_mean_token_sum": _seq_mean_token_sum,
+    "seq_mean_token_mean": _seq_mean_token_mean,
+}
+
+
+def aggregate_loss(
+    losses: Tensor, mask: Tensor, aggregation: str = "token_mean", max_length: int | None = None
+) -> Tensor:
+    """One scalar from ``(b, t)`` per-token ``losses`` over the real tokens of ``mask``.
+
+    ``token_mean``: Σ loss / Σ tokens; ``seq_mean_token_sum``: mean over responses of Σ_t loss_t / ``max_length``;
+    ``seq_mean_token_mean``: mean over responses of their own token mean.
+    """
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_aggregation={aggregation!r} is not one of {sorted(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[aggregation](losses, mask, max_length)

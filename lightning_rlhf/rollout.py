@@ -2,8 +2,10 @@
 
 Generation is ``transformers``' KV-cached ``generate`` on left-padded prompts (``PromptCollator``); a response
 counts up to and including its first EOS, and everything after it is masked. ``build_experience`` turns a
-rollout's log-probs, values and scores into what the PPO updates need (InstructGPT's per-token reward, GAE).
-The ``sample`` step uses the generation part to write responses for people to rank.
+rollout's log-probs, values and scores into what the PPO updates need: InstructGPT's per-token reward and GAE, or
+a critic-free estimator. With ``num_generations`` G the rollout holds each prompt's G responses in consecutive rows
+(a group), and minibatches take whole groups (``group_minibatches``). The ``sample`` step uses the generation part
+to write responses for people to rank.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_rlhf.losses import gae, kl_penalty, masked_whiten, ppo_rewards
+from lightning_rlhf.losses import (
+    GROUP_ESTIMATORS,
+    gae,
+    group_advantages,
+    kl_penalty,
+    masked_whiten,
+    ppo_rewards,
+    reinforce_pp_advantages,
+)
+
+ADVANTAGE_ESTIMATORS = ("gae", *GROUP_ESTIMATORS, "reinforce_pp")  # gae needs a value function, the others none
 
 
 class Rollout(NamedTuple):
@@ -97,12 +109,14 @@ class Experience(NamedTuple):
     Attributes:
         rollout: the sampled sequences and their masks.
         logprobs: ``(b, r)`` log-probs of the response tokens under the policy that sampled them.
-        values: ``(b, r)`` value of the state before each response token.
-        advantages: ``(b, r)`` GAE advantages (whitened if asked).
-        returns: ``(b, r)`` value targets, ``advantages + values`` before whitening.
+        values: ``(b, r)`` value of the state before each response token (``None`` without a value function).
+        advantages: ``(b, r)`` advantages of the chosen estimator, 0 past the mask.
+        returns: ``(b, r)`` value targets, ``advantages + values`` before whitening (``None`` without GAE).
         scores: ``(b,)`` reward of each whole response (after any missing-EOS penalty).
         kl: ``(b,)`` per-token KL estimate to the reference, summed over the response.
         ended: ``(b,)`` responses that ended with EOS.
+        ref_logprobs: ``(b, r)`` log-probs of the response tokens under the reference (for a KL loss term).
+        reward_parts: ``(b,)`` score of each reward function, by name, before weighting (``reward_fns``).
     """
 
     rollout: Rollout
@@ -113,6 +127,8 @@ class Experience(NamedTuple):
     scores: Tensor
     kl: Tensor
     ended: Tensor
+    ref_logprobs: Tensor | None = None
+    reward_parts: dict[str, Tensor] | None = None
 
     @property
     def mask(self) -> Tensor:
@@ -123,7 +139,7 @@ def build_experience(
     rollout: Rollout,
     logprobs: Tensor,
     ref_logprobs: Tensor,
-    values: Tensor,
+    values: Tensor | None,
     scores: Tensor,
     eos_token_id: int,
     kl_coef: float,
@@ -132,15 +148,51 @@ def build_experience(
     lam: float = 0.95,
     whiten_advantages: bool = True,
     missing_eos_penalty: float | None = None,
+    estimator: str = "gae",
+    group_size: int = 1,
+    kl_in_reward: bool = True,
 ) -> Experience:
-    """The InstructGPT reward per token, ``-β · KL_t`` plus the score on the last one (``losses.ppo_rewards``),
-    then GAE advantages and returns (``losses.gae``); all ``(b, r)`` tensors are over the rollout's responses."""
+    """Where the advantage is computed; all ``(b, r)`` tensors are over the rollout's responses.
+
+    ``gae``: the InstructGPT reward per token, ``-β · KL_t`` plus the score on the last one (``losses.ppo_rewards``),
+    then GAE advantages and returns (``losses.gae``). ``reinforce_pp``: the same rewards, discounted returns whitened
+    over the batch (``losses.reinforce_pp_advantages``). ``grpo``, ``dr_grpo``, ``rloo``: each response's reward
+    ``score - β · Σ_t KL_t`` against its group of ``group_size`` (``losses.group_advantages``), on every one of its
+    tokens. ``kl_in_reward=False`` leaves the KL out of the reward (β = 0 there; e.g. GRPO's KL loss term instead).
+    """
     mask = rollout.response_mask
     ended = ((rollout.responses == eos_token_id) & mask).any(-1)
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~ended).float()
     kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
-    advantages, returns = gae(ppo_rewards(scores, kl, mask, kl_coef), values, mask, gamma, lam)
-    if whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return Experience(rollout, logprobs, values, advantages, returns, scores, (kl * mask).sum(-1), ended)
+    reward_kl_coef = kl_coef if kl_in_reward else 0.0
+    returns = None
+    if estimator == "gae":
+        advantages, returns = gae(ppo_rewards(scores, kl, mask, reward_kl_coef), values, mask, gamma, lam)
+        if whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+    elif estimator == "reinforce_pp":
+        advantages = reinforce_pp_advantages(scores, kl, mask, reward_kl_coef, gamma)
+    else:
+        rewards = scores - reward_kl_coef * (kl * mask).sum(-1)  # (b,)
+        advantages = group_advantages(rewards, group_size, estimator)[:, None] * mask
+    kl_sums = (kl * mask).sum(-1)
+    return Experience(rollout, logprobs, values, advantages, returns, scores, kl_sums, ended, ref_logprobs)
+
+
+def group_minibatches(group_order: Tensor, group_size: int, num_mini_batches: int) -> list[Tensor]:
+    """Row indices of each minibatch: ``group_order`` (a permutation of the rollout's groups) cut into
+    exactly ``num_mini_batches`` near-even chunks (10 groups in 4: 3, 3, 2, 2), each group's ``group_size``
+    consecutive rows kept together. With ``group_size`` 1 a group is a row."""
+    offsets = torch.arange(group_size, device=group_order.device)
+    return [(chunk[:, None] * group_size + offsets).flatten() for chunk in group_order.tensor_split(num_mini_batches)]
+
+
+def group_statistics(scores: Tensor, group_size: int) -> dict[str, Tensor]:
+    """``reward_std``: the mean over groups of their scores' unbiased standard deviation; ``groups_without_signal``:
+    the share of groups whose scores are all equal (a group-relative advantage is 0 for all of them)."""
+    groups = scores.view(-1, group_size)
+    return {
+        "reward_std": groups.std(-1).mean(),
+        "groups_without_signal": (groups == groups[:, :1]).all(-1).float().mean(),
+    }

@@ -20,9 +20,12 @@ from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli, straight
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> tuple[str, str]:
+    return make_exports(tmp_path_factory.mktemp("ppo"))
+
+
+def make_exports(root) -> tuple[str, str]:
     """A tiny SFT export with attention dropout (PPO must switch it off) and a reward model from it whose head is
     scaled up, so that its scores spread widely enough to learn from quickly (both read-only)."""
-    root = tmp_path_factory.mktemp("ppo")
     torch.manual_seed(0)
     tokenizer = load_tokenizer(None)
     policy = load_causal_lm(None, tokenizer, "float32", {**TINY_CONFIG, "attention_dropout": 0.5})

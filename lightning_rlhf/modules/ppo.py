@@ -15,6 +15,11 @@ Each ``training_step`` is one PPO iteration on its batch of prompts:
    ``max_steps = rollouts · ppo_epochs · num_mini_batches``;
 4. with ``target_kl`` set, β follows Ziegler et al.'s adaptive controller (``losses.adaptive_kl_coef``).
 
+Critic-free (``advantage_estimator``: ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp``): no value function is built,
+trained or checkpointed; ``num_generations`` responses per prompt form a group whose rewards give each other's
+baseline (``rollout.build_experience`` is where every estimator's advantage is computed), minibatches keep groups
+whole, and the KL can move from the reward (``kl_in_reward``) to a k3 loss term on the policy (``kl_loss_coef``).
+
 Log-probs of policy and reference are taken under ``softmax(logits / temperature)``: the distribution sampled.
 The value model is its own network initialised from the reward model (its backbone and head, read at every
 position), or with ``value_head`` a linear head on the policy's last hidden state. Reference and reward model are
@@ -40,7 +45,10 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.losses import (
     KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
     adaptive_kl_coef,
+    aggregate_loss,
+    kl_penalty,
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
@@ -59,7 +67,16 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.optim import clip_grad_norms, optimizer_config, trainable
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
-from lightning_rlhf.rollout import Experience, Rollout, build_experience, decode_responses, generate
+from lightning_rlhf.rollout import (
+    ADVANTAGE_ESTIMATORS,
+    Experience,
+    Rollout,
+    build_experience,
+    decode_responses,
+    generate,
+    group_minibatches,
+    group_statistics,
+)
 from lightning_rlhf.scoring import import_reward_fn
 from lightning_rlhf.strategies import fully_shard_models, gathered, reset_float32
 from lightning_rlhf.validation import check_range
@@ -70,6 +87,18 @@ VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "res
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-6)
+
+
+def check_critic_free_args(estimator: str, num_generations: int, loss_aggregation: str, value_head: bool) -> None:
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage_estimator={estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
+    if num_generations < 1 or (estimator in ("grpo", "dr_grpo", "rloo") and num_generations < 2):
+        raise ValueError(f"num_generations={num_generations}: advantage_estimator={estimator!r} needs "
+                         f"{'>= 2 responses per prompt to compare' if estimator != 'gae' else '>= 1'}")  # fmt: skip
+    if loss_aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_aggregation={loss_aggregation!r} is not one of {sorted(LOSS_AGGREGATIONS)}")
+    if value_head and estimator != "gae":
+        raise ValueError(f"value_head=True: advantage_estimator={estimator!r} has no value function")
 
 
 class PPOModule(L.LightningModule):
@@ -109,6 +138,12 @@ class PPOModule(L.LightningModule):
         log_samples: int = 4,
         seed: int = 0,
         forward_batch_size: int | None = None,
+        advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae",
+        num_generations: int = 1,
+        kl_in_reward: bool = True,
+        kl_loss_coef: float = 0.0,
+        loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean",
+        reward_fns: dict[str, float] | None = None,
     ):
         """
         Args:
@@ -168,11 +203,29 @@ class PPOModule(L.LightningModule):
             forward_batch_size: rows per scoring forward of a rollout (policy, value, reference and reward model);
                 ``None``: the whole rollout batch at once. Bounds the activations and logits held at once (at a 128k
                 vocabulary, 16 rows × 128 response tokens of float32 logits are 1 GiB).
+            advantage_estimator: ``gae`` (PPO with a value function), or critic-free: ``grpo`` (reward minus its
+                group's mean, over the group's std), ``dr_grpo`` (minus the mean only), ``rloo`` (minus the mean of
+                the group's other responses), ``reinforce_pp`` (discounted returns of the per-token rewards, whitened
+                over the batch); see ``losses.group_advantages`` and ``losses.reinforce_pp_advantages``.
+            num_generations: G, responses sampled per prompt in one rollout, kept together through minibatching (the
+                group estimators need G >= 2); a batch of n prompts gives n · G sequences.
+            kl_in_reward: put ``-β · KL`` into the reward (InstructGPT); ``False`` leaves it out (β unused there).
+            kl_loss_coef: weight of GRPO's KL loss term on the policy, k3 of policy to reference per token, aggregated
+                like the policy loss (Shao et al. 2024); 0 for none.
+            loss_aggregation: how per-token losses make one: ``token_mean`` (every token of the minibatch alike),
+                ``seq_mean_token_sum`` (Dr. GRPO: each response's sum over ``max_new_tokens``),
+                ``seq_mean_token_mean`` (every response alike); see ``losses.aggregate_loss``.
+            reward_fns: several reward functions, ``{import path: weight}``: the reward is the weighted sum, and each
+                function's mean is logged as ``objective/reward/<function name>`` (e.g. format and correctness).
         """
         super().__init__()
-        if (reward_model_name_or_path is None) == (reward_fn is None):
-            raise ValueError("give PPOModule exactly one of reward_model_name_or_path and reward_fn")
-        self.reward_fn = import_reward_fn(reward_fn) if reward_fn is not None else None
+        sources = [reward_model_name_or_path, reward_fn, reward_fns]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("give PPOModule exactly one of reward_model_name_or_path, reward_fn and reward_fns")
+        check_critic_free_args(advantage_estimator, num_generations, loss_aggregation, value_head)
+        # name -> (function, weight); reward_fn is one function of weight 1
+        weighted = reward_fns or ({reward_fn: 1.0} if reward_fn is not None else {})
+        self.reward_fns = {path.rpartition(".")[2]: (import_reward_fn(path), float(w)) for path, w in weighted.items()}
         self.judge_fn = import_reward_fn(judge_fn) if judge_fn is not None else None
         check_range("temperature", temperature, "> 0 (PPO samples its rollouts)", temperature > 0)
         check_range("max_new_tokens", max_new_tokens, ">= 1", max_new_tokens >= 1)
@@ -226,9 +279,10 @@ class PPOModule(L.LightningModule):
             self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
             self.reward_model.eval().requires_grad_(False)
         value_start = hp.reward_model_name_or_path or hp.model_name_or_path  # an SFT export gets a fresh head
-        if hp.value_head:
+        critic = hp.advantage_estimator == "gae"  # the critic-free estimators build no value function at all
+        if critic and hp.value_head:
             self.value_head = self._value_head_from(reward_head(self.reward_model) if self.reward_model else None)
-        else:
+        elif critic:
             self.value_model = load_reward_model(value_start, self.tokenizer, hp.dtype)
         for trained in (self.model, self.value_model):
             if trained is not None:
@@ -301,7 +355,9 @@ class PPOModule(L.LightningModule):
 
     def policy_outputs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """``(b, r)`` policy log-probs of the response tokens and values of the states before them (the value at the
-        column before each token, like the logits that predict it)."""
+        column before each token, like the logits that predict it); values ``None`` without a value function."""
+        if self.value_head is None and self.value_model is None:
+            return self.response_logprobs(self.model, sequences, attention_mask, start), None
         if self.value_head is None:
             logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
             return logprobs, token_values(self.value_model, sequences, attention_mask)[:, start - 1 : -1]
@@ -318,8 +374,12 @@ class PPOModule(L.LightningModule):
 
     @torch.no_grad()
     def make_experience(self, batch: dict[str, Tensor]) -> Experience:
-        """Sample one response per left-padded prompt of ``batch`` and score it (``score_rollout``)."""
+        """Sample ``num_generations`` responses per left-padded prompt of ``batch`` (a prompt's in consecutive rows)
+        and score them (``score_rollout``)."""
         hp = self.hparams
+        input_ids, attention_mask = (
+            batch[k].repeat_interleave(hp.num_generations, 0) for k in ("input_ids", "attention_mask")
+        )
         longest = batch["input_ids"].shape[1] + hp.max_new_tokens
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and longest > limit:
@@ -332,7 +392,7 @@ class PPOModule(L.LightningModule):
         sharded = self.device_mesh is not None and self.device_mesh.size() > 1
         with gathered(self.model):
             rollout = generate(
-                self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens,
+                self.model, self.tokenizer, input_ids, attention_mask, hp.max_new_tokens,
                 hp.temperature, hp.top_k, hp.top_p, synced_gpus=sharded,
             )  # fmt: skip
         return self.score_rollout(rollout)
@@ -353,17 +413,20 @@ class PPOModule(L.LightningModule):
             ids, mask = sequences[rows], attention_mask[rows]
             logprobs, values = self.policy_outputs(ids, mask, start)
             ref_logprobs = self.response_logprobs(self.ref_model, ids, mask, start)
-            scores = sequence_rewards(self.reward_model, ids, mask) if self.reward_fn is None else None
+            scores = sequence_rewards(self.reward_model, ids, mask) if self.reward_model is not None else None
             parts.append((logprobs, values, ref_logprobs, scores))
         logprobs, values, ref_logprobs, scores = (
             torch.cat(column) if column[0] is not None else None for column in zip(*parts, strict=True)
         )
+        parts = {name: self.text_scores(fn, rollout) for name, (fn, _) in self.reward_fns.items()}
         if scores is None:
-            scores = self.text_scores(self.reward_fn, rollout)
-        return build_experience(
+            scores = sum(weight * parts[name] for name, (_, weight) in self.reward_fns.items())
+        experience = build_experience(
             rollout, logprobs, ref_logprobs, values, scores, self.tokenizer.eos_token_id, self.kl_coef,
             hp.kl_estimator, hp.gamma, hp.lam, hp.whiten_advantages, hp.missing_eos_penalty,
+            hp.advantage_estimator, hp.num_generations, hp.kl_in_reward,
         )  # fmt: skip
+        return experience._replace(reward_parts=parts)
 
     def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
         """``(b,)`` float32 ``fn(prompt, response)`` on the decoded texts, without special tokens."""
@@ -387,12 +450,20 @@ class PPOModule(L.LightningModule):
         }
         if self.judge_fn is not None:
             stats["objective/judge"] = self.text_scores(self.judge_fn, experience.rollout).mean()
+        if experience.reward_parts:
+            stats.update({f"objective/reward/{name}": part.mean() for name, part in experience.reward_parts.items()})
+        if self.hparams.num_generations > 1:
+            stats.update(
+                {f"objective/{k}": v for k, v in group_statistics(scores, self.hparams.num_generations).items()}
+            )
         for name, value in stats.items():
             self.log(f"train/{name}", value, sync_dist=True, prog_bar=name == "objective/scores")
 
     # -- PPO --------------------------------------------------------------------------------------------
     def ptx_loss(self, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
-        """Mean next-token loss over the pretraining text of ``rows`` (PPO-ptx's ``-log π(x)``, per token)."""
+        """Mean next-token loss over the pretraining text of ``rows`` (PPO-ptx's ``-log π(x)``, per token); a prompt
+        carries one text, whatever its number of responses."""
+        rows = rows[:: self.hparams.num_generations] // self.hparams.num_generations  # minibatches hold whole groups
         ids, attention, labels = (batch[f"ptx_{k}"][rows] for k in ("input_ids", "attention_mask", "labels"))
         logprobs, scored = shifted_logprobs(forward_logits(self.model, ids, attention), labels)
         return -masked_mean(logprobs, scored)
@@ -408,7 +479,8 @@ class PPOModule(L.LightningModule):
             )
         with self.seeded(TRAIN_STREAM, self.rollouts):
             experience = self.make_experience(batch)
-            order = [torch.randperm(len(experience.scores)) for _ in range(hp.ppo_epochs)]
+            n_groups = len(experience.scores) // hp.num_generations
+            order = [torch.randperm(n_groups) for _ in range(hp.ppo_epochs)]
         self.rollouts += 1
         self._log_rollout(experience)
         if batch_idx == 0:  # the first rollout of every epoch
@@ -420,37 +492,45 @@ class PPOModule(L.LightningModule):
         rollout, size = experience.rollout, len(experience.scores)
         stats: dict[str, list[Tensor]] = defaultdict(list)
         for permutation in order:
-            # Exactly num_mini_batches near-even minibatches (10 rows in 4: 3, 3, 2, 2; chunk would make 3, 3, 3, 1),
-            # so that max_steps = rollouts · ppo_epochs · num_mini_batches holds.
-            for rows in permutation.to(self.device).tensor_split(hp.num_mini_batches):
+            # Exactly num_mini_batches near-even minibatches of whole groups (10 in 4: 3, 3, 2, 2; chunk would make
+            # 3, 3, 3, 1), so that max_steps = rollouts · ppo_epochs · num_mini_batches holds.
+            for rows in group_minibatches(permutation.to(self.device), hp.num_generations, hp.num_mini_batches):
                 mask = experience.mask[rows]
                 logprobs, values = self.policy_outputs(
                     rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
                 )
                 policy_loss, policy_stats = ppo_policy_loss(
-                    logprobs, experience.logprobs[rows], experience.advantages[rows], mask, hp.clip_range
-                )
-                value_loss, value_stats = ppo_value_loss(
-                    values, experience.values[rows], experience.returns[rows], mask, hp.clip_range_value
-                )
-                loss = policy_loss + hp.vf_coef * value_loss
+                    logprobs, experience.logprobs[rows], experience.advantages[rows], mask, hp.clip_range,
+                    hp.loss_aggregation, hp.max_new_tokens,
+                )  # fmt: skip
+                loss = policy_loss
+                if values is not None:
+                    value_loss, value_stats = ppo_value_loss(
+                        values, experience.values[rows], experience.returns[rows], mask, hp.clip_range_value
+                    )
+                    loss = loss + hp.vf_coef * value_loss
+                    stats["loss/value"].append(value_loss.detach())
+                    stats["value/clipfrac"].append(value_stats["clipfrac"])
+                if hp.kl_loss_coef:
+                    kl = kl_penalty(logprobs, experience.ref_logprobs[rows], "k3")  # GRPO's, on the policy's graph
+                    kl_loss = aggregate_loss(kl, mask, hp.loss_aggregation, hp.max_new_tokens)
+                    loss = loss + hp.kl_loss_coef * kl_loss
+                    stats["loss/kl"].append(kl_loss.detach())
                 if hp.ptx_coef:
                     ptx = self.ptx_loss(batch, rows)
                     loss = loss + hp.ptx_coef * ptx
                     stats["loss/ptx"].append(ptx.detach())
                 optimizer.zero_grad()
                 self.manual_backward(loss)
-                policy_norm, value_norm = clip_grad_norms(optimizer.optimizer, hp.max_grad_norm)
+                norms = clip_grad_norms(optimizer.optimizer, hp.max_grad_norm)  # policy's, value function's if any
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 stats["loss/policy"].append(policy_loss.detach())
-                stats["loss/value"].append(value_loss.detach())
                 stats["policy/clipfrac"].append(policy_stats["clipfrac"])
                 stats["policy/approxkl"].append(policy_stats["approx_kl"])
-                stats["value/clipfrac"].append(value_stats["clipfrac"])
-                stats["policy/grad_norm"].append(policy_norm)
-                stats["value/grad_norm"].append(value_norm)
+                for name, norm in zip(("policy/grad_norm", "value/grad_norm"), norms, strict=False):
+                    stats[name].append(norm)
         for name, values in stats.items():
             self.log(f"train/{name}", torch.stack(values).mean(), sync_dist=True)
 
@@ -490,8 +570,8 @@ class PPOModule(L.LightningModule):
             return
         if not self.trainer.is_global_zero:
             return
-        n = self.hparams.log_samples
-        prompts = self.tokenizer.batch_decode(batch["input_ids"][:n], skip_special_tokens=True)
+        n, rollout = self.hparams.log_samples, experience.rollout
+        prompts = self.tokenizer.batch_decode(rollout.sequences[:n, : rollout.prompt_length], skip_special_tokens=True)
         responses = self.tokenizer.batch_decode(experience.rollout.responses[:n], skip_special_tokens=True)
         rows = ["| prompt | response | score |", "|---|---|---|"]
         for prompt, response, score in zip(prompts, responses, experience.scores[:n].tolist(), strict=True):
@@ -501,8 +581,10 @@ class PPOModule(L.LightningModule):
     # -- optimisation and export ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         value = self.value_head if self.value_head is not None else self.value_model
-        groups = [{"params": trainable(self.model)}, {"params": trainable(value)}]  # policy, value: clipped apart
-        if self.hparams.value_lr is not None:
+        groups = [{"params": trainable(self.model)}]  # policy, value function (if any): clipped apart
+        if value is not None:
+            groups.append({"params": trainable(value)})
+        if value is not None and self.hparams.value_lr is not None:
             groups[1]["lr"] = self.hparams.value_lr
         return optimizer_config(groups, self.optimizer_factory, self.scheduler_factory)
 
