@@ -26,7 +26,9 @@ both sides are credited the same work per pair.
 
 ``ppo`` times PPO iterations (one rollout batch, then 2 epochs × 2 minibatches of updates) and splits each into
 sampling, scoring (policy, reference, value and reward forwards) and updating; tokens/s counts the real tokens of
-the prompt ⊕ response sequences rolled out. TRL 1.x has no PPOTrainer, so there is no TRL row.
+the prompt ⊕ response sequences rolled out. TRL 1.x has no PPOTrainer, so there is no TRL row; instead
+``--estimators gae grpo rloo`` compares our advantage estimators in one run on the same sequences per rollout
+(gae: --batch-size prompts × 1; a group estimator: --batch-size / G prompts × G, and no value model).
 
 ``logprobs`` isolates the log-prob hot path: ``token_logprobs`` against the naive ``log_softmax(...).gather``
 and TRL's ``selective_log_softmax`` (median step time, and the memory needed beyond the inputs).
@@ -377,19 +379,24 @@ def run_ppo_ours(args, model_dir: str) -> dict:
             self.scoring = time.perf_counter() - start
             return experience
 
+    # The same sequences per rollout for every estimator: gae samples 1 response for each of --batch-size prompts, a
+    # group estimator G = --num-generations for each of --batch-size / G prompts (and builds no value model).
+    estimator = args.advantage_estimator
+    group = 1 if estimator == "gae" else args.num_generations
     module = Timed(
         model_dir, rm_dir, dtype=args.dtype, max_new_tokens=args.max_new_tokens, ppo_epochs=2, num_mini_batches=2,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
+        advantage_estimator=estimator, num_generations=group, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
     )  # fmt: skip
     data = PromptDataModule(
-        train_path=prompts_path(args), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
-        max_length=args.max_length,
+        train_path=prompts_path(args), tokenizer_name_or_path=model_dir, val_fraction=0,
+        batch_size=args.batch_size // group, max_length=args.max_length,
     )  # fmt: skip
     seconds, _ = fit_lightning(args, module, data, steps_per_batch=4)
     timed = module.rollout_stats[args.warmup : args.warmup + args.steps]
     sampling, scoring, tokens = (sum(column) for column in zip(*timed, strict=True))
     return {
-        "impl": "lightning_rlhf", "tokens_per_s": tokens / seconds, "step_s": seconds / args.steps,
+        "impl": f"lightning_rlhf ({estimator}, G = {group})", "tokens_per_s": tokens / seconds,
+        "step_s": seconds / args.steps,
         "episodes_per_s": args.batch_size * args.steps / seconds,
         "sampling_share": sampling / seconds, "scoring_share": scoring / seconds,
         "update_share": 1 - (sampling + scoring) / seconds, "peak_mem_mib": peak_memory_mib(args.device),
@@ -463,6 +470,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="ppo: tokens sampled per response")
+    parser.add_argument("--estimators", nargs="+", default=["gae"],
+                        choices=["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"],
+                        help="ppo: advantage estimators compared in one run, each in its own process")  # fmt: skip
+    parser.add_argument("--num-generations", type=int, default=4, help="ppo: G for the group estimators")
+    parser.add_argument("--advantage-estimator", default="gae", help=argparse.SUPPRESS)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -476,6 +488,8 @@ def main() -> None:
     args = parser.parse_args()
 
     impls = ["ours", "naive", "trl"] if args.stage == "logprobs" else ["ours", "trl"]
+    if args.stage == "ppo":  # our estimators against each other (TRL 1.x has no PPOTrainer)
+        impls = [f"ours:{estimator}" for estimator in args.estimators]
     if args.only:  # child process: one implementation, one JSON line
         if args.stage == "logprobs":
             row = run_logprobs(args, args.only)
@@ -490,11 +504,10 @@ def main() -> None:
             if impl == "trl" and importlib.util.find_spec("trl") is None:
                 print("trl not installed: no TRL comparison (pip install trl)", file=sys.stderr)
                 continue
-            if impl == "trl" and RUNNERS.get(args.stage, (None, True))[1] is None:
-                print(f"no TRL comparison for {args.stage}: TRL 1.x has no PPOTrainer", file=sys.stderr)
-                continue
+            impl, _, estimator = impl.partition(":")
             child = subprocess.run(
-                [sys.executable, __file__, *sys.argv[1:], "--only", impl, "--model-dir", model_dir],
+                [sys.executable, __file__, *sys.argv[1:], "--only", impl, "--model-dir", model_dir,
+                 "--advantage-estimator", estimator or "gae"],
                 capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
             )  # fmt: skip
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
