@@ -10,9 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_rlhf import PPOModule, PromptDataModule
 from lightning_rlhf.losses import group_advantages, kl_penalty
-from lightning_rlhf.rollout import Rollout, group_minibatches, group_statistics
+from lightning_rlhf.rollout import group_minibatches, group_statistics
 from tests.helpers import REPO, run_cli
-from tests.test_ppo import fit, make_exports, mean_score, ppo, prompts_batch
+from tests.test_ppo import ab_abcd_rollout, fit, make_exports, mean_score, ppo, prompts_batch
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +102,7 @@ def test_weighted_reward_functions_are_summed_and_each_kept(exports):
     prompt_length 2 and 4; with weights 1 and 0.5 the scores are 203 and 403."""
     module = ppo((exports[0],), reward_fns={"tests.test_ppo.prompt_and_a_reward": 1.0,
                                             "tests.test_ppo.prompt_length": 0.5})  # fmt: skip
-    tokenizer = module.tokenizer
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("ab", "abcd", "aa", "xa")]
-    sequences = torch.tensor([[pad, pad] + ids[0] + ids[2] + [eos, pad], ids[1] + ids[3] + [pad, pad]])
-    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    experience = module.score_rollout(Rollout(sequences, attention_mask, mask, 4))
+    experience = module.score_rollout(ab_abcd_rollout(module.tokenizer))
     torch.testing.assert_close(experience.scores, torch.tensor([203.0, 403.0]))
     torch.testing.assert_close(experience.reward_parts["prompt_and_a_reward"], torch.tensor([202.0, 401.0]))
     torch.testing.assert_close(experience.reward_parts["prompt_length"], torch.tensor([2.0, 4.0]))

@@ -291,18 +291,22 @@ def share_of_a(prompt: str, response: str) -> float:
     return response.count("a") / max(len(response), 1)
 
 
-def test_reward_fn_scores_the_decoded_prompt_and_response(exports):
-    """Prompt "ab" left-padded, response "aa" + EOS + padding; prompt "abcd", response "xa" without EOS: the function
-    sees the texts without padding or EOS, so the scores are 100·2 + 2 and 100·4 + 1."""
-    module = ppo((exports[0],), reward_fn="tests.test_ppo.prompt_and_a_reward")
-    assert module.reward_model is None and module.value_model is not None
-    tokenizer = module.tokenizer
+def ab_abcd_rollout(tokenizer) -> Rollout:
+    """Prompt "ab" left-padded, response "aa" + EOS + padding; prompt "abcd", response "xa" without EOS."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("ab", "abcd", "aa", "xa")]
     sequences = torch.tensor([[pad, pad] + ids[0] + ids[2] + [eos, pad], ids[1] + ids[3] + [pad, pad]])
     attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    experience = module.score_rollout(Rollout(sequences, attention_mask, mask, 4))
+    return Rollout(sequences, attention_mask, mask, 4)
+
+
+def test_reward_fn_scores_the_decoded_prompt_and_response(exports):
+    """Prompt "ab" left-padded, response "aa" + EOS + padding; prompt "abcd", response "xa" without EOS: the function
+    sees the texts without padding or EOS, so the scores are 100·2 + 2 and 100·4 + 1."""
+    module = ppo((exports[0],), reward_fn="tests.test_ppo.prompt_and_a_reward")
+    assert module.reward_model is None and module.value_model is not None
+    experience = module.score_rollout(ab_abcd_rollout(module.tokenizer))
     torch.testing.assert_close(experience.scores, torch.tensor([202.0, 401.0]))
 
 
