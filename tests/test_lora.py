@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 from peft import PeftModel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import SFTModule
 from lightning_rlhf.lora import LoraOptions, check_lora_strategy
 from lightning_rlhf.models import sequence_logprobs
-from lightning_rlhf.modules.dpo import DPOModule
-from tests.helpers import make_tiny_export
+from lightning_rlhf.modules.dpo import METRICS, DPOModule
+from tests.helpers import REPO, make_tiny_export, run_cli
 from tests.test_dpo import WORDS, make_batch, planted_datamodule, planted_records
 from tests.test_sft import LossRecorder, toy_datamodule, trainer
 
@@ -129,3 +130,28 @@ def test_lora_is_refused_under_a_sharded_strategy():
     strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)  # its __init__ wants a distributed setup
     with pytest.raises(ValueError, match="not under ModelParallelStrategy"):
         check_lora_strategy(SimpleNamespace(strategy=strategy))
+
+
+def test_dpo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_export, tmp_path):
+    """configs/dpo_lora.yaml, 4 steps: the metrics of configs/dpo.yaml, the merged model and the adapter exported,
+    and no reference in the checkpoint (there is none)."""
+    run_cli(
+        "fit", "--config", str(REPO / "configs" / "dpo_lora.yaml"),
+        f"--model.init_args.model_name_or_path={base_export}",
+        "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
+    )  # fmt: skip
+    (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    for stage in ("train", "val"):
+        for name in ("loss", *METRICS):
+            assert f"{stage}/{name}" in tags, tags
+    (checkpoint,) = (tmp_path / "tensorboard").glob("version_*/checkpoints/last.ckpt")
+    assert not [k for k in torch.load(checkpoint, weights_only=False)["state_dict"] if "ref_model" in k]
+    base = AutoModelForCausalLM.from_pretrained(base_export).eval()
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(INPUT_IDS).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()(INPUT_IDS).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
