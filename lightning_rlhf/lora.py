@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,6 +30,12 @@ class LoraOptions:
     """Modules that get an adapter: names, or ``all-linear`` (every linear layer but the output layer)."""
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. ``["lm_head"]``)."""
+
+
+def lora_hparams(options: LoraOptions | dict | None) -> dict | None:
+    """``options`` as a plain dict, for ``save_hyperparameters``: a checkpoint holding a dataclass would not load with
+    ``torch.load(weights_only=True)``, which Lightning uses to resume."""
+    return asdict(options) if isinstance(options, LoraOptions) else options
 
 
 def apply_lora(model: PreTrainedModel, options: LoraOptions | dict) -> PeftModel:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, export_lora
+from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, export_lora, lora_hparams
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
 from lightning_rlhf.models import (
     check_export_before_fit,
@@ -129,6 +129,7 @@ class DPOModule(L.LightningModule):
         check_range("beta", beta, "> 0", beta > 0)
         check_range("label_smoothing", label_smoothing, "in [0, 0.5)", 0 <= label_smoothing < 0.5)
         check_range("nll_weight", nll_weight, ">= 0", nll_weight >= 0)
+        lora = lora_hparams(lora)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

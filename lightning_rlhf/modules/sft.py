@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, export_lora
+from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, export_lora, lora_hparams
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
 from lightning_rlhf.models import (
     check_export_before_fit,
@@ -69,6 +69,7 @@ class SFTModule(L.LightningModule):
         super().__init__()
         if loss_on not in ("response", "all"):
             raise ValueError(f"loss_on={loss_on!r} must be 'response' or 'all'")
+        lora = lora_hparams(lora)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
