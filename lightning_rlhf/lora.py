@@ -50,10 +50,6 @@ def apply_lora(model: PreTrainedModel, options: LoraOptions | dict) -> PeftModel
         modules_to_save=options.modules_to_save,
         task_type="CAUSAL_LM",
     )
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5; is_gradient_… before
-    if checkpointing if checkpointing is not None else model.is_gradient_checkpointing:
-        # Reentrant checkpointing drops the gradient of a block whose inputs need none (the embedding is frozen).
-        model.enable_input_require_grads()
     return get_peft_model(model, config)
 
 

@@ -173,3 +173,22 @@ def test_a_lora_run_resumes_from_its_checkpoint(base_export, tmp_path):
         resumed, planted_datamodule(tmp_path, 16, 4, 4), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
     assert resumed.trainer.global_step == 3 and resumed.ref_model is None
+
+
+def test_lora_with_gradient_checkpointing_gives_every_adapter_a_gradient():
+    """The base (embedding included) is frozen: under reentrant checkpointing no block input would need a gradient
+    and the adapters inside would get none. transformers' checkpointing here is non-reentrant, so every adapter gets
+    one without ``enable_input_require_grads``; this pins it."""
+    from tests.test_sft import make_batch
+
+    torch.manual_seed(0)
+    module = SFTModule(
+        model_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        lora=LoraOptions(r=4, alpha=8),
+        gradient_checkpointing=True,
+    )
+    module.configure_model()
+    loss, _ = module._loss(make_batch([("Reverse: abc\n", "cba")]))
+    loss.backward()
+    grads = {n: p.grad for n, p in module.model.named_parameters() if "lora_B" in n}
+    assert len(grads) == 14 and all(g is not None and g.abs().max() > 0 for g in grads.values())
