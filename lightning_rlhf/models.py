@@ -346,6 +346,7 @@ def export_pretrained(
     tokenizer: PreTrainedTokenizerBase,
     directory: str | os.PathLike,
     state_dict: dict[str, Tensor] | None = None,
+    adapter: torch.nn.Module | None = None,
 ) -> Path:
     """Write ``save_pretrained`` output for model and tokenizer atomically, replacing only an earlier export of ours.
 
@@ -353,6 +354,8 @@ def export_pretrained(
     replaces ``directory`` by rename. A kill between moving the previous export aside and renaming the new one in
     leaves the previous one under ``.NAME.old-*``, which the next export or ``check_export_target`` puts back.
     ``state_dict`` replaces the model's own weights (e.g. the full weights gathered from a sharded model).
+    ``adapter`` (a ``peft`` model) is written by its own ``save_pretrained`` into ``directory/adapter``, in the same
+    atomic export.
     """
     target = check_export_target(directory)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -360,6 +363,8 @@ def export_pretrained(
         (staging / EXPORT_MARKER).write_text("written by lightning_rlhf.models.export_pretrained\n")
         model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
+        if adapter is not None:
+            adapter.save_pretrained(staging / "adapter")
         for written in staging.rglob("*"):
             if written.is_file():
                 _fsync(written)

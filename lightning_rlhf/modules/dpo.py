@@ -9,7 +9,8 @@ likelihood term on each prompt's best responses (Pang et al. 2024), which keeps 
 from pushing probability onto tokens seen in neither response.
 
 The reference is either a live frozen copy (eval mode, no grad, outside the optimiser and out of checkpoints,
-rebuilt from ``model_name_or_path`` in ``configure_model``), or, with ``precompute_ref_logprobs``, a temporary
+rebuilt from ``model_name_or_path`` in ``configure_model``), or, with ``lora``, the policy with its adapter switched
+off (no second copy), or, with ``precompute_ref_logprobs``, a temporary
 model whose log-probs are computed once over the DataModule's train and validation data when fit starts and then
 freed. Cached values are keyed by the content of each row (its real token ids and labels), not by its position,
 so they are right whatever the shuffling, the batch composition, the padding or the rank that meets the row.
@@ -18,6 +19,7 @@ so they are right whatever the shuffling, the batch composition, the padding or 
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import lightning as L
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, export_lora, lora_hparams
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
 from lightning_rlhf.models import (
     check_export_before_fit,
@@ -100,6 +103,7 @@ class DPOModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoraOptions | None = None,
     ):
         """
         Args:
@@ -115,6 +119,9 @@ class DPOModule(L.LightningModule):
             scheduler: stepped every optimiser step.
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
             gradient_checkpointing: trade compute for activation memory (policy only).
+            lora: train LoRA adapters (``peft``) on the frozen SFT model; the reference is then the same model with
+                the adapter switched off, so no second copy is loaded. The export holds the merged model and, in
+                ``export_dir/adapter``, the adapter alone. One device or DDP.
         """
         super().__init__()
         if loss_type not in DPO_LOSSES:
@@ -122,6 +129,7 @@ class DPOModule(L.LightningModule):
         check_range("beta", beta, "> 0", beta > 0)
         check_range("label_smoothing", label_smoothing, "in [0, 0.5)", 0 <= label_smoothing < 0.5)
         check_range("nll_weight", nll_weight, ">= 0", nll_weight >= 0)
+        lora = lora_hparams(lora)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -142,10 +150,12 @@ class DPOModule(L.LightningModule):
             return
         hp = self.hparams
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
-        disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        if not hp.precompute_ref_logprobs:
+        if hp.lora is not None:
+            self.model = apply_lora(self.model, hp.lora)
+        disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0
+        if not hp.precompute_ref_logprobs and hp.lora is None:
             self.ref_model = self._load_reference()
         fully_shard_models(self, self.model, self.ref_model)
 
@@ -190,15 +200,15 @@ class DPOModule(L.LightningModule):
         self._ensure_ref_cache()  # trainer.validate alone never calls on_fit_start
 
     def reference_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
-        """``(n,)`` summed reference log-probs of the batch's responses, live or from the cache (looked up on the CPU
-        in ``on_before_batch_transfer``)."""
-        if self.ref_model is not None:
-            with torch.no_grad():
-                logps, _ = sequence_logprobs(
-                    self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                )
-            return logps
-        return batch["ref_logprobs"]
+        """``(n,)`` summed reference log-probs of the batch's responses: live (the frozen copy, or with LoRA the policy
+        with its adapter off) or from the cache (looked up on the CPU in ``on_before_batch_transfer``)."""
+        if self.hparams.precompute_ref_logprobs:
+            return batch["ref_logprobs"]
+        reference = self.ref_model if self.ref_model is not None else self.model
+        adapter_off = self.model.disable_adapter() if self.ref_model is None else nullcontext()
+        with torch.no_grad(), adapter_off:
+            logps, _ = sequence_logprobs(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return logps
 
     def cached_reference_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         """``(n,)`` float32 cached reference log-probs of a CPU batch's rows."""
@@ -247,7 +257,7 @@ class DPOModule(L.LightningModule):
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Pair weights, RPO's best rows and any cached reference log-probs, from the batch on the CPU."""
-        if self.ref_model is None:
+        if self.hparams.precompute_ref_logprobs:
             batch = {**batch, "ref_logprobs": self.cached_reference_logprobs(batch)}
         return {**batch, **pair_layout(batch)}
 
@@ -281,9 +291,13 @@ class DPOModule(L.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def setup(self, stage: str) -> None:
+        if self.hparams.lora is not None:
+            check_lora_strategy(self.trainer)
         if stage == "fit" and self.hparams.export_dir:
             check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir:
+        if self.hparams.export_dir and self.hparams.lora is not None:
+            export_lora(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
+        elif self.hparams.export_dir:
             export_from_trainer(self.trainer, "model", self.tokenizer, self.hparams.export_dir)

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, export_lora, lora_hparams
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
 from lightning_rlhf.models import (
     check_export_before_fit,
@@ -50,6 +51,7 @@ class SFTModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoraOptions | None = None,
     ):
         """
         Args:
@@ -61,10 +63,13 @@ class SFTModule(L.LightningModule):
             scheduler: stepped every optimiser step.
             export_dir: where the trained model and tokenizer are saved (``save_pretrained``) when fit ends.
             gradient_checkpointing: trade compute for activation memory.
+            lora: train LoRA adapters (``peft``) on the frozen model instead of every weight; the export then holds
+                the merged model and, in ``export_dir/adapter``, the adapter alone. One device or DDP.
         """
         super().__init__()
         if loss_on not in ("response", "all"):
             raise ValueError(f"loss_on={loss_on!r} must be 'response' or 'all'")
+        lora = lora_hparams(lora)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -80,6 +85,8 @@ class SFTModule(L.LightningModule):
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config)
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if hp.lora is not None:
+            self.model = apply_lora(self.model, hp.lora)
         fully_shard_models(self, self.model)
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -118,9 +125,13 @@ class SFTModule(L.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def setup(self, stage: str) -> None:
+        if self.hparams.lora is not None:
+            check_lora_strategy(self.trainer)
         if stage == "fit" and self.hparams.export_dir:
             check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir:
+        if self.hparams.export_dir and self.hparams.lora is not None:
+            export_lora(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
+        elif self.hparams.export_dir:
             export_from_trainer(self.trainer, "model", self.tokenizer, self.hparams.export_dir)

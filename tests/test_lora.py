@@ -1,0 +1,194 @@
+"""LoRA through peft: only adapters train, DPO's reference is the adapter-off model, exports load without us."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import PeftModel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from lightning_rlhf import SFTModule
+from lightning_rlhf.lora import LoraOptions, check_lora_strategy
+from lightning_rlhf.models import sequence_logprobs
+from lightning_rlhf.modules.dpo import METRICS, DPOModule
+from tests.helpers import REPO, make_tiny_export, run_cli
+from tests.test_dpo import WORDS, make_batch, planted_datamodule, planted_records
+from tests.test_sft import LossRecorder, toy_datamodule, trainer
+
+INPUT_IDS = torch.tensor([list(b"Reverse: abc\n")]) + 3  # byte ids sit after the 3 special tokens
+
+
+@pytest.fixture(scope="module")
+def base_export(tmp_path_factory) -> str:
+    return make_tiny_export(tmp_path_factory.mktemp("base") / "hf")
+
+
+def adamw(lr):
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def perturb_adapters(model: torch.nn.Module) -> None:
+    """Nonzero ``lora_B`` everywhere, so the adapter changes the model's output (it starts at ``B = 0``)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+
+
+def test_sft_lora_learns_with_the_base_weights_bit_identical(tmp_path):
+    """8 steps on 8 demonstrations: the loss falls (5.55 -> 5.39 with this seed; a random-init base leaves rank-4
+    adapters little to build on) while every base weight stays bit for bit what it was; the
+    optimiser holds exactly the adapter parameters."""
+    torch.manual_seed(0)
+    module = SFTModule(
+        model_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        lora=LoraOptions(r=4, alpha=8),
+        optimizer=adamw(1e-2),
+    )
+    recorder = LossRecorder()
+    module.configure_model()
+    base_before = {n: p.detach().clone() for n, p in module.model.named_parameters() if "lora_" not in n}
+    trainer(tmp_path, max_steps=8, callbacks=[recorder], enable_checkpointing=False).fit(
+        module, toy_datamodule(tmp_path, batch_size=8)
+    )
+
+    assert recorder.losses[-1] < recorder.losses[0] - 0.1, recorder.losses
+    for name, param in module.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_before[name]), f"{name} moved"
+    optimised = {id(p) for group in module.trainer.optimizers[0].param_groups for p in group["params"]}
+    adapters = {id(p) for n, p in module.model.named_parameters() if "lora_" in n}
+    assert optimised == adapters and len(adapters) == 2 * 2 * 7  # A and B, 2 layers, 7 linear layers each
+
+
+def test_sft_lora_exports_a_merged_model_and_the_adapter_alone(base_export, tmp_path):
+    """After training, plain transformers loads the merged export, and peft loads the adapter onto the base: both
+    give the LoRA model's logits."""
+    lora = LoraOptions(r=4, alpha=8)
+    module = SFTModule(base_export, lora=lora, optimizer=adamw(1e-2), export_dir=str(tmp_path / "hf"))
+    trainer(tmp_path, max_steps=3, enable_checkpointing=False).fit(module, toy_datamodule(tmp_path))
+
+    with torch.no_grad():
+        expected = module.model.eval()(INPUT_IDS).logits
+        base = AutoModelForCausalLM.from_pretrained(base_export).eval()
+        assert (base(INPUT_IDS).logits - expected).abs().max() > 1e-3  # the adapter trained: a real comparison
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(merged(INPUT_IDS).logits, expected, atol=1e-5, rtol=0)
+        adapted = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()
+        torch.testing.assert_close(adapted(INPUT_IDS).logits, expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "hf" / ".lightning_rlhf_export").exists()
+    assert not list((tmp_path / "hf").glob("adapter_model.*"))  # the merged export is a plain model, not an adapter
+
+
+def test_dpo_lora_has_no_reference_copy_and_starts_at_log_2(base_export):
+    module = DPOModule(base_export, lora=LoraOptions(r=4, alpha=8))
+    module.configure_model()
+    assert module.ref_model is None
+    loss, _, stats = module._step(make_batch(planted_records(WORDS[:4])))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["rewards/margins"].abs().max() == 0
+
+
+def test_dpo_lora_reference_logprobs_are_the_base_models(base_export):
+    """With the adapter moved away from zero, the policy's log-probs change but the reference's (adapter off) are the
+    base model's, loaded on its own."""
+    module = DPOModule(base_export, lora=LoraOptions(r=4, alpha=8))
+    module.configure_model()
+    perturb_adapters(module.model)
+    batch = module.on_before_batch_transfer(make_batch(planted_records(WORDS[:4])), 0)
+    base = AutoModelForCausalLM.from_pretrained(base_export).eval()
+    with torch.no_grad():
+        expected, _ = sequence_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        policy, _ = sequence_logprobs(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    torch.testing.assert_close(module.reference_logprobs(batch), expected, atol=1e-5, rtol=0)
+    assert (policy - expected).abs().max() > 0.1
+
+
+def test_dpo_lora_learns_the_planted_preference(base_export, tmp_path):
+    """12 steps with the adapter-off reference: the training loss falls below log 2 and the exported merged model
+    gives the LoRA policy's logits."""
+    lora = LoraOptions(r=4, alpha=8)
+    module = DPOModule(base_export, beta=0.5, lora=lora, optimizer=adamw(1e-2), export_dir=str(tmp_path / "hf"))
+    recorder = LossRecorder()
+    trainer(tmp_path, max_steps=12, callbacks=[recorder], enable_checkpointing=False).fit(
+        module, planted_datamodule(tmp_path, 32, 8, 8)
+    )
+    assert module.ref_model is None
+    assert sum(recorder.losses[-4:]) / 4 < math.log(2) - 0.05, recorder.losses  # 0.596 with this seed
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(merged(INPUT_IDS).logits, module.model.eval()(INPUT_IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_lora_is_refused_under_a_sharded_strategy():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)  # its __init__ wants a distributed setup
+    with pytest.raises(ValueError, match="not under ModelParallelStrategy"):
+        check_lora_strategy(SimpleNamespace(strategy=strategy))
+
+
+def test_dpo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_export, tmp_path):
+    """configs/dpo_lora.yaml, 4 steps: the metrics of configs/dpo.yaml, the merged model and the adapter exported,
+    and no reference in the checkpoint (there is none)."""
+    run_cli(
+        "fit", "--config", str(REPO / "configs" / "dpo_lora.yaml"),
+        f"--model.init_args.model_name_or_path={base_export}",
+        "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
+    )  # fmt: skip
+    (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    for stage in ("train", "val"):
+        for name in ("loss", *METRICS):
+            assert f"{stage}/{name}" in tags, tags
+    (checkpoint,) = (tmp_path / "tensorboard").glob("version_*/checkpoints/last.ckpt")
+    assert not [k for k in torch.load(checkpoint, weights_only=False)["state_dict"] if "ref_model" in k]
+    base = AutoModelForCausalLM.from_pretrained(base_export).eval()
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(INPUT_IDS).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()(INPUT_IDS).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+
+
+def test_a_lora_run_resumes_from_its_checkpoint(base_export, tmp_path):
+    """Lightning resumes with ``torch.load(weights_only=True)``: the lora options must be stored as plain data (a
+    dataclass in the hyperparameters refused to load). The checkpoint restores the trained adapters."""
+    module = DPOModule(base_export, lora=LoraOptions(r=4, alpha=8), optimizer=adamw(1e-2))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_steps=2, callbacks=[checkpoint]).fit(module, planted_datamodule(tmp_path, 16, 4, 4))
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    adapters = {k: v for k, v in state.items() if "lora_B" in k}
+    assert adapters and all(v.abs().max() > 0 for v in adapters.values())  # trained away from B = 0
+
+    resumed = DPOModule(base_export, lora=LoraOptions(r=4, alpha=8), optimizer=adamw(1e-2))
+    trainer(tmp_path / "resume", max_steps=3).fit(
+        resumed, planted_datamodule(tmp_path, 16, 4, 4), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert resumed.trainer.global_step == 3 and resumed.ref_model is None
+
+
+def test_lora_with_gradient_checkpointing_gives_every_adapter_a_gradient():
+    """The base (embedding included) is frozen: under reentrant checkpointing no block input would need a gradient
+    and the adapters inside would get none. transformers' checkpointing here is non-reentrant, so every adapter gets
+    one without ``enable_input_require_grads``; this pins it."""
+    from tests.test_sft import make_batch
+
+    torch.manual_seed(0)
+    module = SFTModule(
+        model_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        lora=LoraOptions(r=4, alpha=8),
+        gradient_checkpointing=True,
+    )
+    module.configure_model()
+    loss, _ = module._loss(make_batch([("Reverse: abc\n", "cba")]))
+    loss.backward()
+    grads = {n: p.grad for n, p in module.model.named_parameters() if "lora_B" in n}
+    assert len(grads) == 14 and all(g is not None and g.abs().max() > 0 for g in grads.values())
