@@ -113,6 +113,20 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     return run_python("-m", "lightning_rlhf", *args, cwd=cwd, timeout=timeout)
 
 
+def fit_config(config: str, tmp_path: Path, *overrides: str):
+    """``lightning-rlhf fit --config configs/CONFIG`` with every output under ``tmp_path``, logging each step; returns
+    the run's TensorBoard events, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_cli(
+        "fit", "--config", str(REPO / "configs" / config), *overrides, "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
+    )  # fmt: skip
+    (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
+    return EventAccumulator(str(events)).Reload()
+
+
 def finish(trainer, out_path: str, report: dict) -> None:
     """End a multi-process test script: global rank 0 writes ``report`` as JSON, then every rank leaves the group."""
     if trainer.is_global_zero:

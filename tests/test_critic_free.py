@@ -6,12 +6,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_rlhf import PPOModule, PromptDataModule
 from lightning_rlhf.losses import group_advantages, kl_penalty
 from lightning_rlhf.rollout import group_minibatches, group_statistics
-from tests.helpers import REPO, run_cli
+from tests.helpers import fit_config
 from tests.test_ppo import ab_abcd_rollout, fit, make_exports, mean_score, ppo, prompts_batch
 
 
@@ -149,17 +148,13 @@ def test_grpo_with_a_reward_function_learns_what_it_rewards(exports, tmp_path):
 @pytest.mark.parametrize("config", ["grpo.yaml", pytest.param("rloo.yaml", marks=pytest.mark.slow)])
 def test_critic_free_configs_run_through_the_cli_and_log_score_kl_and_group_statistics(exports, tmp_path, config):
     sft, rm = exports
-    run_cli(
-        "fit", "--config", str(REPO / "configs" / config),
+    events = fit_config(
+        config, tmp_path,
         f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
         "--model.init_args.max_new_tokens=4", "--data.init_args.batch_size=4",
         "--trainer.max_steps=4", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
     )  # fmt: skip
-    (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
-    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    scalars = events.Tags()["scalars"]
     for name in ("objective/scores", "objective/kl", "objective/reward_std", "objective/groups_without_signal",
                  "loss/policy", "policy/clipfrac"):  # fmt: skip
         assert f"train/{name}" in scalars, scalars

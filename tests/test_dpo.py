@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import ComparisonDataModule, SFTModule
@@ -21,7 +20,7 @@ from lightning_rlhf.losses import dpo_loss
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 from lightning_rlhf.modules.dpo import DPOModule
 from lightning_rlhf.toy import toy_path
-from tests.helpers import REPO, TINY_CONFIG, run_cli, straight_and_resumed
+from tests.helpers import TINY_CONFIG, fit_config, straight_and_resumed
 
 WORDS = ["abc", "hello", "xyz", "lightning", "rlhf", "qwerty", "moon", "sun", "tree", "river", "stone", "cloud"]
 
@@ -276,15 +275,11 @@ def policy_preference(module: DPOModule, datamodule: ComparisonDataModule) -> fl
 @pytest.mark.slow
 def test_dpo_config_runs_through_the_cli_with_metrics_export_and_no_reference_in_checkpoints(sft_export, tmp_path):
     assert Path(toy_path("comparisons")).exists(), "the embedded default comparisons are missing"
-    run_cli(
-        "fit", "--config", str(REPO / "configs" / "dpo.yaml"), f"--model.init_args.model_name_or_path={sft_export}",
+    events = fit_config(
+        "dpo.yaml", tmp_path, f"--model.init_args.model_name_or_path={sft_export}",
         "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
     )  # fmt: skip
-    (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
-    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    tags = events.Tags()["scalars"]
     for stage in ("train", "val"):
         for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                      "logps/chosen", "logps/rejected"):  # fmt: skip

@@ -6,14 +6,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import SFTModule
 from lightning_rlhf.lora import LoraOptions, check_lora_strategy
 from lightning_rlhf.models import sequence_logprobs
 from lightning_rlhf.modules.dpo import METRICS, DPOModule
-from tests.helpers import REPO, make_tiny_export, run_cli
+from tests.helpers import fit_config, make_tiny_export
 from tests.test_dpo import WORDS, make_batch, planted_datamodule, planted_records
 from tests.test_sft import LossRecorder, toy_datamodule, trainer
 
@@ -136,16 +135,11 @@ def test_lora_is_refused_under_a_sharded_strategy():
 def test_dpo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_export, tmp_path):
     """configs/dpo_lora.yaml, 4 steps: the metrics of configs/dpo.yaml, the merged model and the adapter exported,
     and no reference in the checkpoint (there is none)."""
-    run_cli(
-        "fit", "--config", str(REPO / "configs" / "dpo_lora.yaml"),
-        f"--model.init_args.model_name_or_path={base_export}",
+    events = fit_config(
+        "dpo_lora.yaml", tmp_path, f"--model.init_args.model_name_or_path={base_export}",
         "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
     )  # fmt: skip
-    (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
-    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    tags = events.Tags()["scalars"]
     for stage in ("train", "val"):
         for name in ("loss", *METRICS):
             assert f"{stage}/{name}" in tags, tags

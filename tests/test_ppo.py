@@ -6,7 +6,6 @@ import json
 import lightning as L
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from lightning_rlhf import PPOModule, PromptDataModule, RewardModule
@@ -15,7 +14,7 @@ from lightning_rlhf.losses import masked_mean
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer, position_ids_from_mask
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, generate
-from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli, straight_and_resumed
+from tests.helpers import TINY_CONFIG, fit_config, make_tiny_export, straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -462,17 +461,12 @@ def test_prompts_carry_pretraining_text_and_an_epoch_meets_all_of_both(exports, 
 
 def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exports, tmp_path):
     sft, rm = exports
-    run_cli(
-        "fit", "--config", str(REPO / "configs" / "ppo.yaml"),
+    accumulator = fit_config(
+        "ppo.yaml", tmp_path,
         f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
         "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=8",
         "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
     )  # fmt: skip
-    (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events)).Reload()
     tags = accumulator.Tags()
     for name in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "kl_coef",
                  "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "response_length"):  # fmt: skip
