@@ -591,6 +591,20 @@ def test_minibatches_are_exactly_num_mini_batches_and_pin_steps_schedule_and_cli
     torch.testing.assert_close(torch.tensor(recorded.norms), torch.full((16, 2), 1e-4), rtol=1e-3, atol=0)
 
 
+def test_an_epoch_whose_last_batch_is_too_short_is_refused_before_the_first_rollout(exports, tmp_path):
+    """10 prompts in batches of 4: the epoch ends with a batch of 10 - 2·4 = 2 prompts, too few for 4 minibatches.
+    The run must stop at train start (no rollout made), not after two rollouts in the middle of the epoch."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Reverse: {w}\n"}) + "\n" for w in "abcdefghij"))
+    data = PromptDataModule(
+        train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0
+    )
+    module = ppo(exports, max_new_tokens=4, num_mini_batches=4)
+    with pytest.raises(ValueError, match=r"last batch of each epoch holds 2 prompts \(10 prompts per process"):
+        fit(module, data, 16, tmp_path)
+    assert module.rollouts == 0
+
+
 def test_a_rollout_batch_smaller_than_num_mini_batches_is_refused(exports):
     module = ppo(exports, max_new_tokens=4, num_mini_batches=4)
     module.trainer = None

@@ -40,6 +40,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -591,6 +592,21 @@ class PPOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.export_dir:
             check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
+
+    def on_train_start(self) -> None:
+        """Refuse, before the first rollout, an epoch whose last (short) batch has fewer prompts than
+        ``num_mini_batches``: it would otherwise fail in the middle of the run."""
+        loader = self.trainer.train_dataloader
+        if not isinstance(loader, DataLoader) or loader.batch_size is None:
+            return
+        prompts = len(loader.sampler)  # on each rank: Lightning's distributed sampler splits the prompts
+        last = prompts % loader.batch_size
+        if 0 < last < self.hparams.num_mini_batches:
+            raise ValueError(
+                f"the last batch of each epoch holds {last} prompts ({prompts} prompts per process, batch_size "
+                f"{loader.batch_size}), too few for num_mini_batches={self.hparams.num_mini_batches}: lower "
+                "num_mini_batches or choose a batch_size that leaves a fuller last batch"
+            )
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
