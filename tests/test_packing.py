@@ -202,8 +202,8 @@ def test_packed_training_matches_padded_and_resumes_mid_epoch(tmp_path):
 
 @pytest.mark.slow
 def test_sft_packed_config_runs_and_logs_as_the_unpacked_config(tmp_path):
-    """configs/sft_packed.yaml and configs/sft.yaml, 4 steps each with validation: the same metric names, and the
-    same step-1 loss (the same first batch, packed or not)."""
+    """configs/sft_packed.yaml and configs/sft.yaml, 4 steps each with validation after 2 and 4: the same metric
+    names, the same losses step by step (the same batches, packed or not) and the same validation losses."""
     overrides = ("--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2")
     (tmp_path / "packed").mkdir()
     (tmp_path / "padded").mkdir()
@@ -211,5 +211,7 @@ def test_sft_packed_config_runs_and_logs_as_the_unpacked_config(tmp_path):
     padded = fit_config("sft.yaml", tmp_path / "padded", *overrides)
     assert sorted(packed.Tags()["scalars"]) == sorted(padded.Tags()["scalars"])
     assert {"train/loss", "train/ppl", "val/loss", "val/ppl"} <= set(packed.Tags()["scalars"])
-    first = [events.Scalars("train/loss")[0].value for events in (packed, padded)]
-    assert first[0] == pytest.approx(first[1], abs=1e-5)
+    for tag in ("train/loss", "val/loss"):
+        values = [torch.tensor([event.value for event in events.Scalars(tag)]) for events in (packed, padded)]
+        assert len(values[0]) == (4 if tag == "train/loss" else 2)
+        torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
