@@ -280,9 +280,10 @@ def demonstrations_path(args) -> str:
     if not args.synthetic and not args.mixed_lengths:
         return toy_path("demonstrations")
     path = Path(tempfile.mkdtemp()) / "demonstrations.jsonl"
-    rows = [{"prompt": p["prompt"], "response": p["chosen"]} for p in preference_pairs(args)]
     if args.mixed_lengths:
         rows = mixed_length_demonstrations()
+    else:
+        rows = [{"prompt": p["prompt"], "response": p["chosen"]} for p in preference_pairs(args)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 

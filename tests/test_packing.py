@@ -87,9 +87,10 @@ def per_sequence_logprobs(logprobs, mask, rows):
     return out
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("make_export", [make_tiny_export, make_tiny_gpt2_export], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_log_probs_of_each_sequence_equal_unpacked(make_export, attn, tmp_path):
+def test_packed_log_probs_of_each_sequence_equal_unpacked(make_export, attn, device, tmp_path):
     """Every token after the first of each sequence scored (labels = input ids, as for pretraining text): the packed
     rows give each sequence the log-probs it has alone, to 1e-5. GPT-2's learned absolute positions make the
     restarting positions matter. Fails if positions do not restart, if the packed forward gets an attention mask or
@@ -97,11 +98,12 @@ def test_packed_log_probs_of_each_sequence_equal_unpacked(make_export, attn, tmp
     token scored)."""
     path = make_export(tmp_path / "model")
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path, tokenizer).eval()
+    model = load_causal_lm(path, tokenizer).eval().to(device)
     model.set_attn_implementation(attn)
     examples = [{**ex, "labels": ex["input_ids"]} for ex in demonstrations()]
-    padded = DemonstrationCollator(tokenizer.pad_token_id)(examples)
+    padded = {k: v.to(device) for k, v in DemonstrationCollator(tokenizer.pad_token_id)(examples).items()}
     packed = PackedDemonstrationCollator(tokenizer.pad_token_id, ROW_LENGTH)(examples)
+    packed = {k: v.to(device) for k, v in packed.items()}
     assert len(packed["input_ids"]) < len(examples)  # several sequences share a row
     with torch.no_grad():
         unpacked_lp, unpacked_mask = shifted_logprobs(
