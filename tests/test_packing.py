@@ -6,6 +6,7 @@ import json
 import lightning as L
 import pytest
 import torch
+import yaml
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -22,6 +23,7 @@ from lightning_rlhf.models import (
     shifted_logprobs,
 )
 from tests.helpers import (
+    REPO,
     TINY_CONFIG,
     StepRecorder,
     fit_config,
@@ -200,6 +202,15 @@ def test_packed_training_matches_padded_and_resumes_mid_epoch(tmp_path):
     torch.testing.assert_close(torch.tensor(packed.metrics), torch.tensor(padded.metrics), atol=1e-5, rtol=0)
     assert resumed.batches == packed.batches[2:]
     torch.testing.assert_close(torch.tensor(resumed.metrics), torch.tensor(packed.metrics[2:]), atol=1e-5, rtol=0)
+
+
+def test_sft_packed_config_is_the_sft_config_with_packing():
+    """configs/sft_packed.yaml is configs/sft.yaml with packing on and its outputs elsewhere, nothing else."""
+    packed, unpacked = (
+        yaml.safe_load((REPO / "configs" / name).read_text()) for name in ("sft_packed.yaml", "sft.yaml")
+    )
+    assert packed["data"]["init_args"].pop("packing") is True
+    assert json.loads(json.dumps(packed).replace("outputs/sft_packed", "outputs/sft")) == unpacked
 
 
 @pytest.mark.slow
