@@ -213,6 +213,50 @@ def forward_logits(
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs).logits
 
 
+def packed_logits(model: PreTrainedModel, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    """``(r, t, v)`` logits of packed rows: several sequences per row, ``position_ids`` restarting at 0 at each.
+
+    Given ``position_ids`` and no attention mask or cache, transformers keeps attention inside each sequence
+    (``masking_utils.find_packed_sequence_indices``): a block-causal mask for sdpa, eager and flex attention, varlen
+    kernels over the sequence lengths for flash attention, which detects packing in a single row only, so there the
+    rows go in as one. ``use_cache=False``: the cache a training forward would otherwise build turns the detection
+    off. Models that do not honour it are refused by ``check_packed_attention``.
+    """
+    shape = input_ids.shape
+    if model.config._attn_implementation.startswith("flash"):
+        input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    return logits.view(*shape, -1)
+
+
+def check_packed_attention(model: PreTrainedModel, device: torch.device) -> None:
+    """Refuse a model that would attend across packed sequences.
+
+    Two 4-token sequences packed in one row through ``packed_logits``: the second's logits must be those it has
+    alone, much closer to them than to its logits when it follows the first without a restart (attending to it).
+    Some model classes or attention implementations (ones outside ``masking_utils``) ignore packed positions.
+    """
+    tokens = torch.arange(3, 11, device=device)[None]
+    positions = torch.arange(4, device=device).repeat(2)[None]
+    training = model.training
+    model.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            packed = packed_logits(model, tokens, positions)[0, 4:].float()
+            alone = packed_logits(model, tokens[:, 4:], positions[:, 4:])[0].float()
+            crossed = model(input_ids=tokens, use_cache=False).logits[0, 4:].float()
+    finally:
+        model.train(training)
+    leak, crossing = (packed - alone).abs().max(), (crossed - alone).abs().max()
+    if not leak < 0.1 * crossing:
+        raise ValueError(
+            f"packing: {type(model).__name__} with attn_implementation={model.config._attn_implementation!r} attends "
+            f"across packed sequences (logits of a packed sequence off by {float(leak):.3g} from the sequence alone). "
+            "Set the DataModule's packing: false, or use a model built on transformers' masking_utils with sdpa, "
+            "eager, flex or flash attention."
+        )
+
+
 def next_tokens(labels: Tensor) -> Tensor:
     """``(b, t)`` labels shifted left by one, ``IGNORE_INDEX`` in the last column: column ``t`` holds the token that
     ``logits[:, t]`` predicts. Shifting the labels, not the logits, keeps ``logits[:, :-1]`` from being copied (and

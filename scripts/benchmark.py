@@ -18,6 +18,13 @@ memory (CUDA allocator, or peak RSS on CPU). TRL is skipped, with a note, when i
 random-init Llama configs: ``--hidden-size 1024 --layers 24 --vocab-size 32000`` (0.5B) and
 ``--hidden-size 2048 --layers 16 --vocab-size 32000`` (1.2B).
 
+``sft --packing`` runs our SFT padded and packed (``DemonstrationDataModule(packing=True)``), each in its own process,
+on the same batches; their rows also hold the loss of every step, and the run prints the largest difference between
+them. ``--mixed-lengths`` adds to the toy demonstrations as many random ones of 10 to 500 tokens, spread evenly
+(give ``--max-length 512``), the mixed-length data packing is for:
+
+    python scripts/benchmark.py sft --packing --mixed-lengths --max-length 512 --steps 10
+
 ``rm`` and ``dpo`` train the same initial weights on the same chosen/rejected pairs (the best and the worst response
 of each shipped toy comparison): ``RewardModule`` vs TRL's ``RewardTrainer`` (a fresh scalar head on the backbone),
 ``DPOModule`` vs ``DPOTrainer`` (policy and a live frozen reference, β 0.1, sigmoid loss). Their tokens/s counts the
@@ -114,9 +121,10 @@ def result(args, name: str, tokens: int, seconds: float, flops: float) -> dict:
     return out
 
 
-def fit_lightning(args, module, data, steps_per_batch: int = 1) -> tuple[float, list[int]]:
+def fit_lightning(args, module, data, steps_per_batch: int = 1, losses: list | None = None) -> tuple[float, list[int]]:
     """Train ``module`` for warmup + steps batches; seconds of the timed steps and the real lengths of the sequences
-    they saw. ``steps_per_batch``: optimiser steps per batch (manual optimisation takes several)."""
+    they saw. ``steps_per_batch``: optimiser steps per batch (manual optimisation takes several). ``losses``: a list
+    to append every step's training loss to."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -131,11 +139,13 @@ def fit_lightning(args, module, data, steps_per_batch: int = 1) -> tuple[float, 
                     torch.cuda.reset_peak_memory_stats()
                 self.start = time.perf_counter()
             if batch_idx >= args.warmup:
-                self.lengths += batch["attention_mask"].sum(-1).tolist()
+                self.lengths += sequence_lengths(batch)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sync(args.device)
             self.end = time.perf_counter()
+            if losses is not None:
+                losses.append(float(outputs["loss"]))
 
     timer = Timer()
     L.Trainer(
@@ -144,6 +154,16 @@ def fit_lightning(args, module, data, steps_per_batch: int = 1) -> tuple[float, 
         default_root_dir=tempfile.mkdtemp(),
     ).fit(module, data)  # fmt: skip
     return timer.end - timer.start, timer.lengths
+
+
+def sequence_lengths(batch) -> list[int]:
+    """Real lengths of a batch's sequences: its rows', or in a packed batch those of the sequences in its rows (each
+    ends where the next position restarts at 0)."""
+    if "position_ids" not in batch:
+        return batch["attention_mask"].sum(-1).tolist()
+    positions = batch["position_ids"]
+    ends = torch.nn.functional.pad(positions[:, 1:] == 0, (0, 1), value=True) & batch["attention_mask"].bool()
+    return (positions[ends] + 1).tolist()
 
 
 def train_hf(args, trainer) -> float:
@@ -184,16 +204,19 @@ def trl_name() -> str:
     return f"trl {__import__('trl').__version__}"
 
 
-def run_sft_ours(args, model_dir: str) -> dict:
+def run_sft_ours(args, model_dir: str, packing: bool = False) -> dict:
     from lightning_rlhf import DemonstrationDataModule, SFTModule
 
     module = SFTModule(model_dir, dtype=args.dtype, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
     data = DemonstrationDataModule(
         train_path=demonstrations_path(args), tokenizer_name_or_path=model_dir, val_fraction=0,
-        batch_size=args.batch_size, max_length=args.max_length,
+        batch_size=args.batch_size, max_length=args.max_length, packing=packing,
     )  # fmt: skip
-    seconds, lengths = fit_lightning(args, module, data)
-    return result(args, "lightning_rlhf", sum(lengths), seconds, model_flops(args, module.model, lengths, "sft"))
+    losses: list[float] = []
+    seconds, lengths = fit_lightning(args, module, data, losses=losses)
+    name = "lightning_rlhf packed" if packing else "lightning_rlhf"
+    row = result(args, name, sum(lengths), seconds, model_flops(args, module.model, lengths, "sft"))
+    return {**row, "losses": losses} if args.packing else row
 
 
 def run_sft_trl(args, model_dir: str) -> dict:
@@ -236,12 +259,31 @@ def preference_pairs(args) -> list[dict[str, str]]:
     return pairs
 
 
+def mixed_length_demonstrations() -> list[dict[str, str]]:
+    """The toy demonstrations and as many random ones of 10 to 500 tokens (bytes, EOS included), spread evenly, the
+    prompt a quarter of each, in a seeded random order."""
+    rng = random.Random(0)
+    toy = [json.loads(line) for line in Path(toy_path("demonstrations")).read_text().splitlines()]
+    text = lambda n: "".join(rng.choice(string.ascii_lowercase) for _ in range(n))  # noqa: E731
+    long = []
+    for _ in toy:
+        length = rng.randint(10, 500)
+        long.append({"prompt": text(length // 4), "response": text(length - length // 4 - 1)})
+    rows = toy + long
+    rng.shuffle(rows)
+    return rows
+
+
 def demonstrations_path(args) -> str:
-    """The toy demonstrations, or ``--synthetic`` ones (prompt ⊕ chosen of the synthetic pairs) in a temp file."""
-    if not args.synthetic:
+    """The toy demonstrations, or ``--synthetic`` ones (prompt ⊕ chosen of the synthetic pairs), or with
+    ``--mixed-lengths`` ``mixed_length_demonstrations``, in a temp file."""
+    if not args.synthetic and not args.mixed_lengths:
         return toy_path("demonstrations")
     path = Path(tempfile.mkdtemp()) / "demonstrations.jsonl"
-    rows = [{"prompt": p["prompt"], "response": p["chosen"]} for p in preference_pairs(args)]
+    if args.mixed_lengths:
+        rows = mixed_length_demonstrations()
+    else:
+        rows = [{"prompt": p["prompt"], "response": p["chosen"]} for p in preference_pairs(args)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -475,12 +517,16 @@ def main() -> None:
                         help="ppo: advantage estimators compared in one run, each in its own process")  # fmt: skip
     parser.add_argument("--num-generations", type=int, default=4, help="ppo: G for the group estimators")
     parser.add_argument("--advantage-estimator", default="gae", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)  # what follows ":" in an impl
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--vocab-size", type=int, default=0, help="model vocabulary (default: the tokenizer's 259)")
     parser.add_argument("--synthetic", action="store_true", help="random records as long as --max-length")
+    parser.add_argument("--packing", action="store_true", help="sft: ours padded and packed, instead of ours and TRL")
+    parser.add_argument("--mixed-lengths", action="store_true",
+                        help="sft: the toy demonstrations and as many random ones of 10-500 tokens")  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="for MFU; default on CUDA: the card's dense peak for --dtype")  # fmt: skip
     parser.add_argument("--only", choices=["ours", "naive", "trl"], help=argparse.SUPPRESS)
@@ -490,9 +536,13 @@ def main() -> None:
     impls = ["ours", "naive", "trl"] if args.stage == "logprobs" else ["ours", "trl"]
     if args.stage == "ppo":  # our estimators against each other (TRL 1.x has no PPOTrainer)
         impls = [f"ours:{estimator}" for estimator in args.estimators]
+    if args.stage == "sft" and args.packing:
+        impls = ["ours", "ours:packed"]
     if args.only:  # child process: one implementation, one JSON line
         if args.stage == "logprobs":
             row = run_logprobs(args, args.only)
+        elif args.variant == "packed":  # sft --packing's packed run
+            row = run_sft_ours(args, args.model_dir, packing=True)
         else:
             row = RUNNERS[args.stage][args.only != "ours"](args, args.model_dir)
         print("RESULT " + json.dumps(row))
@@ -507,7 +557,7 @@ def main() -> None:
             impl, _, estimator = impl.partition(":")
             child = subprocess.run(
                 [sys.executable, __file__, *sys.argv[1:], "--only", impl, "--model-dir", model_dir,
-                 "--advantage-estimator", estimator or "gae"],
+                 "--advantage-estimator", estimator or "gae", "--variant", estimator],
                 capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
             )  # fmt: skip
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
@@ -516,6 +566,9 @@ def main() -> None:
             rows.append(json.loads(lines[-1][len("RESULT ") :]))
     print(json.dumps({"shape": vars(args), "results": rows}, indent=1, default=str))
     print_table(rows, "step_s" if args.stage == "logprobs" else "tokens_per_s")
+    if args.packing and args.stage == "sft":
+        difference = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"], strict=True))
+        print(f"largest difference in the loss of a step, packed vs padded: {difference:.3g}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ benchmarks, written to one report.
    ``dpo.yaml`` under FSDP2 in bf16 mixed precision.
 3. ``scripts/benchmark.py`` in bf16 on the random-init Llama configurations of issue 12 (0.5B: width 1024, 24
    layers; 1B: width 2048, 16 layers; vocabulary 32k) with full-length synthetic records: tokens/s, MFU against
-   the card's bf16 peak, peak memory, and TRL beside ours where ``trl`` is installed.
+   the card's bf16 peak, peak memory, and TRL beside ours where ``trl`` is installed; our SFT packed vs padded on
+   demonstrations of mixed lengths.
 
 Every step runs in its own process; a failure is recorded and the next step still runs. The report names the card.
 """
@@ -35,6 +36,8 @@ SMALL = ["--hidden-size", "1024", "--layers", "24", "--vocab-size", "32000"]  # 
 LARGE = ["--hidden-size", "2048", "--layers", "16", "--vocab-size", "32000"]  # about 1.2B parameters
 BENCHMARKS = {  # the shapes of issue 12's TRL reference points
     "sft 0.5B bs 8 x 512": ["sft", *SMALL, "--batch-size", "8", "--max-length", "512"],
+    "sft packed vs padded 0.5B bs 8 x 512, lengths 10-500": ["sft", *SMALL, "--batch-size", "8", "--max-length",
+                                                             "512", "--packing", "--mixed-lengths"],
     "rm 0.5B bs 8 x 512": ["rm", *SMALL, "--batch-size", "8", "--max-length", "512"],
     "dpo 0.5B bs 8 x 512": ["dpo", *SMALL, "--batch-size", "8", "--max-length", "512"],
     "dpo 1B bs 4 x 1024": ["dpo", *LARGE, "--batch-size", "4", "--max-length", "1024"],

@@ -2,6 +2,8 @@
 
 Demonstrations and comparisons are right-padded (training forwards take padding-independent positions from
 the attention mask); prompts that will be generated from are left-padded so every row ends at the same column.
+With packing, demonstrations are instead concatenated into rows with ``position_ids`` restarting at each sequence
+(``PackedDemonstrationCollator``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,60 @@ class DemonstrationCollator:
             "input_ids": pad(input_ids, self.pad_token_id),
             "attention_mask": _attention_mask(input_ids),
             "labels": pad([ex["labels"] for ex in examples], IGNORE_INDEX),
+        }
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Indices of the sequences grouped into rows of at most ``row_length`` tokens: first fit, longest first (a
+    sequence goes into the first row it fits in, else opens a new one). Each row lists its indices in order.
+
+    A sequence longer than ``row_length`` is an error: it could only be cut, and the tokenizer already bounds it.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > row_length:
+            raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a packed row of {row_length}")
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(row_length)
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return [sorted(row) for row in rows]
+
+
+class PackedDemonstrationCollator:
+    """Padding-free demonstration batches: the batch's sequences concatenated into as few rows of at most
+    ``row_length`` tokens as ``pack_rows`` finds, so the model computes on (almost) no padding.
+
+    Returns ``(r, t)`` tensors, ``r`` rows no more than the examples:
+        ``input_ids``; ``position_ids``, restarting at 0 at each sequence (and at the padding that ends a short
+        row), from which transformers keeps attention inside each sequence (see ``models.packed_logits``);
+        ``labels`` as ``DemonstrationCollator``'s, plus ``IGNORE_INDEX`` at each sequence's first token, so no
+        sequence is predicted from the one before it in its row; ``attention_mask``: 1 on real tokens, for
+        counting them only (the model is given no mask: a mask would turn off the per-sequence attention).
+
+    The examples of a batch are those of the unpacked batch, so the loss (a mean over the same scored tokens), the
+    optimisation and a resumed run's data are as without packing.
+    """
+
+    def __init__(self, pad_token_id: int, row_length: int):
+        self.pad_token_id, self.row_length = pad_token_id, row_length
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Tensor]:
+        rows = pack_rows([len(ex["input_ids"]) for ex in examples], self.row_length)
+        input_ids, positions, labels = [], [], []
+        for row in rows:
+            input_ids.append([token for i in row for token in examples[i]["input_ids"]])
+            positions.append([t for i in row for t in range(len(examples[i]["input_ids"]))])
+            labels.append([label for i in row for label in [IGNORE_INDEX, *examples[i]["labels"][1:]]])
+        longest = max(len(ids) for ids in input_ids)
+        return {
+            "input_ids": pad(input_ids, self.pad_token_id),
+            "position_ids": pad([p + list(range(longest - len(p))) for p in positions], 0),
+            "labels": pad(labels, IGNORE_INDEX),
+            "attention_mask": _attention_mask(input_ids),
         }
 
 

@@ -15,7 +15,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollator, PromptCollator
+from lightning_rlhf.data.collate import (
+    ComparisonCollator,
+    DemonstrationCollator,
+    PackedDemonstrationCollator,
+    PromptCollator,
+)
 from lightning_rlhf.data.records import Record, read_records
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
@@ -205,15 +210,28 @@ class RecordDataModule(L.LightningDataModule):
 
 
 class DemonstrationDataModule(RecordDataModule):
-    """``{"prompt", "response"}`` records for supervised fine-tuning; batches from ``DemonstrationCollator``."""
+    """``{"prompt", "response"}`` records for supervised fine-tuning; batches from ``DemonstrationCollator``, or
+    with ``packing`` from ``PackedDemonstrationCollator``."""
 
     kind = "demonstration"
     default_train_path = "toy:demonstrations"
 
+    def __init__(self, *args, packing: bool = False, **kwargs):
+        """
+        Args:
+            packing: padding-free batches: each batch's ``batch_size`` demonstrations concatenated into rows of at
+                most ``max_length`` tokens, attention kept inside each (``PackedDemonstrationCollator``).
+            *args, **kwargs: as ``RecordDataModule``.
+        """
+        super().__init__(*args, **kwargs)
+        self.packing = packing
+
     def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
         return tokenizer.demonstrations(records)
 
-    def collator(self) -> DemonstrationCollator:
+    def collator(self) -> DemonstrationCollator | PackedDemonstrationCollator:
+        if self.packing:
+            return PackedDemonstrationCollator(self.tokenizer.pad_token_id, self.hparams.max_length)
         return DemonstrationCollator(self.tokenizer.pad_token_id)
 
 

@@ -3,6 +3,8 @@
 Next-token loss on prompt ⊕ response, counted on response tokens only by default: the prompt is given,
 not demonstrated. The loss is the mean over all scored tokens of the batch (token-weighted, as in
 ``transformers``), and validation perplexity is ``exp`` of the token-weighted mean over the whole set.
+Packed batches (``DemonstrationDataModule(packing=True)``, with ``position_ids``) score the same tokens, so give the
+same loss and metrics.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, ex
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
 from lightning_rlhf.models import (
     check_export_before_fit,
+    check_packed_attention,
     export_from_trainer,
     forward_logits,
     load_causal_lm,
     load_tokenizer,
+    packed_logits,
     shifted_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
@@ -34,10 +38,14 @@ def default_optimizer(params) -> torch.optim.Optimizer:
 
 
 def sft_loss_inputs(batch: dict[str, Tensor], loss_on: str) -> Tensor:
-    """The labels to score: the batch's (response only) or every real token when ``loss_on="all"``."""
+    """The labels to score: the batch's (response only) or every real token when ``loss_on="all"``; in a packed
+    batch not a sequence's first token, which would be predicted from the sequence before it."""
     if loss_on == "response":
         return batch["labels"]
-    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    unscored = batch["attention_mask"] == 0
+    if "position_ids" in batch:
+        unscored |= batch["position_ids"] == 0
+    return batch["input_ids"].masked_fill(unscored, IGNORE_INDEX)
 
 
 class SFTModule(L.LightningModule):
@@ -75,6 +83,7 @@ class SFTModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.model = None
+        self.packing_checked = False
         self.val_loss = MeanMetric()
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
 
@@ -90,7 +99,13 @@ class SFTModule(L.LightningModule):
         fully_shard_models(self, self.model)
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        logits = forward_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        if "position_ids" in batch:  # packed
+            if not self.packing_checked:
+                check_packed_attention(self.model, batch["input_ids"].device)
+                self.packing_checked = True
+            logits = packed_logits(self.model, batch["input_ids"], batch["position_ids"])
+        else:
+            logits = forward_logits(self.model, batch["input_ids"], batch["attention_mask"])
         logprobs, mask = shifted_logprobs(logits, sft_loss_inputs(batch, self.hparams.loss_on))
         return -masked_mean(logprobs, mask), mask.sum()
 
