@@ -36,10 +36,12 @@ the prompt ⊕ response sequences rolled out. TRL 1.x has no PPOTrainer, so ther
 prompts (``--synthetic``: prompts of ``--max-length`` bytes) collated as PPO's ``PromptDataModule`` does, sampling
 ``--max-new-tokens`` at temperature 1 from the same initial model with the same seed, one row per ``--variants``:
 the dynamic KV cache, the static one, and the static one with the decode step compiled (``torch.compile``, its
-compilation paid in the warm-up steps). It reports sampled tokens/s (response tokens up to EOS) and peak memory.
-On a CPU with a small model the static cache and compile do not pay (README, Performance: 4 layers × 256 wide,
-batch 8, 64 new tokens on a shared 2-core CPU gave dynamic 1.00x, static 0.9x, static + compile ...); they are
-meant for a GPU, where the decode step is launch-bound and CUDA graphs remove that overhead.
+compilation paid in the warm-up steps, whose seconds ``warmup_s`` gives). It reports sampled tokens/s (response
+tokens up to EOS) and peak memory.
+Measured on a shared 2-core CPU (README, Performance; batch 8, 64 new tokens, float32, one thread): at the embedded
+default's size (2 layers × 64 wide) neither pays (static 0.96x, static + compile 0.97x the dynamic cache's tokens/s,
+after 35 s of compilation and +120 MiB RSS); at 4 layers × 256 wide static gave 1.15–1.20x and static + compile
+1.59–1.86x. On a GPU the decode step of a small model is launch-bound, which compile's CUDA graphs remove.
 
 ``logprobs`` isolates the log-prob hot path: ``token_logprobs`` against the naive ``log_softmax(...).gather``
 and TRL's ``selective_log_softmax`` (median step time, and the memory needed beyond the inputs).
@@ -430,13 +432,13 @@ def run_generate_ours(args, model_dir: str) -> dict:
     examples = Tokenizer(tokenizer, args.max_length).prompts(records)
     collate = PromptCollator(tokenizer.pad_token_id)
     torch.manual_seed(0)
-    sampled, start = 0, 0.0
+    sampled, start = 0, time.perf_counter()
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             sync(args.device)
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
+            warmup, start = time.perf_counter() - start, time.perf_counter()
         first = step * args.batch_size % len(examples)
         batch = collate(examples[first : first + args.batch_size])
         rollout = generate(
@@ -450,7 +452,8 @@ def run_generate_ours(args, model_dir: str) -> dict:
     name = {"dynamic": "dynamic cache", "static": "static cache", "static+compile": "static cache + compile"}
     return {
         "impl": f"lightning_rlhf generate, {name[args.generate_variant]}", "tokens_per_s": sampled / seconds,
-        "step_s": seconds / args.steps, "sampled_tokens": sampled, "peak_mem_mib": peak_memory_mib(args.device),
+        "step_s": seconds / args.steps, "warmup_s": warmup, "sampled_tokens": sampled,
+        "peak_mem_mib": peak_memory_mib(args.device),
     }  # fmt: skip
 
 

@@ -171,9 +171,9 @@ class PPOModule(L.LightningModule):
                 probability ratios are computed under (kept as arguments so that a config setting them fails clearly).
             cache_implementation: the KV cache of rollout generation, ``dynamic`` or ``static`` (preallocated; see
                 ``rollout.generate``). Either samples the same distribution.
-            compile_generation: ``torch.compile`` the decode step of rollouts (needs the static cache). It pays on a
-                GPU with a model large enough; on a CPU with a small model it costs more than it saves (README,
-                Performance).
+            compile_generation: ``torch.compile`` the decode step of rollouts (needs the static cache); the first
+                rollout pays the compilation. At the embedded default's size it does not pay on a CPU (README,
+                Performance; ``scripts/benchmark.py generate`` measures it).
             kl_coef: β, the weight of the per-token KL penalty to the reference (the initial β when adaptive).
             kl_estimator: ``k1`` (the log-ratio InstructGPT uses), ``k2`` or ``k3`` (see ``losses.kl_penalty``).
             target_kl: KL per sequence that the adaptive controller steers towards; ``None`` keeps β fixed.
