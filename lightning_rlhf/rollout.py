@@ -1,11 +1,13 @@
 """Sampling responses from a policy, and the experience PPO learns from them.
 
 Generation is ``transformers``' KV-cached ``generate`` on left-padded prompts (``PromptCollator``); a response
-counts up to and including its first EOS, and everything after it is masked. ``build_experience`` turns a
-rollout's log-probs, values and scores into what the PPO updates need: InstructGPT's per-token reward and GAE, or
-a critic-free estimator. With ``num_generations`` G the rollout holds each prompt's G responses in consecutive rows
-(a group), and minibatches take whole groups (``group_minibatches``). The ``sample`` step uses the generation part
-to write responses for people to rank.
+counts up to and including its first EOS, and everything after it is masked. The KV cache is transformers' dynamic
+one, or its static one (``cache_implementation="static"``: preallocated, fixed shapes), over which ``compile`` has
+transformers ``torch.compile`` the decode step; either way the same distribution is sampled. ``build_experience``
+turns a rollout's log-probs, values and scores into what the PPO updates need: InstructGPT's per-token reward and
+GAE, or a critic-free estimator. With ``num_generations`` G the rollout holds each prompt's G responses in
+consecutive rows (a group), and minibatches take whole groups (``group_minibatches``). The ``sample`` step uses the
+generation part to write responses for people to rank.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CompileConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.losses import (
     GROUP_ESTIMATORS,
@@ -27,6 +29,7 @@ from lightning_rlhf.losses import (
 )
 
 ADVANTAGE_ESTIMATORS = ("gae", *GROUP_ESTIMATORS, "reinforce_pp")  # gae needs a value function, the others none
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")  # transformers' names; the two tested here
 
 
 class Rollout(NamedTuple):
@@ -37,12 +40,15 @@ class Rollout(NamedTuple):
         attention_mask: ``(b, p + r)`` real tokens of both.
         response_mask: ``(b, r)`` response tokens up to and including the first EOS.
         prompt_length: ``p``, the column where responses start.
+        logprobs: ``(b, r)`` log-probs of the response tokens under the distribution they were drawn from, recorded
+            during generation (``generate(return_logprobs=True)``; ``None`` otherwise), 0 past the mask.
     """
 
     sequences: Tensor
     attention_mask: Tensor
     response_mask: Tensor
     prompt_length: int
+    logprobs: Tensor | None = None
 
     @property
     def responses(self) -> Tensor:
@@ -56,6 +62,17 @@ def mask_after_eos(responses: Tensor, eos_token_id: int) -> Tensor:
     return eos_before == 0
 
 
+def check_generation_options(cache_implementation: str, compile: bool) -> None:
+    """Refuse an unknown KV cache, and ``compile`` without the static cache it needs."""
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation={cache_implementation!r} is not one of {list(CACHE_IMPLEMENTATIONS)}")
+    if compile and cache_implementation != "static":
+        raise ValueError(
+            f"compiling the decode step needs cache_implementation='static', not {cache_implementation!r}: "
+            "transformers compiles it only over a static cache"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -67,6 +84,9 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     synced_gpus: bool = False,
+    cache_implementation: str = "dynamic",
+    compile: bool = False,
+    return_logprobs: bool = False,
 ) -> Rollout:
     """Sample (``temperature > 0``) or decode greedily (``temperature == 0``) a response for each left-padded prompt.
 
@@ -75,27 +95,48 @@ def generate(
     repetition penalty or ``no_repeat_ngram_size`` would change what is sampled without the log-probs knowing.
     The model is put in eval mode for generation and restored afterwards. ``synced_gpus`` keeps ranks of a
     sharded model stepping together until all of them have finished.
+
+    ``cache_implementation``: ``"dynamic"`` (the KV cache grows as tokens come) or ``"static"`` (preallocated for
+    prompt + ``max_new_tokens``; a batch of another width allocates a new one). ``compile``: transformers compiles
+    the decode step over the static cache with ``torch.compile`` (``CompileConfig``'s defaults: inductor,
+    ``reduce-overhead``, i.e. CUDA graphs on a GPU); the first call pays the compilation, and each new batch shape
+    a recompilation. ``return_logprobs``: record in ``Rollout.logprobs`` the log-probs of the sampled tokens
+    under the (tempered) distribution they were drawn from; it keeps ``(b, r, vocabulary)`` float32 scores during
+    generation.
     """
+    check_generation_options(cache_implementation, compile)
+    compile_config = None
+    if compile:
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers' own switch to compile off CUDA/XPU too (e.g. CPU)
     sampling = temperature > 0
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True, cache_implementation=cache_implementation,
+        compile_config=compile_config, disable_compile=not compile,  # no automatic compile behind our back on CUDA
+        return_dict_in_generate=return_logprobs, output_scores=return_logprobs,
         **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if sampling else {}),
     )  # fmt: skip
     was_training, checkpoint_defaults = model.training, model.generation_config
     model.eval()
     model.generation_config = GenerationConfig()  # generate fills unset values from here: the library defaults only
     try:
-        sequences = model.generate(
+        output = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced_gpus
         )
     finally:
         model.generation_config = checkpoint_defaults
         model.train(was_training)
+    sequences = output.sequences if return_logprobs else output
     prompt_length = input_ids.shape[1]
     response_mask = mask_after_eos(sequences[:, prompt_length:], tokenizer.eos_token_id)
     sequences[:, prompt_length:] = sequences[:, prompt_length:].masked_fill(~response_mask, tokenizer.pad_token_id)
-    return Rollout(sequences, torch.cat([attention_mask, response_mask.long()], dim=1), response_mask, prompt_length)
+    logprobs = None
+    if return_logprobs:  # output.scores: one (b, vocabulary) tensor per step, logits after temperature (and top-k/p)
+        scores = torch.stack(output.scores, dim=1).log_softmax(-1)  # (b, r, vocabulary)
+        logprobs = scores.gather(-1, sequences[:, prompt_length:, None]).squeeze(-1).masked_fill(~response_mask, 0)
+    attention_mask = torch.cat([attention_mask, response_mask.long()], dim=1)
+    return Rollout(sequences, attention_mask, response_mask, prompt_length, logprobs)
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:

@@ -25,7 +25,7 @@ from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.data.records import Record, check_output_file, read_records, write_jsonl_atomic
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
-from lightning_rlhf.rollout import decode_responses, generate
+from lightning_rlhf.rollout import CACHE_IMPLEMENTATIONS, decode_responses, generate
 from lightning_rlhf.scoring import Scorer, make_scorer
 from lightning_rlhf.toy import make_prompts
 
@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> SampleReport:
     parser.add_argument("--max_length", type=int, default=512, help="most prompt tokens")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument(
+        "--cache_implementation", default="dynamic", choices=CACHE_IMPLEMENTATIONS, help="KV cache of generation"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (needs --cache_implementation static)"
+    )
+    parser.add_argument(
         "--judge",
         default=None,
         help="rank with a simulated labeller: gold (the toy task), a reward-model directory, or package.module.fn "
@@ -133,6 +139,8 @@ def main(argv: list[str] | None = None) -> SampleReport:
     parser.add_argument("--noise", type=float, default=0.0, help="std of the labeller's noise on judge scores")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.compile and args.cache_implementation != "static":
+        parser.error("--compile needs --cache_implementation static")
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
     for name, ok, allowed in [
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> SampleReport:
     samples = sample_responses(
         model, tokenizer, prompts, args.k, args.max_length, args.batch_size,
         progress=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        cache_implementation=args.cache_implementation, compile=args.compile,
     )  # fmt: skip
     if args.judge:
         out, report = judge_records(prompts, samples, judge, args.noise, args.seed)

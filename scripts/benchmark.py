@@ -5,8 +5,10 @@
     python scripts/benchmark.py ppo --steps 10 --batch-size 8 --max-new-tokens 64 --hidden-size 256 --layers 4
     python scripts/benchmark.py dpo --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
     python scripts/benchmark.py logprobs --batch-size 4 --seq-len 512 --vocab 32000
+    python scripts/benchmark.py generate --steps 10 --batch-size 8 --max-new-tokens 64 --hidden-size 256 --layers 4
 
-Every implementation runs in its own subprocess, so peak memory is its own.
+Every implementation runs in its own subprocess, so peak memory is its own. ``--json PATH`` also writes the rows
+(``impl``, ``tokens_per_s``, ``peak_mem_mib``, …; ours start with ``lightning_rlhf``) to PATH as a JSON list.
 
 ``sft`` trains the same initial weights (saved once, loaded by both) on the toy demonstrations with the prompt
 masked. It reports training tokens/s (real, non-pad tokens), model-FLOPs utilisation (``lightning_rlhf.flops``: 6N
@@ -37,6 +39,17 @@ the prompt ⊕ response sequences rolled out. TRL 1.x has no PPOTrainer, so ther
 ``--estimators gae grpo rloo`` compares our advantage estimators in one run on the same sequences per rollout
 (gae: --batch-size prompts × 1; a group estimator: --batch-size / G prompts × G, and no value model).
 
+``generate`` times our rollout generation (``rollout.generate``, as PPO and ``sample`` call it) on batches of the toy
+prompts (``--synthetic``: prompts of ``--max-length`` bytes) collated as PPO's ``PromptDataModule`` does, sampling
+``--max-new-tokens`` at temperature 1 from the same initial model with the same seed, one row per ``--variants``:
+the dynamic KV cache, the static one, and the static one with the decode step compiled (``torch.compile``, its
+compilation paid in the warm-up steps, whose seconds ``warmup_s`` gives). It reports sampled tokens/s (response
+tokens up to EOS) and peak memory.
+Measured on a shared 2-core CPU (README, Performance; batch 8, 64 new tokens, float32, one thread): at the embedded
+default's size (2 layers × 64 wide) neither pays (static 0.96x, static + compile 0.97x the dynamic cache's tokens/s,
+after 35 s of compilation and +120 MiB RSS); at 4 layers × 256 wide static gave 1.15–1.20x and static + compile
+1.59–1.86x. On a GPU the decode step of a small model is launch-bound, which compile's CUDA graphs remove.
+
 ``logprobs`` isolates the log-prob hot path: ``token_logprobs`` against the naive ``log_softmax(...).gather``
 and TRL's ``selective_log_softmax`` (median step time, and the memory needed beyond the inputs).
 """
@@ -58,6 +71,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_rlhf.data.records import atomic_file
 from lightning_rlhf.flops import FORWARD_PASSES, forward_flops, matmul_params, peak_tflops
 from lightning_rlhf.toy import toy_path
 
@@ -445,12 +459,57 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     }  # fmt: skip
 
 
+def run_generate_ours(args, model_dir: str) -> dict:
+    """Sampled tokens/s of ``rollout.generate`` with the KV cache (and compile) of ``--generate-variant``."""
+    from lightning_rlhf.data.collate import PromptCollator
+    from lightning_rlhf.data.records import read_records
+    from lightning_rlhf.data.tokenization import Tokenizer
+    from lightning_rlhf.models import load_causal_lm, load_tokenizer
+    from lightning_rlhf.rollout import generate
+
+    cache, _, compiled = args.generate_variant.partition("+")
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, tokenizer, args.dtype).to(args.device)
+    records, _ = read_records(prompts_path(args), "prompt")
+    examples = Tokenizer(tokenizer, args.max_length).prompts(records)
+    collate = PromptCollator(tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    sampled, start = 0, time.perf_counter()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            sync(args.device)
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            warmup, start = time.perf_counter() - start, time.perf_counter()
+        first = step * args.batch_size % len(examples)
+        batch = collate(examples[first : first + args.batch_size])
+        rollout = generate(
+            model, tokenizer, batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
+            args.max_new_tokens, temperature=1.0, cache_implementation=cache, compile=compiled == "compile",
+        )  # fmt: skip
+        if step >= args.warmup:
+            sampled += int(rollout.response_mask.sum())
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    name = {"dynamic": "dynamic cache", "static": "static cache", "static+compile": "static cache + compile"}
+    return {
+        "impl": f"lightning_rlhf generate, {name[args.generate_variant]}", "tokens_per_s": sampled / seconds,
+        "step_s": seconds / args.steps, "warmup_s": warmup, "sampled_tokens": sampled,
+        "peak_mem_mib": peak_memory_mib(args.device),
+    }  # fmt: skip
+
+
+GENERATE_VARIANTS = ("dynamic", "static", "static+compile")
+
 RUNNERS = {
     "sft": (run_sft_ours, run_sft_trl),
     "rm": (run_rm_ours, run_rm_trl),
     "dpo": (run_dpo_ours, run_dpo_trl),
     "ppo": (run_ppo_ours, None),  # TRL 1.x no longer has a PPOTrainer to compare with
+    "generate": (run_generate_ours, None),  # our generation with each --variants, against each other
 }
+# how a child process gets the variant of its implementation (what follows ":" in "ours:…")
+VARIANT_FLAGS = {"ppo": "--advantage-estimator", "generate": "--generate-variant", "sft": "--sft-variant"}
 
 
 def logprob_impls() -> dict:
@@ -517,7 +576,11 @@ def main() -> None:
                         help="ppo: advantage estimators compared in one run, each in its own process")  # fmt: skip
     parser.add_argument("--num-generations", type=int, default=4, help="ppo: G for the group estimators")
     parser.add_argument("--advantage-estimator", default="gae", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)  # what follows ":" in an impl
+    parser.add_argument("--sft-variant", default="", help=argparse.SUPPRESS)  # "packed" for sft --packing's packed run
+    parser.add_argument("--variants", nargs="+", default=list(GENERATE_VARIANTS), choices=GENERATE_VARIANTS,
+                        help="generate: KV cache variants compared in one run, each in its own process")  # fmt: skip
+    parser.add_argument("--generate-variant", default="dynamic", help=argparse.SUPPRESS)
+    parser.add_argument("--json", metavar="PATH", help="also write the result rows to PATH as a JSON list")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -538,10 +601,12 @@ def main() -> None:
         impls = [f"ours:{estimator}" for estimator in args.estimators]
     if args.stage == "sft" and args.packing:
         impls = ["ours", "ours:packed"]
+    if args.stage == "generate":  # our KV cache variants against each other
+        impls = [f"ours:{variant}" for variant in args.variants]
     if args.only:  # child process: one implementation, one JSON line
         if args.stage == "logprobs":
             row = run_logprobs(args, args.only)
-        elif args.variant == "packed":  # sft --packing's packed run
+        elif args.sft_variant == "packed":  # sft --packing's packed run
             row = run_sft_ours(args, args.model_dir, packing=True)
         else:
             row = RUNNERS[args.stage][args.only != "ours"](args, args.model_dir)
@@ -554,10 +619,10 @@ def main() -> None:
             if impl == "trl" and importlib.util.find_spec("trl") is None:
                 print("trl not installed: no TRL comparison (pip install trl)", file=sys.stderr)
                 continue
-            impl, _, estimator = impl.partition(":")
+            impl, _, variant = impl.partition(":")  # ppo: an advantage estimator; generate: a KV cache variant
             child = subprocess.run(
                 [sys.executable, __file__, *sys.argv[1:], "--only", impl, "--model-dir", model_dir,
-                 "--advantage-estimator", estimator or "gae", "--variant", estimator],
+                 *([VARIANT_FLAGS[args.stage], variant] if variant else [])],
                 capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
             )  # fmt: skip
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
@@ -569,6 +634,9 @@ def main() -> None:
     if args.packing and args.stage == "sft":
         difference = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"], strict=True))
         print(f"largest difference in the loss of a step, packed vs padded: {difference:.3g}")
+    if args.json:
+        with atomic_file(args.json) as out:
+            json.dump(rows, out, indent=1)
 
 
 if __name__ == "__main__":

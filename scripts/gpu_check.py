@@ -12,7 +12,9 @@ benchmarks, written to one report.
 3. ``scripts/benchmark.py`` in bf16 on the random-init Llama configurations of issue 12 (0.5B: width 1024, 24
    layers; 1B: width 2048, 16 layers; vocabulary 32k) with full-length synthetic records: tokens/s, MFU against
    the card's bf16 peak, peak memory, and TRL beside ours where ``trl`` is installed; our SFT packed vs padded on
-   demonstrations of mixed lengths.
+   demonstrations of mixed lengths; rollout generation with the dynamic cache, the static cache and static +
+   compile; and, once ``benchmark.py`` takes its flag, DPO with LoRA (``--lora``). Each benchmark's rows are also
+   written as JSON (``benchmark.py --json``) to ``benchmarks/<name>.json`` beside the report.
 
 Every step runs in its own process; a failure is recorded and the next step still runs. The report names the card.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,7 +46,12 @@ BENCHMARKS = {  # the shapes of issue 12's TRL reference points
     "dpo 1B bs 4 x 1024": ["dpo", *LARGE, "--batch-size", "4", "--max-length", "1024"],
     "ppo 0.5B bs 16, prompt 64, response 128": ["ppo", *SMALL, "--batch-size", "16", "--max-length", "64",
                                                  "--max-new-tokens", "128"],
+    "generate 0.5B bs 16, prompt 64, response 128": ["generate", *SMALL, "--batch-size", "16", "--max-length", "64",
+                                                      "--max-new-tokens", "128"],
 }  # fmt: skip
+OPTIONAL_BENCHMARKS = {  # issue 14's: each runs once benchmark.py takes its flag (its last argument)
+    "dpo 0.5B bs 8 x 512, LoRA": ["dpo", *SMALL, "--batch-size", "8", "--max-length", "512", "--lora"],
+}
 
 
 def run(name: str, command: list[str], timeout: int) -> dict:
@@ -107,13 +115,22 @@ def config_runs(root: Path, devices: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-def benchmark_rows(output: str) -> list[dict]:
-    """The result rows of a ``scripts/benchmark.py`` run, from the JSON it prints."""
-    start, end = output.find('{\n "shape"'), output.rfind("}")
-    try:
-        return json.loads(output[start : end + 1])["results"]
-    except (ValueError, KeyError):
-        return []
+def benchmarks(usage: str) -> dict[str, list[str]]:
+    """``BENCHMARKS``, and those of ``OPTIONAL_BENCHMARKS`` whose flag ``usage`` (``benchmark.py --help``) lists."""
+    flags = usage.replace("[", " ").replace("]", " ").split()
+    return {**BENCHMARKS, **{name: args for name, args in OPTIONAL_BENCHMARKS.items() if args[-1] in flags}}
+
+
+def run_benchmark(name: str, benchmark: list[str], results: Path, steps: str, timeout: int) -> dict:
+    """One ``scripts/benchmark.py`` run in bf16 on synthetic records; its rows, as ``--json`` wrote them to
+    ``results/<name>.json`` (none if it failed)."""
+    rows_path = results / (re.sub(r"[^\w.]+", "_", name) + ".json")
+    rows_path.unlink(missing_ok=True)  # never a previous run's rows for this one's
+    command = [sys.executable, "scripts/benchmark.py", *benchmark, "--dtype", "bfloat16", "--synthetic",
+               "--steps", steps, "--json", str(rows_path)]  # fmt: skip
+    step = run(f"benchmark {name}", command, timeout)
+    step["results"] = json.loads(rows_path.read_text()) if rows_path.exists() else []
+    return step
 
 
 def record(report: dict, step: dict, path: Path) -> None:
@@ -166,12 +183,11 @@ def main() -> None:
         for name, command in config_runs(Path(tmp), devices).items():
             record(report, run(name, command, args.timeout), path)
     if not args.skip_benchmarks:
-        for name, benchmark in BENCHMARKS.items():
-            command = [sys.executable, "scripts/benchmark.py", *benchmark, "--dtype", "bfloat16", "--synthetic",
-                       "--steps", args.steps]  # fmt: skip
-            step = run(f"benchmark {name}", command, args.timeout)
-            step["results"] = benchmark_rows(step["output"])
-            record(report, step, path)
+        usage = subprocess.run(
+            [sys.executable, "scripts/benchmark.py", "--help"], cwd=REPO, capture_output=True, text=True
+        )
+        for name, benchmark in benchmarks(usage.stdout).items():
+            record(report, run_benchmark(name, benchmark, path.parent / "benchmarks", args.steps, args.timeout), path)
     print(path.read_text())
     failed = [step["name"] for step in report["steps"] if step["returncode"] != 0]
     raise SystemExit(f"failed: {', '.join(failed)}" if failed else 0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import Cache, PreTrainedTokenizerFast
 
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 
@@ -181,3 +181,14 @@ def make_tiny_gpt2_export(directory, seed: int = 0) -> str:
                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     torch.manual_seed(seed)
     return str(export_pretrained(AutoModelForCausalLM.from_config(config), tokenizer, directory))
+
+
+def caches_seen(model: torch.nn.Module) -> list[type]:
+    """A list that records the type of the KV cache each forward of ``model`` receives from now on."""
+    seen: list[type] = []
+
+    def record(module, args, kwargs):
+        seen.extend(type(value) for value in kwargs.values() if isinstance(value, Cache))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    return seen

@@ -6,7 +6,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from lightning_rlhf import PPOModule, PromptDataModule, RewardModule
 from lightning_rlhf.data.collate import PromptCollator
@@ -14,7 +14,7 @@ from lightning_rlhf.losses import masked_mean
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer, position_ids_from_mask
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rollout import Rollout, generate
-from tests.helpers import TINY_CONFIG, fit_config, make_tiny_export, straight_and_resumed
+from tests.helpers import TINY_CONFIG, caches_seen, fit_config, make_tiny_export, straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,23 @@ def test_experience_lines_up_with_unpadded_forwards_token_for_token(exports, val
         assert torch.all(experience.returns[row, n:] == 0)
     assert experience.ended.tolist() == [True, False]
     assert torch.all(experience.kl == 0)
+
+
+def test_rollouts_sample_with_the_static_cache_asked_for_and_make_the_same_experience(exports):
+    """``cache_implementation="static"`` reaches the policy's decode steps, and with the same seed the rollout (tokens,
+    log-probs, KL, scores) is the dynamic cache's."""
+    batch = prompts_batch(["Reverse: abc\n", "Reverse: " + "x" * 12 + "\n"])
+    experiences = {}
+    for cache, cache_class in (("dynamic", DynamicCache), ("static", StaticCache)):
+        module = ppo(exports, max_new_tokens=16, cache_implementation=cache)
+        seen = caches_seen(module.model)
+        torch.manual_seed(0)
+        experiences[cache] = module.make_experience(batch)
+        assert seen and set(seen) == {cache_class}
+    dynamic, static = experiences["dynamic"], experiences["static"]
+    assert torch.equal(static.rollout.sequences, dynamic.rollout.sequences)
+    for field in ("logprobs", "kl", "scores"):
+        torch.testing.assert_close(getattr(static, field), getattr(dynamic, field), atol=1e-6, rtol=0)
 
 
 def test_missing_eos_penalty_lowers_only_the_unfinished_response(exports):
@@ -542,6 +559,8 @@ def test_scoring_forwards_run_in_micro_batches_over_response_logits_only(exports
         ({"max_new_tokens": 0}, r"max_new_tokens=0: must be >= 1"),
         ({"top_k": 5}, r"top_k=5: must be 0 \(PPO scores the whole tempered distribution"),
         ({"top_p": 0.9}, r"top_p=0.9: must be 1.0 \(PPO scores the whole tempered distribution"),
+        ({"cache_implementation": "paged"}, r"cache_implementation='paged' is not one of \['dynamic', 'static'\]"),
+        ({"compile_generation": True}, r"compiling the decode step needs cache_implementation='static'"),
     ],
 )
 def test_ppo_settings_out_of_range_are_refused_naming_the_range(setting, message):

@@ -1,11 +1,15 @@
-"""Generation on left-padded prompts: responses masked after EOS, padding does not change what is generated."""
+"""Generation on left-padded prompts: responses masked after EOS, padding does not change what is generated, and
+the static KV cache (compiled or not) samples the distribution the log-probs score."""
 
 import pytest
 import torch
+from transformers import DynamicCache, StaticCache
 
 from lightning_rlhf.data.collate import PromptCollator
-from lightning_rlhf.models import load_causal_lm, load_tokenizer
+from lightning_rlhf.losses import token_logprobs
+from lightning_rlhf.models import forward_logits, load_causal_lm, load_tokenizer
 from lightning_rlhf.rollout import Rollout, build_experience, decode_responses, generate, mask_after_eos
+from tests.helpers import caches_seen
 
 
 def test_mask_after_eos_keeps_the_first_eos_and_nothing_after():
@@ -71,6 +75,68 @@ def test_generation_ignores_the_checkpoints_own_generation_settings(tiny_model_d
     sampled = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens=40)
     rows = [row[mask].tolist() for row, mask in zip(sampled.responses, sampled.response_mask, strict=True)]
     assert any(len(set(row)) < len(row) for row in rows)
+
+
+GENERATION_OPTIONS = [
+    pytest.param("cpu", {}, id="cpu-dynamic"),
+    pytest.param("cpu", {"cache_implementation": "static"}, id="cpu-static"),
+    pytest.param("cuda", {"cache_implementation": "static"}, id="cuda-static", marks=pytest.mark.gpu),
+    # torch.compile's first call takes over a minute on a CPU: checked on a GPU only
+    pytest.param(
+        "cuda", {"cache_implementation": "static", "compile": True}, id="cuda-compiled", marks=pytest.mark.gpu
+    ),
+]
+
+
+@pytest.mark.parametrize(("device", "options"), GENERATION_OPTIONS)
+def test_recorded_logprobs_of_sampled_tokens_equal_a_teacher_forced_forward(tiny_model_dir, device, options):
+    """Whatever the KV cache, the tokens are drawn from softmax(logits / T) of the very model PPO then scores: the
+    log-probs recorded while sampling (T = 0.7, prompts left-padded by up to 20) equal those of one teacher-forced
+    forward over prompt ⊕ response to 1e-5, on every response token, and are 0 past the mask."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer).to(device)
+    seen = caches_seen(model)
+    batch = prompts_batch(tokenizer, ["Reverse: ab\n", "Reverse: " + "x" * 20 + "\n", "Reverse: hello\n"] * 2)
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    torch.manual_seed(0)
+    rollout = generate(
+        model, tokenizer, input_ids, attention_mask, max_new_tokens=24, temperature=0.7, return_logprobs=True, **options
+    )
+    assert seen and set(seen) == ({StaticCache} if options else {DynamicCache})  # the option reached the model
+    with torch.no_grad():
+        logits = forward_logits(model, rollout.sequences, rollout.attention_mask)[:, rollout.prompt_length - 1 : -1]
+        expected = token_logprobs(logits, rollout.responses, temperature=0.7) * rollout.response_mask
+    assert rollout.response_mask.sum() > 40  # many tokens compared, not a handful
+    torch.testing.assert_close(rollout.logprobs, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("device", "options"), GENERATION_OPTIONS[1:])
+def test_greedy_decoding_is_identical_with_static_and_dynamic_cache(tiny_model_dir, device, options):
+    """Greedy responses to left-padded prompts are token for token the same with the static cache (compiled or not)
+    as with the dynamic one, and the static one really was used."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer).to(device)
+    batch = prompts_batch(tokenizer, ["Reverse: ab\n", "Reverse: " + "x" * 20 + "\n", "Reverse: hello\n"])
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    dynamic = generate(model, tokenizer, input_ids, attention_mask, max_new_tokens=40, temperature=0)
+    seen = caches_seen(model)
+    static = generate(model, tokenizer, input_ids, attention_mask, max_new_tokens=40, temperature=0, **options)
+    assert seen and set(seen) == {StaticCache}
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert torch.equal(static.response_mask, dynamic.response_mask)
+
+
+def test_unknown_cache_or_compile_without_static_cache_is_refused(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    batch = prompts_batch(tokenizer, ["Reverse: ab\n"])
+    args = (model, tokenizer, batch["input_ids"], batch["attention_mask"], 4)
+    with pytest.raises(ValueError, match=r"cache_implementation='paged' is not one of \['dynamic', 'static'\]"):
+        generate(*args, cache_implementation="paged")
+    with pytest.raises(
+        ValueError, match=r"compiling the decode step needs cache_implementation='static', not 'dynamic'"
+    ):
+        generate(*args, compile=True)
 
 
 def test_advantages_are_whitened_over_response_tokens_only():

@@ -6,6 +6,7 @@ import pytest
 
 from lightning_rlhf import ComparisonDataModule, sampling, scoring
 from lightning_rlhf.cli import main
+from lightning_rlhf.rollout import generate
 from lightning_rlhf.sampling import judge_records, rank
 from lightning_rlhf.scoring import make_scorer
 
@@ -106,3 +107,28 @@ def test_sample_and_score_settings_out_of_range_are_usage_errors(tiny_model_dir,
     with pytest.raises(SystemExit, match="2"):
         main(["score", "--model", tiny_model_dir, "--input", out, "--output", out, "--batch_size", "0"])
     assert "--batch_size=0: must be >= 1" in capsys.readouterr().err
+
+
+def test_sample_generates_with_the_cache_asked_for_and_refuses_compile_without_static(tiny_model_dir, tmp_path, capsys):
+    """``--cache_implementation static --compile`` reach generation; an unknown cache and ``--compile`` over the
+    dynamic cache are usage errors."""
+    common = ["sample", "--model", tiny_model_dir, "--limit", "2", "--k", "2", "--max_new_tokens", "4"]
+    out = str(tmp_path / "samples.jsonl")
+    with pytest.raises(SystemExit, match="2"):
+        main([*common, "--output", out, "--cache_implementation", "paged"])
+    assert "--cache_implementation: invalid choice: 'paged'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([*common, "--output", out, "--compile"])
+    assert "--compile needs --cache_implementation static" in capsys.readouterr().err
+
+    options = []
+
+    def spy(*args, **kwargs):  # records the options, generates without compiling (a minute's warm-up on a CPU)
+        options.append((kwargs["cache_implementation"], kwargs["compile"]))
+        return generate(*args, **{**kwargs, "compile": False})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "generate", spy)
+        main([*common, "--output", out, "--cache_implementation", "static", "--compile"])
+    assert options == [("static", True)]
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2

@@ -73,6 +73,7 @@ from lightning_rlhf.rollout import (
     Experience,
     Rollout,
     build_experience,
+    check_generation_options,
     decode_responses,
     generate,
     group_minibatches,
@@ -115,6 +116,8 @@ class PPOModule(L.LightningModule):
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        cache_implementation: Literal["dynamic", "static"] = "dynamic",
+        compile_generation: bool = False,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k2", "k3"] = "k1",
         target_kl: float | None = None,
@@ -167,6 +170,11 @@ class PPOModule(L.LightningModule):
             temperature: how responses are sampled (> 0); the log-probs are those of ``softmax(logits / temperature)``.
             top_k, top_p: must stay 0 and 1: a truncated distribution is not the one the log-probs, the KL and the
                 probability ratios are computed under (kept as arguments so that a config setting them fails clearly).
+            cache_implementation: the KV cache of rollout generation, ``dynamic`` or ``static`` (preallocated; see
+                ``rollout.generate``). Either samples the same distribution.
+            compile_generation: ``torch.compile`` the decode step of rollouts (needs the static cache); the first
+                rollout pays the compilation. At the embedded default's size it does not pay on a CPU (README,
+                Performance; ``scripts/benchmark.py generate`` measures it).
             kl_coef: β, the weight of the per-token KL penalty to the reference (the initial β when adaptive).
             kl_estimator: ``k1`` (the log-ratio InstructGPT uses), ``k2`` or ``k3`` (see ``losses.kl_penalty``).
             target_kl: KL per sequence that the adaptive controller steers towards; ``None`` keeps β fixed.
@@ -233,6 +241,7 @@ class PPOModule(L.LightningModule):
         scored = "(PPO scores the whole tempered distribution, not a truncated one)"
         check_range("top_k", top_k, f"0 {scored}", top_k == 0)
         check_range("top_p", top_p, f"1.0 {scored}", top_p == 1.0)
+        check_generation_options(cache_implementation, compile_generation)
         check_range("kl_coef", kl_coef, ">= 0", kl_coef >= 0)
         check_range("clip_range", clip_range, "> 0", clip_range > 0)
         check_range("clip_range_value", clip_range_value, "> 0", clip_range_value > 0)
@@ -395,6 +404,7 @@ class PPOModule(L.LightningModule):
             rollout = generate(
                 self.model, self.tokenizer, input_ids, attention_mask, hp.max_new_tokens,
                 hp.temperature, hp.top_k, hp.top_p, synced_gpus=sharded,
+                cache_implementation=hp.cache_implementation, compile=hp.compile_generation,
             )  # fmt: skip
         return self.score_rollout(rollout)
 
@@ -406,7 +416,7 @@ class PPOModule(L.LightningModule):
         models need, when ranks hold rollouts of the same size).
         """
         hp = self.hparams
-        sequences, attention_mask, _, start = rollout
+        sequences, attention_mask, start = rollout.sequences, rollout.attention_mask, rollout.prompt_length
         parts = []
         for rows in torch.arange(len(sequences), device=sequences.device).split(
             hp.forward_batch_size or len(sequences)

@@ -1,0 +1,64 @@
+"""scripts/benchmark.py: the generate benchmark and the rows --json writes."""
+
+import json
+
+import pytest
+
+from tests.helpers import REPO, run_python
+
+
+@pytest.mark.slow
+def test_generate_benchmark_writes_the_rows_it_prints_to_json(tmp_path):
+    """A tiny ``generate`` run with the dynamic and static cache: ``--json`` holds exactly the rows the run printed, one
+    per variant in order, named ``lightning_rlhf …``, each with tokens/s = sampled tokens / timed seconds; both
+    variants sampled the same number of tokens (same model, prompts and seed: the same samples)."""
+    out = tmp_path / "results" / "generate.json"
+    steps = 2
+    printed = run_python(
+        str(REPO / "scripts" / "benchmark.py"), "generate", "--hidden-size", "32", "--layers", "1", "--batch-size", "2",
+        "--max-new-tokens", "24", "--warmup", "1", "--steps", str(steps), "--variants", "dynamic", "static",
+        "--json", str(out), cwd=tmp_path,
+    ).stdout  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert rows == json.loads(printed[printed.index("{\n") : printed.rindex("}") + 1])["results"]
+    assert [row["impl"] for row in rows] == [
+        "lightning_rlhf generate, dynamic cache",
+        "lightning_rlhf generate, static cache",
+    ]
+    for row in rows:
+        assert row["tokens_per_s"] == pytest.approx(row["sampled_tokens"] / (row["step_s"] * steps))
+        assert row["peak_mem_mib"] > 0
+    assert rows[0]["sampled_tokens"] == rows[1]["sampled_tokens"] > 0
+    assert not list(out.parent.glob(".*tmp*"))  # written atomically: no staging file left behind
+
+
+def test_gpu_check_runs_an_optional_benchmark_only_once_benchmark_py_takes_its_flag(monkeypatch):
+    from scripts import gpu_check
+
+    """Listed as ``[--packing]`` in the usage line: run. Only ``--lora-r`` listed: a flag that merely starts like
+    ``--lora`` is not ``--lora``, so not run. The fixed benchmarks (generation among them) always run."""
+    monkeypatch.setattr(gpu_check, "OPTIONAL_BENCHMARKS", {"packed": ["sft", "--packing"], "lora": ["dpo", "--lora"]})
+    chosen = gpu_check.benchmarks("usage: benchmark.py [-h] [--packing]\n\noptions:\n  --lora-r LORA_R  rank\n")
+    assert "packed" in chosen and "lora" not in chosen
+    assert chosen["generate 0.5B bs 16, prompt 64, response 128"][0] == "generate"
+
+
+def test_gpu_check_reports_the_rows_a_benchmark_wrote_and_never_a_previous_runs(tmp_path, monkeypatch):
+    """A benchmark that fails leaves no rows in the report even where an earlier run left its JSON file; one that
+    succeeds reports exactly the rows it wrote to the path given after ``--json``."""
+    from scripts import gpu_check
+
+    results = tmp_path / "benchmarks"
+    results.mkdir()
+    (results / "dpo_0.5B_LoRA.json").write_text('[{"impl": "stale"}]')
+    rows = [{"impl": "lightning_rlhf", "tokens_per_s": 2.0, "peak_mem_mib": 3.0}]
+
+    def fake_run(name, command, timeout, writes):
+        if writes:
+            (tmp_path / command[command.index("--json") + 1]).write_text(json.dumps(rows))
+        return {"name": name, "command": command, "returncode": 0 if writes else 1, "seconds": 0.0, "output": ""}
+
+    monkeypatch.setattr(gpu_check, "run", lambda *a: fake_run(*a, writes=False))
+    assert gpu_check.run_benchmark("dpo 0.5B, LoRA", ["dpo"], results, "2", 60)["results"] == []
+    monkeypatch.setattr(gpu_check, "run", lambda *a: fake_run(*a, writes=True))
+    assert gpu_check.run_benchmark("dpo 0.5B, LoRA", ["dpo"], results, "2", 60)["results"] == rows
