@@ -15,7 +15,7 @@ Records are written as each batch of prompts finishes, to ``OUTPUT.partial``, re
 done (``data.resumable``). An interrupted run (Ctrl-C, a crash, ``kill -9``) keeps what it finished, and the same
 command continues it and writes what an uninterrupted run would have: every batch has its own seed, from ``--seed``
 and its first prompt, for the sampling and the labeller's noise alike. A partial file made with other arguments is
-refused.
+refused; ``--restart`` discards it.
 """
 
 from __future__ import annotations
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> SampleReport:
     )
     parser.add_argument("--noise", type=float, default=0.0, help="std of the labeller's noise on judge scores")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--restart", action="store_true", help="discard an interrupted run's results, start over")
     args = parser.parse_args(argv)
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> SampleReport:
         **{name: getattr(args, name) for name in ("k", "temperature", "top_p", "max_new_tokens", "max_length",
                                                   "batch_size", "noise", "seed")},
     }  # fmt: skip
-    with ResumableJsonl(args.output, settings) as out:
+    with ResumableJsonl(args.output, settings, args.restart) as out:
         report = SampleReport(**out.counts)
         if out.done:
             print(f"{out.records_path}: continuing after {out.done} of {len(prompts)} prompts", file=sys.stderr)

@@ -6,7 +6,7 @@ Reads ``{"prompt", "response"}`` records (any source ``read_records`` reads; ``-
 each prompt ⊕ response ⊕ EOS with ``reward_model.sequence_rewards`` (the stored ``reward_offset`` subtracted
 unless ``--raw``) and writes the records with a ``reward`` field as JSON Lines, in input order, as they are scored:
 to ``OUTPUT.partial``, renamed over the output when complete (``data.resumable``). An interrupted run keeps what it
-finished, and a rerun with the same arguments continues it.
+finished, and a rerun with the same arguments continues it (``--restart`` starts over).
 
 ``import_reward_fn`` resolves PPO's ``reward_fn``: a function ``(prompt, response) -> float`` used instead of a
 reward model. ``make_scorer`` makes one batch scorer of any judge (the toy's gold judge, a reward-model export, such a
@@ -103,13 +103,14 @@ def score_file(
     skip_invalid: bool = False,
     device: str = "cpu",
     dtype: str = "float32",
+    restart: bool = False,
 ) -> Path:
     """Score the records of ``input_path`` with the reward model exported at ``model_dir``; see module docstring.
     With ``skip_invalid``, invalid records and records whose prompt exceeds ``max_length`` are left out, counted.
 
     Records are scored ``CHUNK_BATCHES`` batches at a time (formed by length within a chunk) and each chunk's rows
     are written, in input order, as it finishes (``ResumableJsonl``): a rerun with the same settings after an
-    interruption continues with the first chunk not written."""
+    interruption continues with the first chunk not written; ``restart`` discards what such a run wrote."""
     check_output_file(output_path)
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, tokenizer, dtype).eval().requires_grad_(False).to(device)
@@ -119,7 +120,7 @@ def score_file(
         "batch_size": batch_size, "max_length": max_length, "raw": raw, "skip_invalid": skip_invalid, "dtype": dtype,
     }  # fmt: skip
     chunk = CHUNK_BATCHES * batch_size
-    with ResumableJsonl(output_path, settings) as out:
+    with ResumableJsonl(output_path, settings, restart) as out:
         too_long = out.counts.get("too_long", 0)
         if out.done:
             print(f"{out.records_path}: continuing after {out.done} of {len(records)} records", file=sys.stderr)
@@ -154,13 +155,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip_invalid", action="store_true", help="skip (and count) invalid records")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--restart", action="store_true", help="discard an interrupted run's results, start over")
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     path = score_file(
         args.model, args.input, args.output, args.batch_size, args.max_length, args.raw, args.columns,
-        args.skip_invalid, args.device, args.dtype,
+        args.skip_invalid, args.device, args.dtype, args.restart,
     )  # fmt: skip
     print(f"wrote {path}")
 

@@ -199,6 +199,7 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list[str])
             "sample", "--model", str(policy), "--prompts", str(prompts), "--k", str(args.k), "--judge", "gold",
             "--noise", str(args.noise), "--temperature", str(args.temperature), "--max_new_tokens", "16",
             "--seed", str(seed + 1000 * round_), "--batch_size", "256", "--output", str(comparisons),
+            "--restart",  # the policy was just trained again: what a killed earlier run sampled is not its
         )  # fmt: skip
         return comparisons
 

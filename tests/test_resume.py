@@ -39,7 +39,7 @@ class Interrupted(BaseException):
 
 def interrupt_at_call(monkeypatch, module, name: str, call: int) -> list:
     """Replace ``module.name`` by a wrapper that counts its calls (returned) and raises ``Interrupted`` on call
-    number ``call``."""
+    number ``call`` (never when 0)."""
     calls, real = [], getattr(module, name)
 
     def wrapper(*args, **kwargs):
@@ -94,7 +94,8 @@ def test_interrupted_sample_keeps_its_batches_and_the_rerun_writes_what_one_run_
 
 def test_a_partial_sample_made_with_other_settings_is_refused_by_name(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """After an interruption, a rerun with another --temperature, or with one prompt of the input changed, stops
-    with one line naming the partial file and what differs, and leaves the partial files as they were."""
+    with one line naming the partial file and what differs, and leaves the partial files as they were; with
+    --restart it discards them and samples all four batches."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     output = tmp_path / "comparisons.jsonl"
     interrupt_at_call(monkeypatch, sampling, "generate", 2)
@@ -111,6 +112,9 @@ def test_a_partial_sample_made_with_other_settings_is_refused_by_name(tiny_model
     with pytest.raises(ValueError, match=r"other settings \(prompts: '[0-9a-f]{16}' then, '[0-9a-f]{16}' now\)"):
         sampling.main(sample_args(tiny_model_dir, changed, output))
     assert (records.read_bytes(), state.read_bytes()) == kept and not output.exists()
+    calls = interrupt_at_call(monkeypatch, sampling, "generate", 0)
+    sampling.main(sample_args(tiny_model_dir, changed, output, "--restart"))
+    assert len(calls) == 4 and output.exists() and not records.exists() and not state.exists()
 
 
 def kill_at_prompt_4(prompt: str, response: str) -> float:

@@ -47,15 +47,18 @@ class ResumableJsonl:
 
     Use as a context manager and call ``finish`` at the end; leaving the block without it (an error, Ctrl-C)
     commits what was appended (``close``). ``done`` (inputs finished) and ``counts`` (the caller's counters) are where a
-    previous run with the same ``settings`` stopped, 0 and ``{}`` for a fresh start.
+    previous run with the same ``settings`` stopped, 0 and ``{}`` for a fresh start (always with ``restart``, which
+    discards a previous run's records).
     """
 
-    def __init__(self, output: str | os.PathLike, settings: dict[str, Any]):
+    def __init__(self, output: str | os.PathLike, settings: dict[str, Any], restart: bool = False):
         self.output = Path(output).resolve()
         self.records_path = self.output.with_name(self.output.name + ".partial")
         self.state_path = self.output.with_name(self.output.name + ".partial.json")
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the state file
         self.done, self.counts, self.size = 0, {}, 0
+        if restart:
+            self.state_path.unlink(missing_ok=True)  # and the records are cut to nothing below
         if self.state_path.exists():
             self._resume()
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,7 @@ class ResumableJsonl:
         self.committed_at = time.monotonic()
 
     def _resume(self) -> None:
-        start_over = f"delete {self.records_path} and {self.state_path} to start over"
+        start_over = f"pass --restart (or delete {self.records_path} and {self.state_path}) to start over"
         try:
             state = json.loads(self.state_path.read_text())
             settings, done, size, counts = state["settings"], state["done"], state["size"], state["counts"]
