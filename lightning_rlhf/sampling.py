@@ -86,6 +86,8 @@ def sample_batches(
     responses, rounded down to whole prompts, at least one), each sampled under ``batch_seed(seed, first)``: yields
     ``(first, samples)``, ``samples[i]`` answering ``prompts[first + i]``. ``start`` is where a previous run with
     the same settings stopped, a batch boundary."""
+    if start >= len(prompts):  # a previous run finished them all
+        return
     per_batch = max(1, batch_size // k)
     examples = tokenize_prompts(
         model, tokenizer, prompts[start:], max_length, generation.get("max_new_tokens", 0), start

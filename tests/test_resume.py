@@ -117,6 +117,26 @@ def test_a_partial_sample_made_with_other_settings_is_refused_by_name(tiny_model
     assert len(calls) == 4 and output.exists() and not records.exists() and not state.exists()
 
 
+def test_a_sample_stopped_after_its_last_batch_finishes_on_the_rerun_without_sampling(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Interrupted between its last batch and the rename: all 7 prompts are done, so the rerun only renames."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    output = tmp_path / "comparisons.jsonl"
+
+    def interrupted_finish(self):
+        raise Interrupted
+
+    monkeypatch.setattr(ResumableJsonl, "finish", interrupted_finish)
+    with pytest.raises(Interrupted):
+        sampling.main(sample_args(tiny_model_dir, prompts, output))
+    monkeypatch.undo()
+    kept = partial_files(output)[0].read_text()
+    calls = interrupt_at_call(monkeypatch, sampling, "generate", 0)
+    report = sampling.main(sample_args(tiny_model_dir, prompts, output))
+    assert calls == [] and output.read_text() == kept and report.prompts == len(PROMPTS)
+
+
 def kill_at_prompt_4(prompt: str, response: str) -> float:
     """The gold judge, except that with ``KILL_AT_PROMPT_4`` set the process kills itself (SIGKILL, no clean-up)
     when asked about the fifth prompt: a crash in the third batch."""
