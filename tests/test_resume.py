@@ -205,6 +205,18 @@ def test_a_run_that_finishes_nothing_leaves_no_partial_files(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_lasts(tmp_path):
+    """Both would append to one partial file: the second stops with one line, and the first writes on unharmed."""
+    output = tmp_path / "out.jsonl"
+    with ResumableJsonl(output, {"seed": 1}) as first:
+        first.append([{"i": 0}], done=1)
+        with pytest.raises(OSError, match=r"out\.jsonl\.partial: another run is writing it now"):
+            ResumableJsonl(output, {"seed": 1})
+        first.append([{"i": 1}], done=2)
+        first.finish()
+    assert output.read_text() == '{"i": 0}\n{"i": 1}\n'
+
+
 @pytest.fixture
 def reward_model_dir(tiny_model_dir, tmp_path) -> str:
     tokenizer = load_tokenizer(tiny_model_dir)

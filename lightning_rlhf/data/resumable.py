@@ -5,7 +5,8 @@
 then ``<output>.partial.json`` is replaced atomically by the run's settings and how far it got (inputs done, bytes
 of records, counters). The state never claims more than the disk holds, so a rerun with the same settings cuts the
 records back to the committed size (a crash, even ``kill -9``, can leave half a line after it) and continues with
-the next input; a rerun with other settings is refused. When all is done the records are renamed over
+the next input; a rerun with other settings is refused, and so is a second run while the first lasts (a lock on
+the partial file). When all is done the records are renamed over
 ``<output>``: a finished output is never a half-written file, and the state file goes.
 """
 
@@ -20,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning_rlhf.data.records import atomic_file
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 COMMIT_SECONDS = 10.0  # at most this much finished work is lost to a crash
 
@@ -57,15 +63,31 @@ class ResumableJsonl:
         self.state_path = self.output.with_name(self.output.name + ".partial.json")
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the state file
         self.done, self.counts, self.size = 0, {}, 0
-        if restart:
-            self.state_path.unlink(missing_ok=True)  # and the records are cut to nothing below
-        if self.state_path.exists():
-            self._resume()
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.file = self.records_path.open("ab")
+        try:
+            self._lock()
+            if restart:
+                self.state_path.unlink(missing_ok=True)  # and the records are cut to nothing below
+            if self.state_path.exists():
+                self._resume()
+        except BaseException:
+            self.file.close()
+            raise
         self.file.truncate(self.size)  # records past the last commit are incomplete; without a state file, all are
         self.file.seek(self.size)
         self.committed_at = time.monotonic()
+
+    def _lock(self) -> None:
+        """Refuse a second run on the same output while this one lasts: both would append to one file."""
+        if fcntl is None:  # not on POSIX (Windows): unguarded
+            return
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(
+                f"{self.records_path}: another run is writing it now; wait for that run or stop it first"
+            ) from None
 
     def _resume(self) -> None:
         start_over = f"pass --restart (or delete {self.records_path} and {self.state_path}) to start over"
@@ -113,10 +135,11 @@ class ResumableJsonl:
     def finish(self) -> Path:
         """Rename the complete records over the output (atomically) and remove the state; returns the output."""
         os.fsync(self.file.fileno())
-        self.file.close()
         # The state goes first: a crash in between leaves records without state, which a rerun starts over from.
+        # The file stays open, and locked, until it is renamed.
         self.state_path.unlink(missing_ok=True)
         os.replace(self.records_path, self.output)
+        self.file.close()
         directory = os.open(self.output.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -129,10 +152,10 @@ class ResumableJsonl:
         no settings to hold a corrected rerun to)."""
         if self.file.closed:
             return
-        if self.done == 0:
-            self.file.close()
+        if self.done == 0:  # removed while still locked
             self.records_path.unlink(missing_ok=True)
             self.state_path.unlink(missing_ok=True)
+            self.file.close()
             return
         try:
             self.commit()
