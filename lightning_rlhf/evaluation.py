@@ -324,6 +324,7 @@ def evaluate_models(
     bootstrap: int = 1000,
     batch_size: int = 64,
     device: str = "cpu",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Sample one response per prompt from each model, judge them, and return ``rating_report`` of the scores.
 
@@ -340,6 +341,8 @@ def evaluate_models(
         bootstrap: resamples for the confidence intervals (0: none).
         batch_size: prompts per generation (and reward-model) batch.
         device: where the models run.
+        progress: show a bar (done/total, rate, time left) on stderr while each model samples and while a reward
+            model judges.
 
     Returns:
         ``rating_report``'s keys, plus ``judge``, ``temperature``, ``max_new_tokens`` and ``seed``.
@@ -351,15 +354,16 @@ def evaluate_models(
         raise ValueError(f"baseline {baseline!r} is not one of the models {list(named_models)}")
     if not prompts:
         raise ValueError("no prompts to evaluate on")
-    score = make_scorer(judge, batch_size, device)
+    score = make_scorer(judge, batch_size, device, progress)
     scores = []
-    for path in named_models.values():
+    for name, path in named_models.items():
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path, tokenizer).to(device)
         torch.manual_seed(seed)
         samples = sample_responses(
-            model, tokenizer, prompts, 1, 512, batch_size, max_new_tokens=max_new_tokens, temperature=temperature
-        )
+            model, tokenizer, prompts, 1, 512, batch_size, progress, f"sampling {name}",
+            max_new_tokens=max_new_tokens, temperature=temperature,
+        )  # fmt: skip
         del model  # before loading the next one
         scores.append(score(prompts, [responses[0] for responses in samples]))
     report = rating_report(list(named_models), scores, baseline, bootstrap, seed)
@@ -413,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompts = prompts[: args.limit]
     report = evaluate_models(
         dict(zip(names, args.models, strict=True)), prompts, judge, args.baseline, args.temperature,
-        args.max_new_tokens, args.seed, args.bootstrap, args.batch_size, args.device,
+        args.max_new_tokens, args.seed, args.bootstrap, args.batch_size, args.device, progress=True,
     )  # fmt: skip
     if args.reward_fn:
         report["judge"] = args.reward_fn

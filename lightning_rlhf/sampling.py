@@ -10,19 +10,29 @@ judge's score plus Gaussian noise of scale ``--noise``. The judge is ``gold`` (t
 a reward-model export directory (its rewards, as ``score`` gives them) or the import path of any function
 ``(prompt, response) -> float`` (``package.module.fn``; a chat prompt reaches it as JSON). Identical samples are
 merged, and prompts whose responses all tie are left out and counted, never dropped silently.
+
+Records are written as each batch of prompts finishes, to ``OUTPUT.partial``, renamed to ``OUTPUT`` when all are
+done (``data.resumable``). An interrupted run (Ctrl-C, a crash, ``kill -9``) keeps what it finished, and the same
+command continues it and writes what an uninterrupted run would have: every batch has its own seed, from ``--seed``
+and its first prompt, for the sampling and the labeller's noise alike. A partial file made with other arguments is
+refused; ``--restart`` discards it.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import dataclass
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, astuple, dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from lightning_rlhf.data.collate import PromptCollator
-from lightning_rlhf.data.records import Record, check_output_file, read_records, write_jsonl_atomic
+from lightning_rlhf.data.records import Record, check_output_file, read_records
+from lightning_rlhf.data.resumable import ResumableJsonl, digest, fingerprint
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.rollout import CACHE_IMPLEMENTATIONS, decode_responses, generate
@@ -38,6 +48,9 @@ class SampleReport:
     merged_duplicates: int = 0
     empty: int = 0
 
+    def __add__(self, other: SampleReport) -> SampleReport:
+        return SampleReport(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
     def summary(self) -> str:
         return (
             f"{self.written} of {self.prompts} prompts written; {self.all_tied} left out because all their responses "
@@ -45,25 +58,71 @@ class SampleReport:
         )
 
 
-def sample_responses(
-    model, tokenizer, prompts: list, k: int, max_length: int, batch_size: int, progress: bool = False, **generation
-) -> list:
-    """``k`` decoded responses for each prompt (strings or chat messages), in prompt order; ``progress`` shows a bar
-    (responses done, responses/s, time left) on stderr."""
-    records = [Record(f"prompt {i}", {"prompt": prompt}) for i, prompt in enumerate(prompts)]
+def tokenize_prompts(model, tokenizer, prompts: list, max_length: int, max_new_tokens: int, first: int = 0) -> list:
+    """Tokenized prompts (``first`` numbers the first one in errors), refused when the longest one and
+    ``max_new_tokens`` would run past the model's positions."""
+    records = [Record(f"prompt {first + i}", {"prompt": prompt}) for i, prompt in enumerate(prompts)]
     examples = Tokenizer(tokenizer, max_length).prompts(records)
-    longest = max(len(ex["input_ids"]) for ex in examples) + generation.get("max_new_tokens", 0)
+    longest = max(len(ex["input_ids"]) for ex in examples) + max_new_tokens
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and longest > limit:
         raise ValueError(
             f"the longest prompt + max_new_tokens is {longest} tokens, past the model's max_position_embeddings="
             f"{limit}: lower --max_new_tokens or --max_length"
         )
+    return examples
+
+
+def batch_seed(seed: int, first: int) -> int:
+    """The seed of the batch that starts at prompt ``first``: a batch samples the same whether a run starts with it
+    or continues to it (a single stream seeded once would shift with the batches a resumed run skips)."""
+    return int(np.random.SeedSequence([seed, first]).generate_state(1)[0])
+
+
+def sample_batches(
+    model, tokenizer, prompts: list, k: int, max_length: int, batch_size: int, seed: int, start: int = 0, **generation
+) -> Iterator[tuple[int, list[list[str]]]]:
+    """``k`` responses for each prompt from prompt ``start`` on, by batches of whole prompts (``batch_size``
+    responses, rounded down to whole prompts, at least one), each sampled under ``batch_seed(seed, first)``: yields
+    ``(first, samples)``, ``samples[i]`` answering ``prompts[first + i]``. ``start`` is where a previous run with
+    the same settings stopped, a batch boundary."""
+    if start >= len(prompts):  # a previous run finished them all
+        return
+    per_batch = max(1, batch_size // k)
+    examples = tokenize_prompts(
+        model, tokenizer, prompts[start:], max_length, generation.get("max_new_tokens", 0), start
+    )
+    collate = PromptCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    for offset in range(0, len(examples), per_batch):
+        batch = collate([ex for ex in examples[offset : offset + per_batch] for _ in range(k)])
+        torch.manual_seed(batch_seed(seed, start + offset))
+        rollout = generate(
+            model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
+        )
+        texts = decode_responses(tokenizer, rollout)
+        yield start + offset, [texts[i : i + k] for i in range(0, len(texts), k)]
+
+
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list,
+    k: int,
+    max_length: int,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "sampling",
+    **generation,
+) -> list:
+    """``k`` decoded responses for each prompt (strings or chat messages), in prompt order; ``progress`` shows a bar
+    named ``desc`` (responses done, responses/s, time left) on stderr."""
+    examples = tokenize_prompts(model, tokenizer, prompts, max_length, generation.get("max_new_tokens", 0))
     collate = PromptCollator(tokenizer.pad_token_id)
     repeated = [ex for ex in examples for _ in range(k)]
     texts: list[str] = []
     device = next(model.parameters()).device
-    with tqdm(total=len(repeated), desc="sampling", unit="response", disable=not progress) as bar:
+    with tqdm(total=len(repeated), desc=desc, unit="response", disable=not progress) as bar:
         for start in range(0, len(repeated), batch_size):
             batch = collate(repeated[start : start + batch_size])
             rollout = generate(
@@ -106,6 +165,13 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise:
     return records, report
 
 
+def unranked_records(prompts: list, samples: list[list[str]]) -> tuple[list[dict], SampleReport]:
+    """``{"prompt", "responses"}`` records for people to rank, empty responses left out and counted."""
+    records = [{"prompt": p, "responses": [r for r in s if r]} for p, s in zip(prompts, samples, strict=True)]
+    empty = sum(not r for s in samples for r in s)
+    return records, SampleReport(prompts=len(prompts), written=len(records), empty=empty)
+
+
 def main(argv: list[str] | None = None) -> SampleReport:
     parser = argparse.ArgumentParser(prog="lightning-rlhf sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face directory (e.g. the SFT export)")
@@ -116,14 +182,14 @@ def main(argv: list[str] | None = None) -> SampleReport:
         default=None,
         help="instead of --prompts, N fresh toy prompts drawn with --seed (a reward model needs many)",
     )
-    parser.add_argument("--output", required=True, help="JSON Lines file to write")
+    parser.add_argument("--output", required=True, help="JSON Lines file to write (continued if interrupted)")
     parser.add_argument("--k", type=int, default=4, help="responses per prompt")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=512, help="most prompt tokens")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64, help="responses per batch, in whole prompts (>= 1)")
     parser.add_argument(
         "--cache_implementation", default="dynamic", choices=CACHE_IMPLEMENTATIONS, help="KV cache of generation"
     )
@@ -138,6 +204,7 @@ def main(argv: list[str] | None = None) -> SampleReport:
     )
     parser.add_argument("--noise", type=float, default=0.0, help="std of the labeller's noise on judge scores")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--restart", action="store_true", help="discard an interrupted run's results, start over")
     args = parser.parse_args(argv)
     if args.compile and args.cache_implementation != "static":
         parser.error("--compile needs --cache_implementation static")
@@ -152,9 +219,9 @@ def main(argv: list[str] | None = None) -> SampleReport:
             parser.error(f"--{name}={getattr(args, name)}: must be {allowed}")
 
     check_output_file(args.output)
-    # Built first, so that a judge that cannot be found fails before the sampling.
-    judge = make_scorer(args.judge, args.batch_size, progress=True) if args.judge else None
-    torch.manual_seed(args.seed)
+    # Built first, so that a judge that cannot be found fails before the sampling; no bar of its own: it judges a
+    # batch at a time, under the sampling bar.
+    judge = make_scorer(args.judge, args.batch_size) if args.judge else None
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, tokenizer)
     if args.toy_prompts is not None:
@@ -162,16 +229,34 @@ def main(argv: list[str] | None = None) -> SampleReport:
     else:
         records, _ = read_records(args.prompts, "prompt")
         prompts = [r.fields["prompt"] for r in records[: args.limit]]
-    samples = sample_responses(
-        model, tokenizer, prompts, args.k, args.max_length, args.batch_size,
-        progress=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        cache_implementation=args.cache_implementation, compile=args.compile,
-    )  # fmt: skip
-    if args.judge:
-        out, report = judge_records(prompts, samples, judge, args.noise, args.seed)
-    else:
-        out = [{"prompt": p, "responses": [r for r in s if r]} for p, s in zip(prompts, samples, strict=True)]
-        report = SampleReport(prompts=len(prompts), written=len(out), empty=sum(not r for s in samples for r in s))
-    write_jsonl_atomic(out, args.output)
+    settings = {
+        "command": "sample", "model": fingerprint(args.model), "prompts": digest(prompts),
+        "judge": fingerprint(args.judge),
+        **{name: getattr(args, name) for name in ("k", "temperature", "top_p", "max_new_tokens", "max_length",
+                                                  "batch_size", "noise", "seed", "cache_implementation")},
+    }  # fmt: skip
+    with ResumableJsonl(args.output, settings, args.restart) as out:
+        report = SampleReport(**out.counts)
+        if out.done:
+            print(f"{out.records_path}: continuing after {out.done} of {len(prompts)} prompts", file=sys.stderr)
+        batches = sample_batches(
+            model, tokenizer, prompts, args.k, args.max_length, args.batch_size, args.seed, out.done,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            cache_implementation=args.cache_implementation, compile=args.compile,
+        )  # fmt: skip
+        total = len(prompts) * args.k
+        with tqdm(total=total, initial=out.done * args.k, desc="sampling", unit="response") as bar:
+            for first, samples in batches:
+                batch_prompts = prompts[first : first + len(samples)]
+                if judge:  # the labeller's noise seeded per batch too
+                    rows, batch_report = judge_records(
+                        batch_prompts, samples, judge, args.noise, batch_seed(args.seed, first)
+                    )
+                else:
+                    rows, batch_report = unranked_records(batch_prompts, samples)
+                report += batch_report
+                out.append(rows, first + len(samples), asdict(report))
+                bar.update(len(samples) * args.k)
+        out.finish()
     print(f"{args.output}: {report.summary()}")
     return report

@@ -4,8 +4,9 @@
 
 Reads ``{"prompt", "response"}`` records (any source ``read_records`` reads; ``--columns`` remaps names), scores
 each prompt ⊕ response ⊕ EOS with ``reward_model.sequence_rewards`` (the stored ``reward_offset`` subtracted
-unless ``--raw``) and writes the records with a ``reward`` field as JSON Lines, atomically: a temporary file in
-the output's directory, renamed over the output when complete.
+unless ``--raw``) and writes the records with a ``reward`` field as JSON Lines, in input order, as they are scored:
+to ``OUTPUT.partial``, renamed over the output when complete (``data.resumable``). An interrupted run keeps what it
+finished, and a rerun with the same arguments continues it (``--restart`` starts over).
 
 ``import_reward_fn`` resolves PPO's ``reward_fn``: a function ``(prompt, response) -> float`` used instead of a
 reward model. ``make_scorer`` makes one batch scorer of any judge (the toy's gold judge, a reward-model export, such a
@@ -17,7 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -25,16 +27,48 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.collate import DemonstrationCollator
-from lightning_rlhf.data.records import Record, check_output_file, read_records, write_jsonl_atomic
+from lightning_rlhf.data.records import Record, check_output_file, read_records
+from lightning_rlhf.data.resumable import ResumableJsonl, digest, fingerprint
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards
 from lightning_rlhf.toy import gold_score
 
+CHUNK_BATCHES = 32  # batches scored (sorted by length among themselves) and written together
 Scorer = Callable[[list, list[str]], list[float]]  # (prompts, responses) -> one score per pair
 
 
 @torch.no_grad()
+def score_batches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    batch_size: int = 32,
+    max_length: int = 512,
+    subtract_offset: bool = True,
+    skip_invalid: bool = False,
+) -> Iterator[tuple[list[int], list[float | None]]]:
+    """Rewards of ``records`` a batch at a time: yields ``(positions in records, rewards)``. Batches are formed by
+    length to waste little padding; every record is yielded once.
+
+    A record that cannot be tokenized (a prompt longer than ``max_length``) raises, or with ``skip_invalid`` is
+    yielded first with reward ``None``."""
+    tokenize = Tokenizer(tokenizer, max_length, skip_invalid)
+    examples = {i: ex[0] for i, record in enumerate(records) if (ex := tokenize.demonstrations([record]))}
+    if invalid := [i for i in range(len(records)) if i not in examples]:
+        yield invalid, [None] * len(invalid)
+    collate = DemonstrationCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    order = sorted(examples, key=lambda i: len(examples[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate([examples[i] for i in rows])
+        scores = sequence_rewards(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), subtract_offset
+        )
+        yield rows, scores.tolist()
+
+
 def score_records(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -45,25 +79,14 @@ def score_records(
     progress: bool = False,
     skip_invalid: bool = False,
 ) -> list[float | None]:
-    """Reward of each demonstration record, in order. Batches are formed by length to waste little padding;
-    ``progress`` shows a bar (records done, records/s, time left) on stderr.
-
-    A record that cannot be tokenized (a prompt longer than ``max_length``) raises, or with ``skip_invalid`` gets
-    ``None``."""
-    tokenize = Tokenizer(tokenizer, max_length, skip_invalid)
-    examples = {i: ex[0] for i, record in enumerate(records) if (ex := tokenize.demonstrations([record]))}
-    collate = DemonstrationCollator(tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    order = sorted(examples, key=lambda i: len(examples[i]["input_ids"]))
+    """Reward of each demonstration record, in order (``None`` for one ``skip_invalid`` left out; see
+    ``score_batches``); ``progress`` shows a bar (records done, records/s, time left) on stderr."""
     rewards: list[float | None] = [None] * len(records)
-    with tqdm(total=len(examples), desc="scoring", unit="record", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = collate([examples[i] for i in rows])
-            scores = sequence_rewards(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), subtract_offset
-            )
-            for i, score in zip(rows, scores.tolist(), strict=True):
+    with tqdm(total=len(records), desc="scoring", unit="record", disable=not progress) as bar:
+        for rows, scores in score_batches(
+            model, tokenizer, records, batch_size, max_length, subtract_offset, skip_invalid
+        ):
+            for i, score in zip(rows, scores, strict=True):
                 rewards[i] = score
             bar.update(len(rows))
     return rewards
@@ -80,28 +103,44 @@ def score_file(
     skip_invalid: bool = False,
     device: str = "cpu",
     dtype: str = "float32",
+    restart: bool = False,
 ) -> Path:
     """Score the records of ``input_path`` with the reward model exported at ``model_dir``; see module docstring.
-    With ``skip_invalid``, invalid records and records whose prompt exceeds ``max_length`` are left out, counted."""
+    With ``skip_invalid``, invalid records and records whose prompt exceeds ``max_length`` are left out, counted.
+
+    Records are scored ``CHUNK_BATCHES`` batches at a time (formed by length within a chunk) and each chunk's rows
+    are written, in input order, as it finishes (``ResumableJsonl``): a rerun with the same settings after an
+    interruption continues with the first chunk not written; ``restart`` discards what such a run wrote."""
     check_output_file(output_path)
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, tokenizer, dtype).eval().requires_grad_(False).to(device)
     records, report = read_records(input_path, "demonstration", columns, skip_invalid)
-    rewards = score_records(
-        model,
-        tokenizer,
-        records,
-        batch_size,
-        max_length,
-        subtract_offset=not raw,
-        progress=True,
-        skip_invalid=skip_invalid,
-    )
-    rows = [{**record.fields, "reward": r} for record, r in zip(records, rewards, strict=True) if r is not None]
-    too_long = len(records) - len(rows)
+    settings = {
+        "command": "score", "model": fingerprint(model_dir), "records": digest([r.fields for r in records]),
+        "batch_size": batch_size, "max_length": max_length, "raw": raw, "skip_invalid": skip_invalid, "dtype": dtype,
+    }  # fmt: skip
+    chunk = CHUNK_BATCHES * batch_size
+    with ResumableJsonl(output_path, settings, restart) as out:
+        too_long = out.counts.get("too_long", 0)
+        if out.done:
+            print(f"{out.records_path}: continuing after {out.done} of {len(records)} records", file=sys.stderr)
+        with tqdm(total=len(records), initial=out.done, desc="scoring", unit="record") as bar:
+            for start in range(out.done, len(records), chunk):
+                part = records[start : start + chunk]
+                rewards: list[float | None] = [None] * len(part)
+                for positions, scores in score_batches(
+                    model, tokenizer, part, batch_size, max_length, not raw, skip_invalid
+                ):
+                    for i, score in zip(positions, scores, strict=True):
+                        rewards[i] = score
+                    bar.update(len(positions))
+                rows = [{**r.fields, "reward": x} for r, x in zip(part, rewards, strict=True) if x is not None]
+                too_long += len(part) - len(rows)
+                out.append(rows, start + len(part), {"too_long": too_long})
+        path = out.finish()
     if report.skipped or too_long:
         print(f"{report.summary()}; {too_long} records with prompts over max_length={max_length} skipped")
-    return write_jsonl_atomic(rows, output_path)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -116,13 +155,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip_invalid", action="store_true", help="skip (and count) invalid records")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--restart", action="store_true", help="discard an interrupted run's results, start over")
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     path = score_file(
         args.model, args.input, args.output, args.batch_size, args.max_length, args.raw, args.columns,
-        args.skip_invalid, args.device, args.dtype,
+        args.skip_invalid, args.device, args.dtype, args.restart,
     )  # fmt: skip
     print(f"wrote {path}")
 

@@ -92,15 +92,16 @@ def model_scores(model_dir: Path, prompts: list[str], temperature: float) -> dic
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), tokenizer).eval()
     torch.manual_seed(0)
-    greedy = gold_scores(model, tokenizer, prompts, temperature=0.0)
-    sampled = gold_scores(model, tokenizer, prompts, temperature=temperature)
+    name = model_dir.parent.name  # outputs/<stage>/hf
+    greedy = gold_scores(model, tokenizer, prompts, temperature=0.0, progress=True, desc=f"{name} greedy")
+    sampled = gold_scores(model, tokenizer, prompts, temperature=temperature, progress=True, desc=f"{name} sampled")
     return {"gold_greedy": statistics.mean(greedy), "gold_sampled": statistics.mean(sampled), "per_prompt": sampled}
 
 
 def rm_scores(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> list[list[float]]:
     """The reward model's score of each sample, ``samples[i][j]`` answering ``prompts[i]``."""
     pairs = [(p, r) for p, responses in zip(prompts, samples, strict=True) for r in responses]
-    flat = iter(reward_model_scorer(str(rm_dir), batch_size=256)(*map(list, zip(*pairs, strict=True))))
+    flat = iter(reward_model_scorer(str(rm_dir), batch_size=256, progress=True)(*map(list, zip(*pairs, strict=True))))
     return [[next(flat) for _ in responses] for responses in samples]
 
 
@@ -108,7 +109,8 @@ def sft_samples(sft_dir: Path, prompts: list[str], k: int, temperature: float, s
     tokenizer = load_tokenizer(str(sft_dir))
     policy = load_causal_lm(str(sft_dir), tokenizer).eval()
     torch.manual_seed(seed)
-    return sample_responses(policy, tokenizer, prompts, k, 512, 256, max_new_tokens=16, temperature=temperature)
+    return sample_responses(policy, tokenizer, prompts, k, 512, 256, True, f"sft samples (k={k})",
+                            max_new_tokens=16, temperature=temperature)  # fmt: skip
 
 
 def reward_accuracy(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> dict[str, float]:
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list[str])
             "sample", "--model", str(policy), "--prompts", str(prompts), "--k", str(args.k), "--judge", "gold",
             "--noise", str(args.noise), "--temperature", str(args.temperature), "--max_new_tokens", "16",
             "--seed", str(seed + 1000 * round_), "--batch_size", "256", "--output", str(comparisons),
+            "--restart",  # the policy was just trained again: what a killed earlier run sampled is not its
         )  # fmt: skip
         return comparisons
 

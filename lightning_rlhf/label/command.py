@@ -18,6 +18,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from lightning_rlhf.data.records import atomic_file, write_jsonl_atomic
 from lightning_rlhf.label.agreement import CONSENSUS, agreement_report
 from lightning_rlhf.label.store import LabelStore, read_items, read_labels
@@ -26,20 +28,21 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def aggregate(
-    labels: list[dict[str, Any]], consensus: str | None = None
+    labels: list[dict[str, Any]], consensus: str | None = None, progress: bool = False
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """``(comparisons, demonstrations, all_tied)`` from label records.
 
     Without ``consensus`` every label is kept as its own comparison record, items in order; with ``borda`` or
     ``bradley-terry`` each item gets one record ranked by ``CONSENSUS[consensus]`` over its labellers (with their
     names and every flag); an item whose consensus ties everything is left out and counted in ``all_tied``. Each
-    written better answer becomes a ``{"prompt", "response"}`` demonstration.
+    written better answer becomes a ``{"prompt", "response"}`` demonstration. ``progress`` shows a bar (items done,
+    items/s, time left) on stderr: a Bradley–Terry consensus takes milliseconds an item.
     """
     by_item: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for label in labels:
         by_item[label["item"]].append(label)
     comparisons, all_tied = [], 0
-    for item in sorted(by_item):
+    for item in tqdm(sorted(by_item), desc="aggregating", unit="item", disable=not progress):
         group = sorted(by_item[item], key=lambda label: label["labeller"])
         if consensus is None:
             comparisons += group
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     labels = read_labels(args.aggregate)
     report = agreement_report(labels)
-    comparisons, demonstrations, all_tied = aggregate(labels, args.consensus)
+    comparisons, demonstrations, all_tied = aggregate(labels, args.consensus, progress=True)
     write_jsonl_atomic(comparisons, args.output)
     if args.demonstrations:
         write_jsonl_atomic(demonstrations, args.demonstrations)

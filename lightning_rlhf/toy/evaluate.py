@@ -7,10 +7,19 @@ from lightning_rlhf.toy.reverse import gold_score
 
 
 def gold_scores(
-    model, tokenizer, prompts: list[str], temperature: float, max_new_tokens: int = 16, batch_size: int = 128
+    model,
+    tokenizer,
+    prompts: list[str],
+    temperature: float,
+    max_new_tokens: int = 16,
+    batch_size: int = 128,
+    progress: bool = False,
+    desc: str = "sampling",
 ) -> list[float]:
-    """Gold score of one response per prompt, in prompt order: greedy when ``temperature == 0``, else sampled."""
+    """Gold score of one response per prompt, in prompt order: greedy when ``temperature == 0``, else sampled;
+    ``progress`` shows a bar named ``desc`` on stderr."""
     samples = sample_responses(
-        model, tokenizer, prompts, 1, 512, batch_size, max_new_tokens=max_new_tokens, temperature=temperature
-    )
+        model, tokenizer, prompts, 1, 512, batch_size, progress, desc,
+        max_new_tokens=max_new_tokens, temperature=temperature,
+    )  # fmt: skip
     return [gold_score(prompt, responses[0]) for prompt, responses in zip(prompts, samples, strict=True)]
