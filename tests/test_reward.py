@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from lightning_rlhf import ComparisonDataModule, RewardModule
 from lightning_rlhf.data.collate import ComparisonCollator
 from lightning_rlhf.data.records import RecordError, read_records
+from lightning_rlhf.data.resumable import ResumableJsonl
 from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
@@ -248,13 +249,21 @@ def test_score_replaces_the_output_atomically_and_names_bad_records(tiny_model_d
         score_file(str(tmp_path / "rm"), bad, str(output))
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "q", "response": "s"}])
 
-    def failing_dumps(row, **kwargs):
+    append = ResumableJsonl.append
+
+    def append_then_fail(self, *args, **kwargs):  # the disk fills up after the first batch is written
+        append(self, *args, **kwargs)
         raise OSError("disk full")
 
-    monkeypatch.setattr("lightning_rlhf.scoring.json.dumps", failing_dumps)
+    monkeypatch.setattr(ResumableJsonl, "append", append_then_fail)
     with pytest.raises(OSError, match="disk full"):
         score_file(str(tmp_path / "rm"), good, str(output))
-    assert output.read_text() == "previous results\n" and os.listdir(output.parent) == ["scored.jsonl"]
+    assert output.read_text() == "previous results\n"  # the old output stands; what was scored waits in .partial
+    assert sorted(os.listdir(output.parent)) == ["scored.jsonl", "scored.jsonl.partial", "scored.jsonl.partial.json"]
+    monkeypatch.setattr(ResumableJsonl, "append", append)
+    score_file(str(tmp_path / "rm"), good, str(output))
+    assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["p", "q"]
+    assert os.listdir(output.parent) == ["scored.jsonl"]
 
 
 # -- bad comparison records, through the DataModule ------------------------------------------------------------
