@@ -361,3 +361,53 @@ def test_ppo_lora_checkpoint_holds_only_adapters_and_heads_and_resumes_exactly(p
     assert any(k.startswith("value_model.") for k in state)
     assert resumed.batches == straight.batches[2:]
     torch.testing.assert_close(resumed.metrics, straight.metrics[2:], atol=1e-5, rtol=1e-6)
+
+
+def exports_agree(export: str, base, read) -> None:
+    """The merged export (plain transformers) and the adapter on ``base`` give the same outputs."""
+    with torch.no_grad():
+        merged = read(type(base).from_pretrained(export).eval())
+        adapted = read(PeftModel.from_pretrained(base.eval(), f"{export}/adapter").eval())
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+
+
+def checkpoint_weights(tmp_path) -> list[str]:
+    (checkpoint,) = (tmp_path / "tensorboard").glob("version_*/checkpoints/last.ckpt")
+    return list(torch.load(checkpoint, weights_only=True)["state_dict"])
+
+
+def test_rm_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_export, tmp_path):
+    """configs/rm_lora.yaml, 4 steps on the shipped comparisons: configs/rm.yaml's metrics, a checkpoint of adapters and
+    the head only, and merged and adapter exports that score alike."""
+    events = fit_config(
+        "rm_lora.yaml", tmp_path, f"--model.init_args.model_name_or_path={base_export}",
+        "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+        "--data.init_args.batch_size=8",
+    )  # fmt: skip
+    tags = events.Tags()["scalars"]
+    for name in ("loss", "accuracy", "margin", "reward_mean", "reward_std"):
+        assert f"train/{name}" in tags and f"val/{name}" in tags, tags
+    weights = checkpoint_weights(tmp_path)
+    assert weights and all("lora_" in k or "score.modules_to_save" in k for k in weights), weights
+    base = AutoModelForSequenceClassification.from_pretrained(base_export, num_labels=1)
+    exports_agree(str(tmp_path / "hf"), base, lambda model: model(INPUT_IDS).logits)
+
+
+def test_ppo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(ppo_exports, tmp_path):
+    """configs/ppo_lora.yaml, 8 steps: configs/ppo.yaml's metrics, a checkpoint of adapters and the value head only,
+    and merged and adapter exports of the policy that agree."""
+    sft, rm = ppo_exports
+    events = fit_config(
+        "ppo_lora.yaml", tmp_path,
+        f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
+        "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=8",
+        "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+    )  # fmt: skip
+    tags = events.Tags()["scalars"]
+    for name in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/clipfrac", "kl_coef"):
+        assert f"train/{name}" in tags, tags
+    assert "val/objective/scores" in tags
+    weights = checkpoint_weights(tmp_path)
+    assert weights and all("lora_" in k or "score.modules_to_save" in k for k in weights), weights
+    base = AutoModelForCausalLM.from_pretrained(sft)
+    exports_agree(str(tmp_path / "hf"), base, lambda model: model(INPUT_IDS).logits)
