@@ -156,13 +156,15 @@ def test_dpo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_e
 
 def test_a_lora_run_resumes_from_its_checkpoint(base_export, tmp_path):
     """Lightning resumes with ``torch.load(weights_only=True)``: the lora options must be stored as plain data (a
-    dataclass in the hyperparameters refused to load). The checkpoint restores the trained adapters."""
+    dataclass in the hyperparameters refused to load). The checkpoint holds the trained adapters alone and restores
+    them."""
     module = DPOModule(base_export, lora=LoraOptions(r=4, alpha=8), optimizer=adamw(1e-2))
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, max_steps=2, callbacks=[checkpoint]).fit(module, planted_datamodule(tmp_path, 16, 4, 4))
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
     adapters = {k: v for k, v in state.items() if "lora_B" in k}
     assert adapters and all(v.abs().max() > 0 for v in adapters.values())  # trained away from B = 0
+    assert all("lora_" in k for k in state), sorted(state)  # no frozen base: rebuilt from the SFT export
 
     resumed = DPOModule(base_export, lora=LoraOptions(r=4, alpha=8), optimizer=adamw(1e-2))
     trainer(tmp_path / "resume", max_steps=3).fit(
