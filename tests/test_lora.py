@@ -215,7 +215,7 @@ def test_rm_lora_learns_trains_only_adapters_and_head_and_exports_a_plain_reward
     fitted = trainer(tmp_path, max_steps=60, val_check_interval=60, check_val_every_n_epoch=None)
     fitted.fit(module, data)
     after = fitted.callback_metrics["val/accuracy"].item()
-    assert before < 0.7 and after > before + 0.15, (before, after)  # measured: see the commit
+    assert before < 0.7 and after >= 0.9, (before, after)  # measured: 0.62 -> 1.00
 
     trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or "score.modules_to_save" in n for n in trained), trained
