@@ -199,9 +199,9 @@ def rm_lora_module(base: str, **kwargs) -> RewardModule:
 
 def test_rm_lora_learns_trains_only_adapters_and_head_and_exports_a_plain_reward_model(base_export, tmp_path):
     """60 steps on a planted preference ('#' in the best response): held-out accuracy rises from chance; only the
-    adapters and the head's trained copy are optimised and every base weight stays bit for bit; the merged export
-    loads in plain ``AutoModelForSequenceClassification`` and the adapter (with the head) on the SFT export, both
-    scoring as the module does."""
+    adapters and the head's trained copy are optimised, every adapter moves and every base weight stays bit for bit;
+    the merged export loads in plain ``AutoModelForSequenceClassification`` and the adapter (with the head) on the SFT
+    export, both scoring as the module does."""
     from tests.test_reward import marker_comparisons, write_jsonl
 
     train = write_jsonl(tmp_path / "train.jsonl", marker_comparisons(480, seed=0))
@@ -220,6 +220,8 @@ def test_rm_lora_learns_trains_only_adapters_and_head_and_exports_a_plain_reward
     trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or "score.modules_to_save" in n for n in trained), trained
     assert any("score.modules_to_save" in n for n in trained)
+    lora_b = {n: p for n, p in module.model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(p.requires_grad and p.abs().max() > 0 for p in lora_b.values())  # trained away from B = 0
     optimised = {id(p) for group in fitted.optimizers[0].param_groups for p in group["params"]}
     assert optimised == {id(p) for p in module.model.parameters() if p.requires_grad}
     for name, param in module.model.named_parameters():
