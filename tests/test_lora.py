@@ -415,3 +415,19 @@ def test_ppo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(ppo_ex
     assert weights and all("lora_" in k or "score.modules_to_save" in k for k in weights), weights
     base = AutoModelForCausalLM.from_pretrained(sft)
     exports_agree(str(tmp_path / "hf"), base, lambda model: model(INPUT_IDS).logits)
+
+
+def test_sft_lora_checkpoint_holds_adapters_and_buffers_only_unless_the_base_is_random(base_export, tmp_path):
+    """From an export the frozen base is left out (rebuilt from the path on resume); from the embedded default, whose
+    random base exists only in the checkpoint, it stays."""
+    for name, path in (("export", base_export), ("default", None)):
+        config = None if path else {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+        module = SFTModule(path, model_config=config, lora=LoraOptions(r=4, alpha=8), optimizer=adamw(1e-2))
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
+        trainer(tmp_path, max_steps=2, callbacks=[checkpoint]).fit(module, toy_datamodule(tmp_path))
+        state = torch.load(tmp_path / name / "last.ckpt", weights_only=True)["state_dict"]
+        adapters = {n for n, p in module.named_parameters() if p.requires_grad}
+        if path is None:
+            assert set(state) > adapters | {"tokens_seen"} and any("base_layer" in k for k in state)
+        else:
+            assert set(state) == adapters | {"tokens_seen"}
