@@ -380,6 +380,7 @@ def checkpoint_weights(tmp_path) -> list[str]:
     return list(torch.load(checkpoint, weights_only=True)["state_dict"])
 
 
+@pytest.mark.slow
 def test_rm_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_export, tmp_path):
     """configs/rm_lora.yaml, 4 steps on the shipped comparisons: configs/rm.yaml's metrics, a checkpoint of adapters and
     the head only, and merged and adapter exports that score alike."""
@@ -397,6 +398,7 @@ def test_rm_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_ex
     exports_agree(str(tmp_path / "hf"), base, lambda model: model(INPUT_IDS).logits)
 
 
+@pytest.mark.slow
 def test_ppo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(ppo_exports, tmp_path):
     """configs/ppo_lora.yaml, 8 steps: configs/ppo.yaml's metrics, a checkpoint of adapters and the value head only,
     and merged and adapter exports of the policy that agree."""
