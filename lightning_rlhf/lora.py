@@ -10,6 +10,7 @@ import copy
 import os
 from dataclasses import asdict, dataclass
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -38,9 +39,13 @@ def lora_hparams(options: LoraOptions | dict | None) -> dict | None:
     return asdict(options) if isinstance(options, LoraOptions) else options
 
 
-def apply_lora(model: PreTrainedModel, options: LoraOptions | dict) -> PeftModel:
+def apply_lora(model: PreTrainedModel, options: LoraOptions | dict, task_type: str = "CAUSAL_LM") -> PeftModel:
     """``model`` with LoRA adapters, its base weights frozen; the adapters start at zero (``B = 0``), so the wrapped
-    model computes exactly what ``model`` did."""
+    model computes exactly what ``model`` did.
+
+    ``task_type="SEQ_CLS"`` for a reward or value model: ``peft`` then adds its scalar head (``score``) to
+    ``modules_to_save``, so the head trains in full (a trained copy beside the original) and is saved with the adapter.
+    """
     options = LoraOptions(**options) if isinstance(options, dict) else options
     config = LoraConfig(
         r=options.r,
@@ -48,7 +53,7 @@ def apply_lora(model: PreTrainedModel, options: LoraOptions | dict) -> PeftModel
         lora_dropout=options.dropout,
         target_modules=options.target_modules,
         modules_to_save=options.modules_to_save,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 
@@ -76,3 +81,36 @@ def check_lora_strategy(trainer) -> None:
             f"lora is supported on one device and under DDP, not under {type(trainer.strategy).__name__}: "
             "drop the lora option or use strategy: ddp"
         )
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model inside a ``PeftModel`` (its adapters in place and active), or ``model`` itself: for
+    code that reaches into the architecture (``model.base_model`` is the backbone there, ``model.score`` the head)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def frozen_weight_names(module: torch.nn.Module) -> set[str]:
+    """State-dict keys of ``module``'s frozen parameters (tied duplicates included)."""
+    return {name for name, param in module.named_parameters(remove_duplicate=False) if not param.requires_grad}
+
+
+def keep_frozen_weights_out_of_checkpoints(module) -> None:
+    """With LoRA, let a checkpoint without the frozen base weights load into ``module`` (a ``LightningModule``), whose
+    ``configure_model`` rebuilds them from their path; ``drop_frozen_weights`` leaves them out when saving.
+
+    Loading stays strict for everything else: only missing frozen weights are forgiven (``load_state_dict`` post
+    hook, checked before a strict load raises), so a checkpoint lacking an adapter or a trained head still fails.
+    """
+
+    def allow_missing_frozen(module, incompatible_keys) -> None:
+        frozen = frozen_weight_names(module)
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in frozen]
+
+    module.register_load_state_dict_post_hook(allow_missing_frozen)
+
+
+def drop_frozen_weights(module: torch.nn.Module, checkpoint: dict) -> None:
+    """``on_save_checkpoint``'s part with LoRA: only trainable parameters (adapters, ``modules_to_save``, a full
+    value model) and buffers stay in ``checkpoint["state_dict"]``; the frozen base is rebuilt from its path."""
+    frozen = frozen_weight_names(module)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.modeling_layers import GenericForSequenceClassification
 
+from lightning_rlhf.lora import unwrap
 from lightning_rlhf.models import (
     check_model_path,
     default_model_config,
@@ -145,7 +146,9 @@ def sequence_rewards(
 
     With ``reward_token_id`` in the config that token is appended first and its state is read instead.
     ``subtract_offset`` applies the stored normalisation (training leaves it off: the ranking loss ignores it).
+    A ``peft`` (LoRA) model is read through its adapted ``transformers`` model.
     """
+    model = unwrap(model)
     token_id = getattr(model.config, TOKEN_KEY, None)
     if token_id is not None:
         input_ids, attention_mask = append_token(input_ids, attention_mask, token_id)
@@ -157,4 +160,5 @@ def sequence_rewards(
 
 def token_values(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """``(n, t)`` float32 head output at every position: a value function initialised from the reward model."""
+    model = unwrap(model)
     return reward_head(model)(_hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()

@@ -4,6 +4,7 @@
     python scripts/benchmark.py rm --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
     python scripts/benchmark.py ppo --steps 10 --batch-size 8 --max-new-tokens 64 --hidden-size 256 --layers 4
     python scripts/benchmark.py dpo --steps 20 --batch-size 8 --max-length 128 --hidden-size 256 --layers 4
+    python scripts/benchmark.py dpo --lora --steps 5 --warmup 2 --hidden-size 512 --layers 4 --vocab-size 32000
     python scripts/benchmark.py logprobs --batch-size 4 --seq-len 512 --vocab 32000
     python scripts/benchmark.py generate --steps 10 --batch-size 8 --max-new-tokens 64 --hidden-size 256 --layers 4
 
@@ -32,6 +33,12 @@ of each shipped toy comparison): ``RewardModule`` vs TRL's ``RewardTrainer`` (a 
 ``DPOModule`` vs ``DPOTrainer`` (policy and a live frozen reference, β 0.1, sigmoid loss). Their tokens/s counts the
 real tokens of prompt ⊕ chosen and prompt ⊕ rejected, from the pairs' mean length times the pairs trained on, so
 both sides are credited the same work per pair.
+
+``dpo --lora`` adds, in the same run, our DPO with LoRA adapters (rank ``--lora-rank`` on every linear layer) and
+the reference as the policy with its adapter off, beside our full DPO with a live reference copy: on CPU the peak
+RSS includes the process's own baseline (torch, Lightning, transformers imported: several hundred MiB), so pick a
+model whose weights and optimiser state outweigh it (e.g. ``--hidden-size 512 --vocab-size 32000``) before reading
+the memory ratio. The LoRA row is credited the same model FLOPs per token as the full one.
 
 ``ppo`` times PPO iterations (one rollout batch, then 2 epochs × 2 minibatches of updates) and splits each into
 sampling, scoring (policy, reference, value and reward forwards) and updating; tokens/s counts the real tokens of
@@ -351,9 +358,15 @@ def run_pairs_ours(args, model_dir: str, module, stage: str) -> dict:
 
 def run_dpo_ours(args, model_dir: str) -> dict:
     from lightning_rlhf import DPOModule
+    from lightning_rlhf.lora import LoraOptions
 
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-5)  # noqa: E731
-    return run_pairs_ours(args, model_dir, DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=optimizer), "dpo")
+    lora = LoraOptions(r=args.lora_rank, alpha=2 * args.lora_rank) if args.only == "ours_lora" else None
+    module = DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=optimizer, lora=lora)
+    row = run_pairs_ours(args, model_dir, module, "dpo")
+    if lora is not None:
+        row["impl"] = f"lightning_rlhf lora r={args.lora_rank} (adapter-off reference)"
+    return row
 
 
 def run_dpo_trl(args, model_dir: str) -> dict:
@@ -592,11 +605,18 @@ def main() -> None:
                         help="sft: the toy demonstrations and as many random ones of 10-500 tokens")  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="for MFU; default on CUDA: the card's dense peak for --dtype")  # fmt: skip
-    parser.add_argument("--only", choices=["ours", "naive", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--lora", action="store_true",
+                        help="dpo: also our DPO with LoRA and the adapter-off reference, in the same run")  # fmt: skip
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--only", choices=["ours", "ours_lora", "naive", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     impls = ["ours", "naive", "trl"] if args.stage == "logprobs" else ["ours", "trl"]
+    if args.lora and args.stage != "dpo":
+        parser.error("--lora is for the dpo benchmark")
+    if args.lora:
+        impls.insert(1, "ours_lora")
     if args.stage == "ppo":  # our estimators against each other (TRL 1.x has no PPOTrainer)
         impls = [f"ours:{estimator}" for estimator in args.estimators]
     if args.stage == "sft" and args.packing:
@@ -609,7 +629,7 @@ def main() -> None:
         elif args.sft_variant == "packed":  # sft --packing's packed run
             row = run_sft_ours(args, args.model_dir, packing=True)
         else:
-            row = RUNNERS[args.stage][args.only != "ours"](args, args.model_dir)
+            row = RUNNERS[args.stage][args.only == "trl"](args, args.model_dir)
         print("RESULT " + json.dumps(row))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -637,6 +657,8 @@ def main() -> None:
     if args.json:
         with atomic_file(args.json) as out:
             json.dump(rows, out, indent=1)
+    if args.lora:
+        print_table(rows, "peak_mem_mib")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ benchmarks, written to one report.
    layers; 1B: width 2048, 16 layers; vocabulary 32k) with full-length synthetic records: tokens/s, MFU against
    the card's bf16 peak, peak memory, and TRL beside ours where ``trl`` is installed; our SFT packed vs padded on
    demonstrations of mixed lengths; rollout generation with the dynamic cache, the static cache and static +
-   compile; and, once ``benchmark.py`` takes its flag, DPO with LoRA (``--lora``). Each benchmark's rows are also
+   compile; DPO with LoRA and the adapter-off reference beside full DPO (``--lora``). Each benchmark's rows are also
    written as JSON (``benchmark.py --json``) to ``benchmarks/<name>.json`` beside the report.
 
 Every step runs in its own process; a failure is recorded and the next step still runs. The report names the card.
@@ -42,16 +42,13 @@ BENCHMARKS = {  # the shapes of issue 12's TRL reference points
     "sft packed vs padded 0.5B bs 8 x 512, lengths 10-500": ["sft", *SMALL, "--batch-size", "8", "--max-length",
                                                              "512", "--packing", "--mixed-lengths"],
     "rm 0.5B bs 8 x 512": ["rm", *SMALL, "--batch-size", "8", "--max-length", "512"],
-    "dpo 0.5B bs 8 x 512": ["dpo", *SMALL, "--batch-size", "8", "--max-length", "512"],
+    "dpo 0.5B bs 8 x 512, full and LoRA": ["dpo", *SMALL, "--batch-size", "8", "--max-length", "512", "--lora"],
     "dpo 1B bs 4 x 1024": ["dpo", *LARGE, "--batch-size", "4", "--max-length", "1024"],
     "ppo 0.5B bs 16, prompt 64, response 128": ["ppo", *SMALL, "--batch-size", "16", "--max-length", "64",
                                                  "--max-new-tokens", "128"],
     "generate 0.5B bs 16, prompt 64, response 128": ["generate", *SMALL, "--batch-size", "16", "--max-length", "64",
                                                       "--max-new-tokens", "128"],
 }  # fmt: skip
-OPTIONAL_BENCHMARKS = {  # issue 14's: each runs once benchmark.py takes its flag (its last argument)
-    "dpo 0.5B bs 8 x 512, LoRA": ["dpo", *SMALL, "--batch-size", "8", "--max-length", "512", "--lora"],
-}
 
 
 def run(name: str, command: list[str], timeout: int) -> dict:
@@ -113,12 +110,6 @@ def config_runs(root: Path, devices: int) -> dict[str, list[str]]:
         "dpo.yaml under FSDP2": [*cli, "--config", "configs/dpo.yaml", *common("dpo"), *fsdp2,
                                  f"--model.init_args.model_name_or_path={sft}"],
     }  # fmt: skip
-
-
-def benchmarks(usage: str) -> dict[str, list[str]]:
-    """``BENCHMARKS``, and those of ``OPTIONAL_BENCHMARKS`` whose flag ``usage`` (``benchmark.py --help``) lists."""
-    flags = usage.replace("[", " ").replace("]", " ").split()
-    return {**BENCHMARKS, **{name: args for name, args in OPTIONAL_BENCHMARKS.items() if args[-1] in flags}}
 
 
 def run_benchmark(name: str, benchmark: list[str], results: Path, steps: str, timeout: int) -> dict:
@@ -183,10 +174,7 @@ def main() -> None:
         for name, command in config_runs(Path(tmp), devices).items():
             record(report, run(name, command, args.timeout), path)
     if not args.skip_benchmarks:
-        usage = subprocess.run(
-            [sys.executable, "scripts/benchmark.py", "--help"], cwd=REPO, capture_output=True, text=True
-        )
-        for name, benchmark in benchmarks(usage.stdout).items():
+        for name, benchmark in BENCHMARKS.items():
             record(report, run_benchmark(name, benchmark, path.parent / "benchmarks", args.steps, args.timeout), path)
     print(path.read_text())
     failed = [step["name"] for step in report["steps"] if step["returncode"] != 0]

@@ -32,17 +32,6 @@ def test_generate_benchmark_writes_the_rows_it_prints_to_json(tmp_path):
     assert not list(out.parent.glob(".*tmp*"))  # written atomically: no staging file left behind
 
 
-def test_gpu_check_runs_an_optional_benchmark_only_once_benchmark_py_takes_its_flag(monkeypatch):
-    from scripts import gpu_check
-
-    """Listed as ``[--packing]`` in the usage line: run. Only ``--lora-r`` listed: a flag that merely starts like
-    ``--lora`` is not ``--lora``, so not run. The fixed benchmarks (generation among them) always run."""
-    monkeypatch.setattr(gpu_check, "OPTIONAL_BENCHMARKS", {"packed": ["sft", "--packing"], "lora": ["dpo", "--lora"]})
-    chosen = gpu_check.benchmarks("usage: benchmark.py [-h] [--packing]\n\noptions:\n  --lora-r LORA_R  rank\n")
-    assert "packed" in chosen and "lora" not in chosen
-    assert chosen["generate 0.5B bs 16, prompt 64, response 128"][0] == "generate"
-
-
 def test_gpu_check_reports_the_rows_a_benchmark_wrote_and_never_a_previous_runs(tmp_path, monkeypatch):
     """A benchmark that fails leaves no rows in the report even where an earlier run left its JSON file; one that
     succeeds reports exactly the rows it wrote to the path given after ``--json``."""

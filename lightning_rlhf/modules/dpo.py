@@ -30,7 +30,15 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, export_lora, lora_hparams
+from lightning_rlhf.lora import (
+    LoraOptions,
+    apply_lora,
+    check_lora_strategy,
+    drop_frozen_weights,
+    export_lora,
+    keep_frozen_weights_out_of_checkpoints,
+    lora_hparams,
+)
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
 from lightning_rlhf.models import (
     check_export_before_fit,
@@ -140,6 +148,10 @@ class DPOModule(L.LightningModule):
         val_names = ["loss", *METRICS, *(["nll"] if nll_weight else [])]
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in val_names})
         keep_out_of_checkpoints(self, "ref_model")  # rebuilt from model_name_or_path
+        # With LoRA, checkpoints hold the adapters only: the frozen base is rebuilt from model_name_or_path.
+        self.checkpoint_trainable_only = lora is not None
+        if self.checkpoint_trainable_only:
+            keep_frozen_weights_out_of_checkpoints(self)
 
     def _load_reference(self) -> PreTrainedModel:
         hp = self.hparams
@@ -289,6 +301,10 @@ class DPOModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_trainable_only:
+            drop_frozen_weights(self, checkpoint)
 
     def setup(self, stage: str) -> None:
         if self.hparams.lora is not None:

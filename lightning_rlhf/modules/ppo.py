@@ -44,6 +44,16 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from lightning_rlhf.lora import (
+    LoraOptions,
+    apply_lora,
+    check_lora_strategy,
+    drop_frozen_weights,
+    export_lora,
+    keep_frozen_weights_out_of_checkpoints,
+    lora_hparams,
+    unwrap,
+)
 from lightning_rlhf.losses import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
@@ -148,6 +158,7 @@ class PPOModule(L.LightningModule):
         kl_loss_coef: float = 0.0,
         loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean",
         reward_fns: dict[str, float] | None = None,
+        lora: LoraOptions | None = None,
     ):
         """
         Args:
@@ -226,6 +237,12 @@ class PPOModule(L.LightningModule):
                 ``seq_mean_token_mean`` (every response alike); see ``losses.aggregate_loss``.
             reward_fns: several reward functions, ``{import path: weight}``: the reward is the weighted sum, and each
                 function's mean is logged as ``objective/reward/<function name>`` (e.g. format and correctness).
+            lora: train LoRA adapters (``peft``) on the frozen policy instead of every weight. The reference is then
+                the policy with its adapter switched off (no second copy), unless ``ref_model_name_or_path`` names
+                another model, which is loaded as before. A value model gets adapters of its own (same options) and
+                its head trains in full; a ``value_head`` trains in full on the adapted policy. Checkpoints hold only
+                the trainable parameters; the export holds the merged policy and, in ``export_dir/adapter``, the
+                adapter alone. One device or DDP.
         """
         super().__init__()
         sources = [reward_model_name_or_path, reward_fn, reward_fns]
@@ -259,6 +276,7 @@ class PPOModule(L.LightningModule):
                     forward_batch_size is None or forward_batch_size >= 1)  # fmt: skip
         check_range("ppo_epochs", ppo_epochs, ">= 1", ppo_epochs >= 1)
         check_range("num_mini_batches", num_mini_batches, ">= 1", num_mini_batches >= 1)
+        lora = lora_hparams(lora)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
@@ -274,6 +292,8 @@ class PPOModule(L.LightningModule):
         watched = VAL_METRICS + (("objective/judge",) if judge_fn is not None else ())
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in watched})
         keep_out_of_checkpoints(self, "ref_model", "reward_model")  # rebuilt from their paths
+        if lora is not None:  # the frozen bases too
+            keep_frozen_weights_out_of_checkpoints(self)
 
     # -- models -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -283,7 +303,10 @@ class PPOModule(L.LightningModule):
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
         reference = hp.ref_model_name_or_path or hp.model_name_or_path
         self._check_tokenizer(reference, "reference model")
-        self.ref_model = load_causal_lm(reference, self.tokenizer, hp.dtype).eval().requires_grad_(False)
+        if hp.lora is not None:
+            self.model = apply_lora(self.model, hp.lora)
+        if hp.lora is None or reference != hp.model_name_or_path:  # else: the policy with its adapter off
+            self.ref_model = load_causal_lm(reference, self.tokenizer, hp.dtype).eval().requires_grad_(False)
         if hp.reward_model_name_or_path is not None:
             self._check_tokenizer(hp.reward_model_name_or_path, "reward model")
             self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
@@ -294,6 +317,8 @@ class PPOModule(L.LightningModule):
             self.value_head = self._value_head_from(reward_head(self.reward_model) if self.reward_model else None)
         elif critic:
             self.value_model = load_reward_model(value_start, self.tokenizer, hp.dtype)
+            if hp.lora is not None:
+                self.value_model = apply_lora(self.value_model, hp.lora, task_type="SEQ_CLS")
         for trained in (self.model, self.value_model):
             if trained is not None:
                 disable_dropout(trained)
@@ -338,6 +363,8 @@ class PPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["kl_coef"], checkpoint["rollouts"] = self.kl_coef, self.rollouts
+        if self.hparams.lora is not None:
+            drop_frozen_weights(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.kl_coef = checkpoint.get("kl_coef", self.kl_coef)
@@ -363,6 +390,14 @@ class PPOModule(L.LightningModule):
         targets = next_tokens(sequences[:, start - 1 :])  # (b, r + 1): column t-1 predicts token t; last: none
         return token_logprobs(logits, targets, temperature=self.hparams.temperature)[:, :-1]
 
+    def reference_logprobs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """``(b, r)`` reference log-probs of the response tokens: the frozen copy's, or with LoRA the policy's with its
+        adapter switched off (the base weights, bit for bit)."""
+        if self.ref_model is not None:
+            return self.response_logprobs(self.ref_model, sequences, attention_mask, start)
+        with self.model.disable_adapter():
+            return self.response_logprobs(self.model, sequences, attention_mask, start)
+
     def policy_outputs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """``(b, r)`` policy log-probs of the response tokens and values of the states before them (the value at the
         column before each token, like the logits that predict it); values ``None`` without a value function."""
@@ -374,7 +409,7 @@ class PPOModule(L.LightningModule):
         # The backbone's output, caught on its way to the LM head (``output_hidden_states`` comes back empty when
         # FSDP2 has swapped the layers' classes).
         caught: list[Tensor] = []
-        hook = self.model.base_model.register_forward_hook(lambda module, args, out: caught.append(out[0]))
+        hook = unwrap(self.model).base_model.register_forward_hook(lambda module, args, out: caught.append(out[0]))
         try:
             logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
         finally:
@@ -401,8 +436,8 @@ class PPOModule(L.LightningModule):
         # policy stays gathered over the decode steps instead of all-gathering every block for every token.
         sharded = self.device_mesh is not None and self.device_mesh.size() > 1
         with gathered(self.model):
-            rollout = generate(
-                self.model, self.tokenizer, input_ids, attention_mask, hp.max_new_tokens,
+            rollout = generate(  # a LoRA policy through its transformers model, whose generation_config counts
+                unwrap(self.model), self.tokenizer, input_ids, attention_mask, hp.max_new_tokens,
                 hp.temperature, hp.top_k, hp.top_p, synced_gpus=sharded,
                 cache_implementation=hp.cache_implementation, compile=hp.compile_generation,
             )  # fmt: skip
@@ -423,7 +458,7 @@ class PPOModule(L.LightningModule):
         ):
             ids, mask = sequences[rows], attention_mask[rows]
             logprobs, values = self.policy_outputs(ids, mask, start)
-            ref_logprobs = self.response_logprobs(self.ref_model, ids, mask, start)
+            ref_logprobs = self.reference_logprobs(ids, mask, start)
             scores = sequence_rewards(self.reward_model, ids, mask) if self.reward_model is not None else None
             parts.append((logprobs, values, ref_logprobs, scores))
         logprobs, values, ref_logprobs, scores = (
@@ -600,6 +635,8 @@ class PPOModule(L.LightningModule):
         return optimizer_config(groups, self.optimizer_factory, self.scheduler_factory)
 
     def setup(self, stage: str) -> None:
+        if self.hparams.lora is not None:
+            check_lora_strategy(self.trainer)
         if stage == "fit" and self.hparams.export_dir:
             check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
@@ -619,5 +656,7 @@ class PPOModule(L.LightningModule):
             )
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir:
+        if self.hparams.export_dir and self.hparams.lora is not None:
+            export_lora(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
+        elif self.hparams.export_dir:
             export_from_trainer(self.trainer, "model", self.tokenizer, self.hparams.export_dir)

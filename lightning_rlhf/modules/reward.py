@@ -20,6 +20,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_rlhf.lora import (
+    LoraOptions,
+    apply_lora,
+    check_lora_strategy,
+    drop_frozen_weights,
+    export_lora,
+    keep_frozen_weights_out_of_checkpoints,
+    lora_hparams,
+)
 from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import check_export_before_fit, export_from_trainer, load_tokenizer
 from lightning_rlhf.optim import optimizer_config
@@ -50,6 +59,7 @@ class RewardModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoraOptions | None = None,
     ):
         """
         Args:
@@ -66,10 +76,15 @@ class RewardModule(L.LightningModule):
             scheduler: stepped every optimiser step.
             export_dir: where the reward model and tokenizer are saved (``save_pretrained``) when fit ends.
             gradient_checkpointing: trade compute for activation memory.
+            lora: train LoRA adapters (``peft``) on the frozen backbone, and the scalar head in full (``peft``'s
+                ``modules_to_save``); checkpoints then hold only those (the base is rebuilt from
+                ``model_name_or_path``), and the export holds the merged reward model and, in ``export_dir/adapter``,
+                the adapter with the head. One device or DDP.
         """
         super().__init__()
         check_range("margin", margin, ">= 0", margin >= 0)
         check_range("center_coef", center_coef, ">= 0", center_coef >= 0)
+        lora = lora_hparams(lora)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -78,6 +93,10 @@ class RewardModule(L.LightningModule):
             self.tokenizer.add_tokens([reward_token], special_tokens=True)
         self.model = None
         self.val_metrics = _validation_metrics()
+        # An embedded default's random base exists only in the checkpoint: it keeps it.
+        self.checkpoint_trainable_only = lora is not None and model_name_or_path is not None
+        if self.checkpoint_trainable_only:
+            keep_frozen_weights_out_of_checkpoints(self)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -90,6 +109,8 @@ class RewardModule(L.LightningModule):
             setattr(self.model.config, TOKEN_KEY, self.tokenizer.convert_tokens_to_ids(hp.reward_token))
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if hp.lora is not None:
+            self.model = apply_lora(self.model, hp.lora, task_type="SEQ_CLS")
         fully_shard_models(self, self.model)
 
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -171,7 +192,13 @@ class RewardModule(L.LightningModule):
         rank_zero_info(f"reward_offset = {offset:.4f}: mean raw reward of {count} normalisation sequences")
         return offset
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_trainable_only:
+            drop_frozen_weights(self, checkpoint)
+
     def setup(self, stage: str) -> None:
+        if self.hparams.lora is not None:
+            check_lora_strategy(self.trainer)
         if stage == "fit" and self.hparams.export_dir:
             check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
 
@@ -183,5 +210,7 @@ class RewardModule(L.LightningModule):
             offset = self.normalize(loader)
             if self.logger is not None:
                 self.logger.log_metrics({"train/reward_offset": offset}, step=self.global_step)
-        if hp.export_dir:
+        if hp.export_dir and hp.lora is not None:
+            export_lora(self.trainer, "model", self.tokenizer, hp.export_dir)
+        elif hp.export_dir:
             export_from_trainer(self.trainer, "model", self.tokenizer, hp.export_dir)

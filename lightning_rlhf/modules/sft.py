@@ -17,7 +17,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_rlhf.lora import LoraOptions, apply_lora, check_lora_strategy, export_lora, lora_hparams
+from lightning_rlhf.lora import (
+    LoraOptions,
+    apply_lora,
+    check_lora_strategy,
+    drop_frozen_weights,
+    export_lora,
+    keep_frozen_weights_out_of_checkpoints,
+    lora_hparams,
+)
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
 from lightning_rlhf.models import (
     check_export_before_fit,
@@ -86,6 +94,11 @@ class SFTModule(L.LightningModule):
         self.packing_checked = False
         self.val_loss = MeanMetric()
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        # With LoRA, checkpoints hold the adapters only: the frozen base is rebuilt from model_name_or_path (an
+        # embedded default's random base exists only in the checkpoint: it keeps it).
+        self.checkpoint_trainable_only = lora is not None and model_name_or_path is not None
+        if self.checkpoint_trainable_only:
+            keep_frozen_weights_out_of_checkpoints(self)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -138,6 +151,10 @@ class SFTModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_trainable_only:
+            drop_frozen_weights(self, checkpoint)
 
     def setup(self, stage: str) -> None:
         if self.hparams.lora is not None:
