@@ -300,10 +300,10 @@ def test_ppo_lora_reference_is_the_base_model_once_the_adapters_moved(ppo_export
     perturb_adapters(module.model)
     torch.manual_seed(0)
     experience = module.make_experience(prompts_batch(["Reverse: abc\n", "Reverse: de\n"]))
-    sequences, mask, _, start = experience.rollout
+    rollout = experience.rollout
     base = AutoModelForCausalLM.from_pretrained(ppo_exports[0]).eval()
     with torch.no_grad():
-        expected = module.response_logprobs(base, sequences, mask, start)
+        expected = module.response_logprobs(base, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
     torch.testing.assert_close(experience.ref_logprobs, expected, atol=1e-5, rtol=0)
     assert (experience.logprobs - expected)[experience.mask].abs().max() > 0.1
 
