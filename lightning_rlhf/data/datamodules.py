@@ -12,10 +12,12 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import datasets
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.cache import kept, tokenize_report, tokenized
 from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollator, PromptCollator
@@ -135,8 +137,8 @@ class RecordDataModule(L.LightningDataModule):
         check_range("num_workers", num_workers, ">= 0", num_workers >= 0)
         check_range("num_proc", num_proc, ">= 1 or None", num_proc is None or num_proc >= 1)
         self.tokenizer = None
-        self.train_examples: list[Any] = []
-        self.val_examples: list[Any] = []
+        self.train_examples: datasets.Dataset | Dataset | list = []  # a Dataset of every example after setup
+        self.val_examples: datasets.Dataset | list = []
 
     # -- what a subclass defines ------------------------------------------------------------------------
     def collator(self):
@@ -156,7 +158,14 @@ class RecordDataModule(L.LightningDataModule):
             raise ValueError(f"{type(self).__name__} needs train_path")
         return path
 
-    def _tokenized(self, path: str, split: str, kind: str | None = None, max_length: int | None = None, tokenizer=None):
+    def _tokenized(
+        self,
+        path: str,
+        split: str,
+        kind: str | None = None,
+        max_length: int | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> tuple[datasets.Dataset, ReadReport]:
         """Every valid record of ``path`` tokenized (an Arrow dataset, read from the cache when it holds it) and the
         ``ReadReport`` of reading it."""
         hp = self.hparams
@@ -282,7 +291,7 @@ class ComparisonDataModule(RecordDataModule):
         if normalize_path is None and not self.hparams.train_path:
             normalize_path = self.default_normalize_path
         self.normalize_path, self.normalize_max_records = normalize_path, normalize_max_records
-        self.normalize_examples: list[Any] = []
+        self.normalize_examples: datasets.Dataset | list = []
 
     def extra_sources(self) -> list[tuple[str, str, int]]:
         return [(self.normalize_path, "demonstration", self.hparams.max_length)] if self.normalize_path else []
@@ -319,7 +328,7 @@ class WithPretraining(Dataset):
     """Prompts paired with pretraining texts for PPO-ptx: item ``i`` is prompt ``i mod P`` carrying text ``i mod N``
     under ``"ptx"``, for ``max(P, N)`` items, so an epoch meets every prompt and every text (the shorter cycles)."""
 
-    def __init__(self, prompts: Dataset, texts: Dataset):
+    def __init__(self, prompts: datasets.Dataset, texts: datasets.Dataset):
         self.prompts, self.texts = prompts, texts
 
     def __len__(self) -> int:
@@ -349,7 +358,7 @@ class PromptDataModule(RecordDataModule):
         """
         super().__init__(*args, **kwargs)
         self.pretrain_path, self.pretrain_max_length = pretrain_path, pretrain_max_length
-        self.pretrain_examples: list[Any] = []
+        self.pretrain_examples: datasets.Dataset | list = []
 
     def extra_sources(self) -> list[tuple[str, str, int]]:
         return [(self.pretrain_path, "text", self.pretrain_max_length)] if self.pretrain_path else []
