@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -68,7 +69,7 @@ def run_setup(code: Path, data: Path, cache_dir: Path | None, num_proc: int | No
     command += ["--max-length", str(max_length)]
     if cache_dir is not None:
         command += ["--cache-dir", str(cache_dir)] + (["--num-proc", str(num_proc)] if num_proc else [])
-    env = {**__import__("os").environ, "PYTHONPATH": str(code)}
+    env = {**os.environ, "PYTHONPATH": str(code)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=code)
     if done.returncode != 0:
         raise SystemExit(f"setup with {code} failed:\n{done.stderr[-3000:]}")

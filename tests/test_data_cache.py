@@ -134,3 +134,16 @@ def test_tokenize_report_and_kept_count_over_the_selected_rows():
     chosen = dataset.select([2, 1])
     assert cache.tokenize_report(chosen) == cache.TokenizeReport(truncated=2, skipped=1, texts_truncated=1)
     assert list(cache.kept(chosen)) == [{"input_ids": [7, 8]}]
+
+
+def test_the_scale_benchmark_writes_demonstrations_of_the_stated_lengths(tmp_path):
+    """scripts/data_scale.py: prompts of 20-200 characters, responses of 1-80, and the same file for the same seed."""
+    from scripts.data_scale import generate
+
+    generate(300, tmp_path / "a.jsonl")
+    generate(300, tmp_path / "b.jsonl")
+    records, _ = read_records(str(tmp_path / "a.jsonl"), "demonstration")
+    assert len(records) == 300
+    assert {len(r.fields["prompt"]) for r in records} <= set(range(20, 201))
+    assert {len(r.fields["response"]) for r in records} <= set(range(1, 81))
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
