@@ -2,6 +2,7 @@
 never reused, bad records still named (or counted)."""
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
@@ -67,12 +68,12 @@ def test_a_second_setup_reads_the_cache_without_tokenizing(tmp_path, monkeypatch
     first.prepare_data()
     assert len(maps) == 1
     first.setup("fit")
-    cached = sorted(p.name for p in tmp_path.iterdir())
+    cached = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     again = DemonstrationDataModule(cache_dir=str(tmp_path), max_length=32)
     again.prepare_data()
     again.setup("fit")
     assert len(maps) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == cached
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == cached  # nothing written
     assert list(again.train_examples) == list(first.train_examples)
     assert all(f["filename"].startswith(str(tmp_path)) for f in again.train_examples.cache_files)
 
@@ -124,16 +125,19 @@ def test_several_tokenizing_processes_give_the_same_examples(tmp_path):
     assert list(two.val_examples) == list(one.val_examples)
 
 
-def test_tokenize_report_and_kept_count_over_the_selected_rows():
+def test_select_counts_over_the_chosen_rows_and_keeps_those_not_skipped():
     """Rows (skipped, truncated, texts_truncated): r0 (F, 1, 0), r1 (T, 0, 0), r2 (F, 2, 1).
-    All rows: truncated 1 + 0 + 2 = 3, skipped 1, texts 1. Rows [2, 1]: truncated 2, skipped 1, texts 1; kept: r2."""
+    All rows: truncated 1 + 0 + 2 = 3, skipped 1, texts 1; kept r0, r2. Rows [2, 1]: truncated 2, skipped 1, texts 1;
+    kept r2 alone."""
     rows = {"input_ids": [[5], [], [7, 8]], "skipped": [False, True, False]}
     rows |= {"truncated": [1, 0, 2], "texts_truncated": [0, 0, 1], "location": ["l0", "l1", "l2"]}
     dataset = datasets.Dataset.from_dict(rows)
-    assert cache.tokenize_report(dataset) == cache.TokenizeReport(truncated=3, skipped=1, texts_truncated=1)
-    chosen = dataset.select([2, 1])
-    assert cache.tokenize_report(chosen) == cache.TokenizeReport(truncated=2, skipped=1, texts_truncated=1)
-    assert list(cache.kept(chosen)) == [{"input_ids": [7, 8]}]
+    every, report = cache.select(dataset)
+    assert report == cache.TokenizeReport(truncated=3, skipped=1, texts_truncated=1)
+    assert list(every) == [{"input_ids": [5]}, {"input_ids": [7, 8]}]
+    chosen, report = cache.select(dataset, np.array([2, 1]))
+    assert report == cache.TokenizeReport(truncated=2, skipped=1, texts_truncated=1)
+    assert list(chosen) == [{"input_ids": [7, 8]}]
 
 
 def test_the_scale_benchmark_writes_demonstrations_of_the_stated_lengths(tmp_path):

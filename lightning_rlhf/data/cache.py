@@ -2,15 +2,15 @@
 
 ``tokenized(...)`` reads a source (``records.read_rows``), validates each record as ``read_records`` does, writes the
 valid ones to Arrow (``datasets.Dataset.from_generator``), tokenizes them with ``datasets.Dataset.map`` (``num_proc``
-worker processes) through the same ``Tokenizer`` as the list-based path, and saves the result under
-``cache_dir/<key>``: ``key`` hashes the source's content (a file's bytes, a ``datasets`` fingerprint), the record
+worker processes) through the same ``Tokenizer`` as the list-based path, writing its Arrow file(s) into
+``cache_dir/<kind>-<key>``: ``key`` hashes the source's content (a file's bytes, a ``datasets`` fingerprint), the record
 kind, the column mapping, the tokenizer (vocabulary, special tokens, chat template), ``max_length`` and
-``skip_invalid``, so a changed file or setting never reuses a stale cache. A later call with the same key loads the
-saved dataset (``datasets.load_from_disk``, memory-mapped): nothing is read or tokenized again.
+``skip_invalid``, so a changed file or setting never reuses a stale cache. A later call with the same key
+memory-maps those files (``datasets.Dataset.from_file``): nothing is read or tokenized again.
 
 Rows keep the record's ``location`` (``file line N``) and what tokenizing it found: ``skipped`` (an over-long prompt
 under ``skip_invalid``) and ``truncated`` / ``texts_truncated`` (cut responses and texts), so the counts the
-list-based path reported are sums over the rows a DataModule uses.
+list-based path reported are sums over the rows a DataModule uses (``select``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import pyarrow.compute as pc
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.records import VALIDATORS, ReadReport, Record, RecordError, read_rows
@@ -161,19 +161,19 @@ def _build(
             {"location": datasets.Value("string"), **FEATURES[kind], "skipped": datasets.Value("bool")}
             | {"truncated": datasets.Value("int32"), "texts_truncated": datasets.Value("int32")}
         )
-        tokenized = records.map(
+        staging = work / "dataset"
+        staging.mkdir()
+        records.map(
             _TokenizeBatch(tokenizer, kind, max_length, skip_invalid),
             batched=True,
             num_proc=num_proc,
             remove_columns=["record"],
             features=features,
+            cache_file_name=str(staging / "examples.arrow"),  # with num_proc: examples_0000N_of_0000M.arrow
             new_fingerprint=target.name,  # no hashing of the tokenizer: the key already names it
             desc=f"tokenizing {source}",
         )
-        staging = work / "dataset"
-        tokenized.save_to_disk(str(staging))
         shutil.copy(reasons_file, staging / "read_report.json")
-        del records, tokenized
         try:
             os.rename(staging, target)
         except OSError:
@@ -208,7 +208,8 @@ def tokenized(
     target = Path(cache_dir or default_cache_dir()) / f"{kind}-{key}"
     if not target.exists():
         _build(target, source, kind, tokenizer, max_length, columns, skip_invalid, split, num_proc)
-    dataset = datasets.load_from_disk(str(target))
+    shards = sorted(target.glob("examples*.arrow"))  # in order: one per num_proc worker, zero-padded names
+    dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(shard)) for shard in shards])
     found = json.loads((target / "read_report.json").read_text())
     report = ReadReport(source=source, kept=len(dataset), skipped=found["skipped"], reasons=found["reasons"])
     if not len(dataset):
@@ -217,17 +218,19 @@ def tokenized(
     return dataset, report
 
 
-def tokenize_report(dataset: datasets.Dataset) -> TokenizeReport:
-    """The list-based path's counts over the rows of ``dataset`` (after any ``select``)."""
-    table = dataset.select_columns(["skipped", "truncated", "texts_truncated"]).with_format("arrow")[:]
-    counts = {name: pc.sum(table[name]).as_py() or 0 for name in ("truncated", "texts_truncated")}
-    return TokenizeReport(skipped=pc.sum(table["skipped"].cast("int64")).as_py() or 0, **counts)
+def select(dataset: datasets.Dataset, indices: np.ndarray | None = None) -> tuple[datasets.Dataset, TokenizeReport]:
+    """Rows ``indices`` (all when ``None``, else in their order) of a dataset as ``tokenized`` returns it, less those
+    tokenizing skipped, with the tokenized columns only; and the list-based path's counts over those rows.
 
-
-def kept(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The rows of ``dataset`` that tokenizing did not skip, with the tokenized columns only."""
-    skipped = dataset.select_columns(["skipped"]).with_format("arrow")[:]["skipped"]
-    if pc.any(skipped).as_py():
-        dataset = dataset.select(pc.indices_nonzero(pc.invert(skipped)).to_numpy().astype("int64"))
-    extra = ["location", "skipped", "truncated", "texts_truncated"]
-    return dataset.remove_columns([c for c in extra if c in dataset.column_names])
+    The counts come from three small columns as arrays, and the rows kept are an index mapping kept in memory: no
+    row's token ids are read, and nothing is written next to the cached files.
+    """
+    rows = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    column = {name: dataset.data.column(name).to_numpy()[rows] for name in ("skipped", "truncated", "texts_truncated")}
+    report = TokenizeReport(
+        truncated=int(column["truncated"].sum()),
+        skipped=int(column["skipped"].sum()),
+        texts_truncated=int(column["texts_truncated"].sum()),
+    )
+    chosen = dataset.select(rows[~column["skipped"]], keep_in_memory=True)
+    return chosen.remove_columns(["location", "skipped", "truncated", "texts_truncated"]), report

@@ -14,12 +14,13 @@ from typing import Any
 
 import datasets
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rlhf.data.cache import kept, tokenize_report, tokenized
+from lightning_rlhf.data.cache import select, tokenized
 from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollator, PromptCollator
 from lightning_rlhf.data.records import ReadReport
 from lightning_rlhf.data.tokenization import TokenizeReport
@@ -207,21 +208,21 @@ class RecordDataModule(L.LightningDataModule):
         train_path = self._train_path()
         if not hp.train_path:
             rank_zero_info(f"{type(self).__name__}: no train_path given, so the toy task's data: {train_path}")
-        train, report = self._tokenized(train_path, hp.split)
+        records, report = self._tokenized(train_path, hp.split)
         self._report(report)
         if hp.val_path:
-            val, report = self._tokenized(hp.val_path, hp.val_split)
+            val_records, report = self._tokenized(hp.val_path, hp.val_split)
             self._report(report)
+            self.train_examples, train_report = select(records)
+            self.val_examples, val_report = select(val_records)
         else:  # a seeded held-out fraction of the valid records, in the permutation's order
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed))
-            n_val = round(len(train) * hp.val_fraction)
-            val = train.select(order[:n_val].numpy())
-            train = train.select(order[n_val:].sort().values.numpy())
-        train_report, val_report = tokenize_report(train), tokenize_report(val)
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(hp.seed)).numpy()
+            n_val = round(len(records) * hp.val_fraction)
+            self.train_examples, train_report = select(records, np.sort(order[n_val:]))
+            self.val_examples, val_report = select(records, order[:n_val])
         self.tokenize_report = TokenizeReport(
             **{name: getattr(train_report, name) + getattr(val_report, name) for name in vars(train_report)}
         )
-        self.train_examples, self.val_examples = kept(train), kept(val)
         if not len(self.train_examples):
             raise ValueError(
                 f"{train_path}: no training examples left after tokenization ({self.tokenize_report.summary()})"
@@ -302,10 +303,9 @@ class ComparisonDataModule(RecordDataModule):
         demonstrations, report = self._tokenized(self.normalize_path, self.hparams.split, "demonstration")
         self._report(report)
         count = min(len(demonstrations), self.normalize_max_records or len(demonstrations))
-        first = demonstrations.select(range(count))
-        self.normalize_examples = kept(first)
+        self.normalize_examples, counts = select(demonstrations, np.arange(count))
         if not len(self.normalize_examples):
-            raise ValueError(f"{self.normalize_path}: no normalisation examples ({tokenize_report(first).summary()})")
+            raise ValueError(f"{self.normalize_path}: no normalisation examples ({counts.summary()})")
 
     def collator(self) -> ComparisonCollator:
         return ComparisonCollator(self.tokenizer.pad_token_id)
@@ -368,8 +368,8 @@ class PromptDataModule(RecordDataModule):
             return
         texts, report = self._tokenized(self.pretrain_path, self.hparams.split, "text", self.pretrain_max_length)
         self._report(report)
-        self.pretrain_examples = kept(texts)
-        rank_zero_info(f"pretraining texts: {tokenize_report(texts).summary()}")
+        self.pretrain_examples, counts = select(texts)
+        rank_zero_info(f"pretraining texts: {counts.summary()}")
         self.train_examples = WithPretraining(self.train_examples, self.pretrain_examples)
 
     def collator(self) -> PromptCollator:
