@@ -5,7 +5,8 @@
     python scripts/data_scale.py compare --records 1000000 --old /tmp/h21old   # old checkout vs this one
 
 ``setup`` runs in a fresh process and prints one JSON line: seconds from the DataModule's construction to the end of
-``prepare_data`` + ``setup`` (what ``fit`` runs before the first batch), and peak RSS of the process (and of its
+``prepare_data`` + ``setup`` (what ``fit`` runs before the first batch), the CPU seconds of the whole process (its
+imports included; on a shared machine a fairer comparison than wall time), and peak RSS of the process (and of its
 ``num_proc`` workers, separately). ``compare`` runs ``setup`` for a checkout given with ``--old`` (the code on its
 ``PYTHONPATH``; a checkout without a cache runs the same calls) and for this one twice, the first with an empty
 cache and the second reading it.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = string.ascii_lowercase + " "
+WHO = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)  # this process and its (num_proc) workers
 
 
 def generate(records: int, output: Path, seed: int = 0) -> None:
@@ -57,6 +59,7 @@ def setup(data: str, cache_dir: str | None, num_proc: int | None, max_length: in
     return {
         "code": str(Path(lightning_rlhf.__file__).parent.parent),
         "setup_s": round(seconds, 1),
+        "cpu_s": round(sum(getattr(resource.getrusage(who), f) for who in WHO for f in ("ru_utime", "ru_stime")), 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib),
         "workers_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib),
         "train_examples": len(module.train_examples),
