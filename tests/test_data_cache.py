@@ -107,6 +107,13 @@ def test_a_bad_record_names_file_line_and_field_and_leaves_no_cache(tmp_path):
     assert list((tmp_path / "c").iterdir()) == []
 
 
+def test_an_unwritable_cache_dir_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    data = DemonstrationDataModule(cache_dir=str(tmp_path / "file" / "cache"))
+    with pytest.raises(OSError, match=r"cache_dir .*file/cache: tokenized data cannot be written there \(.*is a file"):
+        data.prepare_data()
+
+
 def test_skipped_records_are_counted_on_the_first_and_the_cached_run(tmp_path):
     rows = [{"prompt": "a", "response": "b"}, "{not json", {"prompt": "a"}, {"prompt": "c", "response": "d"}]
     path = write_jsonl(tmp_path / "demos.jsonl", rows)

@@ -28,7 +28,7 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rlhf.data.records import VALIDATORS, ReadReport, Record, RecordError, read_rows
+from lightning_rlhf.data.records import VALIDATORS, ReadReport, Record, RecordError, read_rows, unwritable_reason
 from lightning_rlhf.data.tokenization import Tokenizer, TokenizeReport
 from lightning_rlhf.toy import resolve_source
 
@@ -144,7 +144,11 @@ def _build(
     split: str,
     num_proc: int | None,
 ) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if reason := unwritable_reason(target.parent):
+        raise OSError(
+            f"cache_dir {target.parent}: tokenized data cannot be written there ({reason}); give a writable cache_dir "
+            "(or set HF_DATASETS_CACHE)"
+        )
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         reasons_file = str(work / "read_report.json")
