@@ -99,6 +99,19 @@ def test_a_changed_file_or_setting_is_tokenized_again(tmp_path, monkeypatch):
     assert len(maps) == 4
 
 
+def test_the_tokenizer_fingerprint_is_stable_and_changes_with_what_changes_token_ids():
+    base = cache.tokenizer_fingerprint(load_tokenizer(None))
+    assert cache.tokenizer_fingerprint(load_tokenizer(None)) == base  # a fresh load of the same tokenizer
+    templated = load_tokenizer(None)
+    templated.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    added = load_tokenizer(None)
+    added.add_tokens(["<|x|>"], special_tokens=True)
+    other_eos = load_tokenizer(None)
+    other_eos.eos_token = "<s>"
+    changed = {cache.tokenizer_fingerprint(t) for t in (templated, added, other_eos)}
+    assert len(changed) == 3 and base not in changed
+
+
 def test_a_bad_record_names_file_line_and_field_and_leaves_no_cache(tmp_path):
     path = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "answer": "b"}])
     data = DemonstrationDataModule(train_path=path, cache_dir=str(tmp_path / "c"))
