@@ -1,8 +1,21 @@
 """Shared fixtures (helpers for building tiny models live in ``tests/helpers.py``)."""
 
-import pytest
+import os
+import shutil
+import tempfile
 
-from tests.helpers import make_tiny_export
+# DataModules cache tokenized data in the datasets cache by default: point it (for subprocesses too) at a directory
+# of this run, set before anything imports datasets, which reads it once.
+DATASETS_CACHE = tempfile.mkdtemp(prefix="lightning_rlhf-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = DATASETS_CACHE
+
+import pytest  # noqa: E402
+
+from tests.helpers import make_tiny_export  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(DATASETS_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -64,8 +64,8 @@ def test_sft_cli_writes_tensorboard_events_and_an_export_with_identical_logits(t
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_keeps_replicas_identical(tmp_path):
-    """Each rank gets different batches, gradients are averaged (identical parameters after 4 steps), and the
-    tokens_seen counter adds both ranks' tokens."""
+    """Each rank gets different batches, gradients are averaged (identical parameters after 4 steps), the
+    tokens_seen counter adds both ranks' tokens, and only rank 0 tokenizes the data (``prepare_data``)."""
     out = tmp_path / "ddp.json"
     run_python(str(REPO / "tests" / "ddp_sft_script.py"), str(out), str(tmp_path), cwd=tmp_path)
     report = json.loads(out.read_text())
@@ -76,6 +76,7 @@ def test_ddp_on_two_cpu_processes_keeps_replicas_identical(tmp_path):
     assert min(report["local_tokens"]) > 0
     rank0_batch, rank1_batch = report["first_batches"]
     assert rank0_batch != rank1_batch
+    assert report["builds"] == [1, 0]  # rank 0 tokenized the toy demonstrations once; rank 1 read its cache
 
 
 def test_fsdp_config_builds_its_wrap_policy_from_class_paths():

@@ -1,7 +1,9 @@
 """DataModules for demonstrations (SFT), comparisons (reward model, DPO) and prompts (PPO, sampling).
 
-Each reads records (``records.py``), tokenizes them under one truncation policy (``tokenization.py``) and
-batches them (``collate.py``). Validation data is a file of its own or a seeded held-out fraction of training.
+Each reads records (``records.py``), tokenizes them under one truncation policy (``tokenization.py``) into a
+memory-mapped Arrow dataset cached on disk (``cache.py``; ``prepare_data`` builds it on local rank 0, ``setup`` on
+every rank reads it) and batches them (``collate.py``). Validation data is a file of its own or a seeded held-out
+fraction of training.
 """
 
 from __future__ import annotations
@@ -10,19 +12,23 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import datasets
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import PreTrainedTokenizerBase
 
+from lightning_rlhf.data.cache import select, tokenized
 from lightning_rlhf.data.collate import (
     ComparisonCollator,
     DemonstrationCollator,
     PackedDemonstrationCollator,
     PromptCollator,
 )
-from lightning_rlhf.data.records import Record, read_records
-from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.data.records import ReadReport
+from lightning_rlhf.data.tokenization import TokenizeReport
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.validation import check_range
 
@@ -104,6 +110,8 @@ class RecordDataModule(L.LightningDataModule):
         split: str = "train",
         val_split: str = "validation",
         skip_invalid: bool = False,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
     ):
         """
         Args:
@@ -121,6 +129,10 @@ class RecordDataModule(L.LightningDataModule):
             split: split of a ``datasets`` source to train on.
             val_split: split of a ``datasets`` ``val_path`` to validate on.
             skip_invalid: skip invalid records (counted and reported) instead of stopping with an error.
+            cache_dir: where tokenized data is kept (memory-mapped Arrow, one directory per source, keyed on its
+                content, the tokenizer and these settings); ``None``: the ``datasets`` cache
+                (``$HF_DATASETS_CACHE/lightning_rlhf``).
+            num_proc: processes that tokenize a source the first time (``datasets.map``); ``None``: this one.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -129,61 +141,102 @@ class RecordDataModule(L.LightningDataModule):
         check_range("val_batch_size", val_batch_size, ">= 1 or None", val_batch_size is None or val_batch_size >= 1)
         check_range("max_length", max_length, ">= 2 (a prompt token and a response token)", max_length >= 2)
         check_range("num_workers", num_workers, ">= 0", num_workers >= 0)
+        check_range("num_proc", num_proc, ">= 1 or None", num_proc is None or num_proc >= 1)
         self.tokenizer = None
-        self.train_examples: list[Any] = []
-        self.val_examples: list[Any] = []
+        self.train_examples: datasets.Dataset | Dataset | list = []  # a Dataset of every example after setup
+        self.val_examples: datasets.Dataset | list = []
 
     # -- what a subclass defines ------------------------------------------------------------------------
-    def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
-        raise NotImplementedError
-
     def collator(self):
         raise NotImplementedError
 
+    def extra_sources(self) -> list[tuple[str, str, int]]:
+        """``(path, kind, max_length)`` of data besides train and validation, tokenized by ``prepare_data`` too."""
+        return []
+
+    def setup_extras(self) -> None:
+        """Load any data besides train and validation, once, after the tokenizer is loaded."""
+
     # -- shared ---------------------------------------------------------------------------------------
-    def _read(self, path: str, split: str, kind: str | None = None) -> list[Record]:
-        """Records of ``kind`` (the DataModule's own by default), their count and skips reported."""
+    def _train_path(self) -> str:
+        path = self.hparams.train_path or self.default_train_path
+        if path is None:
+            raise ValueError(f"{type(self).__name__} needs train_path")
+        return path
+
+    def _tokenized(
+        self,
+        path: str,
+        split: str,
+        kind: str | None = None,
+        max_length: int | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> tuple[datasets.Dataset, ReadReport]:
+        """Every valid record of ``path`` tokenized (an Arrow dataset, read from the cache when it holds it) and the
+        ``ReadReport`` of reading it."""
         hp = self.hparams
-        records, report = read_records(path, kind or self.kind, hp.columns, hp.skip_invalid, split)
+        return tokenized(
+            path,
+            kind or self.kind,
+            tokenizer or self.tokenizer,
+            max_length or hp.max_length,
+            hp.columns,
+            hp.skip_invalid,
+            split,
+            hp.cache_dir,
+            hp.num_proc,
+        )
+
+    @staticmethod
+    def _report(report: ReadReport) -> None:
         rank_zero_info(report.summary())
-        for reason in report.reasons[:5]:
+        for reason in report.reasons:
             log.warning("skipped %s", reason)
-        return records
+
+    def prepare_data(self) -> None:
+        """Read and tokenize every source into the cache. Lightning runs this on local rank 0 only (per node) and
+        makes the other ranks wait before ``setup``, which then reads what it wrote."""
+        hp = self.hparams
+        tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
+        sources = [(self._train_path(), hp.split, self.kind, hp.max_length)]
+        if hp.val_path:
+            sources.append((hp.val_path, hp.val_split, self.kind, hp.max_length))
+        sources += [(path, hp.split, kind, max_length) for path, kind, max_length in self.extra_sources()]
+        for path, split, kind, max_length in sources:
+            self._tokenized(path, split, kind, max_length, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path)
-        train_path = hp.train_path or self.default_train_path
-        if train_path is None:
-            raise ValueError(f"{type(self).__name__} needs train_path")
+        train_path = self._train_path()
         if not hp.train_path:
             rank_zero_info(f"{type(self).__name__}: no train_path given, so the toy task's data: {train_path}")
-        train_records = self._read(train_path, hp.split)
+        records, report = self._tokenized(train_path, hp.split)
+        self._report(report)
         if hp.val_path:
-            val_records = self._read(hp.val_path, hp.val_split)
-        else:
-            order = torch.randperm(len(train_records), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-            n_val = round(len(train_records) * hp.val_fraction)
-            val_records = [train_records[i] for i in order[:n_val]]
-            train_records = [train_records[i] for i in sorted(order[n_val:])]
-        tokenizer = Tokenizer(self.tokenizer, hp.max_length, hp.skip_invalid)
-        self.train_examples = self.tokenize(tokenizer, train_records)
-        self.val_examples = self.tokenize(tokenizer, val_records)
-        if not self.train_examples:
+            val_records, report = self._tokenized(hp.val_path, hp.val_split)
+            self._report(report)
+            self.train_examples, train_report = select(records)
+            self.val_examples, val_report = select(val_records)
+        else:  # a seeded held-out fraction of the valid records, in the permutation's order
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(hp.seed)).numpy()
+            n_val = round(len(records) * hp.val_fraction)
+            self.train_examples, train_report = select(records, np.sort(order[n_val:]))
+            self.val_examples, val_report = select(records, order[:n_val])
+        self.tokenize_report = TokenizeReport(
+            **{name: getattr(train_report, name) + getattr(val_report, name) for name in vars(train_report)}
+        )
+        if not len(self.train_examples):
             raise ValueError(
-                f"{train_path}: no training examples left after tokenization ({tokenizer.report.summary()})"
+                f"{train_path}: no training examples left after tokenization ({self.tokenize_report.summary()})"
             )
         rank_zero_info(
             f"{type(self).__name__}: {len(self.train_examples)} train / {len(self.val_examples)} val examples; "
-            f"{tokenizer.report.summary()}"
+            f"{self.tokenize_report.summary()}"
         )
-        self.tokenize_report = tokenizer.report
         self.setup_extras()
-
-    def setup_extras(self) -> None:
-        """Read and tokenize any data besides train and validation, once, after the tokenizer is loaded."""
 
     def train_dataloader(self) -> ResumableDataLoader:
         hp = self.hparams
@@ -198,7 +251,7 @@ class RecordDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         hp = self.hparams
-        if not self.val_examples:
+        if not len(self.val_examples):
             return []
         return DataLoader(
             self.val_examples,
@@ -225,9 +278,6 @@ class DemonstrationDataModule(RecordDataModule):
         """
         super().__init__(*args, **kwargs)
         self.packing = packing
-
-    def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
-        return tokenizer.demonstrations(records)
 
     def collator(self) -> DemonstrationCollator | PackedDemonstrationCollator:
         if self.packing:
@@ -260,27 +310,27 @@ class ComparisonDataModule(RecordDataModule):
         if normalize_path is None and not self.hparams.train_path:
             normalize_path = self.default_normalize_path
         self.normalize_path, self.normalize_max_records = normalize_path, normalize_max_records
-        self.normalize_examples: list[Any] = []
+        self.normalize_examples: datasets.Dataset | list = []
+
+    def extra_sources(self) -> list[tuple[str, str, int]]:
+        return [(self.normalize_path, "demonstration", self.hparams.max_length)] if self.normalize_path else []
 
     def setup_extras(self) -> None:
         if not self.normalize_path:
             return
-        hp = self.hparams
-        records = self._read(self.normalize_path, hp.split, "demonstration")
-        tokenizer = Tokenizer(self.tokenizer, hp.max_length, hp.skip_invalid)
-        self.normalize_examples = tokenizer.demonstrations(records[: self.normalize_max_records])
-        if not self.normalize_examples:
-            raise ValueError(f"{self.normalize_path}: no normalisation examples ({tokenizer.report.summary()})")
-
-    def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
-        return tokenizer.comparisons(records)
+        demonstrations, report = self._tokenized(self.normalize_path, self.hparams.split, "demonstration")
+        self._report(report)
+        count = min(len(demonstrations), self.normalize_max_records or len(demonstrations))
+        self.normalize_examples, counts = select(demonstrations, np.arange(count))
+        if not len(self.normalize_examples):
+            raise ValueError(f"{self.normalize_path}: no normalisation examples ({counts.summary()})")
 
     def collator(self) -> ComparisonCollator:
         return ComparisonCollator(self.tokenizer.pad_token_id)
 
     def normalize_dataloader(self) -> DataLoader | None:
         """The normalisation set, whole on every rank (each rank scores all of it, so all agree); ``None`` if unset."""
-        if not self.normalize_examples:
+        if not len(self.normalize_examples):
             return None
         hp = self.hparams
         return DataLoader(
@@ -296,7 +346,7 @@ class WithPretraining(Dataset):
     """Prompts paired with pretraining texts for PPO-ptx: item ``i`` is prompt ``i mod P`` carrying text ``i mod N``
     under ``"ptx"``, for ``max(P, N)`` items, so an epoch meets every prompt and every text (the shorter cycles)."""
 
-    def __init__(self, prompts: list[dict[str, Any]], texts: list[dict[str, Any]]):
+    def __init__(self, prompts: datasets.Dataset, texts: datasets.Dataset):
         self.prompts, self.texts = prompts, texts
 
     def __len__(self) -> int:
@@ -326,18 +376,19 @@ class PromptDataModule(RecordDataModule):
         """
         super().__init__(*args, **kwargs)
         self.pretrain_path, self.pretrain_max_length = pretrain_path, pretrain_max_length
-        self.pretrain_examples: list[Any] = []
+        self.pretrain_examples: datasets.Dataset | list = []
+
+    def extra_sources(self) -> list[tuple[str, str, int]]:
+        return [(self.pretrain_path, "text", self.pretrain_max_length)] if self.pretrain_path else []
 
     def setup_extras(self) -> None:
         if not self.pretrain_path:
             return
-        tokenizer = Tokenizer(self.tokenizer, self.pretrain_max_length)
-        self.pretrain_examples = tokenizer.texts(self._read(self.pretrain_path, self.hparams.split, "text"))
-        rank_zero_info(f"pretraining texts: {tokenizer.report.summary()}")
+        texts, report = self._tokenized(self.pretrain_path, self.hparams.split, "text", self.pretrain_max_length)
+        self._report(report)
+        self.pretrain_examples, counts = select(texts)
+        rank_zero_info(f"pretraining texts: {counts.summary()}")
         self.train_examples = WithPretraining(self.train_examples, self.pretrain_examples)
-
-    def tokenize(self, tokenizer: Tokenizer, records: list[Record]) -> list[Any]:
-        return tokenizer.prompts(records)
 
     def collator(self) -> PromptCollator:
         return PromptCollator(self.tokenizer.pad_token_id)

@@ -215,10 +215,11 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
             import pyarrow.parquet as pq
 
             try:
-                table = pq.read_table(path)
+                table = pq.ParquetFile(path)
             except pyarrow.ArrowException as err:
                 raise RecordError(f"{path}: not a readable Parquet file ({err})") from None
-            return _read_table(table.to_pylist(), str(path))
+            # Batch by batch: a large file is never one Python list of every row.
+            return _read_table((row for batch in table.iter_batches() for row in batch.to_pylist()), str(path))
         raise RecordError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
     import datasets
 

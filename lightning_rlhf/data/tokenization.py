@@ -152,6 +152,17 @@ class Tokenizer:
             ids = ids[: self.max_length]
         return {"input_ids": ids, "labels": list(ids)}
 
+    def example(self, kind: str, record: Record) -> dict[str, Any] | None:
+        """``record`` of ``kind`` (``demonstration``, ``comparison``, ``prompt``, ``text``) tokenized, or ``None`` when
+        it is skipped (counted in ``report``)."""
+        build = {
+            "demonstration": self._demonstration,
+            "comparison": self._comparison,
+            "prompt": self._prompt_only,
+            "text": self._text,
+        }[kind]
+        return self._guard(record, build)
+
     def demonstrations(self, records: list[Record]) -> list[dict[str, list[int]]]:
         return [ex for ex in (self._guard(r, self._demonstration) for r in records) if ex is not None]
 

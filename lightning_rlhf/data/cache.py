@@ -1,0 +1,240 @@
+"""Records -> tokenized examples in a memory-mapped Arrow dataset on disk, built once and read by every rank.
+
+``tokenized(...)`` reads a source (``records.read_rows``), validates each record as ``read_records`` does, writes the
+valid ones to Arrow (``datasets.Dataset.from_generator``), tokenizes them with ``datasets.Dataset.map`` (``num_proc``
+worker processes) through the same ``Tokenizer`` as the list-based path, writing its Arrow file(s) into
+``cache_dir/<kind>-<key>``: ``key`` hashes the source's content (a file's bytes, a ``datasets`` fingerprint), the record
+kind, the column mapping, the tokenizer (vocabulary, special tokens, chat template), ``max_length`` and
+``skip_invalid``, so a changed file or setting never reuses a stale cache. A later call with the same key
+memory-maps those files (``datasets.Dataset.from_file``): nothing is read or tokenized again.
+
+Rows keep the record's ``location`` (``file line N``) and what tokenizing it found: ``skipped`` (an over-long prompt
+under ``skip_invalid``) and ``truncated`` / ``texts_truncated`` (cut responses and texts), so the counts the
+list-based path reported are sums over the rows a DataModule uses (``select``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from lightning_rlhf.data.records import VALIDATORS, ReadReport, Record, RecordError, read_rows, unwritable_reason
+from lightning_rlhf.data.tokenization import Tokenizer, TokenizeReport
+from lightning_rlhf.toy import resolve_source
+
+# Raise when the layout of the cached rows or the tokenization rules change: old caches are then never read.
+CACHE_VERSION = 1
+REASONS_KEPT = 5  # skipped records' reasons kept with the cache (the count is exact)
+
+
+def default_cache_dir() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "lightning_rlhf"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as data:
+        while chunk := data.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_fingerprint(source: str, split: str) -> str:
+    """What identifies the records of ``source``: a file's content, else the ``datasets`` fingerprint of the split."""
+    path = Path(resolve_source(source))
+    if path.is_file():
+        return _file_digest(path)
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+    else:
+        read_rows(str(path), split)  # the reader's error for a missing file, a FIFO, or a name that does not load
+        dataset = datasets.load_dataset(source, split=split)
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset[split]
+    return dataset._fingerprint
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Everything about the tokenizer that changes token ids: its model, normaliser and added tokens (a fast
+    tokenizer's JSON), special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = backend.to_str() if backend is not None else datasets.fingerprint.Hasher.hash(tokenizer)
+    described = [type(tokenizer).__name__, model, tokenizer.chat_template, tokenizer.special_tokens_map]
+    return hashlib.blake2b(json.dumps(described, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def _valid_rows(
+    source: str, kind: str, columns: Mapping[str, str], skip_invalid: bool, split: str, reasons_file: str
+) -> Iterator[dict[str, str]]:
+    """Valid records as ``{"location", "record"}`` (the validated fields as JSON: a prompt may be a string in one
+    record and chat messages in the next). Invalid ones raise, or are counted into ``reasons_file`` when skipped."""
+    validate = VALIDATORS[kind]
+    rename = {source_name: ours for ours, source_name in columns.items()}
+    skipped, reasons = 0, []
+    for location, row in read_rows(resolve_source(source), split):
+        try:
+            if isinstance(row, RecordError):
+                raise row
+            if not isinstance(row, Mapping):
+                raise RecordError(f"expected a JSON object, got {type(row).__name__}")
+            fields = validate({rename.get(key, key): value for key, value in row.items()})
+        except RecordError as err:
+            if not skip_invalid:
+                raise RecordError(f"{location}: {err}") from None
+            skipped += 1
+            if len(reasons) < REASONS_KEPT:
+                reasons.append(f"{location}: {err}")
+            continue
+        yield {"location": location, "record": json.dumps(fields, ensure_ascii=False)}
+    Path(reasons_file).write_text(json.dumps({"skipped": skipped, "reasons": reasons}))
+
+
+class _TokenizeBatch:
+    """``datasets.map`` function: a batch of ``{"location", "record"}`` rows -> their tokenized columns."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, kind: str, max_length: int, skip_invalid: bool):
+        self.tokenizer, self.kind, self.max_length, self.skip_invalid = tokenizer, kind, max_length, skip_invalid
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for location, fields in zip(batch["location"], batch["record"], strict=True):
+            tokenizer = Tokenizer(self.tokenizer, self.max_length, self.skip_invalid)  # counts for this row alone
+            example = tokenizer.example(self.kind, Record(location, json.loads(fields)))
+            row = {**EMPTY[self.kind], **(example or {}), "skipped": example is None}
+            row |= {"truncated": tokenizer.report.truncated, "texts_truncated": tokenizer.report.texts_truncated}
+            for name, value in row.items():
+                out.setdefault(name, []).append(value)
+        return out
+
+
+# What a skipped record's row holds (its columns must exist with their types).
+EMPTY: dict[str, dict[str, Any]] = {
+    "demonstration": {"input_ids": [], "labels": []},
+    "comparison": {"prompt_ids": [], "response_ids": [], "ranks": []},
+    "prompt": {"input_ids": []},
+    "text": {"input_ids": [], "labels": []},
+}
+ids = datasets.Sequence(datasets.Value("int32"))
+FEATURES: dict[str, dict[str, Any]] = {
+    "demonstration": {"input_ids": ids, "labels": ids},
+    "comparison": {"prompt_ids": ids, "response_ids": datasets.Sequence(ids), "ranks": ids},
+    "prompt": {"input_ids": ids},
+    "text": {"input_ids": ids, "labels": ids},
+}
+
+
+def _build(
+    target: Path,
+    source: str,
+    kind: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    columns: Mapping[str, str],
+    skip_invalid: bool,
+    split: str,
+    num_proc: int | None,
+) -> None:
+    if reason := unwritable_reason(target.parent):
+        raise OSError(
+            f"cache_dir {target.parent}: tokenized data cannot be written there ({reason}); give a writable cache_dir "
+            "(or set HF_DATASETS_CACHE)"
+        )
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        reasons_file = str(work / "read_report.json")
+        gen_kwargs = {"source": source, "kind": kind, "columns": dict(columns), "skip_invalid": skip_invalid}
+        gen_kwargs |= {"split": split, "reasons_file": reasons_file}
+        try:
+            records = datasets.Dataset.from_generator(_valid_rows, gen_kwargs=gen_kwargs, cache_dir=str(work / "read"))
+        except datasets.exceptions.DatasetGenerationError as err:
+            # datasets wraps what the generator raised; a bad record's error is the user's answer, unwrapped.
+            if isinstance(err.__cause__, RecordError | OSError):
+                raise err.__cause__ from None
+            raise
+        features = datasets.Features(
+            {"location": datasets.Value("string"), **FEATURES[kind], "skipped": datasets.Value("bool")}
+            | {"truncated": datasets.Value("int32"), "texts_truncated": datasets.Value("int32")}
+        )
+        staging = work / "dataset"
+        staging.mkdir()
+        records.map(
+            _TokenizeBatch(tokenizer, kind, max_length, skip_invalid),
+            batched=True,
+            num_proc=num_proc,
+            remove_columns=["record"],
+            features=features,
+            cache_file_name=str(staging / "examples.arrow"),  # with num_proc: examples_0000N_of_0000M.arrow
+            new_fingerprint=target.name,  # no hashing of the tokenizer: the key already names it
+            desc=f"tokenizing {source}",
+        )
+        shutil.copy(reasons_file, staging / "read_report.json")
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.exists():  # else another process built the same cache first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def tokenized(
+    source: str,
+    kind: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    columns: Mapping[str, str] | None = None,
+    skip_invalid: bool = False,
+    split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, ReadReport]:
+    """Every valid record of ``source`` tokenized (rows in source order), and what reading it found.
+
+    Loads ``cache_dir/<key>`` when it exists (see the module's docstring), else builds it first.
+
+    Raises:
+        RecordError: on the first invalid record (naming file, record and field), or when no record is valid.
+    """
+    columns = dict(columns or {})
+    described = [CACHE_VERSION, source_fingerprint(source, split), kind, sorted(columns.items()), max_length]
+    described += [skip_invalid, tokenizer_fingerprint(tokenizer)]
+    key = hashlib.blake2b(json.dumps(described).encode(), digest_size=16).hexdigest()
+    target = Path(cache_dir or default_cache_dir()) / f"{kind}-{key}"
+    if not target.exists():
+        _build(target, source, kind, tokenizer, max_length, columns, skip_invalid, split, num_proc)
+    shards = sorted(target.glob("examples*.arrow"))  # in order: one per num_proc worker, zero-padded names
+    dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(shard)) for shard in shards])
+    found = json.loads((target / "read_report.json").read_text())
+    report = ReadReport(source=source, kept=len(dataset), skipped=found["skipped"], reasons=found["reasons"])
+    if not len(dataset):
+        what = "no records" if not report.skipped else f"no valid records ({report.skipped} skipped)"
+        raise RecordError(f"{source}: {what} of kind {kind!r}")
+    return dataset, report
+
+
+def select(dataset: datasets.Dataset, indices: np.ndarray | None = None) -> tuple[datasets.Dataset, TokenizeReport]:
+    """Rows ``indices`` (all when ``None``, else in their order) of a dataset as ``tokenized`` returns it, less those
+    tokenizing skipped, with the tokenized columns only; and the list-based path's counts over those rows.
+
+    The counts come from three small columns as arrays, and the rows kept are an index mapping kept in memory: no
+    row's token ids are read, and nothing is written next to the cached files.
+    """
+    rows = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    column = {name: dataset.data.column(name).to_numpy()[rows] for name in ("skipped", "truncated", "texts_truncated")}
+    report = TokenizeReport(
+        truncated=int(column["truncated"].sum()),
+        skipped=int(column["skipped"].sum()),
+        texts_truncated=int(column["texts_truncated"].sum()),
+    )
+    chosen = dataset.select(rows[~column["skipped"]], keep_in_memory=True)
+    return chosen.remove_columns(["location", "skipped", "truncated", "texts_truncated"]), report

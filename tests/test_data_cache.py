@@ -1,0 +1,173 @@
+"""DataModules on Arrow: the same examples as the list-based path, tokenized once and cached on disk, a stale cache
+never reused, bad records still named (or counted)."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, PromptDataModule
+from lightning_rlhf.data import cache
+from lightning_rlhf.data.records import RecordError, read_records
+from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.models import load_tokenizer
+from tests.test_data import write_jsonl
+
+TOKENIZER = load_tokenizer(None)
+
+
+def list_path(kind: str, method: str, max_length: int, val_fraction: float, seed: int):
+    """What ``setup`` computed before Arrow: every valid toy record in a Python list, the seeded held-out split, then
+    ``Tokenizer`` over each part (train and validation share its report)."""
+    records, _ = read_records(f"toy:{kind}s", kind, skip_invalid=True)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(len(records) * val_fraction)
+    tokenizer = Tokenizer(TOKENIZER, max_length, skip_invalid=True)
+    train = getattr(tokenizer, method)([records[i] for i in sorted(order[n_val:])])
+    val = getattr(tokenizer, method)([records[i] for i in order[:n_val]])
+    return train, val, tokenizer.report
+
+
+@pytest.mark.parametrize(
+    ("module", "kind", "method"),
+    [
+        (DemonstrationDataModule, "demonstration", "demonstrations"),
+        (ComparisonDataModule, "comparison", "comparisons"),
+        (PromptDataModule, "prompt", "prompts"),
+    ],
+)
+def test_toy_examples_are_those_of_the_list_based_path(tmp_path, module, kind, method):
+    """Same token ids, in the same order, in train and validation, and the same counts of cut and skipped records:
+    max_length=17 cuts responses and skips the longest prompts ("Reverse: " + up to 8 letters + newline)."""
+    settings = {"max_length": 17, "val_fraction": 0.1, "seed": 3}
+    data = module(skip_invalid=True, cache_dir=str(tmp_path), **settings)
+    data.setup("fit")
+    train, val, report = list_path(kind, method, **settings)
+    assert report.skipped > 0 and (report.truncated > 0 or kind == "prompt")
+    assert list(data.train_examples) == train
+    assert list(data.val_examples) == val
+    assert data.tokenize_report == report
+    if kind == "comparison":  # the normalisation set: the first 1,000 toy demonstrations
+        demonstrations, _ = read_records("toy:demonstrations", "demonstration")
+        expected = Tokenizer(TOKENIZER, 17, skip_invalid=True).demonstrations(demonstrations[:1000])
+        assert list(data.normalize_examples) == expected
+
+
+def count_maps(monkeypatch) -> list:
+    calls = []
+    original = datasets.Dataset.map
+    monkeypatch.setattr(datasets.Dataset, "map", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    return calls
+
+
+def test_a_second_setup_reads_the_cache_without_tokenizing(tmp_path, monkeypatch):
+    """prepare_data tokenizes (one map); setup, and a later run's prepare_data and setup, only load the saved Arrow
+    files, memory-mapped from the cache directory."""
+    maps = count_maps(monkeypatch)
+    first = DemonstrationDataModule(cache_dir=str(tmp_path), max_length=32)
+    first.prepare_data()
+    assert len(maps) == 1
+    first.setup("fit")
+    cached = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    again = DemonstrationDataModule(cache_dir=str(tmp_path), max_length=32)
+    again.prepare_data()
+    again.setup("fit")
+    assert len(maps) == 1
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == cached  # nothing written
+    assert list(again.train_examples) == list(first.train_examples)
+    assert all(f["filename"].startswith(str(tmp_path)) for f in again.train_examples.cache_files)
+
+
+def test_a_changed_file_or_setting_is_tokenized_again(tmp_path, monkeypatch):
+    """Rewriting the file with other text of the same length at once (same size, and possibly the same mtime at the
+    filesystem's resolution) must not reuse the old tokens; nor may another max_length or skip_invalid."""
+    maps = count_maps(monkeypatch)
+    path = tmp_path / "demos.jsonl"
+
+    def responses(**settings) -> list[str]:
+        data = DemonstrationDataModule(train_path=str(path), val_fraction=0, cache_dir=str(tmp_path / "c"), **settings)
+        data.setup("fit")
+        return [TOKENIZER.decode(ex["input_ids"][-4:-1]) for ex in data.train_examples]  # before EOS
+
+    write_jsonl(path, [{"prompt": "Reverse: abc\n", "response": "cba"}])
+    assert responses() == ["cba"]
+    write_jsonl(path, [{"prompt": "Reverse: xyz\n", "response": "zyx"}])
+    assert responses() == ["zyx"]
+    assert responses() == ["zyx"] and len(maps) == 2  # unchanged: cached
+    responses(max_length=64)
+    responses(skip_invalid=True)
+    assert len(maps) == 4
+
+
+def test_the_tokenizer_fingerprint_is_stable_and_changes_with_what_changes_token_ids():
+    base = cache.tokenizer_fingerprint(load_tokenizer(None))
+    assert cache.tokenizer_fingerprint(load_tokenizer(None)) == base  # a fresh load of the same tokenizer
+    templated = load_tokenizer(None)
+    templated.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    added = load_tokenizer(None)
+    added.add_tokens(["<|x|>"], special_tokens=True)
+    other_eos = load_tokenizer(None)
+    other_eos.eos_token = "<s>"
+    changed = {cache.tokenizer_fingerprint(t) for t in (templated, added, other_eos)}
+    assert len(changed) == 3 and base not in changed
+
+
+def test_a_bad_record_names_file_line_and_field_and_leaves_no_cache(tmp_path):
+    path = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "answer": "b"}])
+    data = DemonstrationDataModule(train_path=path, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(RecordError, match=r"demos\.jsonl line 2: field 'response' is missing"):
+        data.setup("fit")
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_an_unwritable_cache_dir_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    data = DemonstrationDataModule(cache_dir=str(tmp_path / "file" / "cache"))
+    with pytest.raises(OSError, match=r"cache_dir .*file/cache: tokenized data cannot be written there \(.*is a file"):
+        data.prepare_data()
+
+
+def test_skipped_records_are_counted_on_the_first_and_the_cached_run(tmp_path):
+    rows = [{"prompt": "a", "response": "b"}, "{not json", {"prompt": "a"}, {"prompt": "c", "response": "d"}]
+    path = write_jsonl(tmp_path / "demos.jsonl", rows)
+    for _ in range(2):
+        examples, report = cache.tokenized(path, "demonstration", TOKENIZER, 16, skip_invalid=True, cache_dir=tmp_path)
+        assert (len(examples), report.kept, report.skipped) == (2, 2, 2)
+        assert [r.split(": ")[0] for r in report.reasons] == [f"{path} line 2", f"{path} line 3"]
+
+
+def test_several_tokenizing_processes_give_the_same_examples(tmp_path):
+    one = DemonstrationDataModule(max_length=24, cache_dir=str(tmp_path / "one"))
+    two = DemonstrationDataModule(max_length=24, cache_dir=str(tmp_path / "two"), num_proc=2)
+    for data in (one, two):
+        data.setup("fit")
+    assert list(two.train_examples) == list(one.train_examples)
+    assert list(two.val_examples) == list(one.val_examples)
+
+
+def test_select_counts_over_the_chosen_rows_and_keeps_those_not_skipped():
+    """Rows (skipped, truncated, texts_truncated): r0 (F, 1, 0), r1 (T, 0, 0), r2 (F, 2, 1).
+    All rows: truncated 1 + 0 + 2 = 3, skipped 1, texts 1; kept r0, r2. Rows [2, 1]: truncated 2, skipped 1, texts 1;
+    kept r2 alone."""
+    rows = {"input_ids": [[5], [], [7, 8]], "skipped": [False, True, False]}
+    rows |= {"truncated": [1, 0, 2], "texts_truncated": [0, 0, 1], "location": ["l0", "l1", "l2"]}
+    dataset = datasets.Dataset.from_dict(rows)
+    every, report = cache.select(dataset)
+    assert report == cache.TokenizeReport(truncated=3, skipped=1, texts_truncated=1)
+    assert list(every) == [{"input_ids": [5]}, {"input_ids": [7, 8]}]
+    chosen, report = cache.select(dataset, np.array([2, 1]))
+    assert report == cache.TokenizeReport(truncated=2, skipped=1, texts_truncated=1)
+    assert list(chosen) == [{"input_ids": [7, 8]}]
+
+
+def test_the_scale_benchmark_writes_demonstrations_of_the_stated_lengths(tmp_path):
+    """scripts/data_scale.py: prompts of 20-200 characters, responses of 1-80, and the same file for the same seed."""
+    from scripts.data_scale import generate
+
+    generate(300, tmp_path / "a.jsonl")
+    generate(300, tmp_path / "b.jsonl")
+    records, _ = read_records(str(tmp_path / "a.jsonl"), "demonstration")
+    assert len(records) == 300
+    assert {len(r.fields["prompt"]) for r in records} <= set(range(20, 201))
+    assert {len(r.fields["response"]) for r in records} <= set(range(1, 81))
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
