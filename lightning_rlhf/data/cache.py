@@ -28,7 +28,7 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rlhf.data.records import VALIDATORS, ReadReport, Record, RecordError, read_rows, unwritable_reason
+from lightning_rlhf.data.records import ReadReport, Record, RecordError, read_rows, unwritable_reason, validated_rows
 from lightning_rlhf.data.tokenization import Tokenizer, TokenizeReport
 from lightning_rlhf.toy import resolve_source
 
@@ -78,22 +78,12 @@ def _valid_rows(
 ) -> Iterator[dict[str, str]]:
     """Valid records as ``{"location", "record"}`` (the validated fields as JSON: a prompt may be a string in one
     record and chat messages in the next). Invalid ones raise, or are counted into ``reasons_file`` when skipped."""
-    validate = VALIDATORS[kind]
-    rename = {source_name: ours for ours, source_name in columns.items()}
     skipped, reasons = 0, []
-    for location, row in read_rows(resolve_source(source), split):
-        try:
-            if isinstance(row, RecordError):
-                raise row
-            if not isinstance(row, Mapping):
-                raise RecordError(f"expected a JSON object, got {type(row).__name__}")
-            fields = validate({rename.get(key, key): value for key, value in row.items()})
-        except RecordError as err:
-            if not skip_invalid:
-                raise RecordError(f"{location}: {err}") from None
+    for location, fields in validated_rows(source, kind, columns, skip_invalid, split):
+        if isinstance(fields, RecordError):
             skipped += 1
             if len(reasons) < REASONS_KEPT:
-                reasons.append(f"{location}: {err}")
+                reasons.append(str(fields))
             continue
         yield {"location": location, "record": json.dumps(fields, ensure_ascii=False)}
     Path(reasons_file).write_text(json.dumps({"skipped": skipped, "reasons": reasons}))

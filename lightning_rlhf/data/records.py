@@ -239,6 +239,32 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
     return _read_table(dataset, f"{source}[{split}]")
 
 
+def validated_rows(
+    source: str,
+    kind: str,
+    columns: Mapping[str, str] | None = None,
+    skip_invalid: bool = False,
+    split: str = "train",
+) -> Iterator[tuple[str, dict[str, Any] | RecordError]]:
+    """``(location, validated fields)`` for each record of ``source`` (arguments as ``read_records``); an invalid
+    record raises, or with ``skip_invalid`` comes as ``(location, the RecordError naming it)`` for the caller to count.
+    """
+    validate = VALIDATORS[kind]
+    rename = {source_name: ours for ours, source_name in (columns or {}).items()}
+    for location, row in read_rows(resolve_source(source), split):
+        try:
+            if isinstance(row, RecordError):
+                raise row
+            if not isinstance(row, Mapping):
+                raise RecordError(f"expected a JSON object, got {type(row).__name__}")
+            fields = validate({rename.get(key, key): value for key, value in row.items()})
+        except RecordError as err:
+            if not skip_invalid:
+                raise RecordError(f"{location}: {err}") from None
+            fields = RecordError(f"{location}: {err}")
+        yield location, fields
+
+
 def read_records(
     source: str,
     kind: str,
@@ -259,24 +285,14 @@ def read_records(
     Raises:
         RecordError: on the first invalid record (naming file, record and field), or when nothing is left.
     """
-    validate = VALIDATORS[kind]
-    rename = {source_name: ours for ours, source_name in (columns or {}).items()}
     report = ReadReport(source=source)
     records = []
-    for location, row in read_rows(resolve_source(source), split):
-        try:
-            if isinstance(row, RecordError):
-                raise row
-            if not isinstance(row, Mapping):
-                raise RecordError(f"expected a JSON object, got {type(row).__name__}")
-            fields = validate({rename.get(key, key): value for key, value in row.items()})
-        except RecordError as err:
-            if not skip_invalid:
-                raise RecordError(f"{location}: {err}") from None
+    for location, fields in validated_rows(source, kind, columns, skip_invalid, split):
+        if isinstance(fields, RecordError):
             report.skipped += 1
-            report.reasons.append(f"{location}: {err}")
-            continue
-        records.append(Record(location, fields))
+            report.reasons.append(str(fields))
+        else:
+            records.append(Record(location, fields))
     report.kept = len(records)
     if not records:
         what = "no records" if not report.skipped else f"no valid records ({report.skipped} skipped)"
