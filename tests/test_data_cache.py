@@ -1,6 +1,8 @@
 """DataModules on Arrow: the same examples as the list-based path, tokenized once and cached on disk, a stale cache
 never reused, bad records still named (or counted)."""
 
+import json
+
 import datasets
 import numpy as np
 import pytest
@@ -8,9 +10,11 @@ import torch
 
 from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, PromptDataModule
 from lightning_rlhf.data import cache
-from lightning_rlhf.data.records import RecordError, read_records
+from lightning_rlhf.data.records import Record, RecordError, read_records
 from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.losses import IGNORE_INDEX
 from lightning_rlhf.models import load_tokenizer
+from tests.helpers import bpe_tokenizer
 from tests.test_data import write_jsonl
 
 TOKENIZER = load_tokenizer(None)
@@ -171,3 +175,104 @@ def test_the_scale_benchmark_writes_demonstrations_of_the_stated_lengths(tmp_pat
     assert {len(r.fields["prompt"]) for r in records} <= set(range(20, 201))
     assert {len(r.fields["response"]) for r in records} <= set(range(1, 81))
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+# Plain and chat records side by side (the batch path groups them apart and must put them back in order), responses
+# with EOS already inside, responses cut to fit max_length=24, and records skipped: prompts over max_length, a chat
+# reply after a plain prompt (a rendering error). For comparisons, K = 2 and 3 in one batch.
+MIXED = {
+    "demonstration": [
+        {"prompt": "Reverse: abc\n", "response": "cba"},
+        {"prompt": user("Reverse: abcde"), "response": "edcba"},
+        {"prompt": "Reverse: abcdefgh\n", "response": "hgfedcba" * 4},
+        {"prompt": user("the quick brown fox jumps over the lazy dog " * 2), "response": "a"},
+        {"prompt": "p", "response": "ab{eos}cd{eos}"},
+        {"prompt": user("q"), "response": [{"role": "assistant", "content": "the quick brown fox jumps over"}]},
+        {"prompt": "the lazy dog " * 4, "response": "x"},
+        {"prompt": "p", "response": [{"role": "assistant", "content": "a"}]},
+        {"prompt": user("fox"), "response": "ab{eos}c"},
+    ],
+    "comparison": [
+        {"prompt": user("Reverse: abc"), "responses": ["cba", "abc"], "ranks": [0, 1]},
+        {"prompt": "Reverse: ab\n", "responses": ["ba", "b{eos}a", "the quick brown fox jumps"], "ranks": [0, 1, 1]},
+        {"prompt": "the lazy dog " * 4, "responses": ["a", "b"], "ranks": [1, 0]},
+        {"prompt": user("q"), "responses": ["the quick brown fox jumps over", "x"], "ranks": [1, 0]},
+        {"prompt": user("dog " * 9), "responses": ["a", "b", "c"], "ranks": [0, 1, 2]},
+    ],
+    "prompt": [
+        {"prompt": "Reverse: abc\n"},
+        {"prompt": user("the quick brown fox jumps over the lazy dog " * 2)},
+        {"prompt": user("Reverse: abcde")},
+        {"prompt": "the lazy dog " * 4},
+        {"prompt": "ab"},
+    ],
+    "text": [
+        {"text": "the quick brown fox"},
+        {"text": "the quick brown fox jumps over the lazy dog"},
+        {"text": "a"},
+        {"text": "zyxwvutsrq" * 4},
+    ],
+}
+
+
+def mixed_records(kind: str, eos: str) -> list[Record]:
+    rows = json.loads(json.dumps(MIXED[kind]).replace("{eos}", eos))
+    return [Record(f"records.jsonl line {i + 1}", row) for i, row in enumerate(rows)]
+
+
+@pytest.mark.parametrize("kind", list(MIXED))
+@pytest.mark.parametrize("style", ["byte", "chatml"])
+def test_a_batch_is_tokenized_as_each_of_its_records_alone(tmp_path, style, kind):
+    """Tokenizing the list at once (one tokenizer call per list of texts, one template call per list of
+    conversations) gives each record the example, the skip and the counts it gets tokenized alone, on the list path and
+    in the Arrow cache (one datasets.map batch); the batch does cut and skip something, for both tokenizers."""
+    tokenizer = TOKENIZER if style == "byte" else bpe_tokenizer("chatml")
+    records = mixed_records(kind, tokenizer.eos_token)
+    together = Tokenizer(tokenizer, 24, skip_invalid=True)
+    alone = [Tokenizer(tokenizer, 24, skip_invalid=True).examples(kind, [record])[0] for record in records]
+    assert together.examples(kind, records) == alone
+    total = cache.TokenizeReport()
+    for _, counts in alone:
+        total.add(counts)
+    assert together.report == total
+    if kind == "text":
+        assert total.texts_truncated > 0
+    else:
+        assert total.skipped > 0 and (total.truncated > 0 or kind == "prompt")
+
+    path = write_jsonl(tmp_path / "records.jsonl", [record.fields for record in records])
+    rows, _ = cache.tokenized(path, kind, tokenizer, 24, skip_invalid=True, cache_dir=tmp_path / "cache")
+    columns = list(cache.FEATURES[kind])
+    for row, (example, counts) in zip(rows, alone, strict=True):
+        assert {name: row[name] for name in columns} == (example or cache.EMPTY[kind])
+        assert (row["skipped"], row["truncated"], row["texts_truncated"]) == (
+            bool(counts.skipped),
+            counts.truncated,
+            counts.texts_truncated,
+        )
+
+
+def test_mixed_byte_demonstrations_worked_by_hand():
+    """Byte tokenizer, one token per byte, max_length=24; chat prompts render as '<|user|>TEXT\\n<|assistant|>' and
+    a reply as 'TEXT\\n' (the template closes the turn with a newline, so EOS is appended after it):
+    - 'Reverse: abc\\n' (13) + 'cba' (3) + EOS = 17 tokens, nothing cut;
+    - '<|user|>Reverse: abcde\\n<|assistant|>' is 8 + 14 + 1 + 13 = 36 tokens, over 24 - 1: skipped;
+    - 'Reverse: abcdefgh\\n' (18) leaves 6 of the 33 response tokens: 'hgfedc', truncated;
+    - 'p' + 'ab</s>': the response ends at its first EOS, 'cd</s>' dropped."""
+    records = mixed_records("demonstration", TOKENIZER.eos_token)
+    tokenizer = Tokenizer(TOKENIZER, 24, skip_invalid=True)
+    (first, _), (second, _), (third, third_counts), _, (fifth, _), *_ = tokenizer.examples("demonstration", records)
+
+    def ids(text: str) -> list[int]:
+        return TOKENIZER(text, add_special_tokens=False)["input_ids"]
+
+    eos = TOKENIZER.eos_token_id
+    assert first == {"input_ids": ids("Reverse: abc\ncba") + [eos], "labels": [IGNORE_INDEX] * 13 + ids("cba") + [eos]}
+    assert second is None
+    assert third == {"input_ids": ids("Reverse: abcdefgh\nhgfedc"), "labels": [IGNORE_INDEX] * 18 + ids("hgfedc")}
+    assert third_counts == cache.TokenizeReport(truncated=1)
+    assert fifth["labels"] == [IGNORE_INDEX] + ids("ab") + [eos]

@@ -96,12 +96,14 @@ class _TokenizeBatch:
         self.tokenizer, self.kind, self.max_length, self.skip_invalid = tokenizer, kind, max_length, skip_invalid
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        records = [
+            Record(loc, json.loads(fields)) for loc, fields in zip(batch["location"], batch["record"], strict=True)
+        ]
+        tokenizer = Tokenizer(self.tokenizer, self.max_length, self.skip_invalid)
         out: dict[str, list] = {}
-        for location, fields in zip(batch["location"], batch["record"], strict=True):
-            tokenizer = Tokenizer(self.tokenizer, self.max_length, self.skip_invalid)  # counts for this row alone
-            example = tokenizer.example(self.kind, Record(location, json.loads(fields)))
+        for example, counts in tokenizer.examples(self.kind, records):  # the batch's texts tokenized together
             row = {**EMPTY[self.kind], **(example or {}), "skipped": example is None}
-            row |= {"truncated": tokenizer.report.truncated, "texts_truncated": tokenizer.report.texts_truncated}
+            row |= {"truncated": counts.truncated, "texts_truncated": counts.texts_truncated}
             for name, value in row.items():
                 out.setdefault(name, []).append(value)
         return out
