@@ -32,6 +32,7 @@ from lightning_rlhf.data.records import Record, RecordError
 from lightning_rlhf.losses import IGNORE_INDEX
 
 Messages = list[dict[str, str]]
+Ids = list[int]
 T = TypeVar("T")
 
 
@@ -131,10 +132,10 @@ class Tokenizer:
         self.skip_invalid = skip_invalid
         self.report = TokenizeReport()
 
-    def _encode(self, texts: list[str | RecordError], add_special_tokens: bool) -> list[list[int] | RecordError]:
+    def _encode(self, texts: list[str | RecordError], add_special_tokens: bool) -> list[Ids | RecordError]:
         """The token ids of every text, in one tokenizer call; errors stay in their places."""
         positions = [i for i, text in enumerate(texts) if isinstance(text, str)]
-        ids: list[list[int] | RecordError] = list(texts)
+        ids: list[Ids | RecordError] = list(texts)
         if positions:
             chosen = [texts[i] for i in positions]
             # Only the ids: building attention masks and type ids for every text took a third of the time.
@@ -145,9 +146,7 @@ class Tokenizer:
                 ids[i] = row
         return ids
 
-    def _prompt_ids(
-        self, prompts: list[str | Messages], texts: list[str | RecordError]
-    ) -> list[list[int] | RecordError]:
+    def _prompt_ids(self, prompts: list[str | Messages], texts: list[str | RecordError]) -> list[Ids | RecordError]:
         # A chat template writes its own special tokens (BOS included) into the text; plain text gets the tokenizer's.
         chat = [not isinstance(prompt, str) for prompt in prompts]
         plain_ids = self._encode([t for t, c in zip(texts, chat, strict=True) if not c], add_special_tokens=True)
@@ -155,7 +154,7 @@ class Tokenizer:
         ids = {False: iter(plain_ids), True: iter(chat_ids)}
         return [next(ids[c]) for c in chat]
 
-    def _fitting(self, prompt_ids: list[int], reserve: int = 1) -> list[int]:
+    def _fitting(self, prompt_ids: Ids, reserve: int = 1) -> Ids:
         if len(prompt_ids) + reserve > self.max_length:
             raise RecordError(
                 f"field 'prompt' is {len(prompt_ids)} tokens, more than max_length={self.max_length} allows"
@@ -164,7 +163,7 @@ class Tokenizer:
             )
         return prompt_ids
 
-    def _end_response(self, ids: list[int], room: int, chat: bool) -> tuple[list[int], int]:
+    def _end_response(self, ids: Ids, room: int, chat: bool) -> tuple[Ids, int]:
         """The response's tokens up to and including its first EOS (appended when it has none), cut to ``room``; and
         1 when it was cut, else 0."""
         eos = self.eos_token_id
@@ -180,7 +179,7 @@ class Tokenizer:
     def _special_ids(self) -> set[int]:
         return {i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special}
 
-    def _check_turn_end(self, response_ids: list[int]) -> None:
+    def _check_turn_end(self, response_ids: Ids) -> None:
         """Refuse a chat template that closes the assistant's turn with a special token other than EOS: EOS after
         it would end every response twice, and generation, which stops at EOS, would run past the turn's end."""
         closing = [i for i in response_ids if i in self._special_ids]
@@ -213,7 +212,9 @@ class Tokenizer:
         rows = zip(records, prompts, prompt_ids, response_ids, strict=True)
         return [self._guard(record, self._demonstration, *row) for record, *row in rows]
 
-    def _demonstration(self, prompt, prompt_ids, response_ids) -> tuple[dict[str, list[int]], TokenizeReport]:
+    def _demonstration(
+        self, prompt: str | Messages, prompt_ids: Ids | RecordError, response_ids: Ids | RecordError
+    ) -> tuple[dict[str, Ids], TokenizeReport]:
         prompt_ids, response_ids = _ok(prompt_ids), _ok(response_ids)
         room = self.max_length - len(self._fitting(prompt_ids))
         response_ids, cut = self._end_response(response_ids, room, chat=not isinstance(prompt, str))
@@ -235,7 +236,9 @@ class Tokenizer:
         rows = zip(records, prompt_ids, response_ids, strict=True)
         return [self._guard(record, self._comparison, record, *row) for record, *row in rows]
 
-    def _comparison(self, record: Record, prompt_ids, response_ids) -> tuple[dict[str, Any], TokenizeReport]:
+    def _comparison(
+        self, record: Record, prompt_ids: Ids | RecordError, response_ids: list[Ids | RecordError]
+    ) -> tuple[dict[str, Any], TokenizeReport]:
         prompt_ids = self._fitting(_ok(prompt_ids))
         room, chat = self.max_length - len(prompt_ids), not isinstance(record.fields["prompt"], str)
         ended = [self._end_response(_ok(ids), room, chat) for ids in response_ids]
@@ -251,14 +254,14 @@ class Tokenizer:
         prompt_ids = self._prompt_ids(prompts, render_prompts(self.tokenizer, prompts))
         return [self._guard(record, self._prompt, ids) for record, ids in zip(records, prompt_ids, strict=True)]
 
-    def _prompt(self, prompt_ids) -> tuple[dict[str, list[int]], TokenizeReport]:
+    def _prompt(self, prompt_ids: Ids | RecordError) -> tuple[dict[str, Ids], TokenizeReport]:
         return {"input_ids": self._fitting(_ok(prompt_ids), reserve=0)}, TokenizeReport()
 
     def _texts(self, records: list[Record]) -> list[tuple[dict[str, Any] | None, TokenizeReport]]:
         text_ids = self._encode([record.fields["text"] for record in records], add_special_tokens=True)
         return [self._guard(record, self._text, ids) for record, ids in zip(records, text_ids, strict=True)]
 
-    def _text(self, text_ids: list[int]) -> tuple[dict[str, list[int]], TokenizeReport]:
+    def _text(self, text_ids: Ids) -> tuple[dict[str, Ids], TokenizeReport]:
         ids = text_ids + [self.eos_token_id]
         cut = int(len(ids) > self.max_length)
         ids = ids[: self.max_length]
@@ -275,15 +278,15 @@ class Tokenizer:
         }[kind]
         return build(records)
 
-    def demonstrations(self, records: list[Record]) -> list[dict[str, list[int]]]:
+    def demonstrations(self, records: list[Record]) -> list[dict[str, Ids]]:
         return [example for example, _ in self._demonstrations(records) if example is not None]
 
     def comparisons(self, records: list[Record]) -> list[dict[str, Any]]:
         return [example for example, _ in self._comparisons(records) if example is not None]
 
-    def prompts(self, records: list[Record]) -> list[dict[str, list[int]]]:
+    def prompts(self, records: list[Record]) -> list[dict[str, Ids]]:
         return [example for example, _ in self._prompts(records) if example is not None]
 
-    def texts(self, records: list[Record]) -> list[dict[str, list[int]]]:
+    def texts(self, records: list[Record]) -> list[dict[str, Ids]]:
         """Pretraining text: every token is a label (language-model loss on the whole text, ending in EOS)."""
         return [example for example, _ in self._texts(records)]
