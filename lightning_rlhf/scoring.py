@@ -53,8 +53,8 @@ def score_batches(
 
     A record that cannot be tokenized (a prompt longer than ``max_length``) raises, or with ``skip_invalid`` is
     yielded first with reward ``None``."""
-    tokenize = Tokenizer(tokenizer, max_length, skip_invalid)
-    examples = {i: ex[0] for i, record in enumerate(records) if (ex := tokenize.demonstrations([record]))}
+    tokenized = Tokenizer(tokenizer, max_length, skip_invalid).examples("demonstration", list(records))
+    examples = {i: example for i, (example, _) in enumerate(tokenized) if example is not None}
     if invalid := [i for i in range(len(records)) if i not in examples]:
         yield invalid, [None] * len(invalid)
     collate = DemonstrationCollator(tokenizer.pad_token_id)
