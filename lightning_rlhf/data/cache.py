@@ -2,11 +2,11 @@
 
 ``tokenized(...)`` reads a source (``records.read_rows``), validates each record as ``read_records`` does, writes the
 valid ones to Arrow (``datasets.Dataset.from_generator``), tokenizes them with ``datasets.Dataset.map`` (``num_proc``
-worker processes) through the same ``Tokenizer`` as the list-based path, writing its Arrow file(s) into
-``cache_dir/<kind>-<key>``: ``key`` hashes the source's content (a file's bytes, a ``datasets`` fingerprint), the record
-kind, the column mapping, the tokenizer (vocabulary, special tokens, chat template), ``max_length`` and
-``skip_invalid``, so a changed file or setting never reuses a stale cache. A later call with the same key
-memory-maps those files (``datasets.Dataset.from_file``): nothing is read or tokenized again.
+worker processes) through the same ``Tokenizer`` as the list-based path (each map batch's texts in one tokenizer call),
+writing its Arrow file(s) into ``cache_dir/<kind>-<key>``: ``key`` hashes the source's content (a file's bytes, a
+``datasets`` fingerprint), the record kind, the column mapping, the tokenizer (vocabulary, special tokens, chat
+template), ``max_length`` and ``skip_invalid``, so a changed file or setting never reuses a stale cache. A later call
+with the same key memory-maps those files (``datasets.Dataset.from_file``): nothing is read or tokenized again.
 
 Rows keep the record's ``location`` (``file line N``) and what tokenizing it found: ``skipped`` (an over-long prompt
 under ``skip_invalid``) and ``truncated`` / ``texts_truncated`` (cut responses and texts), so the counts the
