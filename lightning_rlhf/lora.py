@@ -73,13 +73,17 @@ def export_lora(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, dir
 
 
 def check_lora_strategy(trainer) -> None:
-    """LoRA is not wired for sharded strategies yet: refuse them before training rather than export wrong weights."""
+    """Refuse LoRA under a sharded strategy before training rather than export wrong weights: ``export_lora`` merges
+    a copy of the whole model, which only a single device or DDP (every rank holds the whole model; tested with 2
+    processes) has. FSDP2 would need the full state dict gathered before the merge, FSDP1 also its flat parameters
+    mixing frozen base and trainable adapters: neither is wired or tested."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
         raise ValueError(
-            f"lora is supported on one device and under DDP, not under {type(trainer.strategy).__name__}: "
-            "drop the lora option or use strategy: ddp"
+            f"lora is supported and tested on one device and under DDP (strategy: ddp), not under "
+            f"{type(trainer.strategy).__name__}: its export merges the whole model, which a sharded strategy does not "
+            "hold on any rank. Use strategy: ddp, or drop the lora option to shard full training"
         )
 
 

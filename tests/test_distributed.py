@@ -211,3 +211,46 @@ def test_fsdp2_bf16_mixed_keeps_float32_master_weights_and_computes_in_bf16(tmp_
         "stored_grad": "torch.float32",
         "optimizer_state": "torch.float32",
     }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
+def test_sft_and_dpo_with_lora_under_ddp_match_a_single_process(tmp_path, accelerator, devices):
+    """LoRA under DDP: after 3 steps every rank holds the same adapters and the SFT export's base bit for bit, rank 0
+    alone exported, and the merged model and the adapter equal those of one process trained on the same global
+    batches. 8 records, 4 per rank: each step's global batch is all of them, and every per-rank loss is a mean over
+    equally many terms (4 pairs; 4 responses of 4 tokens + EOS), so the mean of the two ranks' gradients is the
+    gradient of one process's batch of 8."""
+    from tests.ddp_lora_script import fit, lora_stage
+
+    sft_dir = make_tiny_export(tmp_path / "sft")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdef") for _ in range(4)) for _ in range(16)]
+    comparisons = tmp_path / "comparisons.jsonl"
+    comparisons.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}: ", "chosen": words[i], "rejected": words[i + 8]}) + "\n" for i in range(8))
+    )
+    demonstrations = tmp_path / "demonstrations.jsonl"
+    demonstrations.write_text("".join(json.dumps({"prompt": f"Q{i}{'?' * i}: ", "response": words[i]}) + "\n"
+                                      for i in range(8)))  # fmt: skip
+    out = tmp_path / "ddp.json"
+    run_python(str(REPO / "tests" / "ddp_lora_script.py"), str(out), str(tmp_path), sft_dir, str(comparisons),
+               str(demonstrations), accelerator, str(devices), cwd=tmp_path)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["world_size"] == devices
+    for stage in ("sft", "dpo"):
+        assert report[stage]["adapters_equal_rank0"] == [True] * devices, stage
+        assert report[stage]["base_unchanged"] == [True] * devices, stage
+        assert report[stage]["exports"] == [1] + [0] * (devices - 1), stage
+
+        L.seed_everything(0)
+        module, data = lora_stage(stage, sft_dir, str(comparisons), str(demonstrations), str(tmp_path / f"{stage}_one"),
+                                  batch_size=4 * devices)  # fmt: skip
+        fit(module, data, str(tmp_path), "cpu", 1, "auto")
+        for files in ("model.safetensors", "adapter/adapter_model.safetensors"):
+            ddp, one = (load_file(tmp_path / f"{stage}_{run}" / files) for run in ("ddp", "one"))
+            assert ddp.keys() == one.keys() and ddp, (stage, files)
+            for name, weight in ddp.items():
+                torch.testing.assert_close(weight, one[name], atol=1e-5, rtol=0, msg=f"{stage} {files}: {name}")
+        adapter = load_file(tmp_path / f"{stage}_ddp" / "adapter" / "adapter_model.safetensors")
+        assert all(w.abs().max() > 1e-3 for n, w in adapter.items() if "lora_B" in n), stage  # trained from B = 0
