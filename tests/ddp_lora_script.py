@@ -4,15 +4,19 @@ exporting the merged model and the adapter.
     python tests/ddp_lora_script.py OUT.json ROOT_DIR SFT_EXPORT COMPARISONS.jsonl DEMONSTRATIONS.jsonl [cpu|cuda]
         [DEVICES]
 
-Writes ROOT_DIR/{sft,dpo}_ddp (3 steps each); rank 0 writes, per stage, what every rank holds: whether its adapters
-equal rank 0's, whether its frozen base is bit for bit the SFT export, and how many exports it wrote.
+Writes ROOT_DIR/{sft,dpo}_ddp (3 steps each) and, from the same start, ROOT_DIR/{sft,dpo}_fsdp2 with FSDP2
+(``ModelParallelStrategy``); rank 0 writes, per stage, what every DDP rank holds: whether its adapters equal rank 0's,
+whether its frozen base is bit for bit the SFT export, and how many exports it wrote; and whether FSDP2 sharded an
+adapter and a base weight.
 """
 
 import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, DPOModule, SFTModule, lora
 from lightning_rlhf.lora import LoraOptions, unwrap
@@ -72,6 +76,14 @@ def main(out_path: str, root: str, sft_dir: str, comparisons: str, demonstration
             "base_unchanged": module.all_gather(torch.tensor(base_unchanged)).flatten().tolist(),
             "exports": module.all_gather(torch.tensor(len(EXPORTS))).flatten().tolist(),
         }
+        # FSDP2 from the same start: the gathered export must match DDP's.
+        L.seed_everything(0)
+        module, data = lora_stage(stage, sft_dir, comparisons, demonstrations, f"{root}/{stage}_fsdp2", batch_size=4)
+        n = int(devices)
+        fit(module, data, root, accelerator, n, ModelParallelStrategy(data_parallel_size=n, tensor_parallel_size=1))
+        names = ("layers.0.self_attn.q_proj.lora_A.default.weight", "layers.0.self_attn.q_proj.base_layer.weight")
+        shards = [p for name, p in module.model.named_parameters() if name.endswith(names)]
+        report[stage]["fsdp2_sharded"] = [isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0] for p in shards]
     finish(trainer, out_path, {**report, "world_size": trainer.world_size})
 
 

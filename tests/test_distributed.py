@@ -215,11 +215,12 @@ def test_fsdp2_bf16_mixed_keeps_float32_master_weights_and_computes_in_bf16(tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
-def test_sft_and_dpo_with_lora_under_ddp_match_a_single_process(tmp_path, accelerator, devices):
+def test_sft_and_dpo_with_lora_under_ddp_and_fsdp2_match_a_single_process(tmp_path, accelerator, devices):
     """LoRA under DDP: after 3 steps every rank holds the same adapters and the SFT export's base bit for bit, rank 0
     alone exported, and the merged model and the adapter equal those of one process trained on the same global
-    batches. 8 records, 4 per rank: each step's global batch is all of them, and every per-rank loss is a mean over
-    equally many terms (4 pairs; 4 responses of 4 tokens + EOS), so the mean of the two ranks' gradients is the
+    batches; FSDP2 (the PeftModel fully_shard-ed, DPO's reference its adapter switched off) exports the same. 8
+    records, 4 per rank: each step's global batch is all of them, and every per-rank loss is a mean over equally many
+    terms (4 pairs; 4 responses of 4 tokens + EOS), so the mean of the two ranks' gradients is the
     gradient of one process's batch of 8."""
     from tests.ddp_lora_script import fit, lora_stage
 
@@ -228,7 +229,9 @@ def test_sft_and_dpo_with_lora_under_ddp_match_a_single_process(tmp_path, accele
     words = ["".join(rng.choice("abcdef") for _ in range(4)) for _ in range(16)]
     comparisons = tmp_path / "comparisons.jsonl"
     comparisons.write_text(
-        "".join(json.dumps({"prompt": f"Q{i}: ", "chosen": words[i], "rejected": words[i + 8]}) + "\n" for i in range(8))
+        "".join(
+            json.dumps({"prompt": f"Q{i}: ", "chosen": words[i], "rejected": words[i + 8]}) + "\n" for i in range(8)
+        )
     )
     demonstrations = tmp_path / "demonstrations.jsonl"
     demonstrations.write_text("".join(json.dumps({"prompt": f"Q{i}{'?' * i}: ", "response": words[i]}) + "\n"
@@ -242,15 +245,20 @@ def test_sft_and_dpo_with_lora_under_ddp_match_a_single_process(tmp_path, accele
         assert report[stage]["adapters_equal_rank0"] == [True] * devices, stage
         assert report[stage]["base_unchanged"] == [True] * devices, stage
         assert report[stage]["exports"] == [1] + [0] * (devices - 1), stage
+        assert report[stage]["fsdp2_sharded"] == [devices > 1] * 2, stage  # an adapter and a base weight
 
         L.seed_everything(0)
         module, data = lora_stage(stage, sft_dir, str(comparisons), str(demonstrations), str(tmp_path / f"{stage}_one"),
                                   batch_size=4 * devices)  # fmt: skip
         fit(module, data, str(tmp_path), "cpu", 1, "auto")
         for files in ("model.safetensors", "adapter/adapter_model.safetensors"):
-            ddp, one = (load_file(tmp_path / f"{stage}_{run}" / files) for run in ("ddp", "one"))
-            assert ddp.keys() == one.keys() and ddp, (stage, files)
-            for name, weight in ddp.items():
-                torch.testing.assert_close(weight, one[name], atol=1e-5, rtol=0, msg=f"{stage} {files}: {name}")
+            ddp = load_file(tmp_path / f"{stage}_ddp" / files)
+            for run in ("one", "fsdp2"):
+                other = load_file(tmp_path / f"{stage}_{run}" / files)
+                assert ddp.keys() == other.keys() and ddp, (stage, run, files)
+                for name, weight in ddp.items():
+                    torch.testing.assert_close(
+                        other[name], weight, atol=1e-5, rtol=0, msg=f"{stage} {run} {files}: {name}"
+                    )
         adapter = load_file(tmp_path / f"{stage}_ddp" / "adapter" / "adapter_model.safetensors")
         assert all(w.abs().max() > 1e-3 for n, w in adapter.items() if "lora_B" in n), stage  # trained from B = 0
