@@ -93,17 +93,17 @@ def whole_copy(model: PeftModel, state: dict[str, torch.Tensor]) -> PeftModel:
 
 
 def check_lora_strategy(trainer) -> None:
-    """Refuse LoRA under a sharded strategy before training rather than export wrong weights: ``export_lora`` merges
-    a copy of the whole model, which only a single device or DDP (every rank holds the whole model; tested with 2
-    processes) has. FSDP2 would need the full state dict gathered before the merge, FSDP1 also its flat parameters
-    mixing frozen base and trainable adapters: neither is wired or tested."""
+    """Refuse LoRA under FSDP1 (``FSDPStrategy``) before training: FSDP1 flattens each unit's parameters into one
+    flat parameter with a single ``requires_grad``, so a frozen base and trainable adapters in the same unit need
+    ``use_orig_params=True`` and an export that gathers them; neither is wired or tested. One device, DDP and FSDP2
+    (``ModelParallelStrategy``, which shards per parameter) are tested with 2 processes."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     if isinstance(trainer.strategy, FSDPStrategy):
         raise ValueError(
-            f"lora is supported and tested on one device and under DDP (strategy: ddp), not under "
-            f"{type(trainer.strategy).__name__}: its export merges the whole model, which a sharded strategy does not "
-            "hold on any rank. Use strategy: ddp, or drop the lora option to shard full training"
+            "lora is supported on one device, under DDP (strategy: ddp) and under FSDP2 (strategy: "
+            "ModelParallelStrategy), not under FSDPStrategy (FSDP1): its flat parameters cannot mix the frozen base "
+            "with trainable adapters. Use ModelParallelStrategy to shard, or drop the lora option"
         )
 
 
