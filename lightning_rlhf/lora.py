@@ -103,7 +103,8 @@ def check_lora_strategy(trainer) -> None:
         raise ValueError(
             "lora is supported on one device, under DDP (strategy: ddp) and under FSDP2 (strategy: "
             "ModelParallelStrategy), not under FSDPStrategy (FSDP1): its flat parameters cannot mix the frozen base "
-            "with trainable adapters. Use ModelParallelStrategy to shard, or drop the lora option"
+            "with trainable adapters (without use_orig_params=True, not wired or tested here). Use "
+            "ModelParallelStrategy to shard, or drop the lora option"
         )
 
 
