@@ -17,7 +17,15 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, DPOModule, RewardModule, SFTModule, lora
+from lightning_rlhf import (
+    ComparisonDataModule,
+    DemonstrationDataModule,
+    DPOModule,
+    RewardModule,
+    SFTModule,
+    lora,
+    strategies,
+)
 from lightning_rlhf.lora import LoraOptions, unwrap
 from tests import ddp_ppo_script
 from tests.helpers import finish
@@ -87,6 +95,18 @@ def fsdp2_sharded(module) -> list[bool]:
     return [isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0] for p in shards]
 
 
+def sharding_around_generation(module) -> list[bool]:
+    """Whether a block's base weight is a DTensor shard during two forwards inside ``strategies.gathered`` (as in
+    PPO's generation) and after it."""
+    weight = lambda: unwrap(module.model).model.layers[0].mlp.up_proj.base_layer.weight  # noqa: E731
+    ids = torch.tensor([[5, 6, 7]], device=module.device)
+    with strategies.gathered(module.model), torch.no_grad():
+        module.model(ids)
+        module.model(ids)
+        inside = isinstance(weight(), DTensor)
+    return [inside, isinstance(weight(), DTensor)]
+
+
 def main(out_path: str, root: str, sft_dir: str, rm_dir: str, comparisons: str, demonstrations: str,
          accelerator: str = "cpu", devices: str = "2") -> None:  # fmt: skip
     start = load_file(f"{sft_dir}/model.safetensors")
@@ -113,6 +133,7 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str, comparisons: str, 
     report["ppo"] = ddp_report(module, start)
     _, module = ddp_ppo_script.fit(fsdp2(), root, sft_dir, rm_dir, "ppo_fsdp2", accelerator, n, lora=LORA)
     report["ppo"]["fsdp2_sharded"] = fsdp2_sharded(module)
+    report["ppo"]["sharded_inside_outside_gathered"] = sharding_around_generation(module)
     finish(trainer, out_path, {**report, "world_size": trainer.world_size})
 
 

@@ -273,5 +273,7 @@ def test_every_stage_with_lora_under_ddp_and_fsdp2_matches_a_single_process(tmp_
                     )
         adapter = load_file(tmp_path / f"{stage}_ddp" / "adapter" / "adapter_model.safetensors")
         assert all(w.abs().max() > 1e-4 for n, w in adapter.items() if "lora_B" in n), stage  # trained from B = 0
+    # PPO's generation keeps the LoRA policy gathered across decode steps, and it is sharded again afterwards.
+    assert report["ppo"]["sharded_inside_outside_gathered"] == [False, True]
     offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{run}").reward_offset for run in ("ddp", "fsdp2", "one")]
     assert offsets[0] != 0 and offsets[1:] == pytest.approx([offsets[0]] * 2, abs=1e-5)
