@@ -62,24 +62,49 @@ def export_lora(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, dir
     """Export ``trainer.lightning_module.<attribute>``, a ``PeftModel``: the merged weights (loadable by plain
     ``transformers``) in ``directory`` and the adapter alone in ``directory/adapter``, in one atomic export.
 
-    The merge runs on a copy, so the module keeps its adapter. Single device and DDP only (every rank holds the
-    whole model); global rank 0 writes, all ranks wait.
+    The merge runs on a copy, so the module keeps its adapter. Under FSDP2 every rank gathers the full state dict (a
+    collective) and global rank 0 loads it into a whole copy first; under DDP every rank holds the whole model.
+    Global rank 0 writes, all ranks wait.
     """
+    model = getattr(trainer.lightning_module, attribute)
+    state = None
+    if trainer.lightning_module.device_mesh is not None:  # ModelParallelStrategy (FSDP2): gather DTensor shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.is_global_zero:
-        model = getattr(trainer.lightning_module, attribute)
-        merged = copy.deepcopy(model).merge_and_unload()
-        export_pretrained(merged, tokenizer, directory, adapter=model)
+        whole = model if state is None else whole_copy(model, state)
+        export_pretrained(copy.deepcopy(whole).merge_and_unload(), tokenizer, directory, adapter=whole)
     trainer.strategy.barrier("export")
 
 
-def check_lora_strategy(trainer) -> None:
-    """LoRA is not wired for sharded strategies yet: refuse them before training rather than export wrong weights."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+def whole_copy(model: PeftModel, state: dict[str, torch.Tensor]) -> PeftModel:
+    """An unsharded ``PeftModel`` of ``model``'s architecture and adapter config holding ``state``, its full state
+    dict. ``fully_shard`` swaps a module's class for an ``FSDP<Class>`` subclass: the copy is built from the original
+    class."""
+    from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+    base = model.get_base_model()
+    base_class = type(base).__bases__[-1] if isinstance(base, FSDPModule) else type(base)
+    dtype = next(iter(state.values())).dtype
+    whole = get_peft_model(base_class(base.config).to(dtype), copy.deepcopy(model.peft_config["default"]))
+    whole.load_state_dict(state)
+    return whole
+
+
+def check_lora_strategy(trainer) -> None:
+    """Refuse LoRA under FSDP1 (``FSDPStrategy``) before training: FSDP1 flattens each unit's parameters into one
+    flat parameter with a single ``requires_grad``, so a frozen base and trainable adapters in the same unit need
+    ``use_orig_params=True`` and an export that gathers them; neither is wired or tested. One device, DDP and FSDP2
+    (``ModelParallelStrategy``, which shards per parameter) are tested with 2 processes."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):
         raise ValueError(
-            f"lora is supported on one device and under DDP, not under {type(trainer.strategy).__name__}: "
-            "drop the lora option or use strategy: ddp"
+            "lora is supported on one device, under DDP (strategy: ddp) and under FSDP2 (strategy: "
+            "ModelParallelStrategy), not under FSDPStrategy (FSDP1): its flat parameters cannot mix the frozen base "
+            "with trainable adapters (without use_orig_params=True, not wired or tested here). Use "
+            "ModelParallelStrategy to shard, or drop the lora option"
         )
 
 

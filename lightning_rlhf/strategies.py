@@ -60,16 +60,21 @@ def fully_shard_model(model: nn.Module, mesh, mp_policy=None) -> None:
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from lightning_rlhf.lora import unwrap
+
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    block_classes = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
+    inner = unwrap(model)  # a PeftModel's transformers model
+    block_classes = set(getattr(inner, "_no_split_modules", None) or [])
+    for module in inner.modules():
         if type(module).__name__ in block_classes:
             fully_shard(module, **kwargs)
-    if getattr(model, "base_model", model) is not model and not has_tied_embeddings(model):
-        fully_shard(model.base_model, **kwargs)
-    if isinstance(getattr(model, "score", None), nn.Module):
-        fully_shard(model.score, **kwargs)
-    fully_shard(model, **kwargs)
+    if getattr(inner, "base_model", inner) is not inner and not has_tied_embeddings(inner):
+        fully_shard(inner.base_model, **kwargs)
+    if isinstance(getattr(inner, "score", None), nn.Module):
+        fully_shard(inner.score, **kwargs)
+    # A PeftModel holds no parameter of its own: the transformers model inside is the root unit, so PPO's generate,
+    # which calls it directly, gathers as the PeftModel's forward does.
+    fully_shard(inner, **kwargs)
 
 
 def fully_shard_models(module: L.LightningModule, *models: nn.Module | None) -> None:
@@ -91,6 +96,9 @@ def gathered(model: nn.Module) -> Iterator[None]:
     instead of all-gathering every block at every step; reshard on exit. Does nothing to an unsharded model."""
     from torch.distributed.fsdp import FSDPModule
 
+    from lightning_rlhf.lora import unwrap
+
+    model = unwrap(model)  # a PeftModel's root unit is the transformers model inside
     if not isinstance(model, FSDPModule):
         yield
         return

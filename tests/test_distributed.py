@@ -211,3 +211,69 @@ def test_fsdp2_bf16_mixed_keeps_float32_master_weights_and_computes_in_bf16(tmp_
         "stored_grad": "torch.float32",
         "optimizer_state": "torch.float32",
     }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("accelerator", "devices"), ACCELERATORS)
+def test_every_stage_with_lora_under_ddp_and_fsdp2_matches_a_single_process(tmp_path, accelerator, devices):
+    """LoRA under DDP: after 3 steps every rank holds the same adapters and the SFT export's base bit for bit, rank 0
+    alone exported, and for SFT, the reward model and DPO the merged model and the adapter equal those of one process
+    trained on the same global batches. 8 records, 4 per rank: each step's global batch is all of them, and every
+    per-rank loss is a mean over equally many terms (4 pairs; 4 responses of 4 tokens + EOS), so the mean of the two
+    ranks' gradients is the gradient of one process's batch of 8. FSDP2 (the transformers model inside the PeftModel
+    fully_shard-ed, its export gathered before the merge; DPO's and PPO's reference the adapter switched off, PPO
+    generating through the transformers model) exports the same as DDP, PPO included (its ranks sample their own
+    prompts: no single-process twin). Under FSDP2 PPO failed in generate ("mixed torch.Tensor and DTensor") while the
+    PeftModel was the root unit, and every export failed before the gather."""
+    from tests.ddp_lora_script import fit, lora_stage
+
+    sft_dir = make_tiny_export(tmp_path / "sft")
+    tokenizer = load_tokenizer(sft_dir)
+    rm_dir = export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdef") for _ in range(4)) for _ in range(16)]
+    comparisons = tmp_path / "comparisons.jsonl"
+    comparisons.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}: ", "chosen": words[i], "rejected": words[i + 8]}) + "\n" for i in range(8)
+        )
+    )
+    demonstrations = tmp_path / "demonstrations.jsonl"
+    demonstrations.write_text("".join(json.dumps({"prompt": f"Q{i}{'?' * i}: ", "response": words[i]}) + "\n"
+                                      for i in range(8)))  # fmt: skip
+    out = tmp_path / "ddp.json"
+    run_python(str(REPO / "tests" / "ddp_lora_script.py"), str(out), str(tmp_path), sft_dir, str(rm_dir),
+               str(comparisons), str(demonstrations), accelerator, str(devices), cwd=tmp_path)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["world_size"] == devices
+    for stage in ("sft", "rm", "dpo", "ppo"):
+        assert report[stage]["adapters_equal_rank0"] == [True] * devices, stage
+        assert report[stage]["base_unchanged"] == [True] * devices, stage
+        assert report[stage]["exports"] == [1] + [0] * (devices - 1), stage
+        assert report[stage]["fsdp2_sharded"] == [devices > 1] * 2, stage  # an adapter and a base weight
+        runs = ["fsdp2"]
+        if stage != "ppo":
+            L.seed_everything(0)
+            module, data = lora_stage(stage, sft_dir, str(comparisons), str(demonstrations),
+                                      str(tmp_path / f"{stage}_one"), batch_size=4 * devices)  # fmt: skip
+            fit(module, data, str(tmp_path), "cpu", 1, "auto")
+            runs.append("one")
+        for files in ("model.safetensors", "adapter/adapter_model.safetensors"):
+            ddp = load_file(tmp_path / f"{stage}_ddp" / files)
+            for run in runs:
+                other = load_file(tmp_path / f"{stage}_{run}" / files)
+                assert ddp.keys() == other.keys() and ddp, (stage, run, files)
+                # One process sums gradients in another order. Adam's first steps move a factor A by about lr where
+                # its gradient (through B near 0) is tiny, so that noise shows in A (2e-5, the reward model's
+                # up_proj) while the merged weights, B·A, agree to 1.3e-6.
+                atol = 1e-4 if run == "one" and files.startswith("adapter") else 1e-5
+                for name, weight in ddp.items():
+                    torch.testing.assert_close(
+                        other[name], weight, atol=atol, rtol=0, msg=f"{stage} {run} {files}: {name}"
+                    )
+        adapter = load_file(tmp_path / f"{stage}_ddp" / "adapter" / "adapter_model.safetensors")
+        assert all(w.abs().max() > 1e-4 for n, w in adapter.items() if "lora_B" in n), stage  # trained from B = 0
+    # PPO's generation keeps the LoRA policy gathered across decode steps, and it is sharded again afterwards.
+    assert report["ppo"]["sharded_inside_outside_gathered"] == [False, True]
+    offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{run}").reward_offset for run in ("ddp", "fsdp2", "one")]
+    assert offsets[0] != 0 and offsets[1:] == pytest.approx([offsets[0]] * 2, abs=1e-5)

@@ -124,13 +124,13 @@ def test_dpo_lora_learns_the_planted_preference(base_export, tmp_path):
         torch.testing.assert_close(merged(INPUT_IDS).logits, module.model.eval()(INPUT_IDS).logits, atol=1e-5, rtol=0)
 
 
-def test_lora_is_refused_under_a_sharded_strategy():
+def test_lora_is_refused_under_fsdp1():
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)  # its __init__ wants a distributed setup
-    with pytest.raises(ValueError, match="not under ModelParallelStrategy"):
+    strategy = FSDPStrategy.__new__(FSDPStrategy)  # its __init__ wants a distributed setup
+    with pytest.raises(ValueError, match="not under FSDPStrategy"):
         check_lora_strategy(SimpleNamespace(strategy=strategy))
 
 

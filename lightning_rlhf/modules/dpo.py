@@ -129,7 +129,7 @@ class DPOModule(L.LightningModule):
             gradient_checkpointing: trade compute for activation memory (policy only).
             lora: train LoRA adapters (``peft``) on the frozen SFT model; the reference is then the same model with
                 the adapter switched off, so no second copy is loaded. The export holds the merged model and, in
-                ``export_dir/adapter``, the adapter alone. One device or DDP.
+                ``export_dir/adapter``, the adapter alone. One device, DDP or FSDP2 (not FSDP1).
         """
         super().__init__()
         if loss_type not in DPO_LOSSES:

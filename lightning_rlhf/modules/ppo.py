@@ -242,7 +242,7 @@ class PPOModule(L.LightningModule):
                 another model, which is loaded as before. A value model gets adapters of its own (same options) and
                 its head trains in full; a ``value_head`` trains in full on the adapted policy. Checkpoints hold only
                 the trainable parameters; the export holds the merged policy and, in ``export_dir/adapter``, the
-                adapter alone. One device or DDP.
+                adapter alone. One device, DDP or FSDP2 (not FSDP1).
         """
         super().__init__()
         sources = [reward_model_name_or_path, reward_fn, reward_fns]

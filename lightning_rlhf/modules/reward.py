@@ -79,7 +79,7 @@ class RewardModule(L.LightningModule):
             lora: train LoRA adapters (``peft``) on the frozen backbone, and the scalar head in full (``peft``'s
                 ``modules_to_save``); checkpoints then hold only those (the base is rebuilt from
                 ``model_name_or_path``), and the export holds the merged reward model and, in ``export_dir/adapter``,
-                the adapter with the head. One device or DDP.
+                the adapter with the head. One device, DDP or FSDP2 (not FSDP1).
         """
         super().__init__()
         check_range("margin", margin, ">= 0", margin >= 0)

@@ -80,7 +80,8 @@ class SFTModule(L.LightningModule):
             export_dir: where the trained model and tokenizer are saved (``save_pretrained``) when fit ends.
             gradient_checkpointing: trade compute for activation memory.
             lora: train LoRA adapters (``peft``) on the frozen model instead of every weight; the export then holds
-                the merged model and, in ``export_dir/adapter``, the adapter alone. One device or DDP.
+                the merged model and, in ``export_dir/adapter``, the adapter alone. One device, DDP or FSDP2 (not
+                FSDP1).
         """
         super().__init__()
         if loss_on not in ("response", "all"):
