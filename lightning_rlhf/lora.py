@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_rlhf.models import export_pretrained
+from lightning_rlhf.models import check_export_before_fit, export_from_trainer, export_pretrained
 
 
 @dataclass
@@ -76,6 +76,25 @@ def export_lora(trainer, attribute: str, tokenizer: PreTrainedTokenizerBase, dir
         whole = model if state is None else whole_copy(model, state)
         export_pretrained(copy.deepcopy(whole).merge_and_unload(), tokenizer, directory, adapter=whole)
     trainer.strategy.barrier("export")
+
+
+def check_fit_setup(module, stage: str) -> None:
+    """What every stage's module checks in ``setup``: a strategy LoRA runs under, and, before training rather than
+    after it, an export directory the run may write."""
+    if module.hparams.lora is not None:
+        check_lora_strategy(module.trainer)
+    if stage == "fit" and module.hparams.export_dir:
+        check_export_before_fit(module.trainer, module.hparams.export_dir)
+
+
+def export_trained(module, attribute: str = "model") -> None:
+    """At the end of training, export ``module.<attribute>`` to ``module.hparams.export_dir`` (if set): merged and
+    adapter (``export_lora``) with LoRA, else the model as trained (``models.export_from_trainer``)."""
+    directory = module.hparams.export_dir
+    if directory and module.hparams.lora is not None:
+        export_lora(module.trainer, attribute, module.tokenizer, directory)
+    elif directory:
+        export_from_trainer(module.trainer, attribute, module.tokenizer, directory)
 
 
 def whole_copy(model: PeftModel, state: dict[str, torch.Tensor]) -> PeftModel:

@@ -33,17 +33,15 @@ from transformers import PreTrainedModel
 from lightning_rlhf.lora import (
     LoraOptions,
     apply_lora,
-    check_lora_strategy,
+    check_fit_setup,
     drop_frozen_weights,
-    export_lora,
+    export_trained,
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
 )
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
 from lightning_rlhf.models import (
-    check_export_before_fit,
     disable_dropout,
-    export_from_trainer,
     keep_out_of_checkpoints,
     load_causal_lm,
     load_tokenizer,
@@ -307,13 +305,7 @@ class DPOModule(L.LightningModule):
             drop_frozen_weights(self, checkpoint)
 
     def setup(self, stage: str) -> None:
-        if self.hparams.lora is not None:
-            check_lora_strategy(self.trainer)
-        if stage == "fit" and self.hparams.export_dir:
-            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
+        check_fit_setup(self, stage)
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.hparams.lora is not None:
-            export_lora(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
-        elif self.hparams.export_dir:
-            export_from_trainer(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
+        export_trained(self)

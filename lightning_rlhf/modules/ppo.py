@@ -47,9 +47,9 @@ from transformers import PreTrainedModel
 from lightning_rlhf.lora import (
     LoraOptions,
     apply_lora,
-    check_lora_strategy,
+    check_fit_setup,
     drop_frozen_weights,
-    export_lora,
+    export_trained,
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
     unwrap,
@@ -66,9 +66,7 @@ from lightning_rlhf.losses import (
     token_logprobs,
 )
 from lightning_rlhf.models import (
-    check_export_before_fit,
     disable_dropout,
-    export_from_trainer,
     forward_logits,
     keep_out_of_checkpoints,
     load_causal_lm,
@@ -635,10 +633,7 @@ class PPOModule(L.LightningModule):
         return optimizer_config(groups, self.optimizer_factory, self.scheduler_factory)
 
     def setup(self, stage: str) -> None:
-        if self.hparams.lora is not None:
-            check_lora_strategy(self.trainer)
-        if stage == "fit" and self.hparams.export_dir:
-            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
+        check_fit_setup(self, stage)
 
     def on_train_start(self) -> None:
         """Refuse, before the first rollout, an epoch whose last (short) batch has fewer prompts than
@@ -656,7 +651,4 @@ class PPOModule(L.LightningModule):
             )
 
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.hparams.lora is not None:
-            export_lora(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
-        elif self.hparams.export_dir:
-            export_from_trainer(self.trainer, "model", self.tokenizer, self.hparams.export_dir)
+        export_trained(self)

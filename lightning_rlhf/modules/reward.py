@@ -23,14 +23,14 @@ from torchmetrics import MeanMetric
 from lightning_rlhf.lora import (
     LoraOptions,
     apply_lora,
-    check_lora_strategy,
+    check_fit_setup,
     drop_frozen_weights,
-    export_lora,
+    export_trained,
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
 )
 from lightning_rlhf.losses import ranking_loss
-from lightning_rlhf.models import check_export_before_fit, export_from_trainer, load_tokenizer
+from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
@@ -197,20 +197,13 @@ class RewardModule(L.LightningModule):
             drop_frozen_weights(self, checkpoint)
 
     def setup(self, stage: str) -> None:
-        if self.hparams.lora is not None:
-            check_lora_strategy(self.trainer)
-        if stage == "fit" and self.hparams.export_dir:
-            check_export_before_fit(self.trainer, self.hparams.export_dir)  # before training, not after
+        check_fit_setup(self, stage)
 
     def on_train_end(self) -> None:
-        hp = self.hparams
         loader_fn = getattr(self.trainer.datamodule, "normalize_dataloader", None)
         loader = loader_fn() if loader_fn is not None else None
         if loader is not None:
             offset = self.normalize(loader)
             if self.logger is not None:
                 self.logger.log_metrics({"train/reward_offset": offset}, step=self.global_step)
-        if hp.export_dir and hp.lora is not None:
-            export_lora(self.trainer, "model", self.tokenizer, hp.export_dir)
-        elif hp.export_dir:
-            export_from_trainer(self.trainer, "model", self.tokenizer, hp.export_dir)
+        export_trained(self)
