@@ -46,7 +46,7 @@ class SampleReport:
     written: int = 0
     all_tied: int = 0
     merged_duplicates: int = 0
-    empty: int = 0
+    empty: int = 0  # samples that ended at once (EOS first): kept, ranked like any other
 
     def __add__(self, other: SampleReport) -> SampleReport:
         return SampleReport(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -54,7 +54,7 @@ class SampleReport:
     def summary(self) -> str:
         return (
             f"{self.written} of {self.prompts} prompts written; {self.all_tied} left out because all their responses "
-            f"tied; {self.merged_duplicates} duplicate samples merged; {self.empty} empty responses left out"
+            f"tied; {self.merged_duplicates} duplicate samples merged; {self.empty} empty responses (kept)"
         )
 
 
@@ -147,10 +147,10 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise:
     """
     rng = random.Random(seed)
     report = SampleReport(prompts=len(prompts))
-    # An empty response is not a valid comparison entry: left out and counted, as duplicates are merged and counted.
-    unique = [[r for r in dict.fromkeys(responses) if r] for responses in samples]
+    # An empty response (EOS at once) is a response: ranked like any other, so that a reward model learns its score.
+    unique = [list(dict.fromkeys(responses)) for responses in samples]
     report.empty = sum(not r for responses in samples for r in responses)
-    report.merged_duplicates = sum(len(r) - len(u) for r, u in zip(samples, unique, strict=True)) - report.empty
+    report.merged_duplicates = sum(len(r) - len(u) for r, u in zip(samples, unique, strict=True))
     pairs = [(prompt, r) for prompt, responses in zip(prompts, unique, strict=True) for r in responses]
     flat_scores = iter(judge([p for p, _ in pairs], [r for _, r in pairs]) if pairs else [])
     records = []
@@ -166,8 +166,8 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise:
 
 
 def unranked_records(prompts: list, samples: list[list[str]]) -> tuple[list[dict], SampleReport]:
-    """``{"prompt", "responses"}`` records for people to rank, empty responses left out and counted."""
-    records = [{"prompt": p, "responses": [r for r in s if r]} for p, s in zip(prompts, samples, strict=True)]
+    """``{"prompt", "responses"}`` records for people to rank, empty responses kept (and counted)."""
+    records = [{"prompt": p, "responses": list(s)} for p, s in zip(prompts, samples, strict=True)]
     empty = sum(not r for s in samples for r in s)
     return records, SampleReport(prompts=len(prompts), written=len(records), empty=empty)
 

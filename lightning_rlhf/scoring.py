@@ -2,11 +2,12 @@
 
     lightning-rlhf score --model outputs/rm/hf --input responses.jsonl --output scored.jsonl
 
-Reads ``{"prompt", "response"}`` records (any source ``read_records`` reads; ``--columns`` remaps names), scores
-each prompt ⊕ response ⊕ EOS with ``reward_model.sequence_rewards`` (the stored ``reward_offset`` subtracted
-unless ``--raw``) and writes the records with a ``reward`` field as JSON Lines, in input order, as they are scored:
-to ``OUTPUT.partial``, renamed over the output when complete (``data.resumable``). An interrupted run keeps what it
-finished, and a rerun with the same arguments continues it (``--restart`` starts over).
+Reads ``{"prompt", "response"}`` records (any source ``read_records`` reads; ``--columns`` remaps names; an empty
+response is one, scored as the prompt followed by EOS at once), scores each prompt ⊕ response ⊕ EOS with
+``reward_model.sequence_rewards`` (the stored ``reward_offset`` subtracted unless ``--raw``) and writes the records
+with a ``reward`` field as JSON Lines, in input order, as they are scored: to ``OUTPUT.partial``, renamed over the
+output when complete (``data.resumable``). An interrupted run keeps what it finished, and a rerun with the same
+arguments continues it (``--restart`` starts over).
 
 ``import_reward_fn`` resolves PPO's ``reward_fn``: a function ``(prompt, response) -> float`` used instead of a
 reward model. ``make_scorer`` makes one batch scorer of any judge (the toy's gold judge, a reward-model export, such a
@@ -114,7 +115,7 @@ def score_file(
     check_output_file(output_path)
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, tokenizer, dtype).eval().requires_grad_(False).to(device)
-    records, report = read_records(input_path, "demonstration", columns, skip_invalid)
+    records, report = read_records(input_path, "scored", columns, skip_invalid)  # an empty response scores too
     settings = {
         "command": "score", "model": fingerprint(model_dir), "records": digest([r.fields for r in records]),
         "batch_size": batch_size, "max_length": max_length, "raw": raw, "skip_invalid": skip_invalid, "dtype": dtype,

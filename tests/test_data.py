@@ -9,10 +9,11 @@ import torch
 from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, PromptDataModule
 from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollator, PromptCollator
 from lightning_rlhf.data.datamodules import EpochShuffleSampler
-from lightning_rlhf.data.records import RecordError, read_records
+from lightning_rlhf.data.records import Record, RecordError, read_records
 from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.losses import IGNORE_INDEX
 from lightning_rlhf.models import load_tokenizer
+from tests.helpers import bpe_tokenizer
 
 TOKENIZER = load_tokenizer(None)
 EOS, PAD = TOKENIZER.eos_token_id, TOKENIZER.pad_token_id
@@ -54,7 +55,15 @@ def ids(text):
         ([{"prompt": "p", "chosen": "a", "rejected": "a"}], "comparison", r"'chosen' and 'rejected' are the same"),
         ([{"text": ""}], "text", r"line 1: field 'text' must be a non-empty string"),
         ([{"prompt": "p", "responses": ["a", 3], "ranks": [0, 1]}], "comparison", r"field 'responses\[1\]' must be"),
-        ([{"prompt": "p", "response": ""}], "demonstration", r"line 1: field 'response' is an empty string"),
+        (
+            [{"prompt": "p", "response": ""}],
+            "demonstration",
+            r"line 1: field 'response' is an empty string: a demonstration teaches the tokens of its response",
+        ),
+        ([{"prompt": "", "response": "r"}], "demonstration", r"field 'prompt' is an empty string: a response answers"),
+        ([{"prompt": "", "responses": ["a", ""], "ranks": [0, 1]}], "comparison", r"field 'prompt' is an empty str"),
+        ([{"prompt": ""}], "prompt", r"line 1: field 'prompt' is an empty string: a response answers a prompt"),
+        ([{"prompt": "p", "chosen": "", "rejected": ""}], "comparison", r"'chosen' and 'rejected' are the same"),
     ],
 )
 def test_bad_records_name_file_line_and_field(tmp_path, rows, kind, expected):
@@ -63,14 +72,35 @@ def test_bad_records_name_file_line_and_field(tmp_path, rows, kind, expected):
         read_records(path, kind)
 
 
-def test_an_empty_response_is_refused_in_responses_as_in_rejected(tmp_path):
-    """The two spellings of a comparison get the same rule (``sample`` leaves empty samples out and counts them)."""
-    for record in (
-        {"prompt": "p", "responses": ["a", ""], "ranks": [0, 1]},
-        {"prompt": "p", "chosen": "a", "rejected": ""},
+def test_an_empty_response_is_a_response_in_comparisons_and_to_score(tmp_path):
+    """Both spellings of a comparison keep an empty response, ranked as given, and so does a record to score;
+    a demonstration's is refused (the mutation of refusing '' everywhere, or of accepting it in demonstrations, fails
+    here or in ``test_bad_records_name_file_line_and_field``)."""
+    for record, expected in (
+        ({"prompt": "p", "responses": ["a", "", "b"], "ranks": [0, 2, 1]}, (["a", "", "b"], [0, 2, 1])),
+        ({"prompt": "p", "chosen": "a", "rejected": ""}, (["a", ""], [0, 1])),
+        ({"prompt": "p", "chosen": "", "rejected": "a"}, (["", "a"], [0, 1])),
     ):
-        with pytest.raises(RecordError, match=r"c\.jsonl line 1: field '(responses\[1\]|rejected)' is an empty string"):
-            read_records(write_jsonl(tmp_path / "c.jsonl", [record]), "comparison")
+        [read], _ = read_records(write_jsonl(tmp_path / "c.jsonl", [record]), "comparison")
+        assert (read.fields["responses"], read.fields["ranks"]) == expected
+    [scored], _ = read_records(write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "response": ""}]), "scored")
+    assert scored.fields == {"prompt": "p", "response": ""}
+
+
+def test_an_empty_response_tokenizes_as_the_end_of_turn_token_alone():
+    """Plain text: ''  -> [EOS] after the prompt's ids; a chat prompt with an empty assistant reply -> the template's
+    reply up to and including its EOS. A tokenizer that dropped '' or appended nothing fails the first assertion."""
+    tokenizer = load_tokenizer(None)
+    record = Record("x line 1", {"prompt": "Reverse: ab\n", "responses": ["", "ba"], "ranks": [1, 0]})
+    [example] = Tokenizer(tokenizer, 64).comparisons([record])
+    eos = tokenizer.eos_token_id
+    assert example["response_ids"][0] == [eos]
+    assert example["response_ids"][1] == tokenizer("ba", add_special_tokens=False)["input_ids"] + [eos]
+    chat = bpe_tokenizer("chatml")
+    prompt = [{"role": "user", "content": "hi"}]
+    record = Record("x line 2", {"prompt": prompt, "responses": ["", "yo"], "ranks": [1, 0]})
+    [example] = Tokenizer(chat, 64).comparisons([record])
+    assert example["response_ids"][0] == [chat.eos_token_id]  # the template's reply is "<|im_end|>\n": EOS, then cut
 
 
 def test_skip_invalid_counts_what_it_skipped(tmp_path):
@@ -300,3 +330,39 @@ def test_a_corrupt_parquet_file_and_a_fifo_are_clear_errors(tmp_path):
 def test_datamodule_settings_out_of_range_are_refused_naming_the_range(setting, message):
     with pytest.raises(ValueError, match=message):
         DemonstrationDataModule(**setting)
+
+
+def test_validation_never_shares_a_prompt_with_training_with_three_labels_per_prompt(tmp_path):
+    """100 prompts, each labelled by 3 labellers (one comparison record per label, as ``label`` writes them),
+    ``val_fraction=0.3``: 30 prompts with all 90 of their records held out, 70 prompts and 210 records train, and no
+    prompt on both sides. A per-record split (the old one) put 55 of 60 validation prompts in training too."""
+    rows = [
+        {"prompt": f"Reverse: {i:03d}\n", "responses": ["a", "b", ""], "ranks": [labeller % 2, 1 - labeller % 2, 2],
+         "labeller": f"l{labeller}", "item": i}
+        for i in range(100) for labeller in range(3)
+    ]  # fmt: skip
+    data = ComparisonDataModule(train_path=write_jsonl(tmp_path / "labels.jsonl", rows), val_fraction=0.3,
+                                cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    data.setup("fit")
+    decoded = {
+        side: [TOKENIZER.decode(ex["prompt_ids"]) for ex in examples]
+        for side, examples in (("train", data.train_examples), ("val", data.val_examples))
+    }
+    assert set(decoded["train"]).isdisjoint(decoded["val"])
+    assert (len(set(decoded["val"])), len(decoded["val"]), len(set(decoded["train"])), len(decoded["train"])) == (
+        30, 90, 70, 210
+    )  # fmt: skip
+    assert data.split_report.summary() == "210 train / 90 val examples of 70 / 30 distinct prompts"
+
+
+def test_a_validation_file_sharing_prompts_with_training_is_reported(tmp_path):
+    """A separate validation file is taken as given, but its prompts that training has too are counted and warned of."""
+    train = [{"prompt": f"p{i}", "chosen": "a", "rejected": ""} for i in range(4)]
+    val = [{"prompt": p, "chosen": "b", "rejected": "a"} for p in ("p1", "p3", "q")]
+    data = ComparisonDataModule(
+        train_path=write_jsonl(tmp_path / "t.jsonl", train), val_path=write_jsonl(tmp_path / "v.jsonl", val),
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"v\.jsonl: 2 of its 3 prompts are training prompts too"):
+        data.setup("fit")
+    assert data.split_report.shared_prompts == 2

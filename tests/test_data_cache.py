@@ -21,14 +21,18 @@ TOKENIZER = load_tokenizer(None)
 
 
 def list_path(kind: str, method: str, max_length: int, val_fraction: float, seed: int):
-    """What ``setup`` computed before Arrow: every valid toy record in a Python list, the seeded held-out split, then
-    ``Tokenizer`` over each part (train and validation share its report)."""
+    """What ``setup`` computes, the slow way: every valid toy record in a Python list; the distinct prompts in order
+    of first appearance, permuted with the seed, the first ``val_fraction`` of them held out with all their records
+    (in the permutation's order, file order within a prompt); then ``Tokenizer`` over each part (train and validation
+    share its report). The toy demonstrations repeat 4 prompts, so a per-record split differs from this one."""
     records, _ = read_records(f"toy:{kind}s", kind, skip_invalid=True)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = round(len(records) * val_fraction)
+    prompts = list(dict.fromkeys(json.dumps(r.fields["prompt"]) for r in records))
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {prompts[i]: place for place, i in enumerate(order[: round(len(prompts) * val_fraction)])}
     tokenizer = Tokenizer(TOKENIZER, max_length, skip_invalid=True)
-    train = getattr(tokenizer, method)([records[i] for i in sorted(order[n_val:])])
-    val = getattr(tokenizer, method)([records[i] for i in order[:n_val]])
+    train = getattr(tokenizer, method)([r for r in records if json.dumps(r.fields["prompt"]) not in held])
+    val_records = [r for r in records if json.dumps(r.fields["prompt"]) in held]
+    val = getattr(tokenizer, method)(sorted(val_records, key=lambda r: held[json.dumps(r.fields["prompt"])]))
     return train, val, tokenizer.report
 
 
@@ -155,13 +159,40 @@ def test_select_counts_over_the_chosen_rows_and_keeps_those_not_skipped():
     kept r2 alone."""
     rows = {"input_ids": [[5], [], [7, 8]], "skipped": [False, True, False]}
     rows |= {"truncated": [1, 0, 2], "texts_truncated": [0, 0, 1], "location": ["l0", "l1", "l2"]}
-    dataset = datasets.Dataset.from_dict(rows)
+    dataset = datasets.Dataset.from_dict(rows | {"prompt_key": [11, 12, 13]})
     every, report = cache.select(dataset)
     assert report == cache.TokenizeReport(truncated=3, skipped=1, texts_truncated=1)
     assert list(every) == [{"input_ids": [5]}, {"input_ids": [7, 8]}]
     chosen, report = cache.select(dataset, np.array([2, 1]))
     assert report == cache.TokenizeReport(truncated=2, skipped=1, texts_truncated=1)
     assert list(chosen) == [{"input_ids": [7, 8]}]
+
+
+def test_split_by_prompt_keeps_each_prompts_rows_together_by_hand():
+    """Rows' prompt keys [7, 9, 7, 4, 9, 4]: prompts by first appearance 7 -> 0, 9 -> 1, 4 -> 2. With seed 0,
+    ``torch.randperm(3)`` is the permutation ``order``; fraction 1/3 holds out round(3 / 3) = 1 prompt, ``order[0]``,
+    with both its rows, in file order; the other four rows train, sorted. Catches a split of rows instead of prompts
+    (rows of one prompt on both sides), held-out rows out of file order, and a prompt numbering that depends on the
+    keys' values (np.unique's sorted order) rather than on first appearance."""
+    keys = np.array([7, 9, 7, 4, 9, 4])
+    order = torch.randperm(3, generator=torch.Generator().manual_seed(0)).tolist()
+    rows_of_prompt = {0: [0, 2], 1: [1, 4], 2: [3, 5]}
+    train, held = cache.split_by_prompt(keys, 1 / 3, seed=0)
+    assert held.tolist() == rows_of_prompt[order[0]]
+    assert train.tolist() == sorted(rows_of_prompt[order[1]] + rows_of_prompt[order[2]])
+    train, held = cache.split_by_prompt(keys, 2 / 3, seed=0)  # two prompts held out: in the permutation's order
+    assert held.tolist() == rows_of_prompt[order[0]] + rows_of_prompt[order[1]]
+    assert train.tolist() == rows_of_prompt[order[2]]
+
+
+def test_split_by_prompt_of_distinct_prompts_is_the_former_per_record_split():
+    """Every prompt distinct (keys need not be sorted): the split equals ``randperm(n)``'s first round(n * f) rows
+    held out in its order, the rest sorted: what ``val_fraction`` held out before prompts were grouped, so data
+    without repeated prompts (the toy's PPO prompts) splits exactly as before."""
+    keys = np.array([50, 3, 41, 8, 77, 12, 60, 1, 29, 33])
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(5)).numpy()
+    train, held = cache.split_by_prompt(keys, 0.3, seed=5)
+    assert held.tolist() == order[:3].tolist() and train.tolist() == sorted(order[3:].tolist())
 
 
 def test_the_scale_benchmark_writes_demonstrations_of_the_stated_lengths(tmp_path):

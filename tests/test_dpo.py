@@ -76,12 +76,15 @@ def brute_force_logprob(model, input_ids, labels) -> torch.Tensor:
 
 
 def test_sequence_logprobs_equal_a_brute_force_token_sum_with_left_and_right_padding(sft_export):
-    """Responses of different lengths (so rows are padded); the module's summed log-probs of chosen and rejected
-    responses, from one right-padded and one left-padded forward, both equal the float64 token-by-token sum."""
+    """Responses of different lengths (so rows are padded), empty ones included (EOS alone, as chosen and as
+    rejected); the module's summed log-probs of chosen and rejected responses, from one right-padded and one
+    left-padded forward, both equal the float64 token-by-token sum."""
     module = dpo(sft_export).eval()
     records = [
         {"prompt": "Reverse: lightning\n", "responses": ["gninthgil", "gnin"], "ranks": [0, 1]},
         {"prompt": "Reverse: ab\n", "responses": ["ba", "a long wrong answer"], "ranks": [0, 1]},
+        {"prompt": "Reverse: xy\n", "responses": ["yx", ""], "ranks": [0, 1]},  # '': log p(EOS | prompt) alone
+        {"prompt": "Reverse: q\n", "responses": ["", "qq"], "ranks": [0, 1]},  # an empty chosen
     ]
     right = make_batch(records)
     left = left_padded(right)
@@ -260,6 +263,30 @@ def test_dpo_learns_a_planted_preference_on_held_out_prompts(sft_export, tmp_pat
     assert after["val/loss"] < 0.5 * math.log(2)
     assert after["val/rewards/chosen"] > 0 > after["val/rewards/rejected"]
     assert policy_prefers_after >= 0.95 > policy_prefers_before
+
+
+def test_dpo_learns_to_answer_rather_than_end_at_once_from_empty_rejected_responses(sft_export, tmp_path):
+    """Pairs whose rejected response is empty (the model stopping at once) against the reversal: on held-out
+    prompts the policy's log-prob of EOS right after the prompt falls below the reference's, the implicit reward
+    ranks the answer first, and the policy itself comes to prefer answering. A data layer that refused empty
+    responses could not run this at all."""
+    from lightning_rlhf.toy.reverse import make_prompts
+
+    words = [r["prompt"].split(": ")[1].strip() for r in make_prompts(48, seed=8)]
+    for name, chunk in (("train", words[:32]), ("val", words[32:])):
+        rows = [{"prompt": f"Reverse: {w}\n", "chosen": w[::-1], "rejected": ""} for w in chunk]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ComparisonDataModule(
+        train_path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"), batch_size=8, max_length=32
+    )
+    L.seed_everything(0)
+    module = DPOModule(sft_export, beta=0.1, optimizer=adamw(3e-3))
+    fit = trainer(tmp_path, max_steps=12, enable_checkpointing=False, num_sanity_val_steps=0)
+    before = fit.validate(module, data, verbose=False)[0]
+    fit.fit(module, data)
+    after = fit.validate(module, data, verbose=False)[0]
+    assert before["val/rewards/margins"] == 0
+    assert after["val/rewards/rejected"] < 0 and after["val/rewards/accuracies"] >= 0.95
 
 
 def policy_preference(module: DPOModule, datamodule: ComparisonDataModule) -> float:

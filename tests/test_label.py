@@ -28,7 +28,7 @@ XSS = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwn
 SAMPLES = [
     {"prompt": "Reverse: abc\n", "responses": ["cba", "abc", "cb"]},
     {"prompt": "Reverse: xy\n", "responses": ["yx", XSS]},
-    {"prompt": [{"role": "user", "content": "Reverse: hi"}], "responses": ["ih", "hi", "i"]},
+    {"prompt": [{"role": "user", "content": "Reverse: hi"}], "responses": ["ih", "", "i"]},  # '': EOS at once
 ]
 
 
@@ -285,7 +285,7 @@ def test_page_and_its_script_show_model_output_only_as_text(samples, tmp_path):
     assert page.status_code == 200 and '<script src="/static/label.js"' in page.text
     assert page.headers["content-security-policy"].startswith("default-src 'self'")
     script = client.get("/static/label.js").text
-    assert "textContent = asText(response)" in script
+    assert 'text.textContent = shown || "(empty response)"' in script and "const shown = asText(response)" in script
     assert not any(sink in script for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"))
 
 
@@ -342,7 +342,8 @@ def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
     """Headless Chromium, keyboard only where a person would use it: alice ranks item 0 with a tie (1, 2, 1) and
     flags response 2, submitting with Enter; sees item 1's XSS response as its literal text (no <img>, no script
     run) and ranks it (2, 1), submitting with Ctrl+Enter; ranks the chat item (3, 1, 2) with a better answer,
-    clicking Submit; then is told nothing is left. The file holds exactly those three records."""
+    clicking Submit (its empty response shown as "(empty response)"); then is told nothing is left. The file holds
+    exactly those three records."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -381,6 +382,8 @@ def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
 
             on_item(2)
             assert element(By.ID, "prompt").text == "user: Reverse: hi"
+            texts = [pre.text for pre in browser.find_elements(By.CSS_SELECTOR, "#responses pre")]
+            assert texts == ["ih", "(empty response)", "i"]  # an empty response is shown as one, to be ranked
             for i, entered in enumerate("312"):
                 element(By.ID, f"rank-{i}").send_keys(entered)
             element(By.ID, "demonstration").send_keys("ih")

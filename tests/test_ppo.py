@@ -6,10 +6,13 @@ import json
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from lightning_rlhf import PPOModule, PromptDataModule, RewardModule
-from lightning_rlhf.data.collate import PromptCollator
+from lightning_rlhf.data.collate import ComparisonCollator, PromptCollator
+from lightning_rlhf.data.records import Record
+from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.losses import masked_mean
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer, position_ids_from_mask
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
@@ -125,6 +128,34 @@ def test_missing_eos_penalty_lowers_only_the_unfinished_response(exports):
     )  # fmt: skip
     difference = plain.score_rollout(rollout).scores - module.score_rollout(rollout).scores
     torch.testing.assert_close(difference, torch.tensor([0.0, 1.5]))
+
+
+def test_an_immediately_ended_rollout_is_scored_as_the_reward_model_was_trained_on_an_empty_response(exports):
+    """A policy whose only output is EOS (its unembedding replaced by a bias on EOS) samples, through ``generate``,
+    left-padded prompts each followed by EOS at once. PPO's score of those rollouts (``score_rollout``) must equal
+    the reward the reward model is trained on for the empty response of a comparison record (``Tokenizer`` ->
+    ``ComparisonCollator`` -> ``sequence_rewards`` as ``RewardModule`` reads it; the export's offset is 0): the
+    state PPO reaches is one the reward model has seen ranked. Reading PPO's reward one token off (at the prompt's
+    last token) or tokenizing '' as nothing (no EOS) breaks the equality."""
+    module = ppo(exports)
+    tokenizer = module.tokenizer
+    prompts = ["Reverse: abc\n", "Reverse: abcdefg\n"]  # different lengths: the first is left-padded
+    ends_at_once = load_causal_lm(exports[0], tokenizer)
+    ends_at_once.lm_head = torch.nn.Linear(ends_at_once.config.hidden_size, len(tokenizer), bias=True)
+    torch.nn.init.zeros_(ends_at_once.lm_head.weight)
+    with torch.no_grad():
+        ends_at_once.lm_head.bias.copy_(100.0 * F.one_hot(torch.tensor(tokenizer.eos_token_id), len(tokenizer)))
+    batch = prompts_batch(prompts)
+    rollout = generate(ends_at_once, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens=4)
+    assert rollout.responses.tolist() == [[tokenizer.eos_token_id]] * 2  # ended at once
+    ppo_scores = module.score_rollout(rollout).scores
+
+    records = [Record(f"r{i}", {"prompt": p, "responses": ["", "cba"], "ranks": [1, 0]}) for i, p in enumerate(prompts)]
+    comparisons = ComparisonCollator(tokenizer.pad_token_id)(Tokenizer(tokenizer, 64).comparisons(records))
+    trained_on = sequence_rewards(
+        module.reward_model, comparisons["input_ids"], comparisons["attention_mask"], subtract_offset=False
+    )[comparisons["response_index"][:, 0]]
+    torch.testing.assert_close(ppo_scores, trained_on, rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_plus_response_longer_than_the_model_allows_is_a_clear_error(exports):

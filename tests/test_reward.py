@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lightning_rlhf import ComparisonDataModule, RewardModule
 from lightning_rlhf.data.collate import ComparisonCollator
-from lightning_rlhf.data.records import RecordError, read_records
+from lightning_rlhf.data.records import Record, RecordError, read_records
 from lightning_rlhf.data.resumable import ResumableJsonl
 from lightning_rlhf.losses import ranking_loss
 from lightning_rlhf.models import export_pretrained, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
-from lightning_rlhf.scoring import score_file
+from lightning_rlhf.scoring import score_file, score_records
 from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli, straight_and_resumed
 
 TOKENIZER = load_tokenizer(None)
@@ -164,6 +164,44 @@ def test_reward_model_learns_a_planted_preference_to_90_percent_held_out_accurac
     accuracy = trainer.callback_metrics["val/accuracy"].item()
     assert start_accuracy < 0.75 and accuracy >= 0.9, (start_accuracy, accuracy)
     assert trainer.callback_metrics["val/margin"] > 0.5
+
+
+def empty_last_comparisons(n: int, seed: int) -> list[dict]:
+    """Two random words in random order, ranked at random between themselves, and the empty response always last."""
+    rng = random.Random(seed)
+
+    def word() -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 6)))
+
+    rows = []
+    for _ in range(n):
+        ranks = [rng.randint(0, 1), 2, rng.randint(0, 1)]
+        rows.append({"prompt": f"Q: {word()}\n", "responses": [word(), "", word()], "ranks": ranks})
+    return rows
+
+
+def test_a_reward_model_trained_with_empty_responses_ranked_worst_scores_prompt_plus_eos_lowest(
+    tiny_model_dir, tmp_path
+):
+    """Comparisons whose empty response (EOS right after the prompt) is always ranked last train the reward model;
+    then ``score``'s path (a ``{"prompt", "response": ""}`` record, tokenized as prompt + EOS) puts the empty response
+    below both others on held-out prompts. Before training that holds for about a third of them (chance); a data
+    layer that refused or dropped the empty responses would leave nothing to learn it from."""
+    train = write_jsonl(tmp_path / "train.jsonl", empty_last_comparisons(320, seed=0))
+    held_out = empty_last_comparisons(60, seed=1)
+    data = ComparisonDataModule(train_path=train, val_fraction=0, tokenizer_name_or_path=tiny_model_dir, batch_size=16)
+    module = tiny_module(tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+
+    def share_lowest() -> float:
+        records = [Record("held out", {"prompt": r["prompt"], "response": x}) for r in held_out for x in r["responses"]]
+        rewards = torch.tensor(score_records(module.model.eval(), TOKENIZER, records)).view(-1, 3)
+        module.model.train()
+        return (rewards[:, 1] < torch.minimum(rewards[:, 0], rewards[:, 2])).float().mean().item()
+
+    before = share_lowest()
+    fit(module, data, max_steps=40, limit_val_batches=0)
+    after = share_lowest()
+    assert before < 0.6 and after >= 0.95, (before, after)
 
 
 def test_validation_metrics_equal_brute_force_over_the_whole_held_out_set(tiny_model_dir, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from lightning_rlhf import ComparisonDataModule, sampling, scoring
 from lightning_rlhf.cli import main
 from lightning_rlhf.rollout import generate
-from lightning_rlhf.sampling import judge_records, rank
+from lightning_rlhf.sampling import judge_records, rank, unranked_records
 from lightning_rlhf.scoring import make_scorer
 
 GOLD = make_scorer("gold")
@@ -91,12 +91,15 @@ def test_sample_refuses_to_generate_past_the_models_positions(tiny_model_dir, tm
         sampling.main([*args, "--max_new_tokens", "120"])
 
 
-def test_empty_samples_are_left_out_of_comparisons_and_counted():
-    """'' twice among 4 samples: left out (a comparison refuses an empty response), counted apart from the one
-    duplicate of 'cba'."""
+def test_empty_samples_are_kept_ranked_and_counted():
+    """'' twice among 4 samples: merged into one response like any duplicate, ranked by the judge like any other
+    (gold scores '' 0, below 'cb' and 'cba'), and counted as empty: a sampler that dropped '' (the old behaviour)
+    or stopped merging it fails."""
     records, report = judge_records(["Reverse: abc\n"], [["cba", "", "cb", ""]], GOLD, noise=0.0, seed=0)
-    assert records == [{"prompt": "Reverse: abc\n", "responses": ["cba", "cb"], "ranks": [0, 1]}]
-    assert (report.empty, report.merged_duplicates) == (2, 0)
+    assert records == [{"prompt": "Reverse: abc\n", "responses": ["cba", "", "cb"], "ranks": [0, 2, 1]}]
+    assert (report.empty, report.merged_duplicates) == (2, 1)
+    records, report = unranked_records(["Reverse: abc\n"], [["", "cba"]])
+    assert records == [{"prompt": "Reverse: abc\n", "responses": ["", "cba"]}] and report.empty == 1
 
 
 def test_sample_and_score_settings_out_of_range_are_usage_errors(tiny_model_dir, tmp_path, capsys):

@@ -8,8 +8,9 @@ writing its Arrow file(s) into ``cache_dir/<kind>-<key>``: ``key`` hashes the so
 template), ``max_length`` and ``skip_invalid``, so a changed file or setting never reuses a stale cache. A later call
 with the same key memory-maps those files (``datasets.Dataset.from_file``): nothing is read or tokenized again.
 
-Rows keep the record's ``location`` (``file line N``) and what tokenizing it found: ``skipped`` (an over-long prompt
-under ``skip_invalid``) and ``truncated`` / ``texts_truncated`` (cut responses and texts), so the counts the
+Rows keep the record's ``location`` (``file line N``), ``prompt_key`` (a hash of its prompt: a held-out split keeps
+every record of a prompt on one side, ``split_by_prompt``) and what tokenizing it found: ``skipped`` (an over-long
+prompt under ``skip_invalid``) and ``truncated`` / ``texts_truncated`` (cut responses and texts), so the counts the
 list-based path reported are sums over the rows a DataModule uses (``select``).
 """
 
@@ -21,11 +22,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.records import ReadReport, Record, RecordError, read_rows, unwritable_reason, validated_rows
@@ -33,7 +36,7 @@ from lightning_rlhf.data.tokenization import Tokenizer, TokenizeReport
 from lightning_rlhf.toy import resolve_source
 
 # Raise when the layout of the cached rows or the tokenization rules change: old caches are then never read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows carry prompt_key
 REASONS_KEPT = 5  # skipped records' reasons kept with the cache (the count is exact)
 
 
@@ -101,12 +104,22 @@ class _TokenizeBatch:
         ]
         tokenizer = Tokenizer(self.tokenizer, self.max_length, self.skip_invalid)
         out: dict[str, list] = {}
-        for example, counts in tokenizer.examples(self.kind, records):  # the batch's texts tokenized together
+        examples = tokenizer.examples(self.kind, records)  # the batch's texts tokenized together
+        for record, (example, counts) in zip(records, examples, strict=True):
             row = {**EMPTY[self.kind], **(example or {}), "skipped": example is None}
+            row["prompt_key"] = prompt_key(record.fields)
             row |= {"truncated": counts.truncated, "texts_truncated": counts.texts_truncated}
             for name, value in row.items():
                 out.setdefault(name, []).append(value)
         return out
+
+
+def prompt_key(fields: Mapping[str, Any]) -> int:
+    """A 63-bit hash of a record's prompt (of its text, for pretraining text): equal prompts, string or chat
+    messages, get equal keys in every process and run (no Python ``hash`` salt)."""
+    prompt = fields.get("prompt", fields.get("text"))
+    digest = hashlib.blake2b(json.dumps(prompt, ensure_ascii=False).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # fits an int64 column
 
 
 # What a skipped record's row holds (its columns must exist with their types).
@@ -155,6 +168,7 @@ def _build(
             raise
         features = datasets.Features(
             {"location": datasets.Value("string"), **FEATURES[kind], "skipped": datasets.Value("bool")}
+            | {"prompt_key": datasets.Value("int64")}
             | {"truncated": datasets.Value("int32"), "texts_truncated": datasets.Value("int32")}
         )
         staging = work / "dataset"
@@ -229,4 +243,54 @@ def select(dataset: datasets.Dataset, indices: np.ndarray | None = None) -> tupl
         texts_truncated=int(column["texts_truncated"].sum()),
     )
     chosen = dataset.select(rows[~column["skipped"]], keep_in_memory=True)
-    return chosen.remove_columns(["location", "skipped", "truncated", "texts_truncated"]), report
+    return chosen.remove_columns(["location", "prompt_key", "skipped", "truncated", "texts_truncated"]), report
+
+
+@dataclass
+class SplitReport:
+    """How many distinct prompts and examples (records kept after tokenizing) went to each side of a split; for a
+    separate validation file, how many of its prompts training has too."""
+
+    train_prompts: int
+    train_examples: int
+    val_prompts: int
+    val_examples: int
+    shared_prompts: int = 0
+
+    def summary(self) -> str:
+        shared = f"; {self.shared_prompts} validation prompts also in training" if self.shared_prompts else ""
+        return (
+            f"{self.train_examples} train / {self.val_examples} val examples of {self.train_prompts} / "
+            f"{self.val_prompts} distinct prompts{shared}"
+        )
+
+
+def split_by_prompt(keys: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(training, held out)`` of a split that keeps every row of a prompt on one side.
+
+    ``keys`` is ``(n,)``, one prompt key per row. The distinct prompts, numbered in order of first appearance, are
+    permuted with ``seed`` (``torch.randperm``); the first ``round(P · fraction)`` of the ``P`` prompts are held out
+    with all their rows. Training rows come sorted; held-out rows in the permutation's order of prompts, each prompt's
+    rows in file order. With every prompt distinct this is exactly the former per-record split (rows permuted,
+    the first ``round(n · fraction)`` held out), so data without repeated prompts splits as it always did.
+    """
+    _, first_row, prompt_of_row = np.unique(keys, return_index=True, return_inverse=True)
+    appearance = np.empty(len(first_row), dtype=np.int64)
+    appearance[np.argsort(first_row, kind="stable")] = np.arange(len(first_row))
+    prompt_of_row = appearance[prompt_of_row.reshape(-1)]  # prompts numbered by first appearance
+    order = torch.randperm(len(first_row), generator=torch.Generator().manual_seed(seed)).numpy()
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order))  # each prompt's place in the permutation
+    n_held = round(len(first_row) * fraction)
+    held = place[prompt_of_row] < n_held
+    held_rows = np.flatnonzero(held)
+    return np.flatnonzero(~held), held_rows[np.argsort(place[prompt_of_row[held_rows]], kind="stable")]
+
+
+def count_prompts(dataset: datasets.Dataset, rows: np.ndarray | None = None) -> tuple[set[int], int]:
+    """The distinct prompt keys and the number of rows among ``rows`` (all when ``None``) that tokenizing kept."""
+    keep = ~dataset.data.column("skipped").to_numpy()
+    keys = dataset.data.column("prompt_key").to_numpy()
+    chosen = np.arange(len(dataset)) if rows is None else rows
+    chosen = chosen[keep[chosen]]
+    return set(keys[chosen].tolist()), len(chosen)

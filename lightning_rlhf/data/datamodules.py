@@ -3,7 +3,7 @@
 Each reads records (``records.py``), tokenizes them under one truncation policy (``tokenization.py``) into a
 memory-mapped Arrow dataset cached on disk (``cache.py``; ``prepare_data`` builds it on local rank 0, ``setup`` on
 every rank reads it) and batches them (``collate.py``). Validation data is a file of its own or a seeded held-out
-fraction of training.
+share of training's distinct prompts, each with all its records (``cache.split_by_prompt``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rlhf.data.cache import select, tokenized
+from lightning_rlhf.data.cache import SplitReport, count_prompts, select, split_by_prompt, tokenized
 from lightning_rlhf.data.collate import (
     ComparisonCollator,
     DemonstrationCollator,
@@ -117,8 +117,9 @@ class RecordDataModule(L.LightningDataModule):
         Args:
             train_path: .jsonl / .json / .parquet file, saved dataset directory or ``datasets`` name.
                 ``None`` uses the embedded toy task's data.
-            val_path: validation records; ``None`` holds out ``val_fraction`` of the training records.
-            val_fraction: fraction of training records held out when there is no ``val_path`` (0 for none).
+            val_path: validation records; ``None`` holds out ``val_fraction`` of the training prompts.
+            val_fraction: share of the distinct training prompts held out, each with all its records (several labels
+                or pairs of one prompt never straddle the split), when there is no ``val_path`` (0 for none).
             tokenizer_name_or_path: the model's directory or hub name; ``None`` for the byte-level default.
             max_length: most tokens of prompt + response (prompts are never cut; see ``tokenization.py``).
             batch_size: examples (for comparisons: prompts with all their responses) per batch and device.
@@ -220,11 +221,23 @@ class RecordDataModule(L.LightningDataModule):
             self._report(report)
             self.train_examples, train_report = select(records)
             self.val_examples, val_report = select(val_records)
-        else:  # a seeded held-out fraction of the valid records, in the permutation's order
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(hp.seed)).numpy()
-            n_val = round(len(records) * hp.val_fraction)
-            self.train_examples, train_report = select(records, np.sort(order[n_val:]))
-            self.val_examples, val_report = select(records, order[:n_val])
+            train_rows = val_rows = None
+        else:  # a seeded held-out share of the prompts, with every record of each (several labels or pairs per prompt)
+            keys = records.data.column("prompt_key").to_numpy()
+            train_rows, val_rows = split_by_prompt(keys, hp.val_fraction, hp.seed)
+            self.train_examples, train_report = select(records, train_rows)
+            self.val_examples, val_report = select(records, val_rows)
+            val_records = records
+        train_prompts, n_train = count_prompts(records, train_rows)
+        val_prompts, n_val = count_prompts(val_records, val_rows)
+        self.split_report = SplitReport(
+            len(train_prompts), n_train, len(val_prompts), n_val, len(train_prompts & val_prompts)
+        )
+        if self.split_report.shared_prompts:
+            rank_zero_warn(
+                f"{hp.val_path}: {self.split_report.shared_prompts} of its {len(val_prompts)} prompts are training "
+                f"prompts too ({train_path}): validation on them measures memory as well as generalisation"
+            )
         self.tokenize_report = TokenizeReport(
             **{name: getattr(train_report, name) + getattr(val_report, name) for name in vars(train_report)}
         )
@@ -232,10 +245,7 @@ class RecordDataModule(L.LightningDataModule):
             raise ValueError(
                 f"{train_path}: no training examples left after tokenization ({self.tokenize_report.summary()})"
             )
-        rank_zero_info(
-            f"{type(self).__name__}: {len(self.train_examples)} train / {len(self.val_examples)} val examples; "
-            f"{self.tokenize_report.summary()}"
-        )
+        rank_zero_info(f"{type(self).__name__}: {self.split_report.summary()}; {self.tokenize_report.summary()}")
         self.setup_extras()
 
     def train_dataloader(self) -> ResumableDataLoader:

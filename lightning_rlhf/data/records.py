@@ -65,13 +65,23 @@ def _is_messages(value: Any) -> bool:
     )
 
 
-def _check_text_or_messages(record: Mapping[str, Any], name: str) -> Any:
+# Where an empty string is refused, why. Anywhere else a response may be empty: the end-of-turn token at once is a real
+# answer (usually a bad one), which a reward model must have seen ranked before PPO's rollouts reach it.
+EMPTY_PROMPT = "a response answers a prompt, and there is nothing to answer (an empty response, by contrast, is valid)"
+EMPTY_DEMONSTRATION = (
+    "a demonstration teaches the tokens of its response, and an empty one teaches nothing but to stop at once; leave "
+    "the record out (in a comparison an empty response is valid: rank it)"
+)
+
+
+def _check_text_or_messages(record: Mapping[str, Any], name: str, empty_refused: str | None = None) -> Any:
+    """The field's string or chat messages; an empty string is valid unless ``empty_refused`` says why it is not."""
     if name not in record or record[name] is None:
         raise RecordError(f"field {name!r} is missing")
     value = record[name]
     if _is_text(value):
-        if not value:
-            raise RecordError(f"field {name!r} is an empty string")
+        if not value and empty_refused:
+            raise RecordError(f"field {name!r} is an empty string: {empty_refused}")
         return value
     if _is_messages(value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
@@ -83,13 +93,21 @@ def _check_text_or_messages(record: Mapping[str, Any], name: str) -> Any:
 
 def validate_demonstration(record: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "prompt": _check_text_or_messages(record, "prompt"),
+        "prompt": _check_text_or_messages(record, "prompt", EMPTY_PROMPT),
+        "response": _check_text_or_messages(record, "response", EMPTY_DEMONSTRATION),
+    }
+
+
+def validate_scored(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``{"prompt", "response"}`` to score (``lightning-rlhf score``); the response may be empty (EOS at once)."""
+    return {
+        "prompt": _check_text_or_messages(record, "prompt", EMPTY_PROMPT),
         "response": _check_text_or_messages(record, "response"),
     }
 
 
 def validate_prompt(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {"prompt": _check_text_or_messages(record, "prompt")}
+    return {"prompt": _check_text_or_messages(record, "prompt", EMPTY_PROMPT)}
 
 
 def validate_text(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,7 +119,7 @@ def validate_text(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate_comparison(record: Mapping[str, Any]) -> dict[str, Any]:
     """``responses`` + ``ranks`` (0 best, ties equal), or the pairwise ``chosen`` / ``rejected`` shorthand."""
-    prompt = _check_text_or_messages(record, "prompt")
+    prompt = _check_text_or_messages(record, "prompt", EMPTY_PROMPT)
     pairwise = [k for k in ("chosen", "rejected") if k in record]
     ranked = [k for k in ("responses", "ranks") if k in record]
     if pairwise and ranked:
@@ -128,7 +146,6 @@ def validate_comparison(record: Mapping[str, Any]) -> dict[str, Any]:
         raise RecordError(f"field 'ranks' = {ranks}: each rank must lie in 0..{len(ranks) - 1}")
     if len(set(ranks)) == 1:
         raise RecordError(f"field 'ranks' = {ranks}: all responses tie, so there is no preference to learn")
-    # Empty responses are refused as an empty 'rejected' is (``sample`` leaves them out and counts them).
     checked = [_check_text_or_messages({f"responses[{i}]": r}, f"responses[{i}]") for i, r in enumerate(responses)]
     seen: dict[str, int] = {}
     for response, rank in zip(checked, ranks, strict=True):
@@ -143,6 +160,7 @@ VALIDATORS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "comparison": validate_comparison,
     "prompt": validate_prompt,
     "text": validate_text,
+    "scored": validate_scored,
 }
 
 
@@ -277,7 +295,8 @@ def read_records(
     Args:
         source: file, saved dataset directory or ``datasets`` name; ``toy:NAME`` for the toy data shipped in the
             package (``toy.resolve_source``).
-        kind: ``demonstration``, ``comparison``, ``prompt`` or ``text``.
+        kind: ``demonstration``, ``comparison``, ``prompt``, ``text`` or ``scored`` (a prompt and a response to score,
+            which may be empty).
         columns: our field name -> the source's column name, e.g. ``{"prompt": "question"}``.
         skip_invalid: count and skip invalid records instead of raising.
         split: the split to read from a dataset with several.

@@ -18,7 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning_rlhf.data.records import RecordError, _check_text_or_messages, read_rows, validate_comparison
+from lightning_rlhf.data.records import (
+    EMPTY_PROMPT,
+    RecordError,
+    _check_text_or_messages,
+    read_rows,
+    validate_comparison,
+)
 
 LABEL_FIELDS = {"labeller", "item", "ranks", "flags", "demonstration"}
 
@@ -45,7 +51,7 @@ def read_items(path: str) -> list[dict[str, Any]]:
                 raise RecordError("field 'responses' must be a list of at least 2 responses")
             items.append(
                 {
-                    "prompt": _check_text_or_messages(row, "prompt"),
+                    "prompt": _check_text_or_messages(row, "prompt", EMPTY_PROMPT),
                     "responses": [
                         _check_text_or_messages({f"responses[{i}]": r}, f"responses[{i}]")
                         for i, r in enumerate(responses)

@@ -35,8 +35,10 @@ function show(item) {
     const title = document.createElement("h3");
     title.textContent = "Response " + (i + 1);
     const text = document.createElement("pre");
-    text.className = "text";
-    text.textContent = asText(response);
+    // An empty response (the model stopped at once) is an answer to rank too, usually a bad one: say so visibly.
+    const shown = asText(response);
+    text.className = shown ? "text" : "text empty";
+    text.textContent = shown || "(empty response)";
     const rankLabel = document.createElement("label");
     rankLabel.textContent = "Rank ";
     const rank = document.createElement("input");
