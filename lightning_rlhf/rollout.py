@@ -175,6 +175,12 @@ class Experience(NamedTuple):
     def mask(self) -> Tensor:
         return self.rollout.response_mask
 
+    @property
+    def empty(self) -> Tensor:
+        """``(b,)`` responses that are the end-of-turn token alone (the empty response): a policy drifting there is
+        worth seeing, since a reward model that rarely saw one may score it anything."""
+        return self.ended & (self.mask.sum(-1) == 1)
+
 
 def build_experience(
     rollout: Rollout,

@@ -148,7 +148,9 @@ def test_an_immediately_ended_rollout_is_scored_as_the_reward_model_was_trained_
     batch = prompts_batch(prompts)
     rollout = generate(ends_at_once, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens=4)
     assert rollout.responses.tolist() == [[tokenizer.eos_token_id]] * 2  # ended at once
-    ppo_scores = module.score_rollout(rollout).scores
+    experience = module.score_rollout(rollout)
+    ppo_scores = experience.scores
+    assert experience.empty.tolist() == [True, True]  # logged as train/empty_fraction
 
     records = [Record(f"r{i}", {"prompt": p, "responses": ["", "cba"], "ranks": [1, 0]}) for i, p in enumerate(prompts)]
     comparisons = ComparisonCollator(tokenizer.pad_token_id)(Tokenizer(tokenizer, 64).comparisons(records))
@@ -355,6 +357,7 @@ def test_reward_fn_scores_the_decoded_prompt_and_response(exports):
     assert module.reward_model is None and module.value_model is not None
     experience = module.score_rollout(ab_abcd_rollout(module.tokenizer))
     torch.testing.assert_close(experience.scores, torch.tensor([202.0, 401.0]))
+    assert experience.empty.tolist() == [False, False]  # "aa" + EOS is not empty, nor "xa" without EOS
 
 
 def prompt_length(prompt: str, response: str) -> float:

@@ -491,6 +491,7 @@ class PPOModule(L.LightningModule):
             "objective/entropy": -masked_mean(experience.logprobs, mask),
             "response_length": mask.sum(-1).float().mean(),
             "eos_fraction": experience.ended.float().mean(),
+            "empty_fraction": experience.empty.float().mean(),
         }
         if self.judge_fn is not None:
             stats["objective/judge"] = self.text_scores(self.judge_fn, experience.rollout).mean()
