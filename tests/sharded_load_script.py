@@ -95,7 +95,10 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str, comparisons: str) 
         # Policy, reference, reward model, and a value model started from the SFT export (a fresh head).
         "ppo": lambda: (PPOModule(sft_dir, reward_model_name_or_path=rm_dir, max_new_tokens=4), prompts()),
         "ppo_value_head": lambda: (PPOModule(sft_dir, rm_dir, max_new_tokens=4, value_head=True), prompts()),
-        "ppo_lora_fresh_value": lambda: (PPOModule(sft_dir, reward_fn="tests.test_ppo.share_of_a", max_new_tokens=4, lora=lora), prompts()),
+        "ppo_lora_fresh_value": lambda: (
+            PPOModule(sft_dir, reward_fn="tests.test_ppo.share_of_a", max_new_tokens=4, lora=lora),
+            prompts(),
+        ),
     }
     report = {}
     for stage, build in stages.items():
