@@ -24,11 +24,12 @@ def test_every_stage_loads_sharded_exactly_as_whole(tmp_path):
     bit for bit, tied weights are one parameter, buffers (RoPE's inv_freq) and (generation) configs are equal, and the
     RNG state is the one loading whole leaves (later sampling and dropout draw as before).
 
-    Mutations caught (each run by hand): loading into the meta parameters with ``assign`` instead of ``to_empty``
-    first (unties ``lm_head`` on rank 1: ``tied`` and the gathered weights differ after the tied copy is dropped);
-    no broadcast of the buffers outside the state dict (rank 1's ``inv_freq`` is uninitialised memory); no
-    ``Rank0Load.finish`` (rank 1's RNG never advances past the fresh head and LoRA draws); no generation-config
-    broadcast (rank 1 generates with the defaults); ``meta`` on rank 0 too (no weights anywhere)."""
+    Mutations caught (each run by hand): no ``to_empty`` before the load (rank 1's buffers stay on the meta device and
+    the run fails; loading into meta parameters with ``assign`` also unties ``lm_head``, seen before ``to_empty`` was
+    added); no broadcast of the buffers outside the state dict (14 models' ``buffers`` differ: uninitialised memory);
+    no ``Rank0Load.finish`` (``rng`` differs in the 3 stages that draw: fresh head, LoRA's A); no generation-config
+    broadcast (9 models' ``generation_config`` differ: rank 1 would sample with the defaults).
+    """
     sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     generation = GenerationConfig.from_pretrained(sft_dir)
     generation.repetition_penalty = 1.5
