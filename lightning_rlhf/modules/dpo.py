@@ -40,6 +40,7 @@ from lightning_rlhf.lora import (
     lora_hparams,
 )
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
+from lightning_rlhf.memory import check_memory
 from lightning_rlhf.models import (
     disable_dropout,
     keep_out_of_checkpoints,
@@ -168,6 +169,7 @@ class DPOModule(L.LightningModule):
         if not hp.precompute_ref_logprobs and hp.lora is None:
             self.ref_model = self._load_reference(load.meta)
         fully_shard_models(self, self.model, self.ref_model, load=load)
+        check_memory(self, {"policy": self.model, "reference": self.ref_model})
 
     def train(self, mode: bool = True) -> DPOModule:
         super().train(mode)

@@ -65,6 +65,7 @@ from lightning_rlhf.losses import (
     ppo_value_loss,
     token_logprobs,
 )
+from lightning_rlhf.memory import check_memory, ppo_generation
 from lightning_rlhf.models import (
     disable_dropout,
     forward_logits,
@@ -325,6 +326,8 @@ class PPOModule(L.LightningModule):
                     trained.gradient_checkpointing_enable()
         models = (self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
         fully_shard_models(self, *models, load=load)
+        names = ("policy", "value model", "value head", "reference", "reward model")
+        check_memory(self, dict(zip(names, models, strict=True)), ppo_generation(self))
 
     def _check_tokenizer(self, path: str, role: str) -> None:
         """The other model must read every policy token id as the policy does: the same vocabulary, or a superset

@@ -30,6 +30,7 @@ from lightning_rlhf.lora import (
     lora_hparams,
 )
 from lightning_rlhf.losses import ranking_loss
+from lightning_rlhf.memory import check_memory
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
@@ -112,6 +113,7 @@ class RewardModule(L.LightningModule):
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora, task_type="SEQ_CLS")
         fully_shard_models(self, self.model, load=load)
+        check_memory(self, {"reward model": self.model})
 
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss and statistics of a batch: rewards ``(n,)`` over flat responses, margins ``(p,)`` over pairs."""

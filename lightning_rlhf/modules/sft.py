@@ -27,6 +27,7 @@ from lightning_rlhf.lora import (
     lora_hparams,
 )
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
+from lightning_rlhf.memory import check_memory
 from lightning_rlhf.models import (
     check_packed_attention,
     forward_logits,
@@ -109,6 +110,7 @@ class SFTModule(L.LightningModule):
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
         fully_shard_models(self, self.model, load=load)
+        check_memory(self, {"policy": self.model})
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         if "position_ids" in batch:  # packed

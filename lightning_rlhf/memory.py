@@ -1,0 +1,225 @@
+"""What each rank will hold before step 1: parameters per model and dtype, gradients, AdamW state, and PPO's
+generation (the policy gathered whole, the KV cache), from counts alone (``estimate_memory``, pure); logged at the
+end of every stage's ``configure_model`` (``check_memory``), which refuses a run that cannot fit its device.
+
+Not counted: activations (they scale with rows × tokens per forward; ``gradient_checkpointing`` keeps one block's),
+the logits of a forward (rows × tokens × vocabulary), the allocator's fragmentation and the CUDA context. The
+estimate is a floor: a run over it cannot fit, a run under it may still not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelCount:
+    """One model's parameters as ``estimate_memory`` needs them."""
+
+    name: str
+    parameters: int
+    """All parameters (whole-model count, not a shard's)."""
+    trainable: int
+    """Parameters the optimiser steps (LoRA: the adapters and ``modules_to_save``; frozen models: 0)."""
+    bytes_per_parameter: int
+    """Storage dtype's size: 4 for float32 (the master weights of ``bf16-mixed`` too), 2 for bf16 / fp16."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What sampling a rollout holds on each rank (PPO)."""
+
+    rows: int
+    """Sequences sampled at once per rank: prompts per batch × ``num_generations``."""
+    tokens: int
+    """Longest sequence: prompt ``max_length`` + ``max_new_tokens``."""
+    layers: int
+    kv_heads: int
+    head_dim: int
+    bytes_per_value: int
+    """The compute dtype's size (2 under ``bf16-mixed``)."""
+    policy_parameters: int
+    """Gathered whole for the decode steps under FSDP2 (``strategies.gathered``), in the compute dtype."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the run spreads the models: ``ranks`` processes, sharding (FSDP) or replicas (one process, DDP)."""
+
+    ranks: int = 1
+    sharded: bool = False
+    cpu_offload: bool = False
+    """FSDP2 ``CPUOffloadPolicy``: parameters, gradients and optimiser state live in host memory."""
+
+
+def estimate_memory(
+    models: list[ModelCount], layout: Layout, generation: Generation | None = None
+) -> dict[str, dict[str, int]]:
+    """Bytes each rank holds, per component: ``{"device": {...}, "host": {...}}``.
+
+    Per model ``P`` parameters of ``b`` bytes, ``T`` of them trainable, over ``s`` shards (``layout.ranks`` when
+    sharded, else 1): parameters ``P·b/s``, gradients ``T·b/s``, AdamW's two moments ``2·T·b/s``. Generation adds
+    the KV cache ``2 (K and V) · layers · kv_heads · head_dim · rows · tokens · bytes`` and, when sharded over several
+    ranks, the whole policy gathered in the compute dtype. With ``cpu_offload`` the sharded state is in host memory.
+    """
+    shards = layout.ranks if layout.sharded else 1
+    state: dict[str, int] = {}
+    for model in models:
+        state[f"{model.name} parameters"] = model.parameters * model.bytes_per_parameter // shards
+    trainable = sum(m.trainable * m.bytes_per_parameter for m in models) // shards
+    if trainable:
+        state["gradients"] = trainable
+        state["AdamW state"] = 2 * trainable
+    device: dict[str, int] = {} if layout.cpu_offload else dict(state)
+    host: dict[str, int] = dict(state) if layout.cpu_offload else {}
+    if generation is not None:
+        g = generation
+        device["generation KV cache"] = 2 * g.layers * g.kv_heads * g.head_dim * g.rows * g.tokens * g.bytes_per_value
+        if shards > 1:
+            device["policy gathered for generation"] = g.policy_parameters * g.bytes_per_value
+    return {"device": device, "host": host}
+
+
+def fit_options(
+    models: list[ModelCount], layout: Layout, generation: Generation | None, capacity: int, on_host: bool = False
+) -> list[tuple[str, int]]:
+    """What would bring the total under ``capacity``: ``(option, estimated bytes)`` for each change that fits on its
+    own. The total is the device's, plus the host's with ``on_host`` (CPU training, where both are host memory).
+    LoRA is counted as no trainable parameter at all: its adapters are a fraction of a percent of the model."""
+    bf16 = [dataclasses.replace(m, bytes_per_parameter=2) if m.bytes_per_parameter > 2 else m for m in models]
+    frozen = [dataclasses.replace(m, trainable=0) for m in models]
+    more = max(8, 2 * layout.ranks)
+    offload = dataclasses.replace(layout, cpu_offload=True, sharded=True)
+    candidates = [
+        ("lora (only adapters trained: no full gradients or AdamW state)", frozen, layout, generation),
+        ("cpu_offload: true under ModelParallelStrategy (FSDP2 CPUOffloadPolicy)", models, offload, generation),
+        ("dtype: bfloat16 (parameters stored in bf16)", bf16, layout, generation),
+        (f"ModelParallelStrategy over {more} ranks", models, Layout(more, True, layout.cpu_offload), generation),
+    ]
+    if generation is not None:
+        fewer = dataclasses.replace(generation, rows=max(1, generation.rows // 4))
+        candidates.append(("a quarter of the rows per rollout (data batch_size)", models, layout, fewer))
+    options = []
+    for name, option_models, option_layout, option_generation in candidates:
+        estimate = estimate_memory(option_models, option_layout, option_generation)
+        total = sum(estimate["device"].values()) + (sum(estimate["host"].values()) if on_host else 0)
+        if total <= capacity:
+            options.append((name, total))
+    return options
+
+
+def count_model(name: str, model: nn.Module) -> ModelCount:
+    """A model's ``ModelCount``: whole-model counts (an FSDP2 ``DTensor`` reports its global shape)."""
+    params = list(model.parameters())
+    return ModelCount(
+        name=name,
+        parameters=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        bytes_per_parameter=max((p.element_size() for p in params), default=4),
+    )
+
+
+def device_capacity(device: torch.device) -> int | None:
+    """Total memory of a CUDA device in bytes; ``None`` elsewhere (CPU: the host's memory is shared by the ranks)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def host_capacity() -> int | None:
+    """Physical host memory in bytes (Linux ``/proc/meminfo``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def format_bytes(size: int) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.2f} MiB"
+
+
+def describe(estimate: dict[str, dict[str, int]]) -> str:
+    lines = []
+    for where in ("device", "host"):
+        for component, size in estimate[where].items():
+            lines.append(f"  {where:6} {component:31} {format_bytes(size):>12}")
+    return "\n".join(lines)
+
+
+def check_memory(module, models: dict[str, nn.Module | None], generation: Generation | None = None) -> None:
+    """Log the per-rank estimate at the end of ``configure_model`` and refuse a run whose device total exceeds its
+    device (CUDA), or whose ranks on this host together exceed the host's memory (CPU, offload), naming the options
+    that would fit. Does nothing outside a trainer (``configure_model`` called by hand)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.utilities import rank_zero_info
+
+    trainer = module._trainer
+    if trainer is None:
+        return
+    counts = [count_model(name, model) for name, model in models.items() if model is not None]
+    strategy = trainer.strategy
+    layout = Layout(
+        ranks=trainer.world_size,
+        sharded=module.device_mesh is not None or isinstance(strategy, FSDPStrategy),
+        cpu_offload=bool(getattr(module.hparams, "cpu_offload", False)),
+    )
+    estimate = estimate_memory(counts, layout, generation)
+    device_total, host_total = sum(estimate["device"].values()), sum(estimate["host"].values())
+    capacity = device_capacity(strategy.root_device)
+    local_ranks = max(1, trainer.num_devices)
+    rank_zero_info(
+        f"memory per rank, estimated before step 1 ({layout.ranks} rank(s), sharded={layout.sharded}, "
+        f"cpu_offload={layout.cpu_offload}; activations and logits not counted):\n{describe(estimate)}\n"
+        f"  total: device {format_bytes(device_total)}"
+        + (f" of {format_bytes(capacity)}" if capacity else "")
+        + f", host {format_bytes(host_total)}"
+    )
+    on_host = (device_total if capacity is None else 0) + host_total
+    host = host_capacity()
+    if capacity is not None and device_total > capacity:
+        where = f"{strategy.root_device}'s {format_bytes(capacity)}"
+        limit, needed = capacity, device_total
+    elif host is not None and on_host * local_ranks > host:
+        where = f"the host's {format_bytes(host)} over {local_ranks} rank(s)"
+        limit, needed = host // local_ranks, on_host
+    else:
+        return
+    options = fit_options(counts, layout, generation, limit, on_host=capacity is None)
+    advice = "; ".join(f"{name} → {format_bytes(size)}" for name, size in options) or (
+        "no one of LoRA, cpu_offload, bf16, more ranks or fewer rows fits alone: combine them, or a bigger device"
+    )
+    raise MemoryError(
+        f"the models need at least {format_bytes(needed)} per rank before any activation, more than {where}:\n"
+        f"{describe(estimate)}\nWhat would fit: {advice}"
+    )
+
+
+def ppo_generation(module) -> Generation | None:
+    """PPO's rollout as ``Generation``: the DataModule's prompts per batch × ``num_generations`` rows of its
+    ``max_length`` + ``max_new_tokens`` tokens, the policy's attention shape, in the compute dtype."""
+    from lightning_rlhf.lora import unwrap
+
+    hp, trainer = module.hparams, module._trainer
+    data = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if data is None or not hasattr(data, "hparams"):
+        return None
+    config = unwrap(module.model).config
+    heads = config.num_attention_heads
+    precision = str(trainer.precision)
+    compute = 2 if precision.startswith(("bf16", "16")) else next(module.model.parameters()).element_size()
+    return Generation(
+        rows=data.hparams.get("batch_size", 1) * hp.num_generations,
+        tokens=data.hparams.get("max_length", 0) + hp.max_new_tokens,
+        layers=config.num_hidden_layers,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        bytes_per_value=compute,
+        policy_parameters=sum(p.numel() for p in module.model.parameters()),
+    )
