@@ -3,7 +3,8 @@ generation (the policy gathered whole, the KV cache), from counts alone (``estim
 end of every stage's ``configure_model`` (``check_memory``), which refuses a run that cannot fit its device.
 
 Not counted: activations (they scale with rows × tokens per forward; ``gradient_checkpointing`` keeps one block's),
-the logits of a forward (rows × tokens × vocabulary), the allocator's fragmentation and the CUDA context. The
+the logits of a forward (rows × tokens × vocabulary), FSDP's gathered units during a forward or backward (one or two
+blocks in the compute dtype), the allocator's fragmentation and the CUDA context. The
 estimate is a floor: a run over it cannot fit, a run under it may still not.
 """
 
@@ -54,61 +55,51 @@ class Layout:
 
     ranks: int = 1
     sharded: bool = False
-    cpu_offload: bool = False
-    """FSDP2 ``CPUOffloadPolicy``: parameters, gradients and optimiser state live in host memory."""
 
 
-def estimate_memory(
-    models: list[ModelCount], layout: Layout, generation: Generation | None = None
-) -> dict[str, dict[str, int]]:
-    """Bytes each rank holds, per component: ``{"device": {...}, "host": {...}}``.
+def estimate_memory(models: list[ModelCount], layout: Layout, generation: Generation | None = None) -> dict[str, int]:
+    """Bytes each rank holds on its device, per component.
 
     Per model ``P`` parameters of ``b`` bytes, ``T`` of them trainable, over ``s`` shards (``layout.ranks`` when
     sharded, else 1): parameters ``P·b/s``, gradients ``T·b/s``, AdamW's two moments ``2·T·b/s``. Generation adds
     the KV cache ``2 (K and V) · layers · kv_heads · head_dim · rows · tokens · bytes`` and, when sharded over several
-    ranks, the whole policy gathered in the compute dtype. With ``cpu_offload`` the sharded state is in host memory.
+    ranks, the whole policy gathered in the compute dtype (``strategies.gathered`` keeps it so across decode steps).
     """
     shards = layout.ranks if layout.sharded else 1
-    state: dict[str, int] = {}
+    estimate: dict[str, int] = {}
     for model in models:
-        state[f"{model.name} parameters"] = model.parameters * model.bytes_per_parameter // shards
+        estimate[f"{model.name} parameters"] = model.parameters * model.bytes_per_parameter // shards
     trainable = sum(m.trainable * m.bytes_per_parameter for m in models) // shards
     if trainable:
-        state["gradients"] = trainable
-        state["AdamW state"] = 2 * trainable
-    device: dict[str, int] = {} if layout.cpu_offload else dict(state)
-    host: dict[str, int] = dict(state) if layout.cpu_offload else {}
+        estimate["gradients"] = trainable
+        estimate["AdamW state"] = 2 * trainable
     if generation is not None:
         g = generation
-        device["generation KV cache"] = 2 * g.layers * g.kv_heads * g.head_dim * g.rows * g.tokens * g.bytes_per_value
+        estimate["generation KV cache"] = 2 * g.layers * g.kv_heads * g.head_dim * g.rows * g.tokens * g.bytes_per_value
         if shards > 1:
-            device["policy gathered for generation"] = g.policy_parameters * g.bytes_per_value
-    return {"device": device, "host": host}
+            estimate["policy gathered for generation"] = g.policy_parameters * g.bytes_per_value
+    return estimate
 
 
 def fit_options(
-    models: list[ModelCount], layout: Layout, generation: Generation | None, capacity: int, on_host: bool = False
+    models: list[ModelCount], layout: Layout, generation: Generation | None, capacity: int
 ) -> list[tuple[str, int]]:
     """What would bring the total under ``capacity``: ``(option, estimated bytes)`` for each change that fits on its
-    own. The total is the device's, plus the host's with ``on_host`` (CPU training, where both are host memory).
-    LoRA is counted as no trainable parameter at all: its adapters are a fraction of a percent of the model."""
+    own. LoRA is counted as no trainable parameter at all: its adapters are a fraction of a percent of the model."""
     bf16 = [dataclasses.replace(m, bytes_per_parameter=2) if m.bytes_per_parameter > 2 else m for m in models]
     frozen = [dataclasses.replace(m, trainable=0) for m in models]
     more = max(8, 2 * layout.ranks)
-    offload = dataclasses.replace(layout, cpu_offload=True, sharded=True)
     candidates = [
         ("lora (only adapters trained: no full gradients or AdamW state)", frozen, layout, generation),
-        ("cpu_offload: true under ModelParallelStrategy (FSDP2 CPUOffloadPolicy)", models, offload, generation),
         ("dtype: bfloat16 (parameters stored in bf16)", bf16, layout, generation),
-        (f"ModelParallelStrategy over {more} ranks", models, Layout(more, True, layout.cpu_offload), generation),
+        (f"ModelParallelStrategy (FSDP2) over {more} ranks", models, Layout(more, True), generation),
     ]
     if generation is not None:
         fewer = dataclasses.replace(generation, rows=max(1, generation.rows // 4))
         candidates.append(("a quarter of the rows per rollout (data batch_size)", models, layout, fewer))
     options = []
     for name, option_models, option_layout, option_generation in candidates:
-        estimate = estimate_memory(option_models, option_layout, option_generation)
-        total = sum(estimate["device"].values()) + (sum(estimate["host"].values()) if on_host else 0)
+        total = sum(estimate_memory(option_models, option_layout, option_generation).values())
         if total <= capacity:
             options.append((name, total))
     return options
@@ -145,18 +136,14 @@ def format_bytes(size: int) -> str:
     return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.2f} MiB"
 
 
-def describe(estimate: dict[str, dict[str, int]]) -> str:
-    lines = []
-    for where in ("device", "host"):
-        for component, size in estimate[where].items():
-            lines.append(f"  {where:6} {component:31} {format_bytes(size):>12}")
-    return "\n".join(lines)
+def describe(estimate: dict[str, int]) -> str:
+    return "\n".join(f"  {component:31} {format_bytes(size):>12}" for component, size in estimate.items())
 
 
 def check_memory(module, models: dict[str, nn.Module | None], generation: Generation | None = None) -> None:
-    """Log the per-rank estimate at the end of ``configure_model`` and refuse a run whose device total exceeds its
-    device (CUDA), or whose ranks on this host together exceed the host's memory (CPU, offload), naming the options
-    that would fit. Does nothing outside a trainer (``configure_model`` called by hand)."""
+    """Log the per-rank estimate at the end of ``configure_model`` and refuse a run whose total exceeds its CUDA
+    device, or, on CPU, whose ranks on this host together exceed the host's memory, naming the options that would fit
+    alone. Does nothing outside a trainer (``configure_model`` called by hand)."""
     from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.utilities import rank_zero_info
 
@@ -165,38 +152,29 @@ def check_memory(module, models: dict[str, nn.Module | None], generation: Genera
         return
     counts = [count_model(name, model) for name, model in models.items() if model is not None]
     strategy = trainer.strategy
-    layout = Layout(
-        ranks=trainer.world_size,
-        sharded=module.device_mesh is not None or isinstance(strategy, FSDPStrategy),
-        cpu_offload=bool(getattr(module.hparams, "cpu_offload", False)),
-    )
+    layout = Layout(trainer.world_size, sharded=module.device_mesh is not None or isinstance(strategy, FSDPStrategy))
     estimate = estimate_memory(counts, layout, generation)
-    device_total, host_total = sum(estimate["device"].values()), sum(estimate["host"].values())
+    total = sum(estimate.values())
     capacity = device_capacity(strategy.root_device)
-    local_ranks = max(1, trainer.num_devices)
     rank_zero_info(
-        f"memory per rank, estimated before step 1 ({layout.ranks} rank(s), sharded={layout.sharded}, "
-        f"cpu_offload={layout.cpu_offload}; activations and logits not counted):\n{describe(estimate)}\n"
-        f"  total: device {format_bytes(device_total)}"
-        + (f" of {format_bytes(capacity)}" if capacity else "")
-        + f", host {format_bytes(host_total)}"
+        f"memory per rank, estimated before step 1 ({layout.ranks} rank(s), sharded={layout.sharded}; activations "
+        f"and logits not counted):\n{describe(estimate)}\n  total {format_bytes(total)}"
+        + (f" of {strategy.root_device}'s {format_bytes(capacity)}" if capacity else "")
     )
-    on_host = (device_total if capacity is None else 0) + host_total
-    host = host_capacity()
-    if capacity is not None and device_total > capacity:
-        where = f"{strategy.root_device}'s {format_bytes(capacity)}"
-        limit, needed = capacity, device_total
-    elif host is not None and on_host * local_ranks > host:
-        where = f"the host's {format_bytes(host)} over {local_ranks} rank(s)"
-        limit, needed = host // local_ranks, on_host
+    local_ranks = max(1, trainer.num_devices)
+    host = host_capacity() if capacity is None else None
+    if capacity is not None and total > capacity:
+        limit, where = capacity, f"{strategy.root_device}'s {format_bytes(capacity)}"
+    elif host is not None and total * local_ranks > host:
+        limit, where = host // local_ranks, f"the host's {format_bytes(host)} over {local_ranks} rank(s)"
     else:
         return
-    options = fit_options(counts, layout, generation, limit, on_host=capacity is None)
+    options = fit_options(counts, layout, generation, limit)
     advice = "; ".join(f"{name} → {format_bytes(size)}" for name, size in options) or (
-        "no one of LoRA, cpu_offload, bf16, more ranks or fewer rows fits alone: combine them, or a bigger device"
+        "no one of LoRA, bf16, more ranks or fewer rows fits alone: combine them, or a bigger device"
     )
     raise MemoryError(
-        f"the models need at least {format_bytes(needed)} per rank before any activation, more than {where}:\n"
+        f"the models need at least {format_bytes(total)} per rank before any activation, more than {where}:\n"
         f"{describe(estimate)}\nWhat would fit: {advice}"
     )
 

@@ -25,44 +25,36 @@ def test_estimate_memory_counts_each_component_by_hand():
     """Over 2 shards: policy 1000·4/2 = 2000, reference 2000, value 500·2/2 = 500; trainable bytes
     (1000·4 + 500·2)/2 = 2500 → gradients 2500, AdamW (two moments) 5000; KV cache 2·2·2·8·4·10·2 = 5120; the policy
     gathered in bf16 1000·2 = 2000. Total 19,120. Replicated (DDP, 2 ranks): no division, no gather: 4000 + 4000 +
-    1000 + 5000 + 10000 + 5120 = 29,120. Offloaded: only the KV cache and the gathered policy on the device.
+    1000 + 5000 + 10000 + 5120 = 29,120. A frozen model alone: its parameters only.
 
     Mutations caught: AdamW counted once (one moment) or not sharded; K and V not both counted; the gathered policy
-    counted when replicated; frozen parameters given gradients; offload leaving the state on the device."""
-    sharded = estimate_memory(MODELS, Layout(ranks=2, sharded=True), GENERATION)
-    assert sharded == {
-        "device": {
-            "policy parameters": 2000, "reference parameters": 2000, "value model parameters": 500,
-            "gradients": 2500, "AdamW state": 5000, "generation KV cache": 5120,
-            "policy gathered for generation": 2000,
-        },
-        "host": {},
+    counted when replicated; frozen parameters given gradients."""
+    assert estimate_memory(MODELS, Layout(ranks=2, sharded=True), GENERATION) == {
+        "policy parameters": 2000, "reference parameters": 2000, "value model parameters": 500, "gradients": 2500,
+        "AdamW state": 5000, "generation KV cache": 5120, "policy gathered for generation": 2000,
     }  # fmt: skip
     replicated = estimate_memory(MODELS, Layout(ranks=2, sharded=False), GENERATION)
-    assert sum(replicated["device"].values()) == 29120
-    assert "policy gathered for generation" not in replicated["device"]
-    offloaded = estimate_memory(MODELS, Layout(ranks=2, sharded=True, cpu_offload=True), GENERATION)
-    assert offloaded["device"] == {"generation KV cache": 5120, "policy gathered for generation": 2000}
-    assert sum(offloaded["host"].values()) == 12000
-    frozen_only = estimate_memory([ModelCount("reference", 1000, 0, 4)], Layout())
-    assert frozen_only == {"device": {"reference parameters": 4000}, "host": {}}
+    assert sum(replicated.values()) == 29120
+    assert "policy gathered for generation" not in replicated
+    assert estimate_memory([ModelCount("reference", 1000, 0, 4)], Layout()) == {"reference parameters": 4000}
 
 
 def test_fit_options_lists_only_the_changes_that_fit_alone():
-    """Capacity 10,000 bytes against the 19,120 above: LoRA (no trainable state) 2000 + 2000 + 500 + 5120 + 2000 =
-    11,620, too much; cpu_offload 7,120, fits; bf16 storage 1000 + 1000 + 500 + 1500 + 3000 + 5120 + 2000 = 14,120,
-    too much; 8 ranks 500 + 500 + 125 + 625 + 1250 + 5120 + 2000 = 10,120, too much; a quarter of the rows (1 row:
-    KV 1,280) 15,280, too much. Only offload is offered; at 12,000 LoRA and 8 ranks join it. On a CPU host (``on_host``), where
-    offloading moves nothing off the same memory, it is not offered.
+    """Against the 19,120 above: LoRA (no trainable state) 2000 + 2000 + 500 + 5120 + 2000 = 11,620; bf16 storage
+    1000 + 1000 + 500 + 1500 + 3000 + 5120 + 2000 = 14,120; 8 ranks 500 + 500 + 125 + 625 + 1250 + 5120 + 2000 =
+    10,120; a quarter of the rows (1 row: KV 1,280) 15,280. Capacity 10,200: 8 ranks alone; 12,000: LoRA too;
+    10,000: nothing.
 
-    Mutation caught: an option offered whatever its total (all five listed), or offload counted as a saving on CPU."""
+    Mutation caught: an option offered whatever its total, or its total computed on the unchanged run."""
     layout = Layout(ranks=2, sharded=True)
-    assert [(name.split()[0], total) for name, total in fit_options(MODELS, layout, GENERATION, 10000)] == [
-        ("cpu_offload:", 7120)
-    ]
-    names = [name.split()[0] for name, _ in fit_options(MODELS, layout, GENERATION, 12000)]
-    assert names == ["lora", "cpu_offload:", "ModelParallelStrategy"]
-    assert fit_options(MODELS, layout, GENERATION, 10000, on_host=True) == []
+
+    def offered(capacity: int) -> list[tuple[str, int]]:
+        return [(name.split()[0], total) for name, total in fit_options(MODELS, layout, GENERATION, capacity)]
+
+    assert offered(10200) == [("ModelParallelStrategy", 10120)]
+    assert offered(12000) == [("lora", 11620), ("ModelParallelStrategy", 10120)]
+    assert offered(10000) == []
+    assert offered(15280) == [("lora", 11620), ("dtype:", 14120), ("ModelParallelStrategy", 10120), ("a", 15280)]
 
 
 def test_count_model_counts_whole_trainable_and_storage_bytes():
@@ -80,8 +72,8 @@ def test_a_run_that_cannot_fit_the_host_is_logged_then_refused_before_step_1(
 ):
     """SFT of the tiny model on 1 CPU process logs its estimate (policy parameters P·4 bytes, gradients P·4, AdamW
     2·P·4: 16·P in all). With the host's memory set to 10·P bytes the run stops before its first step with a
-    MemoryError naming what fits alone (LoRA 4·P, bf16 8·P, 8 ranks 2·P) and not cpu_offload (on a CPU it frees
-    nothing). Mutation caught: the check after training starts (a step runs), or no refusal on the host."""
+    MemoryError naming what fits alone (LoRA 4·P, bf16 8·P, 8 ranks 2·P). Mutation caught: the check after training
+    starts (a step runs), or no refusal on the host."""
     module = SFTModule(tiny_model_dir)
     module.configure_model()  # outside a trainer: no estimate, no check
     parameters = sum(p.numel() for p in module.model.parameters())
@@ -98,7 +90,6 @@ def test_a_run_that_cannot_fit_the_host_is_logged_then_refused_before_step_1(
                 trainer.fit(module, data)
             message = str(error.value)
             assert "lora" in message and "bfloat16" in message and "8 ranks" in message
-            assert "cpu_offload" not in message.split("What would fit")[1]
             assert steps == []
         else:
             trainer.fit(module, data)
