@@ -127,7 +127,11 @@ def test_ppo_fsdp2_config_trains_in_mixed_bf16_exports_and_resumes(tmp_path, acc
             f"--model.init_args.export_dir={tmp_path / 'hf'}", *extra, cwd=tmp_path,
         )  # fmt: skip
 
-    run(8)
+    first = run(8)
+    log = first.stdout + first.stderr
+    # The memory estimate, per rank, before step 1 (issue 23's bar).
+    assert "memory per rank, estimated before step 1" in log and "generation KV cache" in log
+    assert ("policy gathered for generation" in log) == (devices > 1)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.config.dtype == torch.float32
     start = AutoModelForCausalLM.from_pretrained(sft_dir)
