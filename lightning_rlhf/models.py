@@ -164,15 +164,16 @@ def load_causal_lm(
     the first under sharded loading, ``strategies.Rank0Load``); its buffers, too, wait for rank 0's.
     """
     torch_dtype = resolve_dtype(dtype)
-    if name_or_path is not None:
-        if model_config:
-            raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
+    if name_or_path is None:
+        config = default_model_config(tokenizer, model_config)
+    elif model_config:
+        raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
+    else:
         check_model_path(name_or_path)
-    if name_or_path is not None and not meta:
+        config = AutoConfig.from_pretrained(name_or_path) if meta else None
+    if config is None:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
     else:
-        config = default_model_config(tokenizer, model_config) if name_or_path is None else None
-        config = config or AutoConfig.from_pretrained(name_or_path)
         with torch.device("meta") if meta else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     fit_to_tokenizer(model, tokenizer)

@@ -147,7 +147,8 @@ def fully_shard_models(module: L.LightningModule, *models: nn.Module | None, loa
     for model in models:
         if model is None:
             continue
-        full_state, persistent = model.state_dict(), set(model.state_dict())  # rank 0: its weights, not copies
+        full_state = model.state_dict()  # on rank 0 its weights (not copies), kept whole until its shards are filled
+        persistent = set(full_state)
         fully_shard_model(model, mesh, policy)
         if load is not None and load.active:
             load.fill(model, full_state if not load.meta else {}, persistent, module.trainer.strategy.root_device)
