@@ -12,7 +12,29 @@ from transformers import GenerationConfig
 
 from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model
-from tests.helpers import REPO, make_tiny_export, run_python
+from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_python
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_meta_build_has_the_loaded_models_names_shapes_and_dtypes_and_reads_no_weight(tmp_path, dtype):
+    """What the ranks but the first build (``meta=True``) must match what rank 0 loads key for key, shape for shape and
+    dtype for dtype, or rank 0's broadcast lands in the wrong places or is cast on the way: a causal LM from a bf16
+    checkpoint (tied), and a reward model with a fresh head and a reward token's added row. The meta build holds no
+    storage. Mutations caught: the meta build without ``fit_to_tokenizer`` (one row short), in the default dtype
+    instead of ``dtype``, or from the default config instead of the checkpoint's."""
+    tokenizer = load_tokenizer(None)
+    torch.manual_seed(0)
+    model = load_causal_lm(None, tokenizer, "bfloat16", {**TINY_CONFIG, "tie_word_embeddings": True})
+    checkpoint = str(export_pretrained(model, tokenizer, tmp_path / "bf16"))
+    grown = load_tokenizer(checkpoint)
+    grown.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
+    for load, tok in ((load_causal_lm, tokenizer), (load_reward_model, grown)):
+        whole, meta = load(checkpoint, tok, dtype), load(checkpoint, tok, dtype, meta=True)
+        expected = {name: (tuple(t.shape), t.dtype) for name, t in whole.state_dict().items()}
+        assert {name: (tuple(t.shape), t.dtype) for name, t in meta.state_dict().items()} == expected, load.__name__
+        assert all(p.is_meta for p in meta.parameters())
+        assert next(whole.parameters()).dtype == getattr(torch, dtype)  # no upcast of the bf16 checkpoint unless asked
+        assert whole.config.to_dict() == meta.config.to_dict()
 
 
 @pytest.mark.slow
