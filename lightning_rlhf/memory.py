@@ -151,6 +151,8 @@ def check_memory(module, models: dict[str, nn.Module | None], generation: Genera
     if trainer is None:
         return
     counts = [count_model(name, model) for name, model in models.items() if model is not None]
+    if trainer.state.fn != "fit":  # validate / test / predict: no gradients, no optimiser state
+        counts = [dataclasses.replace(count, trainable=0) for count in counts]
     strategy = trainer.strategy
     layout = Layout(trainer.world_size, sharded=module.device_mesh is not None or isinstance(strategy, FSDPStrategy))
     estimate = estimate_memory(counts, layout, generation)

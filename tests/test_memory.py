@@ -96,3 +96,21 @@ def test_a_run_that_cannot_fit_the_host_is_logged_then_refused_before_step_1(
             assert steps == [1]
     assert "memory per rank" in caplog.text
     assert f"policy parameters {memory.format_bytes(parameters * 4)}" in " ".join(caplog.text.split())
+
+
+def test_validation_alone_is_estimated_without_gradients_or_optimiser_state(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    """``trainer.validate`` allocates no gradient and no AdamW state: with the host set to 10·P bytes, the 4·P of
+    parameters fit and validation runs. Mutation caught: the training state counted whatever the trainer does (16·P:
+    refused)."""
+    module = SFTModule(tiny_model_dir)
+    module.configure_model()
+    parameters = sum(p.numel() for p in module.model.parameters())
+    monkeypatch.setattr(memory, "host_capacity", lambda: 10 * parameters)
+    data = DemonstrationDataModule(tokenizer_name_or_path=tiny_model_dir, batch_size=2, val_fraction=0.1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, limit_val_batches=1, logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        trainer.validate(SFTModule(tiny_model_dir), data, verbose=False)
+    assert "memory per rank" in caplog.text and "gradients" not in caplog.text
