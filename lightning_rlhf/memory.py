@@ -19,6 +19,10 @@ from torch import nn
 GIB = 2**30
 
 
+class DoesNotFit(ValueError):
+    """A run whose models cannot fit its device (a user error: the CLI prints it as one line)."""
+
+
 @dataclass(frozen=True)
 class ModelCount:
     """One model's parameters as ``estimate_memory`` needs them."""
@@ -141,9 +145,9 @@ def describe(estimate: dict[str, int]) -> str:
 
 
 def check_memory(module, models: dict[str, nn.Module | None], generation: Generation | None = None) -> None:
-    """Log the per-rank estimate at the end of ``configure_model`` and refuse a run whose total exceeds its CUDA
-    device, or, on CPU, whose ranks on this host together exceed the host's memory, naming the options that would fit
-    alone. Does nothing outside a trainer (``configure_model`` called by hand)."""
+    """Log the per-rank estimate at the end of ``configure_model`` and refuse (``DoesNotFit``) a run whose total
+    exceeds its CUDA device, or, on CPU, whose ranks on this host together exceed the host's memory, naming the
+    options that would fit alone. Does nothing outside a trainer (``configure_model`` called by hand)."""
     from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.utilities import rank_zero_info
 
@@ -175,9 +179,10 @@ def check_memory(module, models: dict[str, nn.Module | None], generation: Genera
     advice = "; ".join(f"{name} → {format_bytes(size)}" for name, size in options) or (
         "no one of LoRA, bf16, more ranks or fewer rows fits alone: combine them, or a bigger device"
     )
-    raise MemoryError(
-        f"the models need at least {format_bytes(total)} per rank before any activation, more than {where}:\n"
-        f"{describe(estimate)}\nWhat would fit: {advice}"
+    parts = ", ".join(f"{component} {format_bytes(size)}" for component, size in estimate.items())
+    raise DoesNotFit(
+        f"the models need at least {format_bytes(total)} per rank before any activation ({parts}), more than "
+        f"{where}. What would fit: {advice}"
     )
 
 
