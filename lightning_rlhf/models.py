@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -151,22 +153,32 @@ def load_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     dtype: str | torch.dtype = "float32",
     model_config: dict[str, Any] | None = None,
+    meta: bool = False,
 ) -> PreTrainedModel:
     """A causal LM from a local Hugging Face directory or hub name, or the embedded default when ``None``.
 
     ``model_config`` overrides fields of the default config (e.g. ``{"num_hidden_layers": 4}``); it is an error
-    with a pretrained model, whose architecture is fixed by its checkpoint. The model comes back in train mode.
+    with a pretrained model, whose architecture is fixed by its checkpoint. The model comes back in train mode, its
+    parameters in ``dtype`` as they are read (a bf16 checkpoint is never upcast on the way unless ``dtype`` asks).
+    ``meta=True``: the same architecture with its parameters on the meta device and no weight read (the ranks but
+    the first under sharded loading, ``strategies.Rank0Load``); its buffers, too, wait for rank 0's.
     """
     torch_dtype = resolve_dtype(dtype)
     if name_or_path is None:
-        model = AutoModelForCausalLM.from_config(default_model_config(tokenizer, model_config), dtype=torch_dtype)
+        config = default_model_config(tokenizer, model_config)
+    elif model_config:
+        raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
     else:
-        if model_config:
-            raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
         check_model_path(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path) if meta else None
+    if config is None:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    else:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     fit_to_tokenizer(model, tokenizer)
-    keep_float32_buffers(model)
+    if not meta:
+        keep_float32_buffers(model)
     return model.train()
 
 

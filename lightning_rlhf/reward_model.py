@@ -22,6 +22,7 @@ with ``load_reward_model(path).eval().requires_grad_(False)`` and a value functi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -76,6 +77,7 @@ def load_reward_model(
     tokenizer=None,
     dtype: str | torch.dtype = "float32",
     model_config: dict[str, Any] | None = None,
+    meta: bool = False,
 ) -> PreTrainedModel:
     """A scalar-reward model, in train mode, from a causal LM (fresh head) or a reward model export (its head).
 
@@ -87,6 +89,7 @@ def load_reward_model(
             its pad id and grows its embeddings to special tokens added to it (``models.fit_to_tokenizer``).
         dtype: parameter dtype.
         model_config: overrides of the embedded default's config.
+        meta: the architecture only, parameters on the meta device, no weight read (``models.load_causal_lm``).
     """
     torch_dtype = resolve_dtype(dtype)
     if name_or_path is None:
@@ -94,17 +97,21 @@ def load_reward_model(
             raise ValueError("the embedded default reward model needs the tokenizer")
         config = default_model_config(tokenizer, model_config)
         config.num_labels = 1
-        model = _reward_class(config)._from_config(config, dtype=torch_dtype)
     else:
         if model_config:
             raise ValueError(f"model_config={model_config} only applies to the embedded default, not {name_or_path}")
         check_model_path(name_or_path)
         config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
+    if name_or_path is not None and not meta:
         model = _reward_class(config).from_pretrained(name_or_path, config=config, dtype=torch_dtype)
+    else:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = _reward_class(config)._from_config(config, dtype=torch_dtype)
     if tokenizer is not None:
         fit_to_tokenizer(model, tokenizer)
     setattr(model.config, OFFSET_KEY, float(getattr(model.config, OFFSET_KEY, 0.0) or 0.0))
-    keep_float32_buffers(model)
+    if not meta:
+        keep_float32_buffers(model)
     return model.train()
 
 

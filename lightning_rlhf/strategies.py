@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import Metric
 
@@ -77,17 +77,84 @@ def fully_shard_model(model: nn.Module, mesh, mp_policy=None) -> None:
     fully_shard(inner, **kwargs)
 
 
-def fully_shard_models(module: L.LightningModule, *models: nn.Module | None) -> None:
+class Rank0Load:
+    """Sharded loading for ``configure_model`` under FSDP2 on several ranks: global rank 0 loads each model as on one
+    device (``from_pretrained``, streaming the safetensors in the requested dtype; a fresh reward head, LoRA's ``A``
+    and the rows ``fit_to_tokenizer`` adds drawn from its RNG as today), while every other rank builds the same
+    architecture with ``meta=True`` (parameters on the meta device: nothing read, nothing held). ``fully_shard_models``
+    then shards, and ``set_model_state_dict(broadcast_from_rank0=True)`` sends rank 0's weights one tensor at a time,
+    each rank keeping its shard. Rank 0 holds one whole copy while loading; the others never do.
+
+    Elsewhere (one process, DDP, FSDP1) ``meta`` is False and every rank loads the whole model as before. FSDP1
+    (``FSDPStrategy``) is not done: Lightning wraps the module after ``configure_model`` with
+    ``sync_module_states=False`` and no ``param_init_fn`` hook of ours, and FSDP1's flat parameters would need its own
+    state-dict path; use ``ModelParallelStrategy`` for models that do not fit one process whole.
+    """
+
+    def __init__(self, module: L.LightningModule) -> None:
+        import torch.distributed as dist
+
+        mesh = module.device_mesh
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        self.active = mesh is not None and ranks > 1 and mesh["data_parallel"].size() == ranks
+        self.meta = self.active and dist.get_rank() != 0
+        # Rank 0's loads draw from its RNG (a fresh head, LoRA's A); meta builds draw nothing. ``finish`` hands rank
+        # 0's state after the loads to every rank that started where it did, as if each had loaded for itself.
+        self.rng_before = torch.get_rng_state()
+
+    def fill(self, model: nn.Module, full_state: dict[str, Tensor], persistent: set[str], device: torch.device) -> None:
+        """Fill ``model``, ``fully_shard``-ed, with rank 0's ``full_state`` (``{}`` on the other ranks). Buffers
+        outside the state dict (RoPE's ``inv_freq``) come from rank 0 too, then ``keep_float32_buffers`` keeps them."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from lightning_rlhf.lora import unwrap
+        from lightning_rlhf.models import keep_float32_buffers
+
+        if self.meta:
+            model.to_empty(device=device)  # keeps tied weights tied (a load with assign=True would untie them)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_state, options=options)
+        for name, buffer in model.named_buffers():
+            if name not in persistent:
+                dist.broadcast(buffer, src=0)
+        inner = unwrap(model)  # a PeftModel's transformers model
+        generation = [getattr(inner, "generation_config", None)]
+        dist.broadcast_object_list(generation, src=0)  # what from_pretrained reads beside the weights
+        if generation[0] is not None:
+            inner.generation_config = generation[0]
+        if self.meta:
+            keep_float32_buffers(model)
+
+    def finish(self) -> None:
+        import torch.distributed as dist
+
+        states = [self.rng_before, torch.get_rng_state()]
+        dist.broadcast_object_list(states, src=0)
+        if torch.equal(states[0], self.rng_before):
+            torch.set_rng_state(states[1])
+
+
+def fully_shard_models(module: L.LightningModule, *models: nn.Module | None, load: Rank0Load | None = None) -> None:
     """Under ``ModelParallelStrategy`` (``module.device_mesh`` is set): FSDP2 for each model over the data-parallel
     mesh, with the trainer's mixed precision (``mixed_precision_policy``). Called at the end of ``configure_model``;
-    does nothing under other strategies."""
+    does nothing under other strategies. With ``load`` (a ``Rank0Load`` made before the models were loaded) the models
+    of the ranks but the first are empty until rank 0's weights fill their shards here."""
     if module.device_mesh is None:
         return
     mesh = module.device_mesh["data_parallel"]
     policy = mixed_precision_policy(str(module.trainer.precision))
     for model in models:
-        if model is not None:
-            fully_shard_model(model, mesh, policy)
+        if model is None:
+            continue
+        full_state = model.state_dict()  # on rank 0 its weights (not copies), kept whole until its shards are filled
+        persistent = set(full_state)
+        fully_shard_model(model, mesh, policy)
+        if load is not None and load.active:
+            load.fill(model, full_state if not load.meta else {}, persistent, module.trainer.strategy.root_device)
+        del full_state
+    if load is not None and load.active:
+        load.finish()
 
 
 @contextmanager

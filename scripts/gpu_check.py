@@ -8,7 +8,8 @@ benchmarks, written to one report.
    without host-device synchronisation, generation on CUDA.
 2. Each stage under sharding on every visible GPU for a few steps through the CLI, from tiny random exports:
    ``configs/sft_fsdp.yaml`` (FSDP1), ``configs/ppo_fsdp2.yaml`` (FSDP2, bf16 mixed), and ``sft.yaml``, ``rm.yaml``,
-   ``dpo.yaml`` under FSDP2 in bf16 mixed precision.
+   ``dpo.yaml`` under FSDP2 in bf16 mixed precision; then sharded loading of a 1.2B float32 checkpoint under FSDP2:
+   seconds and peak host RSS per rank (its JSON at the end of the step's output).
 3. ``scripts/benchmark.py`` in bf16 on the random-init Llama configurations of issue 12 (0.5B: width 1024, 24
    layers; 1B: width 2048, 16 layers; vocabulary 32k) with full-length synthetic records: tokens/s, MFU against
    the card's bf16 peak, peak memory, and TRL beside ours where ``trl`` is installed; our SFT packed vs padded on
@@ -112,6 +113,22 @@ def config_runs(root: Path, devices: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
+def sharded_load_run(root: Path, devices: int) -> list[str]:
+    """SFT loading a 1.2B-parameter float32 checkpoint under FSDP2 on every GPU (``tests/sharded_memory_script.py``):
+    seconds and peak host RSS growth per rank while loading. Rank 0 reads the checkpoint and the others receive
+    their shards (``strategies.Rank0Load``), so no rank but the first should grow by much more than its shard."""
+    from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)
+    shape = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16,
+             "num_key_value_heads": 16, "vocab_size": 32000}  # fmt: skip
+    checkpoint = export_pretrained(load_causal_lm(None, tokenizer, "float32", shape), tokenizer, root / "load" / "1b")
+    script = str(REPO / "tests" / "sharded_memory_script.py")
+    return [sys.executable, script, str(root / "load" / "memory.json"), str(root / "load"), str(checkpoint),
+            str(devices), "gpu"]  # fmt: skip
+
+
 def run_benchmark(name: str, benchmark: list[str], results: Path, steps: str, timeout: int) -> dict:
     """One ``scripts/benchmark.py`` run in bf16 on synthetic records; its rows, as ``--json`` wrote them to
     ``results/<name>.json`` (none if it failed)."""
@@ -173,6 +190,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, command in config_runs(Path(tmp), devices).items():
             record(report, run(name, command, args.timeout), path)
+        load = sharded_load_run(Path(tmp), devices)
+        record(report, run(f"sharded loading, 1.2B float32 on {devices} GPU(s)", load, args.timeout), path)
     if not args.skip_benchmarks:
         for name, benchmark in BENCHMARKS.items():
             record(report, run_benchmark(name, benchmark, path.parent / "benchmarks", args.steps, args.timeout), path)

@@ -127,7 +127,11 @@ def test_ppo_fsdp2_config_trains_in_mixed_bf16_exports_and_resumes(tmp_path, acc
             f"--model.init_args.export_dir={tmp_path / 'hf'}", *extra, cwd=tmp_path,
         )  # fmt: skip
 
-    run(8)
+    first = run(8)
+    log = first.stdout + first.stderr
+    # The memory estimate, per rank, before step 1 (issue 23's bar).
+    assert "memory per rank, estimated before step 1" in log and "generation KV cache" in log
+    assert ("policy gathered for generation" in log) == (devices > 1)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.config.dtype == torch.float32
     start = AutoModelForCausalLM.from_pretrained(sft_dir)
@@ -146,7 +150,8 @@ def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path, acce
     the gathered exports agree to float32 reduction order, and so does the reward model's normalisation offset
     (forwards every rank makes on the same data; under FSDP1 they crashed with "'weight' must be 2-D" outside the
     root module's forward, and no export was written). FSDP1's DPO export failed too, on the reference's weights left
-    out of the state dict. The start has tied embeddings, which FSDP2 refused while the backbone was its own unit."""
+    out of the state dict. The start has tied embeddings, which FSDP2 refused while the backbone was its own unit.
+    FSDP2's SFT also checkpoints each block's activations (recomputed in backward, gathered again by FSDP2)."""
     sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     comparisons = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     demonstrations = tmp_path / "demonstrations.jsonl"

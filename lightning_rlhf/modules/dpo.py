@@ -40,6 +40,7 @@ from lightning_rlhf.lora import (
     lora_hparams,
 )
 from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
+from lightning_rlhf.memory import check_memory
 from lightning_rlhf.models import (
     disable_dropout,
     keep_out_of_checkpoints,
@@ -48,7 +49,7 @@ from lightning_rlhf.models import (
     sequence_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
+from lightning_rlhf.strategies import Rank0Load, clip_gradients, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
 METRICS = (
@@ -151,23 +152,24 @@ class DPOModule(L.LightningModule):
         if self.checkpoint_trainable_only:
             keep_frozen_weights_out_of_checkpoints(self)
 
-    def _load_reference(self) -> PreTrainedModel:
+    def _load_reference(self, meta: bool = False) -> PreTrainedModel:
         hp = self.hparams
-        return load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype).eval().requires_grad_(False)
+        return load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, meta=meta).eval().requires_grad_(False)
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
-        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
+        hp, load = self.hparams, Rank0Load(self)
+        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, meta=load.meta)
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
         disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0
         if not hp.precompute_ref_logprobs and hp.lora is None:
-            self.ref_model = self._load_reference()
-        fully_shard_models(self, self.model, self.ref_model)
+            self.ref_model = self._load_reference(load.meta)
+        fully_shard_models(self, self.model, self.ref_model, load=load)
+        check_memory(self, {"policy": self.model, "reference": self.ref_model})
 
     def train(self, mode: bool = True) -> DPOModule:
         super().train(mode)

@@ -65,6 +65,7 @@ from lightning_rlhf.losses import (
     ppo_value_loss,
     token_logprobs,
 )
+from lightning_rlhf.memory import check_memory, ppo_generation
 from lightning_rlhf.models import (
     disable_dropout,
     forward_logits,
@@ -88,7 +89,7 @@ from lightning_rlhf.rollout import (
     group_statistics,
 )
 from lightning_rlhf.scoring import import_reward_fn
-from lightning_rlhf.strategies import fully_shard_models, gathered, reset_float32
+from lightning_rlhf.strategies import Rank0Load, fully_shard_models, gathered, reset_float32
 from lightning_rlhf.validation import check_range
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
@@ -297,24 +298,25 @@ class PPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
-        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype)
+        hp, load = self.hparams, Rank0Load(self)
+        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, meta=load.meta)
         reference = hp.ref_model_name_or_path or hp.model_name_or_path
         self._check_tokenizer(reference, "reference model")
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
         if hp.lora is None or reference != hp.model_name_or_path:  # else: the policy with its adapter off
-            self.ref_model = load_causal_lm(reference, self.tokenizer, hp.dtype).eval().requires_grad_(False)
+            self.ref_model = load_causal_lm(reference, self.tokenizer, hp.dtype, meta=load.meta)
+            self.ref_model.eval().requires_grad_(False)
         if hp.reward_model_name_or_path is not None:
             self._check_tokenizer(hp.reward_model_name_or_path, "reward model")
-            self.reward_model = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype)
-            self.reward_model.eval().requires_grad_(False)
+            rewards = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype, meta=load.meta)
+            self.reward_model = rewards.eval().requires_grad_(False)
         value_start = hp.reward_model_name_or_path or hp.model_name_or_path  # an SFT export gets a fresh head
         critic = hp.advantage_estimator == "gae"  # the critic-free estimators build no value function at all
         if critic and hp.value_head:
             self.value_head = self._value_head_from(reward_head(self.reward_model) if self.reward_model else None)
         elif critic:
-            self.value_model = load_reward_model(value_start, self.tokenizer, hp.dtype)
+            self.value_model = load_reward_model(value_start, self.tokenizer, hp.dtype, meta=load.meta)
             if hp.lora is not None:
                 self.value_model = apply_lora(self.value_model, hp.lora, task_type="SEQ_CLS")
         for trained in (self.model, self.value_model):
@@ -322,7 +324,10 @@ class PPOModule(L.LightningModule):
                 disable_dropout(trained)
                 if hp.gradient_checkpointing:
                     trained.gradient_checkpointing_enable()
-        fully_shard_models(self, self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
+        models = (self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
+        fully_shard_models(self, *models, load=load)
+        names = ("policy", "value model", "value head", "reference", "reward model")
+        check_memory(self, dict(zip(names, models, strict=True)), ppo_generation(self))
 
     def _check_tokenizer(self, path: str, role: str) -> None:
         """The other model must read every policy token id as the policy does: the same vocabulary, or a superset
@@ -341,7 +346,7 @@ class PPOModule(L.LightningModule):
         """A value head on the policy's hidden states: the reward model's head when there is one of the same width,
         else zeros, with a bias (from 0) for the mean return."""
         width = self.model.config.hidden_size
-        head = nn.Linear(width, 1, dtype=self.model.dtype)
+        head = nn.Linear(width, 1, dtype=self.model.dtype, device=self.model.device)  # meta under Rank0Load
         with torch.no_grad():
             head.bias.zero_()
             head.weight.zero_()

@@ -30,10 +30,11 @@ from lightning_rlhf.lora import (
     lora_hparams,
 )
 from lightning_rlhf.losses import ranking_loss
+from lightning_rlhf.memory import check_memory
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
-from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
+from lightning_rlhf.strategies import Rank0Load, clip_gradients, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
 
@@ -101,8 +102,8 @@ class RewardModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
-        self.model = load_reward_model(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config)
+        hp, load = self.hparams, Rank0Load(self)
+        self.model = load_reward_model(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config, load.meta)
         # A stored offset belongs to the weights it was measured on; training changes them.
         setattr(self.model.config, OFFSET_KEY, 0.0)
         if hp.reward_token is not None:  # load_reward_model grew the embedding to the added token
@@ -111,7 +112,8 @@ class RewardModule(L.LightningModule):
             self.model.gradient_checkpointing_enable()
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora, task_type="SEQ_CLS")
-        fully_shard_models(self, self.model)
+        fully_shard_models(self, self.model, load=load)
+        check_memory(self, {"reward model": self.model})
 
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss and statistics of a batch: rewards ``(n,)`` over flat responses, margins ``(p,)`` over pairs."""

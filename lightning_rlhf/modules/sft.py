@@ -27,6 +27,7 @@ from lightning_rlhf.lora import (
     lora_hparams,
 )
 from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
+from lightning_rlhf.memory import check_memory
 from lightning_rlhf.models import (
     check_packed_attention,
     forward_logits,
@@ -36,7 +37,7 @@ from lightning_rlhf.models import (
     shifted_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.strategies import clip_gradients, fully_shard_models, reset_float32
+from lightning_rlhf.strategies import Rank0Load, clip_gradients, fully_shard_models, reset_float32
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -102,13 +103,14 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
-        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config)
+        hp, load = self.hparams, Rank0Load(self)
+        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, hp.model_config, load.meta)
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
-        fully_shard_models(self, self.model)
+        fully_shard_models(self, self.model, load=load)
+        check_memory(self, {"policy": self.model})
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         if "position_ids" in batch:  # packed
