@@ -108,7 +108,7 @@ def check_engine_matches_policy(engine, model, tokenizer, batch) -> float:
 
 
 def test_engine_follows_the_policy_through_optimiser_steps(export, engine_and_state):
-    """Before any update and after 3 AdamW steps that teach the policy to answer "ba" + EOS, the synced engine decodes
+    """Before any update and after 8 AdamW steps that teach the policy to answer "ba" + EOS, the synced engine decodes
     exactly what ``generate`` decodes (EOS and the padding after it included) and scores its samples as a
     teacher-forced forward does. Catches: a skipped or partial sync (asserted directly: the unsynced engine still
     answers as before the updates), log-probs of the unprocessed logits (off by the temperature), responses or masks
@@ -120,12 +120,15 @@ def test_engine_follows_the_policy_through_optimiser_steps(export, engine_and_st
     engine.sync(model)
     largest = [check_engine_matches_policy(engine, model, tokenizer, batch)]
 
-    target = tokenizer(["Reverse: ab\nba"], return_tensors="pt")["input_ids"]
-    target = torch.cat([target, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    for _ in range(3):
-        logits = model(target).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[:, 1:].flatten())
+    target = prompts_batch([prompt + "ba" for prompt in PROMPTS])  # + EOS; the loss on "ba" + EOS only
+    ids = torch.cat([target["input_ids"], torch.full((len(PROMPTS), 1), tokenizer.eos_token_id)], dim=1)
+    attention_mask = torch.cat([target["attention_mask"], torch.ones(len(PROMPTS), 1, dtype=torch.long)], dim=1)
+    labels = ids[:, 1:].clone()
+    labels[:, :-3] = -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(8):  # measured: greedy answers go "" -> "b" -> ... -> "ba" + EOS
+        logits = model(ids, attention_mask=attention_mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         optimizer.zero_grad(), loss.backward(), optimizer.step()
 
     stale = engine.generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, 0.0)
