@@ -56,7 +56,7 @@ def process_state_kept() -> Iterator[None]:
 class HFEngine:
     """transformers' ``generate`` on the policy itself: always current, nothing to build or sync."""
 
-    def __init__(self, model_name_or_path: str, dtype: str, **options: Any) -> None:
+    def __init__(self, model_name_or_path: str | None = None, dtype: str | None = None, **options: Any) -> None:
         if options:
             raise ValueError(f"engine_options {sorted(options)} are for rollout_engine='vllm'; the hf engine has none")
 
@@ -103,6 +103,9 @@ class VLLMOptions:
     max_model_len: int | None = None
 
 
+HF_ONLY_OPTIONS = {"cache_implementation", "compile", "synced_gpus"}
+
+
 class VLLMEngine:
     """A colocated, in-process vLLM engine over the policy's export; see the module docstring."""
 
@@ -128,7 +131,7 @@ class VLLMEngine:
         # In-process: the engine's model lives in this process, so weights pass as tensors and log-probs come back
         # without a copy between processes.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         with process_state_kept():
             self.llm = LLM(
                 model=model_name_or_path, dtype=dtype, tensor_parallel_size=1, enforce_eager=not cuda,
@@ -160,9 +163,15 @@ class VLLMEngine:
         temperature: float,
         **options: Any,
     ) -> Rollout:
-        """Sample (or, at ``temperature == 0``, decode greedily) one response per left-padded prompt; ``options``
-        of the hf engine (cache, compile) do not apply. Request ``i`` is seeded from the caller's torch generator."""
+        """Sample (or, at ``temperature == 0``, decode greedily) one response per left-padded prompt. ``options``:
+        ``top_k`` / ``top_p`` as vLLM reads them (0 / 1: none); the hf engine's own (KV cache, compile, synced GPUs)
+        do not apply to vLLM and are ignored. Request ``i`` is seeded from the caller's torch generator."""
         from vllm import SamplingParams, TokensPrompt
+
+        sampling = {"top_k": options.pop("top_k", 0), "top_p": options.pop("top_p", 1.0)}
+        unknown = set(options) - HF_ONLY_OPTIONS
+        if unknown:
+            raise TypeError(f"the vllm engine does not take {sorted(unknown)}")
 
         seeds = torch.randint(2**31 - 1, (len(input_ids),)).tolist()  # from the caller's seeded stream
         prompts = [TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist()) for ids, mask in
@@ -171,14 +180,13 @@ class VLLMEngine:
             SamplingParams(
                 n=1,
                 temperature=temperature,
-                top_k=0,
-                top_p=1.0,
                 max_tokens=max_new_tokens,
                 seed=seed,
                 logprobs=0,
+                detokenize=False,
                 stop_token_ids=[tokenizer.eos_token_id],
                 ignore_eos=False,
-                detokenize=False,
+                **sampling,
             )  # fmt: skip
             for seed in seeds
         ]
