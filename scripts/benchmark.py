@@ -475,6 +475,46 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     }  # fmt: skip
 
 
+def run_grpo_trl(args, model_dir: str) -> dict:
+    """TRL's ``GRPOTrainer`` at ours' GRPO shape: ``--batch-size`` completions per generation (G =
+    ``--num-generations`` for each of batch / G prompts), 2 passes (``num_iterations``) over 2 minibatches
+    (``steps_per_generation``), a reward model made from the initial model, β = 0.05 (a reference, as ours), and with
+    ``--engine vllm`` vLLM colocated (``use_vllm=True, vllm_mode="colocate"``) as ours is."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lightning_rlhf.data.records import read_records
+    from lightning_rlhf.models import export_pretrained, load_tokenizer
+    from lightning_rlhf.reward_model import load_reward_model
+
+    tokenizer = load_tokenizer(model_dir)
+    rm_dir = str(export_pretrained(load_reward_model(model_dir, tokenizer), tokenizer, Path(tempfile.mkdtemp()) / "rm"))
+    records, _ = read_records(prompts_path(args), "prompt")
+    per_rollout = 4  # optimiser steps: 2 iterations x 2 minibatches
+    timed = argparse.Namespace(**{**vars(args), "warmup": args.warmup * per_rollout, "steps": args.steps * per_rollout})
+    vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
+            "vllm_importance_sampling_correction": False} if args.engine == "vllm" else {}  # fmt: skip
+    shared = {**trl_args(timed), "per_device_train_batch_size": args.batch_size // 2, "bf16": args.dtype == "bfloat16"}
+    shared.pop("max_length")  # GRPO's prompts are not truncated here (ours neither: max_length is the data's)
+    config = GRPOConfig(
+        **shared,
+        steps_per_generation=2, num_iterations=2, num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens, temperature=1.0, beta=0.05, learning_rate=1e-6, **vllm,
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)), reward_funcs=rm_dir,
+        args=config, train_dataset=datasets.Dataset.from_list([{"prompt": r.fields["prompt"]} for r in records]),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )  # fmt: skip
+    seconds = train_hf(timed, trainer)
+    return {
+        "impl": f"{trl_name()} GRPOTrainer (G = {args.num_generations}{', vllm colocate' if vllm else ''})",
+        "tokens_per_s": float("nan"), "step_s": seconds / args.steps,
+        "episodes_per_s": args.batch_size * args.steps / seconds, "peak_mem_mib": peak_memory_mib(args.device),
+    }  # fmt: skip
+
+
 def run_generate_ours(args, model_dir: str) -> dict:
     """Sampled tokens/s of the hf engine (``rollout.generate``) with the KV cache (and compile) of
     ``--generate-variant``, or of the vLLM engine (variant ``vllm``; ``startup_s``: building it)."""
@@ -528,7 +568,7 @@ RUNNERS = {
     "sft": (run_sft_ours, run_sft_trl),
     "rm": (run_rm_ours, run_rm_trl),
     "dpo": (run_dpo_ours, run_dpo_trl),
-    "ppo": (run_ppo_ours, None),  # TRL 1.x no longer has a PPOTrainer to compare with
+    "ppo": (run_ppo_ours, run_grpo_trl),  # TRL 1.x has no PPOTrainer: its GRPOTrainer beside our grpo
     "generate": (run_generate_ours, None),  # our generation with each --variants, against each other
 }
 # how a child process gets the variant of its implementation (what follows ":" in "ours:…")
@@ -632,6 +672,7 @@ def main() -> None:
     if args.stage == "ppo":  # our estimators against each other (TRL 1.x has no PPOTrainer)
         impls = [f"ours:{estimator}" for estimator in args.estimators]
         impls += [f"ours:{estimator}@vllm" for estimator in args.estimators] if args.engine == "vllm" else []
+        impls += ["trl"] if "grpo" in args.estimators else []
     if args.stage == "sft" and args.packing:
         impls = ["ours", "ours:packed"]
     if args.stage == "generate":  # our KV cache variants against each other
@@ -663,7 +704,7 @@ def main() -> None:
                 raise SystemExit(f"{impl} failed:\n{child.stderr[-4000:]}")
             rows.append(json.loads(lines[-1][len("RESULT ") :]))
     print(json.dumps({"shape": vars(args), "results": rows}, indent=1, default=str))
-    print_table(rows, "step_s" if args.stage == "logprobs" else "tokens_per_s")
+    print_table(rows, {"logprobs": "step_s", "ppo": "episodes_per_s"}.get(args.stage, "tokens_per_s"))
     if args.packing and args.stage == "sft":
         difference = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"], strict=True))
         print(f"largest difference in the loss of a step, packed vs padded: {difference:.3g}")
