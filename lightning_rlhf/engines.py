@@ -132,6 +132,9 @@ class VLLMEngine:
         # without a copy between processes.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if distributed:  # external_launcher reads the process group's place from the environment (torchrun's names)
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=os.environ.get("LOCAL_RANK", str(rank)))
         with process_state_kept():
             self.llm = LLM(
                 model=model_name_or_path, dtype=dtype, tensor_parallel_size=1, enforce_eager=not cuda,
@@ -143,6 +146,7 @@ class VLLMEngine:
             )  # fmt: skip
             if self.sleeps:
                 self.llm.sleep(level=2)  # weights come from the policy at the first sync
+        self.asleep = self.sleeps
 
     def sync(self, model: nn.Module) -> None:
         """Load ``model``'s current weights (every rank its own copy), one parameter at a time."""
@@ -152,6 +156,7 @@ class VLLMEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights(model)})
             if self.sleeps:
                 self.llm.wake_up(tags=["kv_cache"])
+        self.asleep = False
 
     def generate(
         self,
@@ -168,6 +173,8 @@ class VLLMEngine:
         do not apply to vLLM and are ignored. Request ``i`` is seeded from the caller's torch generator."""
         from vllm import SamplingParams, TokensPrompt
 
+        if self.asleep:
+            raise RuntimeError("the vllm engine sleeps with its weights released (sleep mode): sync(model) first")
         sampling = {"top_k": options.pop("top_k", 0), "top_p": options.pop("top_p", 1.0)}
         unknown = set(options) - HF_ONLY_OPTIONS
         if unknown:
@@ -192,8 +199,9 @@ class VLLMEngine:
         ]
         with process_state_kept():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            if self.sleeps:
+            if self.sleeps:  # level 2: weights and KV cache released; the next sync reloads the weights anyway
                 self.llm.sleep(level=2)
+                self.asleep = True
         return rollout_from_outputs(outputs, input_ids, attention_mask, tokenizer)
 
 

@@ -209,3 +209,40 @@ def test_a_resume_mid_epoch_draws_the_uninterrupted_runs_samples_on_vllm(export,
     assert len(straight.batches) == 5 and resumed.batches == straight.batches[2:]
     assert len({round(m[0], 6) for m in straight.metrics}) > 1  # the scores vary: equal ones would show nothing
     torch.testing.assert_close(resumed.metrics, straight.metrics[2:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_sleep_mode_frees_the_engines_memory_between_rollouts_and_wakes_it_current(export):
+    """CUDA only (vLLM's sleep mode): after a rollout the engine's weights and KV cache are released (more free GPU
+    memory than while awake), and the next sync wakes it with the policy's weights (greedy parity). Catches: sleep
+    never called, or a wake-up that leaves the weights discarded at level 2 unreloaded."""
+    engine = build_engine("vllm", export, "float32", {"sleep": True, "gpu_memory_utilization": 0.2})
+    tokenizer = load_tokenizer(export)
+    model = load_causal_lm(export, tokenizer, "float32").cuda()
+    batch = {k: v.cuda() for k, v in prompts_batch(PROMPTS).items()}
+    for _ in range(2):
+        engine.sync(model)
+        awake = torch.cuda.mem_get_info()[0]
+        greedy = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, temperature=0.0)
+        engine_greedy = engine.generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, 0.0)
+        assert torch.equal(engine_greedy.sequences, greedy.sequences)
+        assert torch.cuda.mem_get_info()[0] > awake
+        with pytest.raises(RuntimeError, match="sync"):  # asleep, its weights released: sampling now would be garbage
+            engine.generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, 0.0)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(1.5)
+
+
+def test_ddp_every_ranks_engine_samples_from_its_own_synced_policy(export, tmp_path):
+    """GRPO on vLLM under DDP, 2 CPU processes (gloo): each rank has its own engine over its own prompts, and after
+    the run every rank's synced engine decodes greedily what its policy decodes, the policies being equal across
+    ranks. Catches: one engine shared by (or built on) one rank only, a sync that reaches one rank's engine only."""
+    from tests.helpers import REPO, run_python
+
+    out = tmp_path / "ddp.json"
+    run_python(str(REPO / "tests" / "ddp_vllm_script.py"), str(out), str(tmp_path), export, cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    assert report["engine_equals_policy"] == [1.0, 1.0]
+    assert len(set(report["policy_checksums"])) == 1
+    assert len(set(report["first_prompts"])) == 2
