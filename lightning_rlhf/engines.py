@@ -19,6 +19,7 @@ side's random states, thread count and ``torch.set_num_threads`` back.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -131,6 +132,8 @@ class VLLMEngine:
         # In-process: the engine's model lives in this process, so weights pass as tensors and log-probs come back
         # without a copy between processes.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        for every_sync in ("inplace", "layerwise"):  # a line (and a warning for the rotary tables) per reload otherwise
+            logging.getLogger(f"vllm.model_executor.model_loader.reload.{every_sync}").setLevel(logging.ERROR)
         distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         if distributed:  # external_launcher reads the process group's place from the environment (torchrun's names)
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

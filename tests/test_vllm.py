@@ -246,3 +246,21 @@ def test_ddp_every_ranks_engine_samples_from_its_own_synced_policy(export, tmp_p
     assert report["engine_equals_policy"] == [1.0, 1.0]
     assert len(set(report["policy_checksums"])) == 1
     assert len(set(report["first_prompts"])) == 2
+
+
+def test_sample_on_vllm_continues_an_interrupted_run_with_the_same_samples(export, engine_and_state):
+    """``sample``'s batches on the vllm engine: each batch seeded from ``--seed`` and its first prompt, so starting at
+    the second batch (a continued run) gives exactly the uninterrupted run's samples for it, and they are samples
+    (not all one answer). Catches: the engine's own generator instead of the batch's seed."""
+    from lightning_rlhf.sampling import sample_batches
+
+    engine = engine_and_state[0]
+    tokenizer = load_tokenizer(export)
+    model = load_causal_lm(export, tokenizer, "float32")
+    engine.sync(model)
+    prompts = [f"Reverse: {w}\n" for w in ("abc", "de", "fgh", "ij")]
+    settings = {"k": 2, "max_length": 32, "batch_size": 4, "seed": 3, "max_new_tokens": 8, "temperature": 1.0}
+    straight = dict(sample_batches(model, tokenizer, prompts, engine=engine, **settings))
+    continued = dict(sample_batches(model, tokenizer, prompts, start=2, engine=engine, **settings))
+    assert list(straight) == [0, 2] and continued == {2: straight[2]}
+    assert len({text for batch in straight.values() for pair in batch for text in pair}) > 4
