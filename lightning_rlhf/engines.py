@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ class VLLMEngine:
         cuda = torch.cuda.is_available()
         self.sleeps = self.options.sleep and cuda
         if self.options.sleep and not cuda:
-            print("vllm engine: sleep mode is CUDA-only in vLLM; on this platform the engine stays resident")
+            warnings.warn("engine_options sleep: vLLM's sleep mode is CUDA-only; the engine stays awake", stacklevel=2)
         kv_bytes = self.options.kv_cache_gib if self.options.kv_cache_gib is not None else (None if cuda else 1.0)
         # In-process: the engine's model lives in this process, so weights pass as tensors and log-probs come back
         # without a copy between processes.
@@ -186,20 +187,11 @@ class VLLMEngine:
         seeds = torch.randint(2**31 - 1, (len(input_ids),)).tolist()  # from the caller's seeded stream
         prompts = [TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist()) for ids, mask in
                    zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]  # fmt: skip
-        params = [
-            SamplingParams(
-                n=1,
-                temperature=temperature,
-                max_tokens=max_new_tokens,
-                seed=seed,
-                logprobs=0,
-                detokenize=False,
-                stop_token_ids=[tokenizer.eos_token_id],
-                ignore_eos=False,
-                **sampling,
-            )  # fmt: skip
+        params = [  # logprobs=0: the sampled token's own log-prob only
+            SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0,
+                           detokenize=False, stop_token_ids=[tokenizer.eos_token_id], **sampling)
             for seed in seeds
-        ]
+        ]  # fmt: skip
         with process_state_kept():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             if self.sleeps:  # level 2: weights and KV cache released; the next sync reloads the weights anyway

@@ -7,6 +7,7 @@ The CPU attention backend refuses head_dim 16 (the embedded default's), so these
 
 import json
 import random
+import warnings
 
 import lightning as L
 import numpy as np
@@ -57,18 +58,29 @@ def engine_and_state(export):
         random.seed(11), np.random.seed(11), torch.manual_seed(11), torch.set_num_threads(threads)
 
     seed()
-    engine = build_engine("vllm", export, "float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # sleep asked for: on CUDA it sleeps between rollouts; elsewhere it must say so and carry on
+        engine = build_engine("vllm", export, "float32", {"sleep": not torch.cuda.is_available()})
     after = process_state()
     seed()
-    return engine, after, process_state()
+    return engine, after, process_state(), [str(w.message) for w in caught]
 
 
 def test_engine_start_leaves_random_states_and_threads_as_they_were(engine_and_state):
     """vLLM's CPU worker seeds every global generator (``set_random_seed``) and replaces ``torch.set_num_threads``
     with a no-op; the next draws, the thread count and the function must be the training side's own. Catches:
     ``process_state_kept`` left out of the engine's start, or restoring the thread count but not the function."""
-    _, after, expected = engine_and_state
+    _, after, expected, _ = engine_and_state
     assert after == expected
+
+
+def test_sleep_mode_asked_for_on_cpu_says_it_is_cuda_only_and_the_engine_works(engine_and_state):
+    """The module's engine was built with ``sleep: true`` on CPU (every test here then uses it): a warning names
+    the limit, and nothing fails. Catches: sleep mode enabled on CPU (vLLM refuses), the request passed silently."""
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the engine does sleep")
+    assert any("sleep mode is CUDA-only" in message for message in engine_and_state[3])
 
 
 def test_process_state_kept_restores_what_it_promises():
