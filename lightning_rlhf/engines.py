@@ -225,7 +225,8 @@ def rollout_from_outputs(outputs: list, input_ids: Tensor, attention_mask: Tenso
 def named_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``(name, tensor)`` of ``model``'s weights under the names of its Hugging Face export, one at a time: an FSDP2
     shard gathered (``full_tensor``) only when its turn comes; with LoRA (a ``PeftModel``) each adapted weight merged,
-    ``W + scale · B A``, without touching the policy's own weights (the adapter-off reference stays exact)."""
+    ``W + scale · B A``, and a ``modules_to_save`` module's trained copy, without touching the policy's own weights
+    (the adapter-off reference stays exact)."""
     from peft import PeftModel
 
     from lightning_rlhf.lora import unwrap
@@ -236,7 +237,7 @@ def named_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     inner = unwrap(model)
     adapter = model.active_adapter if isinstance(model, PeftModel) else None
     for name, param in inner.named_parameters():
-        if ".lora_" in name:
+        if ".lora_" in name or ".original_module." in name:  # adapters are merged; modules_to_save: the trained copy
             continue
         weight = full(param.detach())
         if ".base_layer." in name:
@@ -246,7 +247,7 @@ def named_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
                 delta = (b @ a) * layer.scaling[adapter]
                 weight = weight + (delta.T if layer.fan_in_fan_out else delta).to(weight.dtype)
             name = name.replace(".base_layer.", ".")
-        yield name, weight
+        yield name.replace(f".modules_to_save.{adapter}.", "."), weight
 
 
 ENGINES: dict[str, type] = {"hf": HFEngine, "vllm": VLLMEngine}
