@@ -479,7 +479,7 @@ def run_grpo_trl(args, model_dir: str) -> dict:
     """TRL's ``GRPOTrainer`` at ours' GRPO shape: ``--batch-size`` completions per generation (G =
     ``--num-generations`` for each of batch / G prompts), 2 passes (``num_iterations``) over 2 minibatches
     (``steps_per_generation``), a reward model made from the initial model, β = 0.05 (a reference, as ours), and with
-    ``--engine vllm`` vLLM colocated (``use_vllm=True, vllm_mode="colocate"``) as ours is."""
+    ``--engine vllm`` on CUDA vLLM colocated (``use_vllm=True, vllm_mode="colocate"``) as ours is."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -493,8 +493,11 @@ def run_grpo_trl(args, model_dir: str) -> dict:
     records, _ = read_records(prompts_path(args), "prompt")
     per_rollout = 4  # optimiser steps: 2 iterations x 2 minibatches
     timed = argparse.Namespace(**{**vars(args), "warmup": args.warmup * per_rollout, "steps": args.steps * per_rollout})
-    vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
-            "vllm_importance_sampling_correction": False} if args.engine == "vllm" else {}  # fmt: skip
+    # On CPU TRL's colocated vLLM fails to load weights (vLLM's CPU layers repack theirs): there TRL uses generate.
+    vllm = {}
+    if args.engine == "vllm" and args.device == "cuda":
+        vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
+                "vllm_importance_sampling_correction": False}  # fmt: skip
     shared = {**trl_args(timed), "per_device_train_batch_size": args.batch_size // 2, "bf16": args.dtype == "bfloat16"}
     shared.pop("max_length")  # GRPO's prompts are not truncated here (ours neither: max_length is the data's)
     config = GRPOConfig(
