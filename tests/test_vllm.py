@@ -233,14 +233,16 @@ def test_sleep_mode_frees_the_engines_memory_between_rollouts_and_wakes_it_curre
             model.model.embed_tokens.weight.mul_(1.5)
 
 
-def test_ddp_every_ranks_engine_samples_from_its_own_synced_policy(export, tmp_path):
-    """GRPO on vLLM under DDP, 2 CPU processes (gloo): each rank has its own engine over its own prompts, and after
-    the run every rank's synced engine decodes greedily what its policy decodes, the policies being equal across
-    ranks. Catches: one engine shared by (or built on) one rank only, a sync that reaches one rank's engine only."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_every_ranks_engine_samples_from_its_own_synced_policy(export, tmp_path, strategy):
+    """GRPO on vLLM under DDP and FSDP2, 2 CPU processes (gloo): each rank has its own engine over its own prompts,
+    and after the run every rank's synced engine decodes greedily what its policy decodes, the policies being equal
+    across ranks (under FSDP2 loaded one gathered parameter at a time). Catches: one engine shared by (or built on)
+    one rank only, a sync that reaches one rank's engine only, shards handed to the engine instead of full weights."""
     from tests.helpers import REPO, run_python
 
     out = tmp_path / "ddp.json"
-    run_python(str(REPO / "tests" / "ddp_vllm_script.py"), str(out), str(tmp_path), export, cwd=tmp_path)
+    run_python(str(REPO / "tests" / "ddp_vllm_script.py"), str(out), str(tmp_path), export, strategy, cwd=tmp_path)
     report = json.loads(out.read_text())
     assert report["world_size"] == 2
     assert report["engine_equals_policy"] == [1.0, 1.0]
