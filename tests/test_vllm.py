@@ -266,3 +266,27 @@ def test_sample_on_vllm_continues_an_interrupted_run_with_the_same_samples(expor
     continued = dict(sample_batches(model, tokenizer, prompts, start=2, engine=engine, **settings))
     assert list(straight) == [0, 2] and continued == {2: straight[2]}
     assert len({text for batch in straight.values() for pair in batch for text in pair}) > 4
+
+
+def test_a_lora_policy_reaches_the_engine_merged(export, engine_and_state):
+    """PPO with LoRA on vLLM: once its adapters have moved (B ≠ 0), the synced engine decodes what the adapted policy
+    decodes, and its log-probs are the adapted policy's; the base model alone would decode otherwise. Catches: the
+    base weights synced without the adapters' ``scale · B A``."""
+    from lightning_rlhf.lora import unwrap
+
+    engine = engine_and_state[0]
+    module = ppo((export,), reward_fn="tests.test_ppo.share_of_a", advantage_estimator="grpo", num_generations=2,
+                 lora={"r": 4}, rollout_engine="vllm")  # fmt: skip
+    module.engine = engine  # the module's own would be built the same way, from the same export
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    batch = prompts_batch(PROMPTS)
+    engine.sync(module.model)
+    check_engine_matches_policy(engine, unwrap(module.model), module.tokenizer, batch)
+    with module.model.disable_adapter():
+        base = generate(unwrap(module.model), module.tokenizer, batch["input_ids"], batch["attention_mask"], 12, 0.0)
+    adapted = engine.generate(module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], 12, 0.0)
+    assert not torch.equal(adapted.sequences, base.sequences)
