@@ -170,7 +170,8 @@ def test_grpo_on_vllm_learns_what_a_rule_rewards(export, tmp_path):
     before = mean_score(module, held_out)
     trainer = fit(module, data, 160, tmp_path)
     after = mean_score(module, held_out)
-    assert after > before + 0.5, (before, after)
+    print(f"share of 'a' before {before:.3f}, after {after:.3f}")
+    assert after > before + 0.5, (before, after)  # measured: 0.000 -> 1.000 (the hf engine's run: 0.013 -> 0.99)
     assert trainer.callback_metrics["train/rollout/logprob_diff_max"] < LOGPROB_TOLERANCE
 
 
