@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from lightning_rlhf.data.records import atomic_file, read_records
+from lightning_rlhf.engines import ENGINES, build_engine
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.sampling import sample_responses
 from lightning_rlhf.scoring import import_reward_fn, make_scorer
@@ -325,6 +326,7 @@ def evaluate_models(
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = False,
+    engine: str = "hf",
 ) -> dict[str, Any]:
     """Sample one response per prompt from each model, judge them, and return ``rating_report`` of the scores.
 
@@ -343,6 +345,7 @@ def evaluate_models(
         device: where the models run.
         progress: show a bar (done/total, rate, time left) on stderr while each model samples and while a reward
             model judges.
+        engine: what samples (``engines.ENGINES``): ``hf`` or ``vllm`` (one engine per model, built from its export).
 
     Returns:
         ``rating_report``'s keys, plus ``judge``, ``temperature``, ``max_new_tokens`` and ``seed``.
@@ -359,12 +362,13 @@ def evaluate_models(
     for name, path in named_models.items():
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path, tokenizer).to(device)
+        sampler = build_engine(engine, path, str(model.dtype).removeprefix("torch."))
         torch.manual_seed(seed)
         samples = sample_responses(
-            model, tokenizer, prompts, 1, 512, batch_size, progress, f"sampling {name}",
+            model, tokenizer, prompts, 1, 512, batch_size, progress, f"sampling {name}", sampler,
             max_new_tokens=max_new_tokens, temperature=temperature,
         )  # fmt: skip
-        del model  # before loading the next one
+        del model, sampler  # before loading the next one
         scores.append(score(prompts, [responses[0] for responses in samples]))
     report = rating_report(list(named_models), scores, baseline, bootstrap, seed)
     judge_name = judge if isinstance(judge, str) else getattr(judge, "__qualname__", repr(judge))
@@ -388,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the prompts for the intervals")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--engine", default="hf", choices=list(ENGINES), help="what samples: transformers or vLLM")
     parser.add_argument("--output", required=True, help="directory for evaluation.json and win_rates.png")
     args = parser.parse_args(argv)
 
@@ -418,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = evaluate_models(
         dict(zip(names, args.models, strict=True)), prompts, judge, args.baseline, args.temperature,
         args.max_new_tokens, args.seed, args.bootstrap, args.batch_size, args.device, progress=True,
+        engine=args.engine,
     )  # fmt: skip
     if args.reward_fn:
         report["judge"] = args.reward_fn

@@ -20,13 +20,17 @@ from transformers import CompileConfig, GenerationConfig, PreTrainedModel, PreTr
 
 from lightning_rlhf.losses import (
     GROUP_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    engine_importance_weights,
     gae,
     group_advantages,
     kl_penalty,
+    masked_mean,
     masked_whiten,
     ppo_rewards,
     reinforce_pp_advantages,
 )
+from lightning_rlhf.validation import check_range
 
 ADVANTAGE_ESTIMATORS = ("gae", *GROUP_ESTIMATORS, "reinforce_pp")  # gae needs a value function, the others none
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")  # transformers' names; the two tested here
@@ -60,6 +64,37 @@ def mask_after_eos(responses: Tensor, eos_token_id: int) -> Tensor:
     is_eos = responses == eos_token_id
     eos_before = is_eos.long().cumsum(-1) - is_eos.long()
     return eos_before == 0
+
+
+def check_sampling_options(temperature: float, top_k: int, top_p: float) -> None:
+    """PPO samples at ``temperature > 0`` from the whole tempered distribution: the one its log-probs, KL and ratios
+    are computed under (``top_k`` / ``top_p`` are arguments only so that a config setting them fails clearly)."""
+    scored = "(PPO scores the whole tempered distribution, not a truncated one)"
+    check_range("temperature", temperature, "> 0 (PPO samples its rollouts)", temperature > 0)
+    check_range("top_k", top_k, f"0 {scored}", top_k == 0)
+    check_range("top_p", top_p, f"1.0 {scored}", top_p == 1.0)
+
+
+def check_prompts_fit(model: PreTrainedModel, prompt_length: int, max_new_tokens: int) -> None:
+    """Prompts of ``prompt_length`` tokens + ``max_new_tokens`` must fit the model's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_length + max_new_tokens > limit:
+        raise ValueError(
+            f"prompts of {prompt_length} tokens + max_new_tokens={max_new_tokens} exceed the model's "
+            f"max_position_embeddings={limit}: lower data max_length or model max_new_tokens"
+        )
+
+
+def check_critic_free_args(estimator: str, num_generations: int, loss_aggregation: str, value_head: bool) -> None:
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage_estimator={estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
+    if num_generations < 1 or (estimator in ("grpo", "dr_grpo", "rloo") and num_generations < 2):
+        raise ValueError(f"num_generations={num_generations}: advantage_estimator={estimator!r} needs "
+                         f"{'>= 2 responses per prompt to compare' if estimator != 'gae' else '>= 1'}")  # fmt: skip
+    if loss_aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_aggregation={loss_aggregation!r} is not one of {sorted(LOSS_AGGREGATIONS)}")
+    if value_head and estimator != "gae":
+        raise ValueError(f"value_head=True: advantage_estimator={estimator!r} has no value function")
 
 
 def check_generation_options(cache_implementation: str, compile: bool) -> None:
@@ -243,3 +278,21 @@ def group_statistics(scores: Tensor, group_size: int) -> dict[str, Tensor]:
         "reward_std": groups.std(-1).mean(),
         "groups_without_signal": (groups == groups[:, :1]).all(-1).float().mean(),
     }
+
+
+def engine_mismatch(logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """``logprob_diff_mean`` and ``logprob_diff_max``: the mean and the largest ``|logprobs - engine_logprobs|`` over
+    the response tokens of ``mask``, all ``(b, r)``: how far the engine that sampled is from the trainer's policy."""
+    diff = (logprobs - engine_logprobs).abs().masked_fill(~mask.bool(), 0.0)
+    return {"logprob_diff_mean": masked_mean(diff, mask), "logprob_diff_max": diff.max()}
+
+
+def correct_for_engine(experience: Experience, level: str, cap: float) -> Experience:
+    """Advantages weighted by truncated importance ratios of the policy to the engine that sampled
+    (``losses.engine_importance_weights``; ``level`` ``none``: as they are). A weight ``w >= 0`` scales both terms of
+    the clipped surrogate alike, so this weights each token's policy loss, as TRL and verl do."""
+    if level == "none":
+        return experience
+    rollout = experience.rollout
+    weights = engine_importance_weights(experience.logprobs, rollout.logprobs, rollout.response_mask, level, cap)
+    return experience._replace(advantages=experience.advantages * weights)

@@ -34,8 +34,9 @@ from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.data.records import Record, check_output_file, read_records
 from lightning_rlhf.data.resumable import ResumableJsonl, digest, fingerprint
 from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.engines import ENGINES, HFEngine, build_engine
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
-from lightning_rlhf.rollout import CACHE_IMPLEMENTATIONS, decode_responses, generate
+from lightning_rlhf.rollout import CACHE_IMPLEMENTATIONS, decode_responses
 from lightning_rlhf.scoring import Scorer, make_scorer
 from lightning_rlhf.toy import make_prompts
 
@@ -80,12 +81,21 @@ def batch_seed(seed: int, first: int) -> int:
 
 
 def sample_batches(
-    model, tokenizer, prompts: list, k: int, max_length: int, batch_size: int, seed: int, start: int = 0, **generation
+    model,
+    tokenizer,
+    prompts: list,
+    k: int,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    start: int = 0,
+    engine=None,
+    **generation,
 ) -> Iterator[tuple[int, list[list[str]]]]:
     """``k`` responses for each prompt from prompt ``start`` on, by batches of whole prompts (``batch_size``
     responses, rounded down to whole prompts, at least one), each sampled under ``batch_seed(seed, first)``: yields
     ``(first, samples)``, ``samples[i]`` answering ``prompts[first + i]``. ``start`` is where a previous run with
-    the same settings stopped, a batch boundary."""
+    the same settings stopped, a batch boundary. ``engine``: what samples (``engines``; ``None``: the hf engine)."""
     if start >= len(prompts):  # a previous run finished them all
         return
     per_batch = max(1, batch_size // k)
@@ -96,8 +106,8 @@ def sample_batches(
     device = next(model.parameters()).device
     for offset in range(0, len(examples), per_batch):
         batch = collate([ex for ex in examples[offset : offset + per_batch] for _ in range(k)])
-        torch.manual_seed(batch_seed(seed, start + offset))
-        rollout = generate(
+        torch.manual_seed(batch_seed(seed, start + offset))  # the vllm engine draws its requests' seeds from here
+        rollout = (engine or HFEngine()).generate(
             model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
         )
         texts = decode_responses(tokenizer, rollout)
@@ -113,10 +123,11 @@ def sample_responses(
     batch_size: int,
     progress: bool = False,
     desc: str = "sampling",
+    engine=None,
     **generation,
 ) -> list:
     """``k`` decoded responses for each prompt (strings or chat messages), in prompt order; ``progress`` shows a bar
-    named ``desc`` (responses done, responses/s, time left) on stderr."""
+    named ``desc`` (responses done, responses/s, time left) on stderr; ``engine`` samples (``None``: the hf one)."""
     examples = tokenize_prompts(model, tokenizer, prompts, max_length, generation.get("max_new_tokens", 0))
     collate = PromptCollator(tokenizer.pad_token_id)
     repeated = [ex for ex in examples for _ in range(k)]
@@ -125,7 +136,7 @@ def sample_responses(
     with tqdm(total=len(repeated), desc=desc, unit="response", disable=not progress) as bar:
         for start in range(0, len(repeated), batch_size):
             batch = collate(repeated[start : start + batch_size])
-            rollout = generate(
+            rollout = (engine or HFEngine()).generate(
                 model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
             )
             texts += decode_responses(tokenizer, rollout)
@@ -196,6 +207,7 @@ def main(argv: list[str] | None = None) -> SampleReport:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (needs --cache_implementation static)"
     )
+    parser.add_argument("--engine", default="hf", choices=list(ENGINES), help="what samples: transformers or vLLM")
     parser.add_argument(
         "--judge",
         default=None,
@@ -208,6 +220,8 @@ def main(argv: list[str] | None = None) -> SampleReport:
     args = parser.parse_args(argv)
     if args.compile and args.cache_implementation != "static":
         parser.error("--compile needs --cache_implementation static")
+    if args.engine != "hf" and (args.compile or args.cache_implementation != "dynamic"):
+        parser.error(f"--compile and --cache_implementation are the hf engine's; --engine {args.engine} has its own")
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
     for name, ok, allowed in [
@@ -224,6 +238,7 @@ def main(argv: list[str] | None = None) -> SampleReport:
     judge = make_scorer(args.judge, args.batch_size) if args.judge else None
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, tokenizer)
+    engine = build_engine(args.engine, args.model, str(model.dtype).removeprefix("torch."))
     if args.toy_prompts is not None:
         prompts = [r["prompt"] for r in make_prompts(args.toy_prompts, seed=10_000 + args.seed)][: args.limit]
     else:
@@ -233,14 +248,14 @@ def main(argv: list[str] | None = None) -> SampleReport:
         "command": "sample", "model": fingerprint(args.model), "prompts": digest(prompts),
         "judge": fingerprint(args.judge),
         **{name: getattr(args, name) for name in ("k", "temperature", "top_p", "max_new_tokens", "max_length",
-                                                  "batch_size", "noise", "seed", "cache_implementation")},
+                                                  "batch_size", "noise", "seed", "cache_implementation", "engine")},
     }  # fmt: skip
     with ResumableJsonl(args.output, settings, args.restart) as out:
         report = SampleReport(**out.counts)
         if out.done:
             print(f"{out.records_path}: continuing after {out.done} of {len(prompts)} prompts", file=sys.stderr)
         batches = sample_batches(
-            model, tokenizer, prompts, args.k, args.max_length, args.batch_size, args.seed, out.done,
+            model, tokenizer, prompts, args.k, args.max_length, args.batch_size, args.seed, out.done, engine,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             cache_implementation=args.cache_implementation, compile=args.compile,
         )  # fmt: skip

@@ -7,6 +7,7 @@
     python scripts/benchmark.py dpo --lora --steps 5 --warmup 2 --hidden-size 512 --layers 4 --vocab-size 32000
     python scripts/benchmark.py logprobs --batch-size 4 --seq-len 512 --vocab 32000
     python scripts/benchmark.py generate --steps 10 --batch-size 8 --max-new-tokens 64 --hidden-size 256 --layers 4
+    python scripts/benchmark.py ppo --engine vllm --estimators grpo --steps 5   # + rows sampled by vLLM (pip: vllm)
 
 Every implementation runs in its own subprocess, so peak memory is its own. ``--json PATH`` also writes the rows
 (``impl``, ``tokens_per_s``, ``peak_mem_mib``, …; ours start with ``lightning_rlhf``) to PATH as a JSON list.
@@ -450,11 +451,12 @@ def run_ppo_ours(args, model_dir: str) -> dict:
 
     # The same sequences per rollout for every estimator: gae samples 1 response for each of --batch-size prompts, a
     # group estimator G = --num-generations for each of --batch-size / G prompts (and builds no value model).
-    estimator = args.advantage_estimator
+    estimator, _, engine = args.advantage_estimator.partition("@")  # "grpo@vllm": GRPO with rollouts on vLLM
     group = 1 if estimator == "gae" else args.num_generations
     module = Timed(
         model_dir, rm_dir, dtype=args.dtype, max_new_tokens=args.max_new_tokens, ppo_epochs=2, num_mini_batches=2,
         advantage_estimator=estimator, num_generations=group, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
+        rollout_engine=engine or "hf",
     )  # fmt: skip
     data = PromptDataModule(
         train_path=prompts_path(args), tokenizer_name_or_path=model_dir, val_fraction=0,
@@ -464,7 +466,8 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     timed = module.rollout_stats[args.warmup : args.warmup + args.steps]
     sampling, scoring, tokens = (sum(column) for column in zip(*timed, strict=True))
     return {
-        "impl": f"lightning_rlhf ({estimator}, G = {group})", "tokens_per_s": tokens / seconds,
+        "impl": f"lightning_rlhf ({estimator}, G = {group}{f', {engine} engine' if engine else ''})",
+        "tokens_per_s": tokens / seconds,
         "step_s": seconds / args.steps,
         "episodes_per_s": args.batch_size * args.steps / seconds,
         "sampling_share": sampling / seconds, "scoring_share": scoring / seconds,
@@ -472,17 +475,66 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     }  # fmt: skip
 
 
+def run_grpo_trl(args, model_dir: str) -> dict:
+    """TRL's ``GRPOTrainer`` at ours' GRPO shape: ``--batch-size`` completions per generation (G =
+    ``--num-generations`` for each of batch / G prompts), 2 passes (``num_iterations``) over 2 minibatches
+    (``steps_per_generation``), a reward model made from the initial model, β = 0.05 (a reference, as ours), and with
+    ``--engine vllm`` on CUDA vLLM colocated (``use_vllm=True, vllm_mode="colocate"``) as ours is."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lightning_rlhf.data.records import read_records
+    from lightning_rlhf.models import export_pretrained, load_tokenizer
+    from lightning_rlhf.reward_model import load_reward_model
+
+    tokenizer = load_tokenizer(model_dir)
+    rm_dir = str(export_pretrained(load_reward_model(model_dir, tokenizer), tokenizer, Path(tempfile.mkdtemp()) / "rm"))
+    records, _ = read_records(prompts_path(args), "prompt")
+    per_rollout = 4  # optimiser steps: 2 iterations x 2 minibatches
+    timed = argparse.Namespace(**{**vars(args), "warmup": args.warmup * per_rollout, "steps": args.steps * per_rollout})
+    # On CPU TRL's colocated vLLM fails to load weights (vLLM's CPU layers repack theirs): there TRL uses generate.
+    vllm = {}
+    if args.engine == "vllm" and args.device == "cuda":
+        vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
+                "vllm_importance_sampling_correction": False}  # fmt: skip
+    shared = {**trl_args(timed), "per_device_train_batch_size": args.batch_size // 2, "bf16": args.dtype == "bfloat16"}
+    shared.pop("max_length")  # GRPO's prompts are not truncated here (ours neither: max_length is the data's)
+    config = GRPOConfig(
+        **shared,
+        steps_per_generation=2, num_iterations=2, num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens, temperature=1.0, beta=0.05, learning_rate=1e-6, **vllm,
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)), reward_funcs=rm_dir,
+        args=config, train_dataset=datasets.Dataset.from_list([{"prompt": r.fields["prompt"]} for r in records]),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )  # fmt: skip
+    seconds = train_hf(timed, trainer)
+    return {
+        "impl": f"{trl_name()} GRPOTrainer (G = {args.num_generations}{', vllm colocate' if vllm else ''})",
+        "tokens_per_s": float("nan"), "step_s": seconds / args.steps,
+        "episodes_per_s": args.batch_size * args.steps / seconds, "peak_mem_mib": peak_memory_mib(args.device),
+    }  # fmt: skip
+
+
 def run_generate_ours(args, model_dir: str) -> dict:
-    """Sampled tokens/s of ``rollout.generate`` with the KV cache (and compile) of ``--generate-variant``."""
+    """Sampled tokens/s of the hf engine (``rollout.generate``) with the KV cache (and compile) of
+    ``--generate-variant``, or of the vLLM engine (variant ``vllm``; ``startup_s``: building it)."""
     from lightning_rlhf.data.collate import PromptCollator
     from lightning_rlhf.data.records import read_records
     from lightning_rlhf.data.tokenization import Tokenizer
+    from lightning_rlhf.engines import build_engine
     from lightning_rlhf.models import load_causal_lm, load_tokenizer
-    from lightning_rlhf.rollout import generate
 
+    vllm = args.generate_variant == "vllm"
     cache, _, compiled = args.generate_variant.partition("+")
+    options = {} if vllm else {"cache_implementation": cache, "compile": compiled == "compile"}
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer, args.dtype).to(args.device)
+    startup = time.perf_counter()
+    engine = build_engine("vllm" if vllm else "hf", model_dir, args.dtype)
+    startup = time.perf_counter() - startup
     records, _ = read_records(prompts_path(args), "prompt")
     examples = Tokenizer(tokenizer, args.max_length).prompts(records)
     collate = PromptCollator(tokenizer.pad_token_id)
@@ -496,18 +548,19 @@ def run_generate_ours(args, model_dir: str) -> dict:
             warmup, start = time.perf_counter() - start, time.perf_counter()
         first = step * args.batch_size % len(examples)
         batch = collate(examples[first : first + args.batch_size])
-        rollout = generate(
+        rollout = engine.generate(
             model, tokenizer, batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
-            args.max_new_tokens, temperature=1.0, cache_implementation=cache, compile=compiled == "compile",
+            args.max_new_tokens, 1.0, **options,
         )  # fmt: skip
         if step >= args.warmup:
             sampled += int(rollout.response_mask.sum())
     sync(args.device)
     seconds = time.perf_counter() - start
-    name = {"dynamic": "dynamic cache", "static": "static cache", "static+compile": "static cache + compile"}
+    name = {"dynamic": "dynamic cache", "static": "static cache", "static+compile": "static cache + compile",
+            "vllm": "vllm engine"}  # the others: the hf engine  # fmt: skip
     return {
         "impl": f"lightning_rlhf generate, {name[args.generate_variant]}", "tokens_per_s": sampled / seconds,
-        "step_s": seconds / args.steps, "warmup_s": warmup, "sampled_tokens": sampled,
+        "step_s": seconds / args.steps, "warmup_s": warmup, "startup_s": startup, "sampled_tokens": sampled,
         "peak_mem_mib": peak_memory_mib(args.device),
     }  # fmt: skip
 
@@ -518,7 +571,7 @@ RUNNERS = {
     "sft": (run_sft_ours, run_sft_trl),
     "rm": (run_rm_ours, run_rm_trl),
     "dpo": (run_dpo_ours, run_dpo_trl),
-    "ppo": (run_ppo_ours, None),  # TRL 1.x no longer has a PPOTrainer to compare with
+    "ppo": (run_ppo_ours, run_grpo_trl),  # TRL 1.x has no PPOTrainer: its GRPOTrainer beside our grpo
     "generate": (run_generate_ours, None),  # our generation with each --variants, against each other
 }
 # how a child process gets the variant of its implementation (what follows ":" in "ours:…")
@@ -593,6 +646,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(GENERATE_VARIANTS), choices=GENERATE_VARIANTS,
                         help="generate: KV cache variants compared in one run, each in its own process")  # fmt: skip
     parser.add_argument("--generate-variant", default="dynamic", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                        help="generate, ppo: vllm adds rows sampled by the vLLM engine beside the hf ones")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the result rows to PATH as a JSON list")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -619,10 +674,12 @@ def main() -> None:
         impls.insert(1, "ours_lora")
     if args.stage == "ppo":  # our estimators against each other (TRL 1.x has no PPOTrainer)
         impls = [f"ours:{estimator}" for estimator in args.estimators]
+        impls += [f"ours:{estimator}@vllm" for estimator in args.estimators] if args.engine == "vllm" else []
+        impls += ["trl"] if "grpo" in args.estimators else []
     if args.stage == "sft" and args.packing:
         impls = ["ours", "ours:packed"]
     if args.stage == "generate":  # our KV cache variants against each other
-        impls = [f"ours:{variant}" for variant in args.variants]
+        impls = [f"ours:{variant}" for variant in [*args.variants, *(["vllm"] if args.engine == "vllm" else [])]]
     if args.only:  # child process: one implementation, one JSON line
         if args.stage == "logprobs":
             row = run_logprobs(args, args.only)
@@ -650,7 +707,7 @@ def main() -> None:
                 raise SystemExit(f"{impl} failed:\n{child.stderr[-4000:]}")
             rows.append(json.loads(lines[-1][len("RESULT ") :]))
     print(json.dumps({"shape": vars(args), "results": rows}, indent=1, default=str))
-    print_table(rows, "step_s" if args.stage == "logprobs" else "tokens_per_s")
+    print_table(rows, {"logprobs": "step_s", "ppo": "episodes_per_s"}.get(args.stage, "tokens_per_s"))
     if args.packing and args.stage == "sft":
         difference = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"], strict=True))
         print(f"largest difference in the loss of a step, packed vs padded: {difference:.3g}")

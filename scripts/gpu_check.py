@@ -16,6 +16,9 @@ benchmarks, written to one report.
    demonstrations of mixed lengths; rollout generation with the dynamic cache, the static cache and static +
    compile; DPO with LoRA and the adapter-off reference beside full DPO (``--lora``). Each benchmark's rows are also
    written as JSON (``benchmark.py --json``) to ``benchmarks/<name>.json`` beside the report.
+4. Where ``vllm`` is installed: ``tests/test_vllm.py`` on CUDA, and the rows that settle the vLLM engine's claim:
+   sampled tokens/s of the vllm engine beside ``generate``'s, and GRPO episodes/s ours on hf, ours on vLLM and TRL's
+   ``GRPOTrainer(use_vllm=True, vllm_mode="colocate")`` at the same model, G, lengths and batch.
 
 Every step runs in its own process; a failure is recorded and the next step still runs. The report names the card.
 """
@@ -23,6 +26,7 @@ Every step runs in its own process; a failure is recorded and the next step stil
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import subprocess
@@ -49,6 +53,14 @@ BENCHMARKS = {  # the shapes of issue 12's TRL reference points
                                                  "--max-new-tokens", "128"],
     "generate 0.5B bs 16, prompt 64, response 128": ["generate", *SMALL, "--batch-size", "16", "--max-length", "64",
                                                       "--max-new-tokens", "128"],
+}  # fmt: skip
+VLLM_BENCHMARKS = {  # where vLLM is installed: the engine's GPU claim, against generate and against TRL with vLLM
+    "generate 0.5B bs 16, prompt 64, response 128, hf vs vllm": [
+        "generate", *SMALL, "--batch-size", "16", "--max-length", "64", "--max-new-tokens", "128", "--variants",
+        "dynamic", "--engine", "vllm"],
+    "grpo 0.5B bs 16 (G 4), prompt 64, response 128: ours hf / ours vllm / TRL GRPOTrainer vllm colocate": [
+        "ppo", *SMALL, "--batch-size", "16", "--max-length", "64", "--max-new-tokens", "128", "--estimators", "grpo",
+        "--num-generations", "4", "--engine", "vllm"],
 }  # fmt: skip
 
 
@@ -187,13 +199,19 @@ def main() -> None:
     }  # fmt: skip
     path = (REPO / args.out).resolve()
     record(report, run("pytest -m gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs"], 3600), path)
+    vllm = importlib.util.find_spec("vllm") is not None
+    if vllm:  # the engine on CUDA: sync, greedy parity, log-probs, sleep mode, GRPO learning, resume
+        record(report, run("pytest tests/test_vllm.py", [sys.executable, "-m", "pytest", "tests/test_vllm.py", "-q",
+                                                         "-rs"], 3600), path)  # fmt: skip
+    else:
+        print("vllm not installed: no vLLM tests or rows (pip install -e .[vllm])", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         for name, command in config_runs(Path(tmp), devices).items():
             record(report, run(name, command, args.timeout), path)
         load = sharded_load_run(Path(tmp), devices)
         record(report, run(f"sharded loading, 1.2B float32 on {devices} GPU(s)", load, args.timeout), path)
     if not args.skip_benchmarks:
-        for name, benchmark in BENCHMARKS.items():
+        for name, benchmark in {**BENCHMARKS, **(VLLM_BENCHMARKS if vllm else {})}.items():
             record(report, run_benchmark(name, benchmark, path.parent / "benchmarks", args.steps, args.timeout), path)
     print(path.read_text())
     failed = [step["name"] for step in report["steps"] if step["returncode"] != 0]

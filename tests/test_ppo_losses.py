@@ -97,3 +97,29 @@ def test_adaptive_kl_coef_hand_computed(kl, expected):
     KL 3 → error -0.5, clipped to -0.2 → 0.1 · (1 - 0.0512) = 0.09488;
     KL 6.6 → error 0.1 (inside the clip) → 0.1 · (1 + 0.0256) = 0.10256."""
     assert adaptive_kl_coef(0.1, kl, 6.0, 256, 1000) == pytest.approx(expected)
+
+
+def test_engine_importance_weights_truncate_per_token_and_per_sequence():
+    """Trainer log-probs ``[[-1.0, -2.0], [-0.5, 9]]``, engine's ``[[-1.5, -1.0], [-0.5, 7]]``, the last token
+    padding. δ = trainer - engine = ``[[0.5, -1.0], [0.0, ·]]``.
+
+    token, C = 1.5: ``[[min(e^0.5 = 1.6487, 1.5), e^-1], [e^0, 0]] = [[1.5, 0.36788], [1, 0]]``.
+    sequence, C = 1.5: row 0 sums ``0.5 - 1 = -0.5``, ``e^-0.5 = 0.60653`` on both tokens; row 1 ``e^0 = 1``, 0 past
+    the mask. sequence, C = 0.5: row 0 ``min(0.60653, 0.5) = 0.5``, row 1 ``min(1, 0.5) = 0.5``.
+
+    Catches: the ratio inverted (engine over trainer: 0.6065 ↔ 1.6487), no cap, the padding counted in the sum
+    (row 1 would be e^2, capped), a mean instead of a sum per sequence (e^-0.25), weights left on padding.
+    """
+    from lightning_rlhf.losses import engine_importance_weights
+
+    trainer = torch.tensor([[-1.0, -2.0], [-0.5, 9.0]])
+    engine = torch.tensor([[-1.5, -1.0], [-0.5, 7.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    token = engine_importance_weights(trainer, engine, mask, "token", cap=1.5)
+    torch.testing.assert_close(token, torch.tensor([[1.5, 0.36788], [1.0, 0.0]]), atol=1e-5, rtol=0)
+    sequence = engine_importance_weights(trainer, engine, mask, "sequence", cap=1.5)
+    torch.testing.assert_close(sequence, torch.tensor([[0.60653, 0.60653], [1.0, 0.0]]), atol=1e-5, rtol=0)
+    capped = engine_importance_weights(trainer, engine, mask, "sequence", cap=0.5)
+    torch.testing.assert_close(capped, torch.tensor([[0.5, 0.5], [0.5, 0.0]]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="engine_is_correction"):
+        engine_importance_weights(trainer, engine, mask, "tokens")

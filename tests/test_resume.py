@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lightning_rlhf import sampling, scoring
+from lightning_rlhf import engines, sampling, scoring
 from lightning_rlhf.cli import main
 from lightning_rlhf.data import resumable
 from lightning_rlhf.data.resumable import ResumableJsonl
@@ -74,7 +74,7 @@ def test_interrupted_sample_keeps_its_batches_and_the_rerun_writes_what_one_run_
 
     output = tmp_path / "comparisons.jsonl"
     output.write_text("a previous run's results\n")
-    calls = interrupt_at_call(monkeypatch, sampling, "generate", 3)
+    calls = interrupt_at_call(monkeypatch, engines, "generate", 3)
     with pytest.raises(Interrupted):
         sampling.main(sample_args(tiny_model_dir, prompts, output))
     records, state = partial_files(output)
@@ -98,7 +98,7 @@ def test_a_partial_sample_made_with_other_settings_is_refused_by_name(tiny_model
     --restart it discards them and samples all four batches."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     output = tmp_path / "comparisons.jsonl"
-    interrupt_at_call(monkeypatch, sampling, "generate", 2)
+    interrupt_at_call(monkeypatch, engines, "generate", 2)
     with pytest.raises(Interrupted):
         sampling.main(sample_args(tiny_model_dir, prompts, output))
     records, state = partial_files(output)
@@ -112,7 +112,7 @@ def test_a_partial_sample_made_with_other_settings_is_refused_by_name(tiny_model
     with pytest.raises(ValueError, match=r"other settings \(prompts: '[0-9a-f]{16}' then, '[0-9a-f]{16}' now\)"):
         sampling.main(sample_args(tiny_model_dir, changed, output))
     assert (records.read_bytes(), state.read_bytes()) == kept and not output.exists()
-    calls = interrupt_at_call(monkeypatch, sampling, "generate", 0)
+    calls = interrupt_at_call(monkeypatch, engines, "generate", 0)
     sampling.main(sample_args(tiny_model_dir, changed, output, "--restart"))
     assert len(calls) == 4 and output.exists() and not records.exists() and not state.exists()
 
@@ -132,7 +132,7 @@ def test_a_sample_stopped_after_its_last_batch_finishes_on_the_rerun_without_sam
         sampling.main(sample_args(tiny_model_dir, prompts, output))
     monkeypatch.undo()
     kept = partial_files(output)[0].read_text()
-    calls = interrupt_at_call(monkeypatch, sampling, "generate", 0)
+    calls = interrupt_at_call(monkeypatch, engines, "generate", 0)
     report = sampling.main(sample_args(tiny_model_dir, prompts, output))
     assert calls == [] and output.read_text() == kept and report.prompts == len(PROMPTS)
 
@@ -165,12 +165,12 @@ def test_sample_killed_with_sigkill_continues_from_its_last_commit(tiny_model_di
     assert json.loads(partial_files(output)[1].read_text())["done"] == 4 and not output.exists()
 
     generated = []
-    real = sampling.generate
-    sampling.generate = lambda *a, **k: generated.append(1) or real(*a, **k)
+    real = engines.generate  # what the hf engine samples with
+    engines.generate = lambda *a, **k: generated.append(1) or real(*a, **k)
     try:
         sampling.main(args)
     finally:
-        sampling.generate = real
+        engines.generate = real
     assert len(generated) == 2
     assert output.read_text() == (tmp_path / "straight.jsonl").read_text()
 

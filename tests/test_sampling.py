@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lightning_rlhf import ComparisonDataModule, sampling, scoring
+from lightning_rlhf import ComparisonDataModule, engines, sampling, scoring
 from lightning_rlhf.cli import main
 from lightning_rlhf.rollout import generate
 from lightning_rlhf.sampling import judge_records, rank, unranked_records
@@ -131,7 +131,7 @@ def test_sample_generates_with_the_cache_asked_for_and_refuses_compile_without_s
         return generate(*args, **{**kwargs, "compile": False})
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sampling, "generate", spy)
+        patch.setattr(engines, "generate", spy)  # what the hf engine samples with
         main([*common, "--output", out, "--cache_implementation", "static", "--compile"])
     assert options == [("static", True)]
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2

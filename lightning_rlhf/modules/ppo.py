@@ -4,9 +4,10 @@ Maximised: ``E_{x∼D, y∼π}[r_θ(x, y) − β log(π(y|x) / π_SFT(y|x))] + �
 
 Each ``training_step`` is one PPO iteration on its batch of prompts:
 
-1. rollout, without gradients (``make_experience``): the policy samples one response per prompt (KV-cached
-   ``generate``); then, for every response token ``t``, the policy's and the reference's log-probs, the value
-   ``V_t`` of the state before the token (value model), and the reward model's score of the whole sequence;
+1. rollout, without gradients (``make_experience``): the policy samples one response per prompt (``rollout_engine``:
+   KV-cached ``generate``, or a colocated vLLM engine synced from the policy first); then, for every response token
+   ``t``, the policy's and the reference's log-probs, the value ``V_t`` of the state before the token (value model),
+   and the reward model's score of the whole sequence;
 2. per-token rewards ``-β · KL_t`` plus the score on the last token (``losses.ppo_rewards``); advantages by GAE,
    whitened over the batch's response tokens; returns ``A + V``;
 3. ``ppo_epochs`` passes over the batch in ``num_mini_batches`` shuffled minibatches, one optimiser step each:
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from lightning_rlhf.engines import build_engine, check_engine_options
 from lightning_rlhf.lora import (
     LoraOptions,
     apply_lora,
@@ -56,7 +58,6 @@ from lightning_rlhf.lora import (
 )
 from lightning_rlhf.losses import (
     KL_ESTIMATORS,
-    LOSS_AGGREGATIONS,
     adaptive_kl_coef,
     aggregate_loss,
     kl_penalty,
@@ -78,18 +79,21 @@ from lightning_rlhf.models import (
 from lightning_rlhf.optim import clip_grad_norms, optimizer_config, trainable
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
 from lightning_rlhf.rollout import (
-    ADVANTAGE_ESTIMATORS,
     Experience,
     Rollout,
     build_experience,
+    check_critic_free_args,
     check_generation_options,
+    check_prompts_fit,
+    check_sampling_options,
+    correct_for_engine,
     decode_responses,
-    generate,
+    engine_mismatch,
     group_minibatches,
     group_statistics,
 )
 from lightning_rlhf.scoring import import_reward_fn
-from lightning_rlhf.strategies import Rank0Load, fully_shard_models, gathered, reset_float32
+from lightning_rlhf.strategies import Rank0Load, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
@@ -98,18 +102,6 @@ VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "res
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-6)
-
-
-def check_critic_free_args(estimator: str, num_generations: int, loss_aggregation: str, value_head: bool) -> None:
-    if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"advantage_estimator={estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
-    if num_generations < 1 or (estimator in ("grpo", "dr_grpo", "rloo") and num_generations < 2):
-        raise ValueError(f"num_generations={num_generations}: advantage_estimator={estimator!r} needs "
-                         f"{'>= 2 responses per prompt to compare' if estimator != 'gae' else '>= 1'}")  # fmt: skip
-    if loss_aggregation not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss_aggregation={loss_aggregation!r} is not one of {sorted(LOSS_AGGREGATIONS)}")
-    if value_head and estimator != "gae":
-        raise ValueError(f"value_head=True: advantage_estimator={estimator!r} has no value function")
 
 
 class PPOModule(L.LightningModule):
@@ -158,6 +150,10 @@ class PPOModule(L.LightningModule):
         loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean",
         reward_fns: dict[str, float] | None = None,
         lora: LoraOptions | None = None,
+        rollout_engine: Literal["hf", "vllm"] = "hf",
+        engine_options: dict[str, Any] | None = None,
+        engine_is_correction: Literal["none", "token", "sequence"] = "none",
+        engine_is_cap: float = 2.0,
     ):
         """
         Args:
@@ -180,11 +176,9 @@ class PPOModule(L.LightningModule):
             temperature: how responses are sampled (> 0); the log-probs are those of ``softmax(logits / temperature)``.
             top_k, top_p: must stay 0 and 1: a truncated distribution is not the one the log-probs, the KL and the
                 probability ratios are computed under (kept as arguments so that a config setting them fails clearly).
-            cache_implementation: the KV cache of rollout generation, ``dynamic`` or ``static`` (preallocated; see
-                ``rollout.generate``). Either samples the same distribution.
-            compile_generation: ``torch.compile`` the decode step of rollouts (needs the static cache); the first
-                rollout pays the compilation. At the embedded default's size it does not pay on a CPU (README,
-                Performance; ``scripts/benchmark.py generate`` measures it).
+            cache_implementation, compile_generation: the hf engine's KV cache, ``dynamic`` or ``static`` (preallocated;
+                ``rollout.generate``), and whether to ``torch.compile`` its decode step (needs the static cache; no gain
+                at the embedded default's size on a CPU: README, Performance). Both sample the same distribution.
             kl_coef: β, the weight of the per-token KL penalty to the reference (the initial β when adaptive).
             kl_estimator: ``k1`` (the log-ratio InstructGPT uses), ``k2`` or ``k3`` (see ``losses.kl_penalty``).
             target_kl: KL per sequence that the adaptive controller steers towards; ``None`` keeps β fixed.
@@ -242,6 +236,12 @@ class PPOModule(L.LightningModule):
                 its head trains in full; a ``value_head`` trains in full on the adapted policy. Checkpoints hold only
                 the trainable parameters; the export holds the merged policy and, in ``export_dir/adapter``, the
                 adapter alone. One device, DDP or FSDP2 (not FSDP1).
+            rollout_engine: ``hf`` (``generate`` on the policy) or ``vllm`` (a colocated vLLM engine per process, synced
+                from the policy before every rollout; its log-probs of the sampled tokens are logged against the
+                policy's, ``train/rollout/logprob_diff_mean`` and ``_max``); see ``engines``.
+            engine_options: the engine's settings, e.g. ``{gpu_memory_utilization: 0.3, sleep: true}`` (``engines``).
+            engine_is_correction, engine_is_cap: weight each token's policy loss by a truncated importance ratio of the
+                policy to the engine, per ``token`` or ``sequence`` (``losses.engine_importance_weights``); ``none``.
         """
         super().__init__()
         sources = [reward_model_name_or_path, reward_fn, reward_fns]
@@ -252,12 +252,10 @@ class PPOModule(L.LightningModule):
         weighted = reward_fns or ({reward_fn: 1.0} if reward_fn is not None else {})
         self.reward_fns = {path.rpartition(".")[2]: (import_reward_fn(path), float(w)) for path, w in weighted.items()}
         self.judge_fn = import_reward_fn(judge_fn) if judge_fn is not None else None
-        check_range("temperature", temperature, "> 0 (PPO samples its rollouts)", temperature > 0)
+        check_sampling_options(temperature, top_k, top_p)
         check_range("max_new_tokens", max_new_tokens, ">= 1", max_new_tokens >= 1)
-        scored = "(PPO scores the whole tempered distribution, not a truncated one)"
-        check_range("top_k", top_k, f"0 {scored}", top_k == 0)
-        check_range("top_p", top_p, f"1.0 {scored}", top_p == 1.0)
         check_generation_options(cache_implementation, compile_generation)
+        check_engine_options(rollout_engine, engine_is_correction, engine_is_cap)
         check_range("kl_coef", kl_coef, ">= 0", kl_coef >= 0)
         check_range("clip_range", clip_range, "> 0", clip_range > 0)
         check_range("clip_range_value", clip_range_value, "> 0", clip_range_value > 0)
@@ -288,6 +286,7 @@ class PPOModule(L.LightningModule):
         self.reward_model: PreTrainedModel | None = None
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
         self.rollouts = 0  # training rollouts so far, saved in checkpoints: it seeds the next one
+        self.engine = None  # built at the first rollout, from the policy's export
         watched = VAL_METRICS + (("objective/judge",) if judge_fn is not None else ())
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in watched})
         keep_out_of_checkpoints(self, "ref_model", "reward_model")  # rebuilt from their paths
@@ -428,22 +427,16 @@ class PPOModule(L.LightningModule):
         input_ids, attention_mask = (
             batch[k].repeat_interleave(hp.num_generations, 0) for k in ("input_ids", "attention_mask")
         )
-        longest = batch["input_ids"].shape[1] + hp.max_new_tokens
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and longest > limit:
-            raise ValueError(
-                f"prompts of {batch['input_ids'].shape[1]} tokens + max_new_tokens={hp.max_new_tokens} exceed the "
-                f"model's max_position_embeddings={limit}: lower data max_length or model max_new_tokens"
-            )
-        # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished; the
-        # policy stays gathered over the decode steps instead of all-gathering every block for every token.
+        check_prompts_fit(self.model, batch["input_ids"].shape[1], hp.max_new_tokens)
+        if self.engine is None:
+            self.engine = build_engine(hp.rollout_engine, hp.model_name_or_path, hp.dtype, hp.engine_options)
+        self.engine.sync(self.model)  # never sample from stale weights
+        # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished.
         sharded = self.device_mesh is not None and self.device_mesh.size() > 1
-        with gathered(self.model):
-            rollout = generate(  # a LoRA policy through its transformers model, whose generation_config counts
-                unwrap(self.model), self.tokenizer, input_ids, attention_mask, hp.max_new_tokens,
-                hp.temperature, hp.top_k, hp.top_p, synced_gpus=sharded,
-                cache_implementation=hp.cache_implementation, compile=hp.compile_generation,
-            )  # fmt: skip
+        rollout = self.engine.generate(
+            self.model, self.tokenizer, input_ids, attention_mask, hp.max_new_tokens, hp.temperature,
+            synced_gpus=sharded, cache_implementation=hp.cache_implementation, compile=hp.compile_generation,
+        )  # fmt: skip
         return self.score_rollout(rollout)
 
     @torch.no_grad()
@@ -475,6 +468,7 @@ class PPOModule(L.LightningModule):
             hp.kl_estimator, hp.gamma, hp.lam, hp.whiten_advantages, hp.missing_eos_penalty,
             hp.advantage_estimator, hp.num_generations, hp.kl_in_reward,
         )  # fmt: skip
+        experience = correct_for_engine(experience, hp.engine_is_correction, hp.engine_is_cap)
         return experience._replace(reward_parts=parts)
 
     def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
@@ -508,6 +502,9 @@ class PPOModule(L.LightningModule):
             )
         for name, value in stats.items():
             self.log(f"train/{name}", value, sync_dist=True, prog_bar=name == "objective/scores")
+        if experience.rollout.logprobs is not None:  # the engine's log-probs against the policy's, per token
+            for name, value in engine_mismatch(experience.logprobs, experience.rollout.logprobs, mask).items():
+                self.log(f"train/rollout/{name}", value, sync_dist=True, reduce_fx=name.rpartition("_")[2])
 
     # -- PPO --------------------------------------------------------------------------------------------
     def ptx_loss(self, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
