@@ -129,9 +129,9 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     assert len(trained) == 32 and trained <= {f"Shout: {w}\n" for w in words[48:]}
     ppo = yaml.safe_load((outputs / "ppo" / "tensorboard" / "version_0" / "hparams.yaml").read_text())
     assert ppo["judge_fn"] == "tests.test_pipeline.shout_judge"
-    sft_config = yaml.safe_load((outputs / "sft" / "config.yaml").read_text())
+    sft_config = yaml.safe_load((outputs / "sft" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert sft_config["data"]["init_args"]["train_path"] == str(demonstrations)
-    ppo_config = yaml.safe_load((outputs / "ppo" / "config.yaml").read_text())
+    ppo_config = yaml.safe_load((outputs / "ppo" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert ppo_config["data"]["init_args"]["train_path"] == str(outputs / "pipeline" / "prompts.jsonl")
 
 
