@@ -232,7 +232,7 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     ``train_prompts``: the user's prompts to rank and train the policy on, ``None`` for fresh toy prompts."""
     pipeline = outputs / "pipeline"
     seconds: dict[str, float] = {}
-    excluded = set(held_out)
+    excluded = {prompt_key(p) for p in held_out}
     stages = args.stages
     judge = import_reward_fn(args.judge)
     labeller = "gold" if args.judge == GOLD else args.judge
