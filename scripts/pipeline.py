@@ -242,7 +242,10 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
 
     def fit(stage: str, config: str, *extra: str, scheduler: bool = True, steps: int | None = None) -> None:
         """One ``lightning-rlhf fit`` writing under ``outputs/stage``; ``steps`` (or ``--max_steps``, which wins)
-        overrides the config's optimiser steps, validation interval and schedule length."""
+        overrides the config's optimiser steps, validation interval and schedule length. A stage of ``STAGES`` not
+        asked for is skipped: the later stages reuse its export under ``outputs``."""
+        if stage in STAGES and stage not in stages:
+            return
         where = outputs / stage
         overrides = [f"--trainer.default_root_dir={where}", f"--trainer.logger.init_args.save_dir={where}",
                      f"--model.init_args.export_dir={where / 'hf'}", f"--seed_everything={seed}",
@@ -279,30 +282,26 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
             f"--model.init_args.seed={seed}", *reward, *extra, scheduler=False)  # fmt: skip
 
     sft = outputs / "sft" / "hf"
-    if "sft" in stages:
-        own = [f"--data.init_args.train_path={args.demonstrations}"] if args.demonstrations else []
-        own += [f"--model.init_args.model_name_or_path={args.model}"] if args.model else []
-        fit("sft", "configs/sft.yaml", *own)
-    comparisons = [ranked_samples("comparisons", sft, 1)] if {"rm", "dpo"} & set(stages) else []
+    own = [f"--data.init_args.train_path={args.demonstrations}"] if args.demonstrations else []
+    own += [f"--model.init_args.model_name_or_path={args.model}"] if args.model else []
+    fit("sft", "configs/sft.yaml", *own)
+    ranked = {"rm", "dpo"} & set(stages)  # else nothing trains on the rankings
+    comparisons = [ranked_samples("comparisons", sft, 1) if ranked else pipeline / "comparisons.jsonl"]
     from_sft = f"--model.init_args.model_name_or_path={sft}"
     # Rewards centred on the demonstrations: the toy's, or the user's own.
-    normalization = f"--data.init_args.normalize_path={args.demonstrations or 'toy:demonstrations'}"
-    if "rm" in stages:
-        fit("rm", "configs/rm.yaml", from_sft, f"--data.init_args.train_path={comparisons[0]}", normalization)
+    toy_normalization = f"--data.init_args.normalize_path={args.demonstrations or 'toy:demonstrations'}"
+    fit("rm", "configs/rm.yaml", from_sft, f"--data.init_args.train_path={comparisons[0]}", toy_normalization)
     against_rm = (f"--model.init_args.reward_model_name_or_path={outputs / 'rm' / 'hf'}",
                   f"--model.init_args.judge_fn={args.judge}")  # fmt: skip
     for name, config in RL_CONFIGS.items():
-        if name in stages:
-            rl(name, sft, *against_rm, config=config)
-    if "ppo_gold_reward" in stages:
-        rl("ppo_gold_reward", sft, "--model.init_args.reward_model_name_or_path=null",
-           f"--model.init_args.reward_fn={args.judge}", f"--model.init_args.judge_fn={args.judge}")  # fmt: skip
+        rl(name, sft, *against_rm, config=config)
+    rl("ppo_gold_reward", sft, "--model.init_args.reward_model_name_or_path=null",
+       f"--model.init_args.reward_fn={args.judge}", f"--model.init_args.judge_fn={args.judge}")  # fmt: skip
     if args.overoptimization:  # no KL penalty, 3x the learning rate, twice the rollouts: past the gold optimum
         steps = 2 * (args.max_steps or 480)
         rl("ppo_overoptimized", sft, *against_rm, f"--trainer.max_steps={steps}", kl_coef="0.0",
            **{"optimizer.init_args.lr": "3e-4"})  # fmt: skip
-    if "dpo" in stages:
-        fit("dpo", "configs/dpo.yaml", from_sft, f"--data.init_args.train_path={comparisons[0]}")
+    fit("dpo", "configs/dpo.yaml", from_sft, f"--data.init_args.train_path={comparisons[0]}")
 
     policies = {"sft": sft} | {name: outputs / name / "hf" for name in RL_CONFIGS if name in stages}
     reward_models = {"reward_model": outputs / "rm" / "hf"} if (outputs / "rm" / "hf").is_dir() else {}
@@ -316,7 +315,7 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
         last_rm = reward_models["reward_model" if round_ == 2 else f"reward_model_round{round_ - 1}"]
         fit(f"rm_round{round_}", "configs/rm.yaml", f"--model.init_args.model_name_or_path={last_rm}",
             f"--data.init_args.train_path={everything}", f"--model.init_args.optimizer.init_args.lr={RM_ROUND_LR}",
-            normalization, steps=RM_ROUND_STEPS)  # fmt: skip
+            toy_normalization, steps=RM_ROUND_STEPS)  # fmt: skip
         rl(f"ppo_round{round_}", last, f"--model.init_args.ref_model_name_or_path={sft}",
            f"--model.init_args.reward_model_name_or_path={outputs / f'rm_round{round_}' / 'hf'}",
            f"--model.init_args.judge_fn={args.judge}")  # fmt: skip
@@ -389,7 +388,7 @@ def stage_error(stages: list[str], rounds: int, overoptimization: bool, seeds: i
         return (f"--stages without sft (or --skip_sft) reuses {outputs / 'sft' / 'hf'}, which works with one seed "
                 "only and must exist: add sft to --stages")  # fmt: skip
     needs_rm = [stage for stage in RL_CONFIGS if stage in stages] + (["--overoptimization"] if overoptimization else [])
-    if needs_rm and "rm" not in stages and not (outputs / "rm" / "hf").is_dir():
+    if needs_rm and "rm" not in stages and (seeds > 1 or not (outputs / "rm" / "hf").is_dir()):
         return f"{', '.join(needs_rm)} train against the reward model: add rm to --stages"
     if rounds > 1 and not {"rm", "ppo"} <= set(stages):
         return "--rounds above 1 needs rm and ppo in --stages"
