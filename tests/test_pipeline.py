@@ -97,7 +97,8 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     """A string task of the test's own ("Shout: abc" -> "ABC", judged by ``shout_judge``): 48 demonstrations, 40
     prompts of which --eval_prompts 8 are held out by the seeded share, --stages sft rm ppo, 4 steps a stage. Catches:
     the toy's demonstrations, prompts or gold judge used instead of the user's (SFT's train_path, PPO's train_path and
-    judge_fn, the held-out prompts, and the judge called from the sampling, PPO and evaluation processes), a held-out
+    judge_fn, the held-out prompts, and the judge called from the sampling, PPO and evaluation processes; the toy's
+    gold judge raises on a prompt that is not the toy's, so any place still judging with it fails the run), a held-out
     prompt trained on, stages run that were not asked (DPO, PPO against the judge), and no diagnosis."""
     rng = random.Random(0)
     words = ["".join(rng.choices("abcdefgh", k=rng.randint(3, 5))) for _ in range(88)]
