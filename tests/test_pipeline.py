@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,18 @@ from transformers import AutoConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
+JUDGE_LOG = "PIPELINE_TEST_JUDGE_LOG"
+
+
+def shout_judge(prompt: str, response: str) -> float:
+    """The test's own task, not the toy: "Shout: abc" is answered "ABC"; the share of the answer's characters right.
+    Every process that calls it writes its id once to the file named by $PIPELINE_TEST_JUDGE_LOG."""
+    if JUDGE_LOG in os.environ and not getattr(shout_judge, "logged", False):
+        with open(os.environ[JUDGE_LOG], "a") as log:
+            log.write(f"{os.getpid()}\n")
+        shout_judge.logged = True
+    answer = prompt.removeprefix("Shout: ").strip().upper()
+    return sum(a == b for a, b in zip(answer, response.strip(), strict=False)) / len(answer)
 
 
 @pytest.mark.slow
@@ -77,3 +90,64 @@ def test_seeds_are_aggregated_as_means_with_min_max_spreads():
     assert summary["sft"]["gold_sampled"] == pytest.approx(0.85) and summary["sft"]["gold_sampled_spread"] == [0.8, 0.9]
     assert summary["reward_model"]["rm_pairwise_accuracy_vs_gold"] == pytest.approx(0.8)
     assert "curves" not in summary and "best_of_n" not in summary
+
+
+@pytest.mark.slow
+def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_asked(tmp_path):
+    """A string task of the test's own ("Shout: abc" -> "ABC", judged by ``shout_judge``): 48 demonstrations, 40
+    prompts of which --eval_prompts 8 are held out by the seeded share, --stages sft rm ppo, 4 steps a stage. Catches:
+    the toy's demonstrations, prompts or gold judge used instead of the user's (SFT's train_path, PPO's train_path and
+    judge_fn, the held-out prompts, and the judge called from the sampling, PPO and evaluation processes; the toy's
+    gold judge raises on a prompt that is not the toy's, so any place still judging with it fails the run), a held-out
+    prompt trained on, stages run that were not asked (DPO, PPO against the judge), and no diagnosis."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefgh", k=rng.randint(3, 5))) for _ in range(88)]
+    demonstrations = tmp_path / "demos.jsonl"
+    demonstrations.write_text("".join(json.dumps({"prompt": f"Shout: {w}\n", "response": w.upper()}) + "\n"
+                                      for w in words[:48]))  # fmt: skip
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Shout: {w}\n"}) + "\n" for w in words[48:]))
+    judge_log = tmp_path / "judge_calls.txt"
+    outputs = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pipeline.py"), "--outputs", str(outputs), "--max_steps", "4",
+         "--k", "4", "--noise", "0.2", "--eval_prompts", "8", "--rank_prompts", "64", "--seeds", "1",
+         "--demonstrations", str(demonstrations), "--prompts", str(prompts),
+         "--judge", "tests.test_pipeline.shout_judge", "--stages", "sft", "rm", "ppo"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), JUDGE_LOG: str(judge_log)}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((outputs / "pipeline" / "summary.json").read_text())
+    assert summary["judge"] == "tests.test_pipeline.shout_judge" and summary["stages"] == ["sft", "rm", "ppo"]
+    assert set(summary["seconds"]) == {"sft", "comparisons", "rm", "ppo", "evaluation"}
+    assert "dpo" not in summary and "ppo_gold_reward" not in summary and summary["held_out_prompts"] == 8
+    assert summary["reward_model"]["rm_eval_pairs"] > 0 and 0 <= summary["ppo"]["gold_sampled"] <= 1
+    assert isinstance(summary["diagnosis"], dict) and "Diagnosis" in result.stdout
+    assert len(summary["curves"]["sft"]["val_loss"]) == 1 and set(summary["curves"]) == {"sft", "ppo"}
+    assert len(set(judge_log.read_text().split())) >= 3  # the labeller, PPO's judge_fn and the evaluation
+    trained = {json.loads(line)["prompt"] for line in (outputs / "pipeline" / "prompts.jsonl").read_text().splitlines()}
+    assert len(trained) == 32 and trained <= {f"Shout: {w}\n" for w in words[48:]}
+    ppo = yaml.safe_load((outputs / "ppo" / "tensorboard" / "version_0" / "hparams.yaml").read_text())
+    assert ppo["judge_fn"] == "tests.test_pipeline.shout_judge"
+    sft_config = yaml.safe_load((outputs / "sft" / "tensorboard" / "version_0" / "config.yaml").read_text())
+    assert sft_config["data"]["init_args"]["train_path"] == str(demonstrations)
+    ppo_config = yaml.safe_load((outputs / "ppo" / "tensorboard" / "version_0" / "config.yaml").read_text())
+    assert ppo_config["data"]["init_args"]["train_path"] == str(outputs / "pipeline" / "prompts.jsonl")
+
+
+def test_stages_are_checked_before_anything_runs(tmp_path):
+    """An unknown stage is named with the known ones; PPO without a reward model to train against, SFT skipped with
+    no SFT export to reuse, and rounds without PPO are refused; the default stages pass. Catches a typo in --stages
+    silently running nothing (or the toy) and a missing stage failing only after minutes of training."""
+    from scripts.pipeline import DEFAULT_STAGES, stage_error
+
+    assert "unknown reward, sft2; choose among sft, rm, ppo, grpo" in stage_error(["reward", "sft2"], 1, False, 1,
+                                                                                  tmp_path)  # fmt: skip
+    assert "add rm to --stages" in stage_error(["sft", "grpo"], 1, False, 1, tmp_path)
+    assert "add sft to --stages" in stage_error(["rm"], 1, False, 1, tmp_path)
+    assert "needs rm and ppo" in stage_error(["sft", "rm", "dpo"], 2, False, 1, tmp_path)
+    assert stage_error(list(DEFAULT_STAGES), 2, True, 3, tmp_path) is None
+    (tmp_path / "sft" / "hf").mkdir(parents=True)
+    (tmp_path / "rm" / "hf").mkdir(parents=True)
+    assert stage_error(["ppo"], 1, False, 1, tmp_path) is None  # reuses both exports

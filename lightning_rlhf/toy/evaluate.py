@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lightning_rlhf.sampling import sample_responses
 from lightning_rlhf.toy.reverse import gold_score
 
@@ -15,11 +17,12 @@ def gold_scores(
     batch_size: int = 128,
     progress: bool = False,
     desc: str = "sampling",
+    judge: Callable[[str, str], float] = gold_score,
 ) -> list[float]:
-    """Gold score of one response per prompt, in prompt order: greedy when ``temperature == 0``, else sampled;
-    ``progress`` shows a bar named ``desc`` on stderr."""
+    """Gold score (or ``judge``'s, a function ``(prompt, response) -> float``) of one response per prompt, in prompt
+    order: greedy when ``temperature == 0``, else sampled; ``progress`` shows a bar named ``desc`` on stderr."""
     samples = sample_responses(
         model, tokenizer, prompts, 1, 512, batch_size, progress, desc,
         max_new_tokens=max_new_tokens, temperature=temperature,
     )  # fmt: skip
-    return [gold_score(prompt, responses[0]) for prompt, responses in zip(prompts, samples, strict=True)]
+    return [judge(prompt, responses[0]) for prompt, responses in zip(prompts, samples, strict=True)]

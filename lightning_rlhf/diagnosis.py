@@ -1,0 +1,108 @@
+"""What looks wrong in a pipeline run, stage by stage, from the numbers ``scripts/pipeline.py`` already collects.
+
+``diagnose(summary)`` reads one run's ``summary.json`` (one seed): the judge's greedy and sampled scores of every
+policy (``gold_greedy``, ``gold_sampled``), each reward model's pairwise agreement with the judge
+(``rm_pairwise_accuracy_vs_gold``) and the training curves under ``curves`` (SFT's ``val_loss``; each RL run's
+validation ``kl`` and training ``empty_fraction``). Each check is a small function in ``CHECKS``; each finding names
+the stage, what was reached and what to try. Missing numbers are skipped, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_rm_agreement: float = 0.7
+    """a reward model agreeing with the judge on fewer held-out pairs than this misleads RL (the toy's: 0.88)"""
+    min_change: float = 0.005
+    """judge-score changes against SFT smaller than this count as no change"""
+    max_kl: float = 5.0
+    """nats per response to the SFT model at the last validation (the toy's PPO ends at 1.1-1.4)"""
+    max_empty_rise: float = 0.05
+    """rise of the share of empty responses (EOS alone) from the first to the last logged rollout"""
+    min_val_loss_drop: float = 0.01
+    """SFT's validation loss falling by more than this fraction between its last two checks is still falling"""
+
+
+Finding = tuple[str, str]  # (stage, what looks wrong and what to try)
+
+
+def reward_model_agreement(summary: dict, limits: Thresholds) -> Iterator[Finding]:
+    for name, entry in summary.items():
+        accuracy = entry.get("rm_pairwise_accuracy_vs_gold") if isinstance(entry, dict) else None
+        if accuracy is not None and accuracy < limits.min_rm_agreement:
+            yield name, (
+                f"agrees with the judge on {accuracy:.3f} of {entry.get('rm_eval_pairs', 0):.0f} held-out pairs "
+                f"(< {limits.min_rm_agreement}): RL against it follows its mistakes; rank more prompts, lower the "
+                "labeller's noise or train it longer"
+            )
+
+
+def policy_against_sft(summary: dict, limits: Thresholds) -> Iterator[Finding]:
+    sft = summary.get("sft")
+    if not isinstance(sft, dict) or "gold_greedy" not in sft:
+        return
+    for name, entry in summary.items():
+        if name == "sft" or not isinstance(entry, dict) or "gold_greedy" not in entry:
+            continue
+        greedy = entry["gold_greedy"] - sft["gold_greedy"]
+        sampled = entry["gold_sampled"] - sft["gold_sampled"]
+        change = f"greedy {greedy:+.3f}, sampled {sampled:+.3f} against SFT"
+        if greedy < -limits.min_change and sampled > limits.min_change:
+            yield name, (
+                f"trades greedy quality for sampled ({change}): it sharpened the sampling distribution rather than "
+                "improving its best answer; check the reward model's agreement, lower the learning rate or raise the "
+                "KL coefficient"
+            )
+        elif greedy < -limits.min_change and sampled < -limits.min_change:
+            yield name, f"worse than SFT both ways ({change}): its reward does not follow the judge"
+
+
+def kl_bound(summary: dict, limits: Thresholds) -> Iterator[Finding]:
+    for name, curve in summary.get("curves", {}).items():
+        kl = curve.get("kl")
+        if kl and kl[-1] > limits.max_kl:
+            yield name, (
+                f"ends {kl[-1]:.2f} nats from the SFT model (> {limits.max_kl}): far from the reference the reward "
+                "model is out of its data; raise kl_coef, set target_kl or stop earlier"
+            )
+
+
+def empty_responses(summary: dict, limits: Thresholds) -> Iterator[Finding]:
+    for name, curve in summary.get("curves", {}).items():
+        empty = curve.get("empty_fraction")
+        if empty and empty[-1] - empty[0] > limits.max_empty_rise:
+            yield name, (
+                f"empty responses rose from {empty[0]:.3f} to {empty[-1]:.3f} of the rollouts: the reward prefers "
+                "saying nothing; give empty responses low scores in the comparisons or the judge"
+            )
+
+
+def sft_still_learning(summary: dict, limits: Thresholds) -> Iterator[Finding]:
+    loss = summary.get("curves", {}).get("sft", {}).get("val_loss", [])
+    if len(loss) >= 2 and loss[-1] < loss[-2] * (1 - limits.min_val_loss_drop):
+        yield "sft", (
+            f"validation loss still falling at the end ({loss[-2]:.3f} -> {loss[-1]:.3f}): train it longer "
+            "(trainer.max_steps) before the later stages start from it"
+        )
+
+
+CHECKS: tuple[Callable[[dict, Thresholds], Iterator[Finding]], ...] = (
+    sft_still_learning,
+    reward_model_agreement,
+    policy_against_sft,
+    kl_bound,
+    empty_responses,
+)
+
+
+def diagnose(summary: dict, limits: Thresholds = Thresholds()) -> dict[str, list[str]]:
+    """Findings per stage, in the order of ``CHECKS``; a stage with nothing wrong is absent."""
+    findings: dict[str, list[str]] = {}
+    for check in CHECKS:
+        for stage, finding in check(summary, limits):
+            findings.setdefault(stage, []).append(finding)
+    return findings
