@@ -2,13 +2,16 @@
 response the log-probs, reward, losses and gradients of the padded layout, on RoPE (Llama) and learned absolute
 positions (GPT-2), sdpa and eager; models it is not exact for are refused."""
 
+import json
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
 from lightning_rlhf.data.collate import ComparisonCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.shared_prompt import SharedPromptCollator, shared_attention_mask, shared_prompt_group
@@ -24,7 +27,8 @@ from lightning_rlhf.shared_forward import (
     shared_rewards,
     shared_sequence_logprobs,
 )
-from tests.helpers import make_tiny_export, make_tiny_gpt2_export
+from lightning_rlhf.toy.reverse import make_comparisons
+from tests.helpers import StepRecorder, make_tiny_export, make_tiny_gpt2_export
 
 # Rows of 40 tokens: the first two prompts' groups share a row, the third (longer) has a row of its own.
 COMPARISONS = [
@@ -243,3 +247,48 @@ def test_models_the_layout_is_not_exact_for_are_refused(exports, monkeypatch):
     monkeypatch.setitem(MASK_FORMS, MASK_IGNORED, MASK_FORMS["sdpa"])
     with pytest.raises(ValueError, match="is not exact in the shared-prompt layout"):
         check_shared_prompt_attention(model, torch.device("cpu"))
+
+
+def comparisons_file(tmp_path, n=12):
+    path = tmp_path / "comparisons.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in make_comparisons(n)))
+    return str(path)
+
+
+STAGES = {
+    "rm": (lambda path: RewardModule(path, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)), "val/accuracy"),
+    "dpo": (lambda path: DPOModule(path, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)), "val/rewards/accuracies"),
+    "dpo_precomputed": (
+        lambda path: DPOModule(path, precompute_ref_logprobs=True, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3)),
+        "val/rewards/accuracies",
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_training_is_the_same_step_by_step_in_either_layout(tiny_model_dir, tmp_path, stage):
+    """Four optimiser steps (two epochs of two batches of 4 prompts with 3-4 responses each) from the same weights,
+    padded vs shared-prompt: the same losses step by step and the same validation loss and accuracy, to 1e-5; the
+    reference log-probs precomputed in the shared layout serve its batches (their keys match). Catches a response
+    read or scored out of order, a pair weighed differently, a cache keyed by row."""
+    train = comparisons_file(tmp_path)
+    make_module, accuracy = STAGES[stage]
+
+    def fit(shared):
+        L.seed_everything(0)
+        module = make_module(tiny_model_dir)
+        data = ComparisonDataModule(train_path=train, tokenizer_name_or_path=tiny_model_dir, val_fraction=0.25,
+                                    batch_size=4, max_length=48, shared_prompt=shared, row_length=64)  # fmt: skip
+        recorder = StepRecorder(("train/loss",))
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, callbacks=[recorder], default_root_dir=tmp_path / str(shared),
+        )  # fmt: skip
+        trainer.fit(module, data)
+        return recorder, [float(trainer.callback_metrics[name]) for name in ("val/loss", accuracy)]
+
+    (padded, padded_val), (shared, shared_val) = fit(False), fit(True)
+    assert len(padded.metrics) == 4
+    assert all(len(rows) < 4 * 3 for rows in shared.batches)  # each prompt once: fewer rows than responses
+    torch.testing.assert_close(torch.tensor(shared.metrics), torch.tensor(padded.metrics), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(shared_val), torch.tensor(padded_val), atol=1e-5, rtol=0)
