@@ -14,8 +14,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from lightning_rlhf.data.shared_prompt import shared_attention_mask, shared_prompt_group
+from lightning_rlhf.lora import unwrap
 from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.shared_forward import shared_rewards, token_outputs
+from lightning_rlhf.reward_model import TOKEN_KEY, reward_head, sequence_rewards
+from lightning_rlhf.shared_forward import check_shared_prompt_attention, shared_rewards, token_outputs
 
 
 def rollout_shared_batch(sequences: Tensor, attention_mask: Tensor, start: int, pad_token_id: int) -> dict[str, Tensor]:
@@ -87,3 +89,48 @@ def shared_rollout_values(model: PreTrainedModel, head: nn.Linear, shared: dict[
 def shared_rollout_rewards(model: PreTrainedModel, shared: dict[str, Tensor]) -> Tensor:
     """``(b,)`` float32 rewards, offset subtracted (``reward_model.sequence_rewards`` of the padded rows)."""
     return shared_rewards(model, shared, subtract_offset=True)
+
+
+class SharedRollouts:
+    """The RL module's seam to the layout: shared rows built once per rollout tensor (the policy, reference, value
+    and reward forwards of one chunk, or an update minibatch, reuse them) and each model checked at its first use."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.last: tuple[Tensor, int, dict[str, Tensor]] | None = None
+        self.checked: set[int] = set()
+
+    def rows(self, sequences: Tensor, attention_mask: Tensor, start: int) -> dict[str, Tensor]:
+        if self.last is None or self.last[0] is not sequences or self.last[1] != start:
+            self.last = (sequences, start, rollout_shared_batch(sequences, attention_mask, start, self.pad_token_id))
+        return self.last[2]
+
+    def check(self, model: PreTrainedModel, device: torch.device, hidden: bool = False) -> None:
+        if id(model) not in self.checked:
+            check_shared_prompt_attention(model, device, hidden)
+            self.checked.add(id(model))
+
+    def logprobs(
+        self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int, temperature: float
+    ) -> Tensor:
+        """``(b, r)`` as ``PPOModule.response_logprobs``."""
+        self.check(model, sequences.device)
+        shared = self.rows(sequences, attention_mask, start)
+        return shared_rollout_logprobs(model, shared, sequences[:, start:], temperature)
+
+    def columns(self, states: Tensor, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """``(b, r, ·)`` of per-column ``states`` ``(g, t, ·)`` of the shared rows, at the columns before each token."""
+        return states.flatten(0, 1)[self.rows(sequences, attention_mask, start)["column_index"]]
+
+    def values(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """``(b, r)`` as ``reward_model.token_values(...)[:, start - 1 : -1]``."""
+        self.check(model, sequences.device, hidden=True)
+        shared = self.rows(sequences, attention_mask, start)
+        return shared_rollout_values(model, reward_head(unwrap(model)), shared)
+
+    def rewards(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """``(b,)`` as ``reward_model.sequence_rewards``; padded rows for a model that reads an appended token."""
+        if getattr(unwrap(model).config, TOKEN_KEY, None) is not None:
+            return sequence_rewards(model, sequences, attention_mask)
+        self.check(model, sequences.device, hidden=True)
+        return shared_rollout_rewards(model, self.rows(sequences, attention_mask, start))

@@ -4,6 +4,7 @@ prompt once give the log-probs, values and rewards of the padded rows."""
 import pytest
 import torch
 
+from lightning_rlhf import PromptDataModule
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.models import forward_logits, load_causal_lm, load_tokenizer, next_tokens
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
@@ -15,6 +16,7 @@ from lightning_rlhf.shared_rollout import (
     shared_rollout_values,
 )
 from tests.helpers import make_tiny_export, make_tiny_gpt2_export
+from tests.test_ppo import fit, make_exports, ppo
 
 
 def visible(mask):
@@ -99,3 +101,31 @@ def test_rollout_logprobs_values_and_rewards_equal_the_padded_rows(tmp_path, arc
         torch.testing.assert_close(shared_values[mask], values[mask], atol=1e-5, rtol=0)
         rewards = sequence_rewards(reward_model, sequences, attention)
         torch.testing.assert_close(shared_rollout_rewards(reward_model, shared), rewards, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def ppo_exports(tmp_path_factory) -> tuple[str, str]:
+    return make_exports(tmp_path_factory.mktemp("shared_rollout"))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"advantage_estimator": "grpo", "num_generations": 4}, {}, {"value_head": True}],
+    ids=["grpo", "gae_value_model", "gae_value_head"],
+)
+def test_ppo_training_logs_the_same_with_shared_prompts(ppo_exports, tmp_path, options):
+    """Two optimiser steps (one rollout of 4 prompts, 2 minibatches) of GRPO (G = 4: a prompt's responses share a
+    row) and of PPO with a value model or a value head (G = 1: a row per response): every logged training metric
+    (scores, KL, entropy, policy and value losses, clip fractions, gradient norms) as in the padded layout, to 1e-5.
+    Catches the layout not used where a forward needs it (values, rewards, update minibatches) or used wrongly."""
+
+    def run(shared: bool) -> dict[str, float]:
+        module = ppo(ppo_exports, max_new_tokens=6, ppo_epochs=1, num_mini_batches=2, shared_prompt=shared, **options)
+        data = PromptDataModule(tokenizer_name_or_path=ppo_exports[0], batch_size=4, max_length=32, val_fraction=0.0)
+        trainer = fit(module, data, 2, tmp_path / str(shared))
+        assert (module.shared_rollouts is not None) == shared
+        return {name: float(value) for name, value in trainer.logged_metrics.items() if name.startswith("train/")}
+
+    padded, shared = run(False), run(True)
+    assert padded.keys() == shared.keys() and "train/loss/policy" in padded
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)

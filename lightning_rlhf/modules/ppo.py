@@ -88,6 +88,7 @@ from lightning_rlhf.rollout import (
     group_statistics,
 )
 from lightning_rlhf.scoring import import_reward_fn
+from lightning_rlhf.shared_rollout import SharedRollouts
 from lightning_rlhf.strategies import fully_shard_models, gathered, reset_float32
 from lightning_rlhf.validation import check_range
 
@@ -157,6 +158,7 @@ class PPOModule(L.LightningModule):
         loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean",
         reward_fns: dict[str, float] | None = None,
         lora: LoraOptions | None = None,
+        shared_prompt: bool = False,
     ):
         """
         Args:
@@ -241,6 +243,9 @@ class PPOModule(L.LightningModule):
                 its head trains in full; a ``value_head`` trains in full on the adapted policy. Checkpoints hold only
                 the trainable parameters; the export holds the merged policy and, in ``export_dir/adapter``, the
                 adapter alone. One device, DDP or FSDP2 (not FSDP1).
+            shared_prompt: forward consecutive rollout rows with the same prompt (the G responses of GRPO / RLOO) as
+                one row, the prompt once (``shared_rollout``): the padded rows' log-probs, values and rewards, for
+                fewer tokens. Each model is checked at its first use; one the layout is not exact for is refused.
         """
         super().__init__()
         sources = [reward_model_name_or_path, reward_fn, reward_fns]
@@ -285,6 +290,7 @@ class PPOModule(L.LightningModule):
         self.value_head: nn.Linear | None = None
         self.ref_model: PreTrainedModel | None = None
         self.reward_model: PreTrainedModel | None = None
+        self.shared_rollouts = SharedRollouts(self.tokenizer.pad_token_id) if shared_prompt else None
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
         self.rollouts = 0  # training rollouts so far, saved in checkpoints: it seeds the next one
         watched = VAL_METRICS + (("objective/judge",) if judge_fn is not None else ())
@@ -384,6 +390,8 @@ class PPOModule(L.LightningModule):
 
         Logits come for the columns ``start - 1:`` only (``logits_to_keep``), never over the prompt.
         """
+        if self.shared_rollouts is not None:
+            return self.shared_rollouts.logprobs(model, sequences, attention_mask, start, self.hparams.temperature)
         logits = forward_logits(model, sequences, attention_mask, logits_to_keep=sequences.size(1) - start + 1)
         targets = next_tokens(sequences[:, start - 1 :])  # (b, r + 1): column t-1 predicts token t; last: none
         return token_logprobs(logits, targets, temperature=self.hparams.temperature)[:, :-1]
@@ -403,6 +411,8 @@ class PPOModule(L.LightningModule):
             return self.response_logprobs(self.model, sequences, attention_mask, start), None
         if self.value_head is None:
             logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
+            if self.shared_rollouts is not None:
+                return logprobs, self.shared_rollouts.values(self.value_model, sequences, attention_mask, start)
             return logprobs, token_values(self.value_model, sequences, attention_mask)[:, start - 1 : -1]
         # The backbone's output, caught on its way to the LM head (``output_hidden_states`` comes back empty when
         # FSDP2 has swapped the layers' classes).
@@ -412,7 +422,11 @@ class PPOModule(L.LightningModule):
             logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
         finally:
             hook.remove()
-        values = self.value_head(caught[-1][:, start - 1 : -1]).squeeze(-1).float()
+        if self.shared_rollouts is not None:
+            states = self.shared_rollouts.columns(caught[-1], sequences, attention_mask, start)
+        else:
+            states = caught[-1][:, start - 1 : -1]
+        values = self.value_head(states).squeeze(-1).float()
         return logprobs, values
 
     @torch.no_grad()
@@ -457,7 +471,7 @@ class PPOModule(L.LightningModule):
             ids, mask = sequences[rows], attention_mask[rows]
             logprobs, values = self.policy_outputs(ids, mask, start)
             ref_logprobs = self.reference_logprobs(ids, mask, start)
-            scores = sequence_rewards(self.reward_model, ids, mask) if self.reward_model is not None else None
+            scores = self._rewards(ids, mask, start) if self.reward_model is not None else None
             parts.append((logprobs, values, ref_logprobs, scores))
         logprobs, values, ref_logprobs, scores = (
             torch.cat(column) if column[0] is not None else None for column in zip(*parts, strict=True)
@@ -471,6 +485,11 @@ class PPOModule(L.LightningModule):
             hp.advantage_estimator, hp.num_generations, hp.kl_in_reward,
         )  # fmt: skip
         return experience._replace(reward_parts=parts)
+
+    def _rewards(self, ids: Tensor, mask: Tensor, start: int) -> Tensor:
+        if self.shared_rollouts is not None:
+            return self.shared_rollouts.rewards(self.reward_model, ids, mask, start)
+        return sequence_rewards(self.reward_model, ids, mask)
 
     def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
         """``(b,)`` float32 ``fn(prompt, response)`` on the decoded texts, without special tokens."""
