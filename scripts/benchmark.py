@@ -60,6 +60,13 @@ loss, and the run prints the largest difference between them:
     python scripts/benchmark.py dpo --shared-prompt --prompt-length 512 --max-new-tokens 64 --num-generations 8 \
         --batch-size 4 --max-length 640 --row-length 1024
 
+``ppo --shared-prompt`` runs each of ``--estimators`` padded and with ``PPOModule(shared_prompt=True)`` (a group
+estimator's G responses to a prompt forwarded as one row, in scoring and in the updates; ``--prompt-length N``:
+synthetic prompts of N tokens):
+
+    python scripts/benchmark.py ppo --shared-prompt --estimators grpo --num-generations 8 --batch-size 16 \
+        --prompt-length 256 --max-new-tokens 32 --max-length 256
+
 ``generate`` times our rollout generation (``rollout.generate``, as PPO and ``sample`` call it) on batches of the toy
 prompts (``--synthetic``: prompts of ``--max-length`` bytes) collated as PPO's ``PromptDataModule`` does, sampling
 ``--max-new-tokens`` at temperature 1 from the same initial model with the same seed, one row per ``--variants``:
@@ -327,12 +334,14 @@ def demonstrations_path(args) -> str:
 
 
 def prompts_path(args) -> str:
-    """The toy prompts, or ``--synthetic`` ones of ``--max-length`` tokens (bytes) in a temp file."""
-    if not args.synthetic:
+    """The toy prompts, or ``--synthetic`` ones of ``--max-length`` tokens (bytes; ``--prompt-length`` if given) in a
+    temp file."""
+    length = args.prompt_length or (args.max_length if args.synthetic else 0)
+    if not length:
         return toy_path("prompts")
     rng = random.Random(0)
     path = Path(tempfile.mkdtemp()) / "prompts.jsonl"
-    prompts = ["".join(rng.choice(string.ascii_lowercase) for _ in range(args.max_length)) for _ in range(256)]
+    prompts = ["".join(rng.choice(string.ascii_lowercase) for _ in range(length)) for _ in range(256)]
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return str(path)
 
@@ -517,11 +526,12 @@ def run_ppo_ours(args, model_dir: str) -> dict:
 
     # The same sequences per rollout for every estimator: gae samples 1 response for each of --batch-size prompts, a
     # group estimator G = --num-generations for each of --batch-size / G prompts (and builds no value model).
-    estimator = args.advantage_estimator
+    estimator, _, layout = args.advantage_estimator.partition("+")  # "grpo+shared": --shared-prompt's shared run
     group = 1 if estimator == "gae" else args.num_generations
     module = Timed(
         model_dir, rm_dir, dtype=args.dtype, max_new_tokens=args.max_new_tokens, ppo_epochs=2, num_mini_batches=2,
         advantage_estimator=estimator, num_generations=group, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
+        shared_prompt=layout == "shared",
     )  # fmt: skip
     data = PromptDataModule(
         train_path=prompts_path(args), tokenizer_name_or_path=model_dir, val_fraction=0,
@@ -531,7 +541,8 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     timed = module.rollout_stats[args.warmup : args.warmup + args.steps]
     sampling, scoring, tokens = (sum(column) for column in zip(*timed, strict=True))
     return {
-        "impl": f"lightning_rlhf ({estimator}, G = {group})", "tokens_per_s": tokens / seconds,
+        "impl": f"lightning_rlhf ({estimator}, G = {group}){' shared' if layout else ''}",
+        "tokens_per_s": tokens / seconds,
         "step_s": seconds / args.steps,
         "episodes_per_s": args.batch_size * args.steps / seconds,
         "sampling_share": sampling / seconds, "scoring_share": scoring / seconds,
@@ -697,9 +708,11 @@ def main() -> None:
         impls = [f"ours:{estimator}" for estimator in args.estimators]
     if args.stage == "sft" and args.packing:
         impls = ["ours", "ours:packed"]
-    if args.shared_prompt and args.stage not in ("rm", "dpo"):
-        parser.error("--shared-prompt is for the rm and dpo benchmarks")
-    if args.shared_prompt:
+    if args.shared_prompt and args.stage not in ("rm", "dpo", "ppo"):
+        parser.error("--shared-prompt is for the rm, dpo and ppo benchmarks")
+    if args.shared_prompt and args.stage == "ppo":  # each estimator padded, then shared
+        impls = [f"ours:{estimator}{layout}" for estimator in args.estimators for layout in ("", "+shared")]
+    elif args.shared_prompt:
         impls = ["ours:padded", "ours:shared"]
     if args.stage == "generate":  # our KV cache variants against each other
         impls = [f"ours:{variant}" for variant in args.variants]
@@ -708,7 +721,7 @@ def main() -> None:
             row = run_logprobs(args, args.only)
         elif args.sft_variant == "packed":  # sft --packing's packed run
             row = run_sft_ours(args, args.model_dir, packing=True)
-        elif args.shared_prompt:
+        elif args.shared_prompt and args.stage != "ppo":
             row = run_shared_prompt_ours(args, args.model_dir)
         else:
             row = RUNNERS[args.stage][args.only == "trl"](args, args.model_dir)
@@ -733,7 +746,7 @@ def main() -> None:
             rows.append(json.loads(lines[-1][len("RESULT ") :]))
     print(json.dumps({"shape": vars(args), "results": rows}, indent=1, default=str))
     print_table(rows, "step_s" if args.stage == "logprobs" else "tokens_per_s")
-    if args.shared_prompt:
+    if args.shared_prompt and args.stage != "ppo":
         difference = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"], strict=True))
         print(f"largest difference in the loss of a step, shared vs padded: {difference:.3g}")
     if args.packing and args.stage == "sft":
