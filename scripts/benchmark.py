@@ -47,6 +47,27 @@ the prompt ⊕ response sequences rolled out. TRL 1.x has no PPOTrainer, so ther
 ``--estimators gae grpo rloo`` compares our advantage estimators in one run on the same sequences per rollout
 (gae: --batch-size prompts × 1; a group estimator: --batch-size / G prompts × G, and no value model).
 
+``rm --shared-prompt`` and ``dpo --shared-prompt`` train ours padded and in the shared-prompt layout
+(``ComparisonDataModule(shared_prompt=True)``: each prompt once, then its K responses, several prompts per row of
+``--row-length`` tokens), each in its own process, on the same batches of K-way comparisons (K =
+``--num-generations``): toy prompts with K sampled-looking answers (the reversal, the demonstrations' error, a typo;
+ranked by the gold judge), or with ``--prompt-length N`` synthetic prompts of N tokens with responses of
+``--max-new-tokens``. Both rows count the same tokens (every prompt ⊕ response, as the padded layout computes them),
+so their tokens/s ratio is the step-time ratio; the shared row's ``impl`` says ``shared``, both hold every step's
+loss, and the run prints the largest difference between them:
+
+    python scripts/benchmark.py rm --shared-prompt --num-generations 8 --batch-size 64 --max-length 64 \
+        --hidden-size 64 --layers 2 --steps 20
+    python scripts/benchmark.py dpo --shared-prompt --prompt-length 512 --max-new-tokens 64 --num-generations 8 \
+        --batch-size 4 --max-length 640 --row-length 1024
+
+``ppo --shared-prompt`` runs each of ``--estimators`` padded and with ``PPOModule(shared_prompt=True)`` (a group
+estimator's G responses to a prompt forwarded as one row, in scoring and in the updates; ``--prompt-length N``:
+synthetic prompts of N tokens):
+
+    python scripts/benchmark.py ppo --shared-prompt --estimators grpo --num-generations 8 --batch-size 16 \
+        --prompt-length 256 --max-new-tokens 32 --max-length 256
+
 ``generate`` times our rollout generation (``rollout.generate``, as PPO and ``sample`` call it) on batches of the toy
 prompts (``--synthetic``: prompts of ``--max-length`` bytes) collated as PPO's ``PromptDataModule`` does, sampling
 ``--max-new-tokens`` at temperature 1 from the same initial model with the same seed, one row per ``--variants``:
@@ -180,7 +201,10 @@ def fit_lightning(args, module, data, steps_per_batch: int = 1, losses: list | N
 
 def sequence_lengths(batch) -> list[int]:
     """Real lengths of a batch's sequences: its rows', or in a packed batch those of the sequences in its rows (each
-    ends where the next position restarts at 0)."""
+    ends where the next position restarts at 0), or in a shared-prompt batch each prompt ⊕ response's (the position of
+    the response's last token, plus one)."""
+    if "reward_index" in batch:
+        return (batch["position_ids"].flatten()[batch["reward_index"]] + 1).tolist()
     if "position_ids" not in batch:
         return batch["attention_mask"].sum(-1).tolist()
     positions = batch["position_ids"]
@@ -311,12 +335,14 @@ def demonstrations_path(args) -> str:
 
 
 def prompts_path(args) -> str:
-    """The toy prompts, or ``--synthetic`` ones of ``--max-length`` tokens (bytes) in a temp file."""
-    if not args.synthetic:
+    """The toy prompts, or ``--synthetic`` ones of ``--max-length`` tokens (bytes; ``--prompt-length`` if given) in a
+    temp file."""
+    length = args.prompt_length or (args.max_length if args.synthetic else 0)
+    if not length:
         return toy_path("prompts")
     rng = random.Random(0)
     path = Path(tempfile.mkdtemp()) / "prompts.jsonl"
-    prompts = ["".join(rng.choice(string.ascii_lowercase) for _ in range(args.max_length)) for _ in range(256)]
+    prompts = ["".join(rng.choice(string.ascii_lowercase) for _ in range(length)) for _ in range(256)]
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return str(path)
 
@@ -395,6 +421,56 @@ def run_rm_ours(args, model_dir: str) -> dict:
     return run_pairs_ours(args, model_dir, RewardModule(model_dir, dtype=args.dtype, optimizer=optimizer), "rm")
 
 
+def kway_comparisons(args) -> list[dict]:
+    """K = ``--num-generations`` ranked responses per prompt: toy prompts with answers like an SFT model's samples,
+    ranked by the gold judge; or ``--prompt-length`` random prompts with random responses of ``--max-new-tokens``
+    bytes (EOS included), in random order."""
+    from lightning_rlhf.toy.reverse import gold_score, ideal_response, make_prompts
+
+    rng, k = random.Random(0), args.num_generations
+    text = lambda n: "".join(rng.choice(string.ascii_lowercase) for _ in range(n))  # noqa: E731
+    if args.prompt_length:  # the byte tokenizer adds EOS to each response
+        prompts = [text(args.prompt_length) for _ in range(256)]
+        return [{"prompt": p, "responses": [text(args.max_new_tokens - 1) for _ in range(k)],
+                 "ranks": rng.sample(range(k), k)} for p in prompts]  # fmt: skip
+
+    def sample(ideal: str) -> str:
+        typo = rng.randrange(len(ideal))
+        return rng.choice([ideal, ideal[:-1], ideal[:typo] + rng.choice(string.ascii_lowercase) + ideal[typo + 1 :]])
+
+    out = []
+    for record in make_prompts(2048, seed=3):
+        responses = [sample(ideal_response(record["prompt"])) for _ in range(k)]
+        scores = [gold_score(record["prompt"], r) for r in responses]
+        distinct = sorted(set(scores), reverse=True)
+        if len(distinct) > 1:  # all tied: no preference, a record the reader refuses
+            ranks = [distinct.index(s) for s in scores]
+            out.append({"prompt": record["prompt"], "responses": responses, "ranks": ranks})
+    return out
+
+
+def run_shared_prompt_ours(args, model_dir: str) -> dict:
+    """Our reward model or DPO on K-way comparisons, padded or (``--layout shared``) in the shared-prompt layout."""
+    from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
+
+    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-5)  # noqa: E731
+    modules = {"rm": lambda: RewardModule(model_dir, dtype=args.dtype, optimizer=optimizer),
+               "dpo": lambda: DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=optimizer)}  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "comparisons.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in kway_comparisons(args)))
+    shared = args.layout == "shared"
+    data = ComparisonDataModule(
+        train_path=str(path), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
+        max_length=args.max_length, shared_prompt=shared, row_length=args.row_length,
+    )  # fmt: skip
+    module, losses = modules[args.stage](), []
+    torch.manual_seed(0)  # the reward model's fresh head, built in fit: the same in both runs
+    seconds, lengths = fit_lightning(args, module, data, losses=losses)
+    name = "lightning_rlhf shared" if shared else "lightning_rlhf padded"
+    flops = model_flops(args, module.model, lengths, args.stage)
+    return {**result(args, name, sum(lengths), seconds, flops), "losses": losses}
+
+
 def run_rm_trl(args, model_dir: str) -> dict:
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -451,12 +527,14 @@ def run_ppo_ours(args, model_dir: str) -> dict:
 
     # The same sequences per rollout for every estimator: gae samples 1 response for each of --batch-size prompts, a
     # group estimator G = --num-generations for each of --batch-size / G prompts (and builds no value model).
-    estimator, _, engine = args.advantage_estimator.partition("@")  # "grpo@vllm": GRPO with rollouts on vLLM
+    spec, _, layout = args.advantage_estimator.partition("+")  # "grpo+shared": --shared-prompt's shared run
+    estimator, _, engine = spec.partition("@")  # "grpo@vllm": GRPO with rollouts on vLLM ("grpo@vllm+shared" both)
     group = 1 if estimator == "gae" else args.num_generations
     module = Timed(
         model_dir, rm_dir, dtype=args.dtype, max_new_tokens=args.max_new_tokens, ppo_epochs=2, num_mini_batches=2,
         advantage_estimator=estimator, num_generations=group, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
         rollout_engine=engine or "hf",
+        shared_prompt=layout == "shared",
     )  # fmt: skip
     data = PromptDataModule(
         train_path=prompts_path(args), tokenizer_name_or_path=model_dir, val_fraction=0,
@@ -466,7 +544,8 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     timed = module.rollout_stats[args.warmup : args.warmup + args.steps]
     sampling, scoring, tokens = (sum(column) for column in zip(*timed, strict=True))
     return {
-        "impl": f"lightning_rlhf ({estimator}, G = {group}{f', {engine} engine' if engine else ''})",
+        "impl": f"lightning_rlhf ({estimator}, G = {group}{f', {engine} engine' if engine else ''})"
+        + (" shared" if layout else ""),
         "tokens_per_s": tokens / seconds,
         "step_s": seconds / args.steps,
         "episodes_per_s": args.batch_size * args.steps / seconds,
@@ -575,7 +654,8 @@ RUNNERS = {
     "generate": (run_generate_ours, None),  # our generation with each --variants, against each other
 }
 # how a child process gets the variant of its implementation (what follows ":" in "ours:…")
-VARIANT_FLAGS = {"ppo": "--advantage-estimator", "generate": "--generate-variant", "sft": "--sft-variant"}
+VARIANT_FLAGS = {"ppo": "--advantage-estimator", "generate": "--generate-variant", "sft": "--sft-variant",
+                 "rm": "--layout", "dpo": "--layout"}  # fmt: skip
 
 
 def logprob_impls() -> dict:
@@ -640,7 +720,15 @@ def main() -> None:
     parser.add_argument("--estimators", nargs="+", default=["gae"],
                         choices=["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"],
                         help="ppo: advantage estimators compared in one run, each in its own process")  # fmt: skip
-    parser.add_argument("--num-generations", type=int, default=4, help="ppo: G for the group estimators")
+    parser.add_argument("--num-generations", type=int, default=4,
+                        help="ppo: G of the group estimators; rm/dpo --shared-prompt: K per prompt")  # fmt: skip
+    parser.add_argument("--shared-prompt", action="store_true",
+                        help="rm, dpo: ours padded and in the shared-prompt layout, on K-way comparisons")  # fmt: skip
+    parser.add_argument("--prompt-length", type=int, default=0,
+                        help="--shared-prompt: synthetic prompts of this many tokens (0: the toy prompts)")  # fmt: skip
+    parser.add_argument("--row-length", type=int, default=None,
+                        help="--shared-prompt: tokens per shared row (default --max-length)")  # fmt: skip
+    parser.add_argument("--layout", default="", help=argparse.SUPPRESS)  # "shared" for --shared-prompt's shared run
     parser.add_argument("--advantage-estimator", default="gae", help=argparse.SUPPRESS)
     parser.add_argument("--sft-variant", default="", help=argparse.SUPPRESS)  # "packed" for sft --packing's packed run
     parser.add_argument("--variants", nargs="+", default=list(GENERATE_VARIANTS), choices=GENERATE_VARIANTS,
@@ -678,6 +766,14 @@ def main() -> None:
         impls += ["trl"] if "grpo" in args.estimators else []
     if args.stage == "sft" and args.packing:
         impls = ["ours", "ours:packed"]
+    if args.shared_prompt and args.stage not in ("rm", "dpo", "ppo"):
+        parser.error("--shared-prompt is for the rm, dpo and ppo benchmarks")
+    if args.shared_prompt and args.stage == "ppo":  # each estimator (on each engine asked for) padded, then shared
+        engines = ["", "@vllm"] if args.engine == "vllm" else [""]
+        layouts = ("", "+shared")
+        impls = [f"ours:{e}{engine}{layout}" for e in args.estimators for engine in engines for layout in layouts]
+    elif args.shared_prompt:
+        impls = ["ours:padded", "ours:shared"]
     if args.stage == "generate":  # our KV cache variants against each other
         impls = [f"ours:{variant}" for variant in [*args.variants, *(["vllm"] if args.engine == "vllm" else [])]]
     if args.only:  # child process: one implementation, one JSON line
@@ -685,6 +781,8 @@ def main() -> None:
             row = run_logprobs(args, args.only)
         elif args.sft_variant == "packed":  # sft --packing's packed run
             row = run_sft_ours(args, args.model_dir, packing=True)
+        elif args.shared_prompt and args.stage != "ppo":
+            row = run_shared_prompt_ours(args, args.model_dir)
         else:
             row = RUNNERS[args.stage][args.only == "trl"](args, args.model_dir)
         print("RESULT " + json.dumps(row))
@@ -708,6 +806,9 @@ def main() -> None:
             rows.append(json.loads(lines[-1][len("RESULT ") :]))
     print(json.dumps({"shape": vars(args), "results": rows}, indent=1, default=str))
     print_table(rows, {"logprobs": "step_s", "ppo": "episodes_per_s"}.get(args.stage, "tokens_per_s"))
+    if args.shared_prompt and args.stage != "ppo":
+        difference = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"], strict=True))
+        print(f"largest difference in the loss of a step, shared vs padded: {difference:.3g}")
     if args.packing and args.stage == "sft":
         difference = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"], strict=True))
         print(f"largest difference in the loss of a step, packed vs padded: {difference:.3g}")

@@ -51,3 +51,22 @@ def test_gpu_check_reports_the_rows_a_benchmark_wrote_and_never_a_previous_runs(
     assert gpu_check.run_benchmark("dpo 0.5B, LoRA", ["dpo"], results, "2", 60)["results"] == []
     monkeypatch.setattr(gpu_check, "run", lambda *a: fake_run(*a, writes=True))
     assert gpu_check.run_benchmark("dpo 0.5B, LoRA", ["dpo"], results, "2", 60)["results"] == rows
+
+
+@pytest.mark.slow
+def test_shared_prompt_benchmark_trains_both_layouts_on_the_same_batches(tmp_path):
+    """``rm --shared-prompt``: a padded row then a ``shared`` one, credited the same tokens (the same batches), with
+    the same loss at every step (the layouts are exact)."""
+    out = tmp_path / "rm.json"
+    steps = 2
+    run_python(
+        str(REPO / "scripts" / "benchmark.py"), "rm", "--shared-prompt", "--num-generations", "3", "--hidden-size",
+        "32", "--layers", "1", "--batch-size", "4", "--max-length", "32", "--warmup", "1", "--steps", str(steps),
+        "--json", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    padded, shared = json.loads(out.read_text())
+    assert (padded["impl"], shared["impl"]) == ("lightning_rlhf padded", "lightning_rlhf shared")
+    tokens = [row["tokens_per_s"] * row["step_s"] * steps for row in (padded, shared)]
+    assert tokens[0] == pytest.approx(tokens[1])
+    assert len(padded["losses"]) == len(shared["losses"]) == steps + 1
+    assert padded["losses"] == pytest.approx(shared["losses"], abs=1e-5)

@@ -100,45 +100,61 @@ class PackedDemonstrationCollator:
         }
 
 
+def comparison_rankings(examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """The ranks of a batch of comparisons and where their responses are, responses numbered in order (example by
+    example, response by response) over the batch's ``n`` responses.
+
+    Returns:
+        ``ranks``: ``(b, k_max)``, -1 where a prompt has fewer than ``k_max`` responses;
+        ``response_index``: ``(b, k_max)`` number of each response, -1 where absent;
+        ``pairs``: ``(p, 2)`` numbers ``(better, worse)`` of every ordered pair (ties give none).
+    """
+    k_max = max(len(ex["ranks"]) for ex in examples)
+    ranks = torch.full((len(examples), k_max), -1, dtype=torch.long)
+    response_index = torch.full((len(examples), k_max), -1, dtype=torch.long)
+    pairs, first = [], 0
+    for b, ex in enumerate(examples):
+        k = len(ex["ranks"])
+        ranks[b, :k] = torch.as_tensor(ex["ranks"], dtype=torch.long)
+        response_index[b, :k] = torch.arange(first, first + k)
+        pairs += [
+            (first + i, first + j)
+            for i, rank_i in enumerate(ex["ranks"])
+            for j, rank_j in enumerate(ex["ranks"])
+            if rank_i < rank_j
+        ]
+        first += k
+    pairs_tensor = torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+    return {"ranks": ranks, "response_index": response_index, "pairs": pairs_tensor}
+
+
 class ComparisonCollator:
     """Whole prompts with all their responses; each response appears once.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``labels``: ``(n, t)`` over the ``n`` responses of the batch, each
             prompt ⊕ response (labels mask the prompt);
-        ``ranks``: ``(b, k_max)``, -1 where a prompt has fewer than ``k_max`` responses;
-        ``response_index``: ``(b, k_max)`` row of each response in the flat tensors, -1 where absent;
-        ``pairs``: ``(p, 2)`` flat rows ``(better, worse)`` of every ordered pair (ties give none).
+        ``ranks``, ``response_index`` (the row of each response in the flat tensors), ``pairs``: see
+            ``comparison_rankings``.
+
+    ``shared_prompt.SharedPromptCollator`` lays the same batch out with each prompt once.
     """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-        k_max = max(len(ex["ranks"]) for ex in examples)
-        ranks = torch.full((len(examples), k_max), -1, dtype=torch.long)
-        response_index = torch.full((len(examples), k_max), -1, dtype=torch.long)
-        sequences, labels, pairs = [], [], []
-        for b, ex in enumerate(examples):
+        sequences, labels = [], []
+        for ex in examples:
             prompt = ex["prompt_ids"]
-            first = len(sequences)
-            for k, (response, rank) in enumerate(zip(ex["response_ids"], ex["ranks"], strict=True)):
-                ranks[b, k], response_index[b, k] = rank, len(sequences)
+            for response in ex["response_ids"]:
                 sequences.append(prompt + response)
                 labels.append([IGNORE_INDEX] * len(prompt) + response)
-            pairs += [
-                (first + i, first + j)
-                for i, rank_i in enumerate(ex["ranks"])
-                for j, rank_j in enumerate(ex["ranks"])
-                if rank_i < rank_j
-            ]
         return {
             "input_ids": pad(sequences, self.pad_token_id),
             "attention_mask": _attention_mask(sequences),
             "labels": pad(labels, IGNORE_INDEX),
-            "ranks": ranks,
-            "response_index": response_index,
-            "pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),
+            **comparison_rankings(examples),
         }
 
 

@@ -28,6 +28,7 @@ from lightning_rlhf.data.collate import (
     PromptCollator,
 )
 from lightning_rlhf.data.records import ReadReport
+from lightning_rlhf.data.shared_prompt import SharedPromptCollator
 from lightning_rlhf.data.tokenization import TokenizeReport
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.validation import check_range
@@ -307,16 +308,32 @@ class ComparisonDataModule(RecordDataModule):
     default_train_path = "toy:comparisons"
     default_normalize_path = "toy:demonstrations"
 
-    def __init__(self, *args, normalize_path: str | None = None, normalize_max_records: int | None = 1000, **kwargs):
+    def __init__(
+        self,
+        *args,
+        normalize_path: str | None = None,
+        normalize_max_records: int | None = 1000,
+        shared_prompt: bool = False,
+        row_length: int | None = None,
+        **kwargs,
+    ):
         """
         Args:
             normalize_path: demonstration records (``{"prompt", "response"}``, e.g. the SFT data) whose mean reward
                 ``RewardModule`` subtracts at scoring time, so that they average 0. ``None``: the toy task's
                 demonstrations when training on its shipped comparisons (no ``train_path``), else no normalisation.
             normalize_max_records: use at most this many of them (the first ones).
+            shared_prompt: each prompt once, then its responses, several prompts per padding-free row, each response
+                seeing the prompt and itself only (``SharedPromptCollator``): the same per-response log-probs and
+                rewards as the padded layout, for fewer tokens. Models it is not exact for are refused at the first
+                batch.
+            row_length: most tokens of a shared-prompt row (a prompt with its responses longer than that gets a row
+                of its own); ``None``: ``max_length``.
             *args, **kwargs: as ``RecordDataModule``.
         """
         super().__init__(*args, **kwargs)
+        check_range("row_length", row_length, ">= 1 or None", row_length is None or row_length >= 1)
+        self.shared_prompt, self.row_length = shared_prompt, row_length
         if normalize_path is None and not self.hparams.train_path:
             normalize_path = self.default_normalize_path
         self.normalize_path, self.normalize_max_records = normalize_path, normalize_max_records
@@ -335,7 +352,9 @@ class ComparisonDataModule(RecordDataModule):
         if not len(self.normalize_examples):
             raise ValueError(f"{self.normalize_path}: no normalisation examples ({counts.summary()})")
 
-    def collator(self) -> ComparisonCollator:
+    def collator(self) -> ComparisonCollator | SharedPromptCollator:
+        if self.shared_prompt:
+            return SharedPromptCollator(self.tokenizer.pad_token_id, self.row_length or self.hparams.max_length)
         return ComparisonCollator(self.tokenizer.pad_token_id)
 
     def normalize_dataloader(self) -> DataLoader | None:

@@ -4,7 +4,9 @@
 ``losses.DPO_LOSSES``), with π_ref the frozen starting point. A comparison of K ranked responses gives all its
 ordered pairs (ties give none); as in the InstructGPT ranking loss, each prompt weighs the same, its pairs
 sharing its weight, so a prompt with many responses does not dominate the batch. All responses of a batch go
-through the policy in one forward pass (the collator has already concatenated them). ``nll_weight`` adds RPO's
+through the policy in one forward pass (the collator has already concatenated them; with
+``ComparisonDataModule(shared_prompt=True)`` each prompt is forwarded once for all its responses, policy and
+reference alike, ``data.shared_prompt``). ``nll_weight`` adds RPO's
 likelihood term on each prompt's best responses (Pang et al. 2024), which keeps DPO on off-policy comparisons
 from pushing probability onto tokens seen in neither response.
 
@@ -46,9 +48,9 @@ from lightning_rlhf.models import (
     keep_out_of_checkpoints,
     load_causal_lm,
     load_tokenizer,
-    sequence_logprobs,
 )
 from lightning_rlhf.optim import optimizer_config
+from lightning_rlhf.shared_forward import check_shared_prompt_attention, response_logprobs
 from lightning_rlhf.strategies import Rank0Load, clip_gradients, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
@@ -66,8 +68,11 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5)
 
 
-def row_keys(batch: dict[str, Tensor]) -> list[bytes]:
-    """A digest of each row's real tokens and labels: the same response after the same prompt, wherever it is."""
+def row_keys(batch: dict[str, Any]) -> list[bytes]:
+    """A digest of each response's real tokens and labels: the same response after the same prompt, wherever it is;
+    a shared-prompt batch carries the same digests (``data.shared_prompt.sequence_key``)."""
+    if "sequence_keys" in batch:
+        return batch["sequence_keys"]
     input_ids, labels, mask = (batch[k].cpu() for k in ("input_ids", "labels", "attention_mask"))
     return [
         hashlib.blake2b(torch.stack([ids[m], lab[m]]).numpy().tobytes(), digest_size=16).digest()
@@ -86,7 +91,7 @@ def pair_layout(batch: dict[str, Tensor]) -> dict[str, Any]:
         ``n_prompts``: the number of prompts with pairs, an ``int``.
     """
     rows, present = batch["response_index"], batch["response_index"] >= 0  # (b, k) flat row of each response
-    prompt_of_row = torch.zeros(len(batch["input_ids"]), dtype=torch.long)  # (n,)
+    prompt_of_row = torch.zeros(int(present.sum()), dtype=torch.long)  # (n,)
     prompt_of_row[rows[present]] = torch.arange(len(rows))[:, None].expand_as(rows)[present]
     chosen, rejected = batch["pairs"].unbind(-1)  # (p,)
     pairs_per_prompt = torch.bincount(prompt_of_row[chosen], minlength=len(rows))  # (b,)
@@ -144,6 +149,7 @@ class DPOModule(L.LightningModule):
         self.model: PreTrainedModel | None = None
         self.ref_model: PreTrainedModel | None = None
         self.ref_cache: dict[bytes, float] = {}
+        self.shared_prompt_checked = False
         val_names = ["loss", *METRICS, *(["nll"] if nll_weight else [])]
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in val_names})
         keep_out_of_checkpoints(self, "ref_model")  # rebuilt from model_name_or_path
@@ -189,8 +195,9 @@ class DPOModule(L.LightningModule):
         ref_model = self._load_reference().to(self.device)
         for dataloader in dataloaders:
             for batch in dataloader:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                logps, _ = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                self._check_layout(ref_model, batch)
+                logps, _ = response_logprobs(ref_model, batch)
                 self.ref_cache.update(zip(row_keys(batch), logps.tolist(), strict=True))
         del ref_model
 
@@ -219,7 +226,7 @@ class DPOModule(L.LightningModule):
         reference = self.ref_model if self.ref_model is not None else self.model
         adapter_off = self.model.disable_adapter() if self.ref_model is None else nullcontext()
         with torch.no_grad(), adapter_off:
-            logps, _ = sequence_logprobs(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            logps, _ = response_logprobs(reference, batch)
         return logps
 
     def cached_reference_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
@@ -233,12 +240,20 @@ class DPOModule(L.LightningModule):
             ) from None
 
     # -- loss -------------------------------------------------------------------------------------------
+    def _check_layout(self, model: PreTrainedModel, batch: dict[str, Any]) -> None:
+        """At the first shared-prompt batch, refuse a model the layout is not exact for (the reference is built
+        like the policy: checking one covers both)."""
+        if "logprob_index" in batch and not self.shared_prompt_checked:
+            check_shared_prompt_attention(model, batch["input_ids"].device)
+            self.shared_prompt_checked = True
+
     def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, int, dict[str, Tensor]]:
         """Loss (each prompt with pairs weighing the same), its number of prompts, and per-pair statistics."""
         hp = self.hparams
         if "pair_weights" not in batch:  # a CPU batch handed over directly, not through the trainer
             batch = self.on_before_batch_transfer(dict(batch), 0)
-        logps, counts = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self._check_layout(self.model, batch)
+        logps, counts = response_logprobs(self.model, batch)
         ref_logps = self.reference_logprobs(batch)  # (n,) summed over response tokens, like logps
         policy_scores, ref_scores = logps, ref_logps
         if hp.loss_type == "ipo":  # IPO is stated on per-token averaged log-probs (Azar et al. 2023)

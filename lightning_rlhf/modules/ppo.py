@@ -93,6 +93,7 @@ from lightning_rlhf.rollout import (
     group_statistics,
 )
 from lightning_rlhf.scoring import import_reward_fn
+from lightning_rlhf.shared_rollout import SharedRollouts
 from lightning_rlhf.strategies import Rank0Load, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
@@ -154,6 +155,7 @@ class PPOModule(L.LightningModule):
         engine_options: dict[str, Any] | None = None,
         engine_is_correction: Literal["none", "token", "sequence"] = "none",
         engine_is_cap: float = 2.0,
+        shared_prompt: bool = False,
     ):
         """
         Args:
@@ -242,6 +244,9 @@ class PPOModule(L.LightningModule):
             engine_options: the engine's settings, e.g. ``{gpu_memory_utilization: 0.3, sleep: true}`` (``engines``).
             engine_is_correction, engine_is_cap: weight each token's policy loss by a truncated importance ratio of the
                 policy to the engine, per ``token`` or ``sequence`` (``losses.engine_importance_weights``); ``none``.
+            shared_prompt: forward consecutive rollout rows with the same prompt (the G responses of GRPO / RLOO) as
+                one row, the prompt once (``shared_rollout``): the padded rows' log-probs, values and rewards, for
+                fewer tokens. Each model is checked at its first use; one the layout is not exact for is refused.
         """
         super().__init__()
         sources = [reward_model_name_or_path, reward_fn, reward_fns]
@@ -284,6 +289,7 @@ class PPOModule(L.LightningModule):
         self.value_head: nn.Linear | None = None
         self.ref_model: PreTrainedModel | None = None
         self.reward_model: PreTrainedModel | None = None
+        self.shared_rollouts = SharedRollouts(self.tokenizer.pad_token_id) if shared_prompt else None
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
         self.rollouts = 0  # training rollouts so far, saved in checkpoints: it seeds the next one
         self.engine = None  # built at the first rollout, from the policy's export
@@ -388,6 +394,8 @@ class PPOModule(L.LightningModule):
 
         Logits come for the columns ``start - 1:`` only (``logits_to_keep``), never over the prompt.
         """
+        if self.shared_rollouts is not None:
+            return self.shared_rollouts.logprobs(model, sequences, attention_mask, start, self.hparams.temperature)
         logits = forward_logits(model, sequences, attention_mask, logits_to_keep=sequences.size(1) - start + 1)
         targets = next_tokens(sequences[:, start - 1 :])  # (b, r + 1): column t-1 predicts token t; last: none
         return token_logprobs(logits, targets, temperature=self.hparams.temperature)[:, :-1]
@@ -407,6 +415,8 @@ class PPOModule(L.LightningModule):
             return self.response_logprobs(self.model, sequences, attention_mask, start), None
         if self.value_head is None:
             logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
+            if self.shared_rollouts is not None:
+                return logprobs, self.shared_rollouts.values(self.value_model, sequences, attention_mask, start)
             return logprobs, token_values(self.value_model, sequences, attention_mask)[:, start - 1 : -1]
         # The backbone's output, caught on its way to the LM head (``output_hidden_states`` comes back empty when
         # FSDP2 has swapped the layers' classes).
@@ -416,7 +426,11 @@ class PPOModule(L.LightningModule):
             logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
         finally:
             hook.remove()
-        values = self.value_head(caught[-1][:, start - 1 : -1]).squeeze(-1).float()
+        if self.shared_rollouts is not None:
+            states = self.shared_rollouts.columns(caught[-1], sequences, attention_mask, start)
+        else:
+            states = caught[-1][:, start - 1 : -1]
+        values = self.value_head(states).squeeze(-1).float()
         return logprobs, values
 
     @torch.no_grad()
@@ -455,7 +469,7 @@ class PPOModule(L.LightningModule):
             ids, mask = sequences[rows], attention_mask[rows]
             logprobs, values = self.policy_outputs(ids, mask, start)
             ref_logprobs = self.reference_logprobs(ids, mask, start)
-            scores = sequence_rewards(self.reward_model, ids, mask) if self.reward_model is not None else None
+            scores = self._rewards(ids, mask, start) if self.reward_model is not None else None
             parts.append((logprobs, values, ref_logprobs, scores))
         logprobs, values, ref_logprobs, scores = (
             torch.cat(column) if column[0] is not None else None for column in zip(*parts, strict=True)
@@ -470,6 +484,11 @@ class PPOModule(L.LightningModule):
         )  # fmt: skip
         experience = correct_for_engine(experience, hp.engine_is_correction, hp.engine_is_cap)
         return experience._replace(reward_parts=parts)
+
+    def _rewards(self, ids: Tensor, mask: Tensor, start: int) -> Tensor:
+        if self.shared_rollouts is not None:
+            return self.shared_rollouts.rewards(self.reward_model, ids, mask, start)
+        return sequence_rewards(self.reward_model, ids, mask)
 
     def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
         """``(b,)`` float32 ``fn(prompt, response)`` on the decoded texts, without special tokens."""

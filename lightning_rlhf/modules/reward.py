@@ -2,7 +2,8 @@
 
 The SFT model with its unembedding replaced by a freshly initialised linear layer to one scalar, read at the last
 real token of prompt ⊕ response ⊕ EOS (see ``reward_model.py``). A batch holds whole prompts with all their K
-responses, each scored once; the loss averages, per prompt, ``-log σ(r_w - r_l)`` over its ordered pairs
+responses, each scored once (with ``ComparisonDataModule(shared_prompt=True)`` the prompt is forwarded once for
+all of them, ``data.shared_prompt``); the loss averages, per prompt, ``-log σ(r_w - r_l)`` over its ordered pairs
 (``losses.ranking_loss``). After training, an optional offset makes the rewards of a reference set (the
 demonstrations, from ``ComparisonDataModule(normalize_path=…)``) average 0; it is stored in the exported config
 and subtracted at scoring time.
@@ -34,6 +35,7 @@ from lightning_rlhf.memory import check_memory
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
+from lightning_rlhf.shared_forward import check_shared_prompt_attention, shared_rewards
 from lightning_rlhf.strategies import Rank0Load, clip_gradients, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
@@ -93,6 +95,7 @@ class RewardModule(L.LightningModule):
         if reward_token is not None:
             self.tokenizer.add_tokens([reward_token], special_tokens=True)
         self.model = None
+        self.shared_prompt_checked = False
         self.val_metrics = _validation_metrics()
         # An embedded default's random base exists only in the checkpoint: it keeps it.
         self.checkpoint_trainable_only = lora is not None and model_name_or_path is not None
@@ -115,9 +118,18 @@ class RewardModule(L.LightningModule):
         fully_shard_models(self, self.model, load=load)
         check_memory(self, {"reward model": self.model})
 
+    def _rewards(self, batch: dict[str, Tensor]) -> Tensor:
+        """``(n,)`` raw rewards of the batch's responses, in the padded or the shared-prompt layout."""
+        if "reward_index" not in batch:
+            return sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], subtract_offset=False)
+        if not self.shared_prompt_checked:
+            check_shared_prompt_attention(self.model, batch["input_ids"].device, hidden=True)
+            self.shared_prompt_checked = True
+        return shared_rewards(self.model, batch)
+
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss and statistics of a batch: rewards ``(n,)`` over flat responses, margins ``(p,)`` over pairs."""
-        rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], subtract_offset=False)
+        rewards = self._rewards(batch)
         grouped = rewards[batch["response_index"].clamp(min=0)]  # (b, k); absent slots have rank -1: ignored
         loss = ranking_loss(grouped, batch["ranks"], self.hparams.margin, self.hparams.center_coef)
         pairs = batch["pairs"]
