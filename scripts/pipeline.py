@@ -1,6 +1,6 @@
 """The InstructGPT pipeline on the embedded toy task, end to end on a CPU, with honest gold-judge numbers.
 
-    python scripts/pipeline.py                     # one seed, one round: about 8 minutes on 2 CPU cores
+    python scripts/pipeline.py                     # one seed, one round: about 5 minutes on 2 CPU cores
     python scripts/pipeline.py --seeds 0 1 2       # three seeds: the README's means and spreads
     python scripts/pipeline.py --rounds 2          # iterated RLHF
     python scripts/pipeline.py --noise 0.1         # a noisy simulated labeller
