@@ -102,16 +102,22 @@ def sample_batches(
     examples = tokenize_prompts(
         model, tokenizer, prompts[start:], max_length, generation.get("max_new_tokens", 0), start
     )
-    collate = PromptCollator(tokenizer.pad_token_id)
-    device = next(model.parameters()).device
     for offset in range(0, len(examples), per_batch):
-        batch = collate([ex for ex in examples[offset : offset + per_batch] for _ in range(k)])
         torch.manual_seed(batch_seed(seed, start + offset))  # the vllm engine draws its requests' seeds from here
-        rollout = (engine or HFEngine()).generate(
-            model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
-        )
-        texts = decode_responses(tokenizer, rollout)
+        repeated = [ex for ex in examples[offset : offset + per_batch] for _ in range(k)]
+        texts = sample_texts(model, tokenizer, repeated, engine, **generation)
         yield start + offset, [texts[i : i + k] for i in range(0, len(texts), k)]
+
+
+def sample_texts(model, tokenizer, examples: list[dict], engine=None, **generation) -> list[str]:
+    """One decoded response to each tokenized prompt of ``examples`` (left-padded into one batch), sampled by
+    ``engine`` (``engines``; ``None``: the hf engine)."""
+    batch = PromptCollator(tokenizer.pad_token_id)(examples)
+    device = next(model.parameters()).device
+    rollout = (engine or HFEngine()).generate(
+        model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
+    )
+    return decode_responses(tokenizer, rollout)
 
 
 def sample_responses(
@@ -129,18 +135,13 @@ def sample_responses(
     """``k`` decoded responses for each prompt (strings or chat messages), in prompt order; ``progress`` shows a bar
     named ``desc`` (responses done, responses/s, time left) on stderr; ``engine`` samples (``None``: the hf one)."""
     examples = tokenize_prompts(model, tokenizer, prompts, max_length, generation.get("max_new_tokens", 0))
-    collate = PromptCollator(tokenizer.pad_token_id)
     repeated = [ex for ex in examples for _ in range(k)]
     texts: list[str] = []
-    device = next(model.parameters()).device
     with tqdm(total=len(repeated), desc=desc, unit="response", disable=not progress) as bar:
         for start in range(0, len(repeated), batch_size):
-            batch = collate(repeated[start : start + batch_size])
-            rollout = (engine or HFEngine()).generate(
-                model, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), **generation
-            )
-            texts += decode_responses(tokenizer, rollout)
-            bar.update(len(rollout.sequences))
+            chunk = repeated[start : start + batch_size]
+            texts += sample_texts(model, tokenizer, chunk, engine, **generation)
+            bar.update(len(chunk))
     return [texts[i * k : (i + 1) * k] for i in range(len(examples))]
 
 
