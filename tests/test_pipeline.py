@@ -151,3 +151,48 @@ def test_stages_are_checked_before_anything_runs(tmp_path):
     (tmp_path / "sft" / "hf").mkdir(parents=True)
     (tmp_path / "rm" / "hf").mkdir(parents=True)
     assert stage_error(["ppo"], 1, False, 1, tmp_path) is None  # reuses both exports
+
+
+# A stand-in for ``python -m lightning_rlhf``: records when it ran and with how many threads, then exits with the
+# status its first argument names (after a line of output, which a failure's message must show).
+FAKE_STAGE = (
+    "import os, sys, time; start = time.time(); time.sleep(1.0); print('stage output', sys.argv[2]); "
+    "open(sys.argv[3], 'w').write(f\"{start} {time.time()} {os.environ.get('OMP_NUM_THREADS')}\"); "
+    "sys.exit(int(sys.argv[1]))"
+)
+
+
+def test_stages_that_need_nothing_of_each_other_run_side_by_side_on_their_share_of_the_cores(tmp_path, monkeypatch):
+    """Two stages of 1 s each on 2 jobs over 4 cores: their runs overlap and each gets OMP_NUM_THREADS=2; one job
+    runs them one after the other, with the caller's threads. A failing stage (exit 3) raises only after its sibling
+    has finished, naming the stage and its log and showing the log's end. Catches the stages run one after the other
+    (no overlap), every stage given all the cores (oversubscribed), and a failure lost or raised without its output."""
+    from scripts import pipeline
+
+    monkeypatch.setattr(pipeline, "cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    program = (sys.executable, "-c", FAKE_STAGE)
+
+    def stage(name: str, status: int = 0) -> list[str]:
+        return [str(status), name, str(tmp_path / f"{name}.times")]
+
+    def runs(*names: str) -> list[tuple[float, float, str]]:
+        out = []
+        for name in names:
+            start, end, threads = (tmp_path / f"{name}.times").read_text().split()
+            out.append((float(start), float(end), threads))
+        return out
+
+    seconds = pipeline.side_by_side({"a": stage("a"), "b": stage("b")}, 2, tmp_path / "logs", program)
+    (a_start, a_end, a_threads), (b_start, b_end, b_threads) = runs("a", "b")
+    assert max(a_start, b_start) < min(a_end, b_end)  # overlapping
+    assert a_threads == b_threads == "2" and set(seconds) == {"a", "b"}
+    assert "stage output a" in (tmp_path / "logs" / "a.log").read_text()
+
+    pipeline.side_by_side({"c": stage("c"), "d": stage("d")}, 1, tmp_path / "logs", program)
+    (c_start, c_end, c_threads), (d_start, _, d_threads) = runs("c", "d")
+    assert c_end <= d_start and c_threads == d_threads == "None"
+
+    with pytest.raises(RuntimeError, match=r"stage f failed \(exit status 3\).*f\.log ends:\nstage output f"):
+        pipeline.side_by_side({"e": stage("e"), "f": stage("f", 3)}, 2, tmp_path / "logs", program)
+    assert (tmp_path / "e.times").exists()  # the sibling ran to its end
