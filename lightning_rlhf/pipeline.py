@@ -455,6 +455,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if error:
         parser.error(error)
     args.stages = [stage for stage in STAGES if stage in asked]  # in the order they run
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        # The stages (python -m lightning_rlhf, in this directory) import a judge module lying here; so does this
+        # process, which scores with it, even when started as the lightning-rlhf console script.
+        sys.path.insert(0, str(Path.cwd()))
     if args.judge not in (None, GOLD):
         import_reward_fn(args.judge)  # a judge that cannot be imported fails now, not after SFT
     if args.comparisons:
