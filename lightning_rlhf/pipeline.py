@@ -531,7 +531,6 @@ def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
         for stage, lines in findings.items():
             for line in lines:
                 print(f"  {stage}: {line}")
-    print(
-        f"Total {summary['total_seconds']:.0f} s; written to {outputs / 'pipeline'} (summary.json, "
-        "overoptimization.png, win_rates.png)"
-    )
+    written = [name for name in ("summary.json", "overoptimization.png", "win_rates.png")
+               if (outputs / "pipeline" / name).exists()]  # fmt: skip
+    print(f"Total {summary['total_seconds']:.0f} s; written to {outputs / 'pipeline'} ({', '.join(written)})")

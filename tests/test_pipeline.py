@@ -223,10 +223,11 @@ def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_an
     tmp_path, tiny_model_dir, capfd
 ):
     """--comparisons with a hand-made file of 20 comparisons of prompts that are not in --prompts, no judge, --stages
-    sft rm with SFT already exported: SFT is reused, nothing is sampled, the reward model's data is that file (its
-    config names it; its data report counts its 20 records of 20 distinct prompts across train and validation), and
-    the evaluation is the reward model's (its scores of SFT's greedy and sampled responses, its validation accuracy),
-    with no gold numbers and the note saying they need --judge. Catches: sampling and ranking again (a samples or
+    sft rm ppo with SFT already exported: SFT is reused, nothing is sampled, the reward model's data is that file (its
+    config names it; its data report counts its 20 records of 20 distinct prompts across train and validation), PPO
+    trains against it with no judge_fn, and the evaluation is the reward model's (its scores of each policy's greedy
+    and sampled responses, win rates and Elo by them, its validation accuracy, PPO's KL curve), with no gold numbers
+    and the note saying they need --judge. Catches: sampling and ranking again (a samples or
     comparisons file written, a 'sample' command run), the reward model trained on anything else (another train_path
     or count), SFT retrained over the export, and a judge-less run failing in the evaluation or faking gold keys."""
     from lightning_rlhf.pipeline import main
@@ -237,20 +238,22 @@ def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_an
     comparisons = tmp_path / "people.jsonl"
     comparisons.write_text("".join(json.dumps({"prompt": f"Shout: zz{i}\n", "responses": [f"ZZ{i}", "zz"],
                                                "ranks": [0, 1]}) + "\n" for i in range(20)))  # fmt: skip
-    summary = main(pipeline_args(tmp_path, "--comparisons", str(comparisons), "--stages", "sft", "rm"))
+    summary = main(pipeline_args(tmp_path, "--comparisons", str(comparisons), "--stages", "sft", "rm", "ppo"))
     printed = capfd.readouterr()
     assert "lightning-rlhf sample" not in printed.out and "lightning-rlhf fit --config" in printed.out
     assert not (out / "sft" / "tensorboard").exists()  # reused, not retrained
-    assert {path.name for path in (out / "pipeline").iterdir()} == {"prompts.jsonl", "summary.json"}
+    assert {path.name for path in (out / "pipeline").iterdir()} == {"prompts.jsonl", "summary.json", "win_rates.png"}
     rm_config = yaml.safe_load((out / "rm" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert rm_config["data"]["init_args"]["train_path"] == str(comparisons)
     reports = [line for line in printed.err.splitlines() if line.startswith("ComparisonDataModule: ")]
     train, val = (int(n) for n in reports[0].split()[1:5:3])
     assert train + val == 20 and f"of {train} / {val} distinct prompts" in reports[0]
     assert summary["comparisons"] == str(comparisons) and "--judge" in summary["evaluation_note"]
-    assert set(summary["sft"]) == {"rm_greedy", "rm_sampled"} and "best_of_n" not in summary
+    assert {"rm_greedy", "rm_sampled", "win_rate_vs_sft", "elo"} <= set(summary["ppo"]) and "best_of_n" not in summary
+    assert not any(key.startswith("gold") for key in summary["sft"]) and summary["sft"]["elo"] == 1000
     assert 0 <= summary["reward_model"]["val_accuracy_on_comparisons"] <= 1
-    assert set(summary["seconds"]) == {"rm", "evaluation"}
+    assert summary["curves"]["ppo"]["kl"] and "judge" not in summary["curves"]["ppo"]
+    assert set(summary["seconds"]) == {"rm", "ppo", "evaluation"}
     assert "gold numbers need --judge" in printed.out
     assert json.loads((out / "pipeline" / "summary.json").read_text())["sft"] == summary["sft"]
 
