@@ -52,7 +52,10 @@ class SampleReport:
     def __add__(self, other: SampleReport) -> SampleReport:
         return SampleReport(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
-    def summary(self) -> str:
+    def summary(self, ranked: bool = True) -> str:
+        """What was written; unranked samples (no judge) are neither tied nor merged, so only the counts that apply."""
+        if not ranked:
+            return f"{self.written} of {self.prompts} prompts written, unranked; {self.empty} empty responses (kept)"
         return (
             f"{self.written} of {self.prompts} prompts written; {self.all_tied} left out because all their responses "
             f"tied; {self.merged_duplicates} duplicate samples merged; {self.empty} empty responses (kept)"
@@ -274,5 +277,5 @@ def main(argv: list[str] | None = None) -> SampleReport:
                 out.append(rows, first + len(samples), asdict(report))
                 bar.update(len(samples) * args.k)
         out.finish()
-    print(f"{args.output}: {report.summary()}")
+    print(f"{args.output}: {report.summary(ranked=judge is not None)}")
     return report

@@ -100,6 +100,8 @@ def test_empty_samples_are_kept_ranked_and_counted():
     assert (report.empty, report.merged_duplicates) == (2, 1)
     records, report = unranked_records(["Reverse: abc\n"], [["", "cba"]])
     assert records == [{"prompt": "Reverse: abc\n", "responses": ["", "cba"]}] and report.empty == 1
+    # Unranked samples report no ties or merges (they have none to report): catches the ranked wording printed for them.
+    assert report.summary(ranked=False) == "1 of 1 prompts written, unranked; 1 empty responses (kept)"
 
 
 def test_sample_and_score_settings_out_of_range_are_usage_errors(tiny_model_dir, tmp_path, capsys):
