@@ -51,7 +51,13 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.shared_forward import check_shared_prompt_attention, response_logprobs
-from lightning_rlhf.strategies import Rank0Load, clip_gradients, fully_shard_models, reset_float32
+from lightning_rlhf.strategies import (
+    Rank0Load,
+    clip_gradients,
+    enable_activation_checkpointing,
+    fully_shard_models,
+    reset_float32,
+)
 from lightning_rlhf.validation import check_range
 
 METRICS = (
@@ -168,7 +174,7 @@ class DPOModule(L.LightningModule):
         hp, load = self.hparams, Rank0Load(self)
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, meta=load.meta)
         if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model)
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
         disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0

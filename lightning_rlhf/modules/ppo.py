@@ -94,7 +94,7 @@ from lightning_rlhf.rollout import (
 )
 from lightning_rlhf.scoring import import_reward_fn
 from lightning_rlhf.shared_rollout import SharedRollouts
-from lightning_rlhf.strategies import Rank0Load, fully_shard_models, reset_float32
+from lightning_rlhf.strategies import Rank0Load, enable_activation_checkpointing, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
@@ -328,7 +328,7 @@ class PPOModule(L.LightningModule):
             if trained is not None:
                 disable_dropout(trained)
                 if hp.gradient_checkpointing:
-                    trained.gradient_checkpointing_enable()
+                    enable_activation_checkpointing(trained)
         models = (self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
         fully_shard_models(self, *models, load=load)
         names = ("policy", "value model", "value head", "reference", "reward model")
