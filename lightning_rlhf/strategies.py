@@ -237,14 +237,17 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Checkpoint the activations of every decoder block of a transformers model (``gradient_checkpointing`` of each
-    stage): a block keeps only its input, and its forward runs again in backward. transformers' non-reentrant
-    ``torch.utils.checkpoint`` around each block's ``__call__``, so the recomputed forward gets the same arguments
-    (attention mask, position ids, RoPE's cos/sin) and LoRA's frozen embeddings need no gradient at their output.
-    Called before ``fully_shard``; the order does not matter to transformers' flag, but either way FSDP2's hooks of a
-    block run inside the checkpointed call (torch's ``AC(fully_shard(block))`` nesting): the recomputation runs in
-    backward, after the block's pre-backward hook gathered it, and FSDP2 neither gathers it again nor reshards it before
-    its gradients are reduced. Under FSDP2, SFT with it matches DDP without it (``tests/sharded_script.py``).
+    """Checkpoint the activations of every decoder block of a transformers model (each stage's
+    ``gradient_checkpointing``, for every model it trains): a block keeps only its input, and its forward runs again
+    in backward. transformers' non-reentrant ``torch.utils.checkpoint`` around each block, so the recomputation gets
+    the same arguments (attention mask, position ids, RoPE's cos/sin; ``tests/test_activation_checkpointing.py``) and
+    LoRA's frozen embeddings need no gradient at their output.
+
+    Called before ``fully_shard`` (the order does not matter to transformers' per-block flag). transformers 5.x
+    checkpoints a block's ``forward``, inside the module's hooks: FSDP2's gather and reshard hooks run once per
+    forward, and the recomputation runs after the block's pre-backward hook has gathered it for its backward. Older
+    releases checkpoint ``__call__``, FSDP2's hooks inside; FSDP2 handles that nesting too (``AC(fully_shard(m))``).
+    Under FSDP2, SFT with it matches DDP without it (``tests/sharded_script.py``).
     """
     from lightning_rlhf.lora import unwrap
 

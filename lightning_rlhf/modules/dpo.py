@@ -136,7 +136,9 @@ class DPOModule(L.LightningModule):
             optimizer: built over the policy's parameters once the model exists.
             scheduler: stepped every optimiser step.
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
-            gradient_checkpointing: trade compute for activation memory (policy only).
+            gradient_checkpointing: keep only each decoder block's input and recompute the block in backward, for
+                the trained policy (``strategies.enable_activation_checkpointing``; the reference keeps no
+                activations); about one forward more per step.
             lora: train LoRA adapters (``peft``) on the frozen SFT model; the reference is then the same model with
                 the adapter switched off, so no second copy is loaded. The export holds the merged model and, in
                 ``export_dir/adapter``, the adapter alone. One device, DDP or FSDP2 (not FSDP1).

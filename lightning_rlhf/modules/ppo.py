@@ -206,7 +206,9 @@ class PPOModule(L.LightningModule):
                 once they exist.
             scheduler: stepped every optimiser step.
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
-            gradient_checkpointing: trade compute for activation memory (policy and value model).
+            gradient_checkpointing: keep only each decoder block's input and recompute the block in backward, for
+                the trained models, policy and value model (``strategies.enable_activation_checkpointing``);
+                about one forward more per minibatch. Rollouts run without gradients and are unaffected.
             value_head: the value function is a linear head on the policy's last hidden state (one model fewer in
                 memory, one forward fewer per step; initialised from the reward model's head), instead of a separate
                 network initialised from the whole reward model.

@@ -84,7 +84,8 @@ class RewardModule(L.LightningModule):
             optimizer: built over the trainable parameters once the model exists.
             scheduler: stepped every optimiser step.
             export_dir: where the reward model and tokenizer are saved (``save_pretrained``) when fit ends.
-            gradient_checkpointing: trade compute for activation memory.
+            gradient_checkpointing: keep only each decoder block's input and recompute the block in backward
+                (``strategies.enable_activation_checkpointing``); about one forward more per step.
             lora: train LoRA adapters (``peft``) on the frozen backbone, and the scalar head in full (``peft``'s
                 ``modules_to_save``); checkpoints then hold only those (the base is rebuilt from
                 ``model_name_or_path``), and the export holds the merged reward model and, in ``export_dir/adapter``,

@@ -83,7 +83,8 @@ class SFTModule(L.LightningModule):
             optimizer: built over the trainable parameters once the model exists.
             scheduler: stepped every optimiser step.
             export_dir: where the trained model and tokenizer are saved (``save_pretrained``) when fit ends.
-            gradient_checkpointing: trade compute for activation memory.
+            gradient_checkpointing: keep only each decoder block's input and recompute the block in backward
+                (``strategies.enable_activation_checkpointing``); about one forward more per step.
             lora: train LoRA adapters (``peft``) on the frozen model instead of every weight; the export then holds
                 the merged model and, in ``export_dir/adapter``, the adapter alone. One device, DDP or FSDP2 (not
                 FSDP1).
