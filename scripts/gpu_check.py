@@ -121,8 +121,8 @@ def config_runs(root: Path, devices: int) -> dict[str, list[str]]:
         "ppo_fsdp2.yaml (FSDP2, bf16-mixed, cpu_offload, gradient_checkpointing)": [
             *cli, "--config", "configs/ppo_fsdp2.yaml", *common("ppo_fsdp2_offload"),
             f"--trainer.strategy.init_args.data_parallel_size={devices}",
-            "--trainer.strategy.init_args.cpu_offload=true", "--model.init_args.gradient_checkpointing=true", f"--model.init_args.model_name_or_path={sft}",
-            f"--model.init_args.reward_model_name_or_path={rm}"],
+            "--trainer.strategy.init_args.cpu_offload=true", "--model.init_args.gradient_checkpointing=true",
+            f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}"],
         "sft.yaml under FSDP2": [*cli, "--config", "configs/sft.yaml", *common("sft"), *fsdp2,
                                  f"--model.init_args.model_name_or_path={sft}"],
         "rm.yaml under FSDP2": [*cli, "--config", "configs/rm.yaml", *common("rm"), *fsdp2,
