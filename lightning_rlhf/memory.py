@@ -1,6 +1,7 @@
 """What each rank will hold before step 1: parameters per model and dtype, gradients, AdamW state, and PPO's
-generation (the policy gathered whole, the KV cache), from counts alone (``estimate_memory``, pure); logged at the
-end of every stage's ``configure_model`` (``check_memory``), which refuses a run that cannot fit its device.
+generation (the policy gathered whole, the KV cache), from counts alone (``estimate_memory``, pure); with FSDP2's CPU
+offload the parameters, gradients and AdamW state on the host instead (``offloaded_memory``). Logged at the end of
+every stage's ``configure_model`` (``check_memory``), which refuses a run that cannot fit its device or its host.
 
 Not counted: activations (they scale with rows × tokens per forward; ``gradient_checkpointing`` keeps one block's),
 the logits of a forward (rows × tokens × vocabulary), FSDP's gathered units during a forward or backward (one or two

@@ -140,6 +140,29 @@ def test_a_run_that_cannot_fit_the_host_is_logged_then_refused_before_step_1(
     assert f"policy parameters {memory.format_bytes(parameters * 4)}" in " ".join(caplog.text.split())
 
 
+@pytest.mark.parametrize("host_parameters", [100, 15])
+def test_a_run_over_its_gpu_is_offered_cpu_offload_when_the_host_holds_the_model_state(
+    tiny_model_dir, tmp_path, monkeypatch, host_parameters
+):
+    """SFT (16·P bytes: parameters, gradients, AdamW) against a GPU of 10·P bytes (``device_capacity`` stands in for a
+    CUDA device on this CPU run): refused before step 1. With a host of 100·P bytes the advice names CPU offload,
+    with nothing left on the device (0 bytes) and 16·P on the host; with a host of 15·P it does not (the state would
+    not fit there). Mutations caught: offload offered whatever the host holds; the host never consulted."""
+    module = SFTModule(tiny_model_dir)
+    module.configure_model()
+    parameters = sum(p.numel() for p in module.model.parameters())
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 10 * parameters)
+    monkeypatch.setattr(memory, "host_capacity", lambda: host_parameters * parameters)
+    data = DemonstrationDataModule(tokenizer_name_or_path=tiny_model_dir, batch_size=2, val_fraction=0.0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(memory.DoesNotFit) as error:
+        trainer.fit(SFTModule(tiny_model_dir), data)
+    offload = "cpu_offload (FSDP2Strategy: parameters, gradients, AdamW state on the host, "
+    offload += f"{memory.format_bytes(16 * parameters)}/rank) → 0.00 MiB"
+    assert (offload in str(error.value)) == (host_parameters == 100), str(error.value)
+
+
 def test_validation_alone_is_estimated_without_gradients_or_optimiser_state(
     tiny_model_dir, tmp_path, monkeypatch, caplog
 ):
