@@ -192,11 +192,11 @@ class FSDP2Strategy(ModelParallelStrategy):
     ``ModelParallelStrategy.model_to_device`` moves every parameter to the GPU after ``configure_model``, which FSDP2
     refuses for offloaded shards at the first forward ("FSDP parameters should be materialized on CPU") after a
     transient copy of every shard on the GPU, which is what offload must avoid. Here ``model_to_device`` moves
-    everything else (buffers such as RoPE's ``inv_freq``, metric states) and leaves the shards (``DTensor``\ s) on the
-    host, so the optimiser Lightning builds next is built over host parameters. Lightning's FSDP1 ``FSDPStrategy`` has
-    the argument of the same name. Offloaded gradients are reduced for clipping, and ``Rank0Load`` broadcasts into host
-    shards, as CPU tensors: on CUDA the process group is ``cpu:gloo,cuda:nccl`` unless ``process_group_backend`` says
-    otherwise.
+    everything else (buffers such as RoPE's ``inv_freq``, metric states) and leaves the shards (``DTensor``
+    parameters) on the host, so the optimiser Lightning builds next is built over host parameters. Lightning's FSDP1
+    ``FSDPStrategy`` has an argument of the same name. Offloaded gradients are reduced for clipping, and ``Rank0Load``
+    broadcasts into host shards, as CPU tensors: on CUDA the process group is ``cpu:gloo,cuda:nccl`` unless
+    ``process_group_backend`` names another.
     """
 
     def __init__(
