@@ -12,6 +12,8 @@ Extra subcommands, outside LightningCLI:
     lightning-rlhf evaluate --models outputs/sft/hf outputs/dpo/hf --names sft dpo --judge gold --output outputs/eval
         (win rates, Bradley-Terry / Elo ratings with bootstrap intervals; see evaluation.py)
     lightning-rlhf label --input samples.jsonl --output labels.jsonl   (people rank the samples; see label/)
+    lightning-rlhf pipeline [--demonstrations … --prompts … --judge pkg.fn | --label people]   (the whole loop, each
+        stage one of these commands, evaluated on held-out prompts; see pipeline.py)
 """
 
 from __future__ import annotations
@@ -31,15 +33,26 @@ class RLHFCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
 
 
-EXTRA_SUBCOMMANDS = {"score": scoring.main, "sample": sampling.main, "evaluate": evaluation.main, "label": label.main}
+def pipeline(argv: list[str]) -> None:
+    """``lightning-rlhf pipeline``, imported only when asked: it loads TensorBoard's event reader, which ``fit`` and
+    the other subcommands do without."""
+    from lightning_rlhf.pipeline import main
+
+    main(argv)
+
+
+EXTRA_SUBCOMMANDS = {"score": scoring.main, "sample": sampling.main, "evaluate": evaluation.main, "label": label.main,
+                     "pipeline": pipeline}  # fmt: skip
 
 
 HELP = (
     "The InstructGPT pipeline as Lightning modules. LightningCLI subcommands below, plus: "
     "'lightning-rlhf sample --help' (K responses per prompt, optionally ranked by a simulated labeller), "
     "'lightning-rlhf label --help' (a web page where people rank them, and their agreement), "
-    "'lightning-rlhf score --help' (rewards from an exported reward model) and "
-    "'lightning-rlhf evaluate --help' (win rates and Elo ratings between checkpoints, judged on held-out prompts). "
+    "'lightning-rlhf score --help' (rewards from an exported reward model), "
+    "'lightning-rlhf evaluate --help' (win rates and Elo ratings between checkpoints, judged on held-out prompts) "
+    "and 'lightning-rlhf pipeline --help' (the whole loop: SFT, sampling, ranking by a judge or people, reward "
+    "model, PPO / GRPO / RLOO, DPO, evaluation). "
     "User errors (paths, data, settings) print one line and exit 1; --debug (or LIGHTNING_RLHF_DEBUG=1) shows the "
     "traceback. Beware: every class_path, and PPO's reward_fn / judge_fn, imports and runs the code it names."
 )

@@ -1,4 +1,4 @@
-"""What looks wrong in a pipeline run, stage by stage, from the numbers ``scripts/pipeline.py`` already collects.
+"""What looks wrong in a pipeline run, stage by stage, from the numbers ``lightning-rlhf pipeline`` already collects.
 
 ``diagnose(summary)`` reads one run's ``summary.json`` (one seed): the judge's greedy and sampled scores of every
 policy (``gold_greedy``, ``gold_sampled``), each reward model's pairwise agreement with the judge

@@ -16,7 +16,8 @@ from transformers import PreTrainedModel
 from lightning_rlhf.data.shared_prompt import shared_attention_mask, shared_prompt_group
 from lightning_rlhf.lora import unwrap
 from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.reward_model import TOKEN_KEY, reward_head, sequence_rewards
+from lightning_rlhf.models import forward_logits, next_tokens
+from lightning_rlhf.reward_model import TOKEN_KEY, reward_head, sequence_rewards, token_values
 from lightning_rlhf.shared_forward import check_shared_prompt_attention, shared_rewards, token_outputs
 
 
@@ -134,3 +135,28 @@ class SharedRollouts:
             return sequence_rewards(model, sequences, attention_mask)
         self.check(model, sequences.device, hidden=True)
         return shared_rollout_rewards(model, self.rows(sequences, attention_mask, start))
+
+
+class PaddedRollouts:
+    """The same seam over the rollout's own left-padded rows, one per response (``shared_prompt=False``)."""
+
+    def logprobs(
+        self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int, temperature: float
+    ) -> Tensor:
+        """``(b, r)`` log-prob of each response token (columns ``start:``) under ``model``'s tempered distribution;
+        logits for the columns ``start - 1:`` only (``logits_to_keep``), never over the prompt."""
+        logits = forward_logits(model, sequences, attention_mask, logits_to_keep=sequences.size(1) - start + 1)
+        targets = next_tokens(sequences[:, start - 1 :])  # (b, r + 1): column t-1 predicts token t; last: none
+        return token_logprobs(logits, targets, temperature=temperature)[:, :-1]
+
+    def columns(self, states: Tensor, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """``(b, r, ·)`` of per-column ``states`` ``(b, t, ·)``, at the columns before each response token."""
+        return states[:, start - 1 : -1]
+
+    def values(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """``(b, r)`` value of the state before each response token."""
+        return token_values(model, sequences, attention_mask)[:, start - 1 : -1]
+
+    def rewards(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """``(b,)`` float32 rewards, offset subtracted."""
+        return sequence_rewards(model, sequences, attention_mask)

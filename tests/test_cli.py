@@ -98,10 +98,20 @@ def test_help_points_to_the_extra_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "lightning-rlhf sample --help" in capsys.readouterr().out
-    for subcommand in ("sample", "score"):
+    for subcommand in ("sample", "score", "pipeline"):
         with pytest.raises(SystemExit) as exit_info:
             main([subcommand, "--help"])
         assert exit_info.value.code == 0 and "--model" in capsys.readouterr().out
+
+
+def test_the_cli_loads_the_pipeline_only_for_the_pipeline_subcommand():
+    """``lightning-rlhf fit`` (and every other subcommand) starts without importing ``lightning_rlhf.pipeline`` and
+    the TensorBoard event reader it needs, in a fresh interpreter. Catches a top-level import of the pipeline in
+    cli.py, which would slow every command's start."""
+    code = ("import sys, lightning_rlhf.cli; print(sorted(m for m in sys.modules if m == 'lightning_rlhf.pipeline' or "
+            "m.startswith('tensorboard.backend.event_processing')))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("export_dir", ["scratch", "."])

@@ -1,8 +1,11 @@
-"""scripts/pipeline.py, the README's main job: every stage through the CLI, evaluated on held-out prompts."""
+"""``lightning-rlhf pipeline`` (and scripts/pipeline.py, the README's main job): every stage through the CLI, evaluated
+on held-out prompts; people instead of a judge."""
 
 import json
 import os
 import random
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +80,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
 def test_seeds_are_aggregated_as_means_with_min_max_spreads():
     """Two seeds: SFT gold sampled 0.8 and 0.9 -> mean 0.85, spread [0.8, 0.9]; non-numbers (intervals, curves)
     stay in the per-seed runs only."""
-    from scripts.pipeline import aggregate
+    from lightning_rlhf.pipeline import aggregate
 
     common = {"held_out_prompts": 3, "sampling_temperature": 1.0, "labeller_noise": 0.0, "k": 8,
               "ranked_prompts_per_round": 10, "rounds": 1, "curves": {}, "best_of_n": {}}  # fmt: skip
@@ -140,7 +143,7 @@ def test_stages_are_checked_before_anything_runs(tmp_path):
     """An unknown stage is named with the known ones; PPO without a reward model to train against, SFT skipped with
     no SFT export to reuse, and rounds without PPO are refused; the default stages pass. Catches a typo in --stages
     silently running nothing (or the toy) and a missing stage failing only after minutes of training."""
-    from scripts.pipeline import DEFAULT_STAGES, stage_error
+    from lightning_rlhf.pipeline import DEFAULT_STAGES, stage_error
 
     assert "unknown reward, sft2; choose among sft, rm, ppo, grpo" in stage_error(["reward", "sft2"], 1, False, 1,
                                                                                   tmp_path)  # fmt: skip
@@ -151,3 +154,177 @@ def test_stages_are_checked_before_anything_runs(tmp_path):
     (tmp_path / "sft" / "hf").mkdir(parents=True)
     (tmp_path / "rm" / "hf").mkdir(parents=True)
     assert stage_error(["ppo"], 1, False, 1, tmp_path) is None  # reuses both exports
+
+
+def shout_task(tmp_path: Path, n_prompts: int = 12) -> list[str]:
+    """The shout task's files under ``tmp_path``: 16 demonstrations and ``n_prompts`` prompts, and an SFT export
+    already in ``tmp_path/out/sft/hf`` (the tiny model) for the pipeline to reuse. Returns the prompts' words."""
+    rng = random.Random(1)
+    words = ["".join(rng.choices("abcdefgh", k=4)) for _ in range(16 + n_prompts)]
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps({"prompt": f"Shout: {w}\n", "response": w.upper()}) + "\n"
+                                                  for w in words[:16]))  # fmt: skip
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Shout: {w}\n"}) + "\n" for w in words[16:]))
+    return words[16:]
+
+
+def pipeline_args(tmp_path: Path, *more: str) -> list[str]:
+    return ["--outputs", str(tmp_path / "out"), "--demonstrations", str(tmp_path / "demos.jsonl"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--eval_prompts", "4", "--max_steps", "2", *more]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_people_stop_after_sampling_writes_what_label_reads_and_prints_the_commands_that_carry_on(
+    tmp_path, tiny_model_dir, capsys
+):
+    """--label people on the user's task (no judge), SFT reused from OUTPUTS/sft/hf: 6 of the 8 training prompts (12
+    less 4 held out) sampled K = 2 times, unranked, and the run stops. The printed ``label --input`` must name that
+    file, which ``label``'s reader takes; a made-up labeller's labels (one per item, as the server appends them) put
+    through the printed ``label --aggregate`` must land where the printed resume command's --comparisons points, and
+    that command must be this run's without --label people. Catches: the samples written elsewhere than the printed
+    path or ranked by a judge (``ranks`` present), held-out prompts sampled, the resume command stopping again (still
+    --label people), naming another file, or losing the user's options; and stages past sampling run anyway."""
+    from lightning_rlhf import label
+    from lightning_rlhf.label.store import LabelStore, read_items
+    from lightning_rlhf.pipeline import main
+
+    words = shout_task(tmp_path)
+    out = tmp_path / "out"
+    shutil.copytree(tiny_model_dir, out / "sft" / "hf")
+    argv = pipeline_args(tmp_path, "--stages", "rm", "dpo", "--label", "people", "--k", "2", "--rank_prompts", "6")
+    assert main(argv) is None
+    printed = capsys.readouterr().out
+    commands = [shlex.split(line) for line in printed.splitlines() if line.startswith("   lightning-rlhf ")]
+    serve, aggregate, resume = commands
+    samples = out / "pipeline" / "samples.jsonl"
+    assert serve[:3] == ["lightning-rlhf", "label", "--input"] and serve[3] == str(samples)
+    items = read_items(serve[3])
+    assert len(items) == 6 and all(len(item["responses"]) == 2 for item in items)
+    trained = {json.loads(line)["prompt"] for line in (out / "pipeline" / "prompts.jsonl").read_text().splitlines()}
+    assert len(trained) == 8 and {item["prompt"] for item in items} <= trained <= {f"Shout: {w}\n" for w in words}
+    assert all("ranks" not in json.loads(line) for line in samples.read_text().splitlines())
+    assert not (out / "rm").exists() and not (out / "dpo").exists() and not (out / "pipeline" / "summary.json").exists()
+
+    store = LabelStore(items, serve[serve.index("--output") + 1])
+    for item in range(len(items)):
+        store.add({"labeller": "ann", "item": item, "ranks": [0, 1]})
+    store.close()
+    assert aggregate[:3] == ["lightning-rlhf", "label", "--aggregate"]
+    label.main(aggregate[2:])
+    comparisons = Path(aggregate[aggregate.index("--output") + 1])
+    assert len(comparisons.read_text().splitlines()) == 6
+    assert resume[:2] == ["lightning-rlhf", "pipeline"] and "--label" not in resume and "people" not in resume
+    assert resume[resume.index("--comparisons") + 1] == str(comparisons)
+    assert resume[resume.index("--outputs") + 1] == str(out)
+    assert resume[2:-4] == [arg for arg in argv[2:] if arg not in ("--label", "people")]  # the user's options kept
+
+
+@pytest.mark.slow
+def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_and_scores_with_it(
+    tmp_path, tiny_model_dir, capfd
+):
+    """--comparisons with a hand-made file of 20 comparisons of prompts that are not in --prompts, no judge, --stages
+    sft rm ppo with SFT already exported: SFT is reused, nothing is sampled, the reward model's data is that file (its
+    config names it; its data report counts its 20 records of 20 distinct prompts across train and validation), PPO
+    trains against it with no judge_fn, and the evaluation is the reward model's (its scores of each policy's greedy
+    and sampled responses, win rates and Elo by them, its validation accuracy, PPO's KL curve), with no gold numbers
+    and the note saying they need --judge. Catches: sampling and ranking again (a samples or
+    comparisons file written, a 'sample' command run), the reward model trained on anything else (another train_path
+    or count), SFT retrained over the export, and a judge-less run failing in the evaluation or faking gold keys."""
+    from lightning_rlhf.pipeline import main
+
+    shout_task(tmp_path)
+    out = tmp_path / "out"
+    shutil.copytree(tiny_model_dir, out / "sft" / "hf")
+    comparisons = tmp_path / "people.jsonl"
+    comparisons.write_text("".join(json.dumps({"prompt": f"Shout: zz{i}\n", "responses": [f"ZZ{i}", "zz"],
+                                               "ranks": [0, 1]}) + "\n" for i in range(20)))  # fmt: skip
+    summary = main(pipeline_args(tmp_path, "--comparisons", str(comparisons), "--stages", "sft", "rm", "ppo"))
+    printed = capfd.readouterr()
+    assert "lightning-rlhf sample" not in printed.out and "lightning-rlhf fit --config" in printed.out
+    assert not (out / "sft" / "tensorboard").exists()  # reused, not retrained
+    assert {path.name for path in (out / "pipeline").iterdir()} == {"prompts.jsonl", "summary.json", "win_rates.png"}
+    rm_config = yaml.safe_load((out / "rm" / "tensorboard" / "version_0" / "config.yaml").read_text())
+    assert rm_config["data"]["init_args"]["train_path"] == str(comparisons)
+    reports = [line for line in printed.err.splitlines() if line.startswith("ComparisonDataModule: ")]
+    train, val = (int(n) for n in reports[0].split()[1:5:3])
+    assert train + val == 20 and f"of {train} / {val} distinct prompts" in reports[0]
+    assert summary["comparisons"] == str(comparisons) and "--judge" in summary["evaluation_note"]
+    assert {"rm_greedy", "rm_sampled", "win_rate_vs_sft", "elo"} <= set(summary["ppo"]) and "best_of_n" not in summary
+    assert not any(key.startswith("gold") for key in summary["sft"]) and summary["sft"]["elo"] == 1000
+    assert 0 <= summary["reward_model"]["val_accuracy_on_comparisons"] <= 1
+    assert summary["curves"]["ppo"]["kl"] and "judge" not in summary["curves"]["ppo"]
+    assert set(summary["seconds"]) == {"rm", "ppo", "evaluation"}
+    assert "gold numbers need --judge" in printed.out
+    assert json.loads((out / "pipeline" / "summary.json").read_text())["sft"] == summary["sft"]
+
+
+def test_who_ranks_and_who_judges_are_checked_before_anything_runs(tmp_path, capsys):
+    """The user's task with neither a judge nor people is refused, naming both ways; people and --comparisons
+    together, people with rounds or several seeds, people with nothing to train on the rankings, the judge's yardstick
+    (ppo_gold_reward) without a judge, and a --configs directory lacking a stage's config are refused too, each before
+    SFT starts (no outputs written). Catches the toy's gold judge silently ranking a user's samples, and a run that
+    cannot work failing only after training."""
+    from lightning_rlhf.pipeline import main
+
+    shout_task(tmp_path)
+    refusals = {
+        (): "needs --judge package.module.fn to rank the samples and score the models, or people to rank them",
+        ("--label", "people", "--comparisons", "c.jsonl"): "give one of them",
+        ("--label", "people", "--rounds", "2"): "runs one round of one seed",
+        ("--label", "people", "--seeds", "0", "1"): "runs one round of one seed",
+        ("--label", "people", "--stages", "sft", "ppo"): "ppo train against the reward model: add rm",
+        ("--label", "people", "--stages", "sft"): "nothing trains on the rankings; add rm or dpo",
+        ("--label", "people", "--stages", "sft", "rm", "ppo_gold_reward"): "ppo_gold_reward needs a judge",
+        ("--label", "people", "--configs", str(tmp_path)): f"--configs {tmp_path}: no dpo.yaml, ppo.yaml, rm.yaml, "
+                                                           "sft.yaml there",
+    }  # fmt: skip
+    for extra, message in refusals.items():
+        with pytest.raises(SystemExit) as exit_:
+            main(pipeline_args(tmp_path, *extra))
+        assert exit_.value.code == 2 and message in " ".join(capsys.readouterr().err.split()), extra
+    assert not (tmp_path / "out").exists()
+
+
+# A stand-in for ``python -m lightning_rlhf``: records when it ran and with how many threads, then exits with the
+# status its first argument names (after a line of output, which a failure's message must show).
+FAKE_STAGE = (
+    "import os, sys, time; start = time.time(); time.sleep(1.0); print('stage output', sys.argv[2]); "
+    "open(sys.argv[3], 'w').write(f\"{start} {time.time()} {os.environ.get('OMP_NUM_THREADS')}\"); "
+    "sys.exit(int(sys.argv[1]))"
+)
+
+
+def test_stages_that_need_nothing_of_each_other_run_side_by_side_on_their_share_of_the_cores(tmp_path, monkeypatch):
+    """Two stages of 1 s each on 2 jobs over 4 cores: their runs overlap and each gets OMP_NUM_THREADS=2; one job
+    runs them one after the other, with the caller's threads. A failing stage (exit 3) raises only after its sibling
+    has finished, naming the stage and its log and showing the log's end. Catches the stages run one after the other
+    (no overlap), every stage given all the cores (oversubscribed), and a failure lost or raised without its output."""
+    from lightning_rlhf import pipeline
+
+    monkeypatch.setattr(pipeline, "cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    program = (sys.executable, "-c", FAKE_STAGE)
+
+    def stage(name: str, status: int = 0) -> list[str]:
+        return [str(status), name, str(tmp_path / f"{name}.times")]
+
+    def runs(*names: str) -> list[tuple[float, float, str]]:
+        out = []
+        for name in names:
+            start, end, threads = (tmp_path / f"{name}.times").read_text().split()
+            out.append((float(start), float(end), threads))
+        return out
+
+    seconds = pipeline.side_by_side({"a": stage("a"), "b": stage("b")}, 2, tmp_path / "logs", program)
+    (a_start, a_end, a_threads), (b_start, b_end, b_threads) = runs("a", "b")
+    assert max(a_start, b_start) < min(a_end, b_end)  # overlapping
+    assert a_threads == b_threads == "2" and set(seconds) == {"a", "b"}
+    assert "stage output a" in (tmp_path / "logs" / "a.log").read_text()
+
+    pipeline.side_by_side({"c": stage("c"), "d": stage("d")}, 1, tmp_path / "logs", program)
+    (c_start, c_end, c_threads), (d_start, _, d_threads) = runs("c", "d")
+    assert c_end <= d_start and c_threads == d_threads == "None"
+
+    with pytest.raises(SystemExit, match=r"stage f failed \(exit status 3\).*f\.log ends:\nstage output f"):
+        pipeline.side_by_side({"e": stage("e"), "f": stage("f", 3)}, 2, tmp_path / "logs", program)
+    assert (tmp_path / "e.times").exists()  # the sibling ran to its end

@@ -10,6 +10,7 @@ from lightning_rlhf.models import forward_logits, load_causal_lm, load_tokenizer
 from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
 from lightning_rlhf.rollout import mask_after_eos
 from lightning_rlhf.shared_rollout import (
+    SharedRollouts,
     rollout_shared_batch,
     shared_rollout_logprobs,
     shared_rollout_rewards,
@@ -123,7 +124,7 @@ def test_ppo_training_logs_the_same_with_shared_prompts(ppo_exports, tmp_path, o
         module = ppo(ppo_exports, max_new_tokens=6, ppo_epochs=1, num_mini_batches=2, shared_prompt=shared, **options)
         data = PromptDataModule(tokenizer_name_or_path=ppo_exports[0], batch_size=4, max_length=32, val_fraction=0.0)
         trainer = fit(module, data, 2, tmp_path / str(shared))
-        assert (module.shared_rollouts is not None) == shared
+        assert isinstance(module.rollout_layout, SharedRollouts) == shared
         return {name: float(value) for name, value in trainer.logged_metrics.items() if name.startswith("train/")}
 
     padded, shared = run(False), run(True)

@@ -96,7 +96,9 @@ class SharedPromptCollator:
         ``logprob_index``, ``logprob_targets``, ``logprob_owner``: ``(m,)`` over the ``m`` response tokens: the flat
             index of the column whose logits predict the token, the token, and its response (0 … n-1);
         ``ranks``, ``response_index``, ``pairs``: as ``ComparisonCollator``'s;
-        ``sequence_keys``: ``n`` digests (``sequence_key``) of each prompt ⊕ response, for cached reference log-probs.
+        ``sequence_keys``: ``(n, 16)`` uint8, the digest (``sequence_key``) of each prompt ⊕ response, for cached
+            reference log-probs. A tensor, not a list of ``bytes``: Lightning's batch transfer walks a ``bytes`` object
+            byte by byte, which cost the reward model 12 ms of its 69 ms step.
     """
 
     def __init__(self, pad_token_id: int, row_length: int):
@@ -141,5 +143,5 @@ class SharedPromptCollator:
             "logprob_targets": torch.tensor(targets),
             "logprob_owner": torch.tensor(owners),
             **comparison_rankings(examples),
-            "sequence_keys": keys,
+            "sequence_keys": torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16).copy()),
         }

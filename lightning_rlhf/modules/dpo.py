@@ -78,7 +78,7 @@ def row_keys(batch: dict[str, Any]) -> list[bytes]:
     """A digest of each response's real tokens and labels: the same response after the same prompt, wherever it is;
     a shared-prompt batch carries the same digests (``data.shared_prompt.sequence_key``)."""
     if "sequence_keys" in batch:
-        return batch["sequence_keys"]
+        return [key.tobytes() for key in batch["sequence_keys"].cpu().numpy()]
     input_ids, labels, mask = (batch[k].cpu() for k in ("input_ids", "labels", "attention_mask"))
     return [
         hashlib.blake2b(torch.stack([ids[m], lab[m]]).numpy().tobytes(), digest_size=16).digest()

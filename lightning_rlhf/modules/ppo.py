@@ -64,7 +64,6 @@ from lightning_rlhf.losses import (
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
-    token_logprobs,
 )
 from lightning_rlhf.memory import check_memory, ppo_generation
 from lightning_rlhf.models import (
@@ -73,11 +72,10 @@ from lightning_rlhf.models import (
     keep_out_of_checkpoints,
     load_causal_lm,
     load_tokenizer,
-    next_tokens,
     shifted_logprobs,
 )
 from lightning_rlhf.optim import clip_grad_norms, optimizer_config, trainable
-from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
+from lightning_rlhf.reward_model import load_reward_model, reward_head
 from lightning_rlhf.rollout import (
     Experience,
     Rollout,
@@ -93,7 +91,7 @@ from lightning_rlhf.rollout import (
     group_statistics,
 )
 from lightning_rlhf.scoring import import_reward_fn
-from lightning_rlhf.shared_rollout import SharedRollouts
+from lightning_rlhf.shared_rollout import PaddedRollouts, SharedRollouts
 from lightning_rlhf.strategies import Rank0Load, enable_activation_checkpointing, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
@@ -291,7 +289,8 @@ class PPOModule(L.LightningModule):
         self.value_head: nn.Linear | None = None
         self.ref_model: PreTrainedModel | None = None
         self.reward_model: PreTrainedModel | None = None
-        self.shared_rollouts = SharedRollouts(self.tokenizer.pad_token_id) if shared_prompt else None
+        # How the forwards over a rollout's rows lay them out: padded rows, or each prompt once (``shared_rollout``).
+        self.rollout_layout = SharedRollouts(self.tokenizer.pad_token_id) if shared_prompt else PaddedRollouts()
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
         self.rollouts = 0  # training rollouts so far, saved in checkpoints: it seeds the next one
         self.engine = None  # built at the first rollout, from the policy's export
@@ -392,15 +391,8 @@ class PPOModule(L.LightningModule):
 
     # -- rollouts ---------------------------------------------------------------------------------------
     def response_logprobs(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int):
-        """``(b, r)`` log-prob of each response token (columns ``start:``) under ``model``'s tempered distribution.
-
-        Logits come for the columns ``start - 1:`` only (``logits_to_keep``), never over the prompt.
-        """
-        if self.shared_rollouts is not None:
-            return self.shared_rollouts.logprobs(model, sequences, attention_mask, start, self.hparams.temperature)
-        logits = forward_logits(model, sequences, attention_mask, logits_to_keep=sequences.size(1) - start + 1)
-        targets = next_tokens(sequences[:, start - 1 :])  # (b, r + 1): column t-1 predicts token t; last: none
-        return token_logprobs(logits, targets, temperature=self.hparams.temperature)[:, :-1]
+        """``(b, r)`` log-prob of each response token (columns ``start:``) under ``model``'s tempered distribution."""
+        return self.rollout_layout.logprobs(model, sequences, attention_mask, start, self.hparams.temperature)
 
     def reference_logprobs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
         """``(b, r)`` reference log-probs of the response tokens: the frozen copy's, or with LoRA the policy's with its
@@ -417,9 +409,7 @@ class PPOModule(L.LightningModule):
             return self.response_logprobs(self.model, sequences, attention_mask, start), None
         if self.value_head is None:
             logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
-            if self.shared_rollouts is not None:
-                return logprobs, self.shared_rollouts.values(self.value_model, sequences, attention_mask, start)
-            return logprobs, token_values(self.value_model, sequences, attention_mask)[:, start - 1 : -1]
+            return logprobs, self.rollout_layout.values(self.value_model, sequences, attention_mask, start)
         # The backbone's output, caught on its way to the LM head (``output_hidden_states`` comes back empty when
         # FSDP2 has swapped the layers' classes).
         caught: list[Tensor] = []
@@ -428,10 +418,7 @@ class PPOModule(L.LightningModule):
             logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
         finally:
             hook.remove()
-        if self.shared_rollouts is not None:
-            states = self.shared_rollouts.columns(caught[-1], sequences, attention_mask, start)
-        else:
-            states = caught[-1][:, start - 1 : -1]
+        states = self.rollout_layout.columns(caught[-1], sequences, attention_mask, start)
         values = self.value_head(states).squeeze(-1).float()
         return logprobs, values
 
@@ -471,7 +458,9 @@ class PPOModule(L.LightningModule):
             ids, mask = sequences[rows], attention_mask[rows]
             logprobs, values = self.policy_outputs(ids, mask, start)
             ref_logprobs = self.reference_logprobs(ids, mask, start)
-            scores = self._rewards(ids, mask, start) if self.reward_model is not None else None
+            scores = None
+            if self.reward_model is not None:
+                scores = self.rollout_layout.rewards(self.reward_model, ids, mask, start)
             parts.append((logprobs, values, ref_logprobs, scores))
         logprobs, values, ref_logprobs, scores = (
             torch.cat(column) if column[0] is not None else None for column in zip(*parts, strict=True)
@@ -487,10 +476,6 @@ class PPOModule(L.LightningModule):
         experience = correct_for_engine(experience, hp.engine_is_correction, hp.engine_is_cap)
         return experience._replace(reward_parts=parts)
 
-    def _rewards(self, ids: Tensor, mask: Tensor, start: int) -> Tensor:
-        if self.shared_rollouts is not None:
-            return self.shared_rollouts.rewards(self.reward_model, ids, mask, start)
-        return sequence_rewards(self.reward_model, ids, mask)
 
     def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
         """``(b,)`` float32 ``fn(prompt, response)`` on the decoded texts, without special tokens."""
