@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
+from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import Metric
@@ -49,7 +52,7 @@ def mixed_precision_policy(precision: str):
     return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
 
 
-def fully_shard_model(model: nn.Module, mesh, mp_policy=None) -> None:
+def fully_shard_model(model: nn.Module, mesh, mp_policy=None, offload_policy=None) -> None:
     """FSDP2 (``fully_shard``) for ``ModelParallelStrategy``: each transformer block, the backbone and a scalar head
     are units of their own, then the whole model.
 
@@ -58,11 +61,12 @@ def fully_shard_model(model: nn.Module, mesh, mp_policy=None) -> None:
     A causal LM whose ``lm_head`` is tied to the embedding (Llama-3.2 1B/3B, small Qwen2.5, Gemma) keeps its
     backbone in the root unit: one parameter cannot belong to two units, and a causal LM is only called whole.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     from lightning_rlhf.lora import unwrap
 
-    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    offload = offload_policy or OffloadPolicy()  # the base class: no offload
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(), "offload_policy": offload}
     inner = unwrap(model)  # a PeftModel's transformers model
     block_classes = set(getattr(inner, "_no_split_modules", None) or [])
     for module in inner.modules():
@@ -137,24 +141,121 @@ class Rank0Load:
 
 def fully_shard_models(module: L.LightningModule, *models: nn.Module | None, load: Rank0Load | None = None) -> None:
     """Under ``ModelParallelStrategy`` (``module.device_mesh`` is set): FSDP2 for each model over the data-parallel
-    mesh, with the trainer's mixed precision (``mixed_precision_policy``). Called at the end of ``configure_model``;
-    does nothing under other strategies. With ``load`` (a ``Rank0Load`` made before the models were loaded) the models
-    of the ranks but the first are empty until rank 0's weights fill their shards here."""
+    mesh, with the trainer's mixed precision (``mixed_precision_policy``) and, under
+    ``FSDP2Strategy(cpu_offload=True)``, every shard on the host (``offload_policy``). Called at the end of
+    ``configure_model``; does nothing under other strategies. With ``load`` (a ``Rank0Load`` made before the models
+    were loaded) the models of the ranks but the first are empty until rank 0's weights fill their shards here (on
+    the host when offloaded)."""
     if module.device_mesh is None:
         return
     mesh = module.device_mesh["data_parallel"]
+    strategy = module.trainer.strategy
     policy = mixed_precision_policy(str(module.trainer.precision))
+    offload = offload_policy(strategy)
+    shard_device = torch.device("cpu") if offload is not None else strategy.root_device
     for model in models:
         if model is None:
             continue
         full_state = model.state_dict()  # on rank 0 its weights (not copies), kept whole until its shards are filled
         persistent = set(full_state)
-        fully_shard_model(model, mesh, policy)
+        fully_shard_model(model, mesh, policy, offload)
         if load is not None and load.active:
-            load.fill(model, full_state if not load.meta else {}, persistent, module.trainer.strategy.root_device)
+            load.fill(model, full_state if not load.meta else {}, persistent, shard_device)
         del full_state
     if load is not None and load.active:
         load.finish()
+
+
+def offload_policy(strategy):
+    """FSDP2's ``CPUOffloadPolicy`` when ``strategy`` is an ``FSDP2Strategy(cpu_offload=True)``, else ``None``. Host
+    memory is pinned for the copies to a GPU; on a CPU there is nothing to pin (torch refuses without an accelerator)
+    and the policy changes nothing but where FSDP2 says the shards live."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if not getattr(strategy, "cpu_offload", False):
+        return None
+    return CPUOffloadPolicy(pin_memory=strategy.root_device.type == "cuda")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (every argument of it) with one more: ``cpu_offload``.
+
+    Args:
+        cpu_offload: keep every model's parameter shards, their gradients and the optimiser's state in host memory
+            (FSDP2's ``CPUOffloadPolicy``, applied by ``fully_shard_models`` to every model each stage shards:
+            policy, reference, reward and value models). Each unit's shards are copied to the GPU for its forward and
+            backward and its reduced gradient copied back; AdamW steps on the CPU. The GPU then holds the units in
+            use, activations, logits and PPO's generation (KV cache, gathered policy) only. It costs two copies per
+            unit per step over PCIe and a CPU optimiser step, and host memory of ``memory.offloaded_memory`` per rank.
+
+    Why a strategy argument, not a module's: placing the model is the strategy's job, and Lightning's own
+    ``ModelParallelStrategy.model_to_device`` moves every parameter to the GPU after ``configure_model``, which FSDP2
+    refuses for offloaded shards at the first forward ("FSDP parameters should be materialized on CPU") after a
+    transient copy of every shard on the GPU, which is what offload must avoid. Here ``model_to_device`` moves
+    everything else (buffers such as RoPE's ``inv_freq``, metric states) and leaves the shards (``DTensor``
+    parameters) on the host, so the optimiser Lightning builds next is built over host parameters. Lightning's FSDP1
+    ``FSDPStrategy`` has an argument of the same name. Offloaded gradients are reduced for clipping, and ``Rank0Load``
+    broadcasts into host shards, as CPU tensors: on CUDA the process group is ``cpu:gloo,cuda:nccl`` unless
+    ``process_group_backend`` names another.
+    """
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: Literal["auto"] | int = "auto",
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        cpu_offload: bool = False,
+    ) -> None:
+        super().__init__(
+            data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend, timeout
+        )
+        self.cpu_offload = cpu_offload
+
+    def _get_process_group_backend(self) -> str:
+        if self.cpu_offload and self._process_group_backend is None and self.root_device.type == "cuda":
+            return "cpu:gloo,cuda:nccl"
+        return super()._get_process_group_backend()
+
+    def model_to_device(self) -> None:
+        if not self.cpu_offload:
+            return super().model_to_device()
+        from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+        from torch.distributed.tensor import DTensor
+
+        shards = [p for p in self.model.parameters() if isinstance(p, DTensor)]
+        if not shards:
+            raise ValueError(
+                "FSDP2Strategy(cpu_offload=True) found no fully_shard-ed parameter after configure_model: offload is "
+                "FSDP2's, so configure_model must shard the models (lightning_rlhf.strategies.fully_shard_models, as "
+                "every stage module does); or set cpu_offload: false"
+            )
+        device = self.root_device
+        self.model._apply(lambda tensor: tensor if isinstance(tensor, DTensor) else tensor.to(device))
+        _update_properties(self.model, device=device)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint the activations of every decoder block of a transformers model (each stage's
+    ``gradient_checkpointing``, for every model it trains): a block keeps only its input, and its forward runs again
+    in backward. transformers' non-reentrant ``torch.utils.checkpoint`` around each block, so the recomputation gets
+    the same arguments (attention mask, position ids, RoPE's cos/sin; ``tests/test_activation_checkpointing.py``) and
+    LoRA's frozen embeddings need no gradient at their output.
+
+    Called before ``fully_shard`` (the order does not matter to transformers' per-block flag). transformers 5.x
+    checkpoints a block's ``forward``, inside the module's hooks: FSDP2's gather and reshard hooks run once per
+    forward, and the recomputation runs after the block's pre-backward hook has gathered it for its backward. Older
+    releases checkpoint ``__call__``, FSDP2's hooks inside; FSDP2 handles that nesting too (``AC(fully_shard(m))``).
+    Under FSDP2, SFT with it matches DDP without it (``tests/sharded_script.py``).
+    """
+    from lightning_rlhf.lora import unwrap
+
+    inner = unwrap(model)
+    # Newer transformers name it activation_checkpointing_enable (the old name warns); both take the checkpoint's
+    # keyword arguments first.
+    enable = getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
 
 
 @contextmanager

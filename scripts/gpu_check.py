@@ -8,8 +8,10 @@ benchmarks, written to one report.
    without host-device synchronisation, generation on CUDA.
 2. Each stage under sharding on every visible GPU for a few steps through the CLI, from tiny random exports:
    ``configs/sft_fsdp.yaml`` (FSDP1), ``configs/ppo_fsdp2.yaml`` (FSDP2, bf16 mixed), and ``sft.yaml``, ``rm.yaml``,
-   ``dpo.yaml`` under FSDP2 in bf16 mixed precision; then sharded loading of a 1.2B float32 checkpoint under FSDP2:
-   seconds and peak host RSS per rank (its JSON at the end of the step's output).
+   ``dpo.yaml`` under FSDP2 in bf16 mixed precision, ``ppo_fsdp2.yaml`` again with CPU offload and activation
+   checkpointing; then sharded loading of a 1.2B float32 checkpoint under FSDP2: seconds and peak host RSS per rank,
+   and SFT of a 0.5B model two steps without and with CPU offload: peak GPU memory, seconds per step, losses (each
+   step's JSON at the end of its output).
 3. ``scripts/benchmark.py`` in bf16 on the random-init Llama configurations of issue 12 (0.5B: width 1024, 24
    layers; 1B: width 2048, 16 layers; vocabulary 32k) with full-length synthetic records: tokens/s, MFU against
    the card's bf16 peak, peak memory, and TRL beside ours where ``trl`` is installed; our SFT packed vs padded on
@@ -116,6 +118,11 @@ def config_runs(root: Path, devices: int) -> dict[str, list[str]]:
                                                f"--trainer.strategy.init_args.data_parallel_size={devices}",
                                                f"--model.init_args.model_name_or_path={sft}",
                                                f"--model.init_args.reward_model_name_or_path={rm}"],
+        "ppo_fsdp2.yaml (FSDP2, bf16-mixed, cpu_offload, gradient_checkpointing)": [
+            *cli, "--config", "configs/ppo_fsdp2.yaml", *common("ppo_fsdp2_offload"),
+            f"--trainer.strategy.init_args.data_parallel_size={devices}",
+            "--trainer.strategy.init_args.cpu_offload=true", "--model.init_args.gradient_checkpointing=true",
+            f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}"],
         "sft.yaml under FSDP2": [*cli, "--config", "configs/sft.yaml", *common("sft"), *fsdp2,
                                  f"--model.init_args.model_name_or_path={sft}"],
         "rm.yaml under FSDP2": [*cli, "--config", "configs/rm.yaml", *common("rm"), *fsdp2,
@@ -139,6 +146,23 @@ def sharded_load_run(root: Path, devices: int) -> list[str]:
     script = str(REPO / "tests" / "sharded_memory_script.py")
     return [sys.executable, script, str(root / "load" / "memory.json"), str(root / "load"), str(checkpoint),
             str(devices), "gpu"]  # fmt: skip
+
+
+def offload_run(root: Path, devices: int) -> list[str]:
+    """SFT of a 0.5B float32 model in bf16 mixed precision on every GPU, two steps without and two with CPU offload
+    (``tests/offload_gpu_script.py``): peak GPU memory over the steps, the model state per rank, where FSDP2 keeps
+    it, seconds per step and the losses of each run."""
+    from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)
+    shape = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+             "num_key_value_heads": 16, "vocab_size": 32000}  # fmt: skip
+    model = load_causal_lm(None, tokenizer, "float32", shape)
+    checkpoint = export_pretrained(model, tokenizer, root / "offload" / "sft")
+    script = str(REPO / "tests" / "offload_gpu_script.py")
+    return [sys.executable, script, str(root / "offload" / "report.json"), str(root / "offload"), str(checkpoint),
+            str(devices)]  # fmt: skip
 
 
 def run_benchmark(name: str, benchmark: list[str], results: Path, steps: str, timeout: int) -> dict:
@@ -210,6 +234,8 @@ def main() -> None:
             record(report, run(name, command, args.timeout), path)
         load = sharded_load_run(Path(tmp), devices)
         record(report, run(f"sharded loading, 1.2B float32 on {devices} GPU(s)", load, args.timeout), path)
+        offload = offload_run(Path(tmp), devices)
+        record(report, run(f"SFT 0.5B without and with CPU offload on {devices} GPU(s)", offload, args.timeout), path)
     if not args.skip_benchmarks:
         for name, benchmark in {**BENCHMARKS, **(VLLM_BENCHMARKS if vllm else {})}.items():
             record(report, run_benchmark(name, benchmark, path.parent / "benchmarks", args.steps, args.timeout), path)

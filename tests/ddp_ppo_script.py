@@ -1,11 +1,13 @@
 """Run by tests/test_distributed.py: PPO fitted with DDP (default: on 2 CPU processes), then again from the same start
-with FSDP2 (``ModelParallelStrategy``), adaptive β on.
+with FSDP2 (``ModelParallelStrategy``; the run without a value head with CPU offload,
+``FSDP2Strategy(cpu_offload=True)``), adaptive β on.
 
     python tests/ddp_ppo_script.py OUT.json ROOT_DIR SFT_EXPORT REWARD_MODEL_EXPORT [cpu|cuda] [DEVICES]
 
 Rank 0 writes what every rank held after the DDP run's 3 rollouts (weight checksums, β, the first prompt each rank
-met) and β after the FSDP2 run; both runs export their policy to ROOT_DIR/ddp and ROOT_DIR/fsdp2, and the same
-two runs with ``value_head=True`` to ROOT_DIR/ddp_head and ROOT_DIR/fsdp2_head.
+met), β after the FSDP2 run and what each of its models had offloaded (``tests.helpers.offloaded_parameters``); both
+runs export their policy to ROOT_DIR/ddp and ROOT_DIR/fsdp2, and the same two runs with ``value_head=True`` to
+ROOT_DIR/ddp_head and ROOT_DIR/fsdp2_head.
 """
 
 import sys
@@ -15,7 +17,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_rlhf import PPOModule, PromptDataModule, strategies
-from tests.helpers import finish
+from tests.helpers import finish, offloaded_parameters
 
 
 def checksum(model) -> float:
@@ -78,8 +80,10 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str, accelerator: str =
     def fsdp2():
         return ModelParallelStrategy(data_parallel_size=n, tensor_parallel_size=1)
 
-    _, sharded = fit(fsdp2(), root, sft_dir, rm_dir, "fsdp2", accelerator, n)
+    offload = strategies.FSDP2Strategy(data_parallel_size=n, tensor_parallel_size=1, cpu_offload=True)
+    _, sharded = fit(offload, root, sft_dir, rm_dir, "fsdp2", accelerator, n)
     report["fsdp2_kl_coefs"] = gathered(sharded.kl_coef)
+    report["offloaded"] = offloaded_parameters(sharded)
     report["sharded_inside_outside_gathered"] = sharding_around_generation(sharded)
     # The value function as a head on the policy, both ways.
     fit("ddp", root, sft_dir, rm_dir, "ddp_head", accelerator, n, value_head=True)

@@ -192,3 +192,30 @@ def caches_seen(model: torch.nn.Module) -> list[type]:
 
     model.register_forward_pre_hook(record, with_kwargs=True)
     return seen
+
+
+def offloaded_parameters(module: torch.nn.Module) -> dict[str, list[int]]:
+    """For each model attribute of a stage module (``model``, ``value_model``, ``value_head``, ``ref_model``,
+    ``reward_model``): ``[parameters, FSDP2 shards offloaded to the host, of those on the CPU with their gradient and
+    optimiser state there too]`` as FSDP2 records them (its per-parameter ``offload_to_cpu``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    report = {}
+    optimizer = module.trainer.optimizers[0] if module.trainer.optimizers else None
+    for name in ("model", "value_model", "value_head", "ref_model", "reward_model"):
+        model = getattr(module, name, None)
+        if model is None:
+            continue
+        offloaded = [
+            fsdp_param.sharded_param
+            for unit in model.modules() if isinstance(unit, FSDPModule)
+            for group in unit._get_fsdp_state()._fsdp_param_groups
+            for fsdp_param in group.fsdp_params if fsdp_param.offload_to_cpu
+        ]  # fmt: skip
+        on_host = [
+            p for p in offloaded
+            if p.device.type == "cpu" and (p.grad is None or p.grad.device.type == "cpu")
+            and all(s.device.type == "cpu" for s in (optimizer.state.get(p, {}).values() if optimizer else ()))
+        ]  # fmt: skip
+        report[name] = [sum(1 for _ in model.parameters()), len(offloaded), len(on_host)]
+    return report

@@ -3,10 +3,13 @@
 
     python tests/sharded_script.py ROOT_DIR SFT_EXPORT COMPARISONS.jsonl DEMONSTRATIONS.jsonl [cpu|cuda] [DEVICES]
 
-Writes ROOT_DIR/{sft,rm,dpo}_{ddp,fsdp2,fsdp1}: 3 steps each, gradient norm clipped at 1, the reward model
-normalised on the demonstrations; FSDP2's SFT with activation checkpointing. Defaults: 2 CPU processes (gloo).
+Writes ROOT_DIR/{sft,rm,dpo}_{ddp,fsdp2,fsdp2_offload,fsdp1}: 3 steps each, gradient norm clipped at 1, the
+reward model normalised on the demonstrations; FSDP2's SFT with activation checkpointing; ``fsdp2_offload`` is FSDP2
+with ``FSDP2Strategy(cpu_offload=True)``, and ROOT_DIR/offload.json what each stage's models had offloaded
+(``tests.helpers.offloaded_parameters``). Defaults: 2 CPU processes (gloo).
 """
 
+import json
 import sys
 
 import lightning as L
@@ -15,7 +18,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, DPOModule, RewardModule, SFTModule
-from tests.helpers import end_distributed
+from lightning_rlhf.strategies import FSDP2Strategy
+from tests.helpers import end_distributed, offloaded_parameters
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -69,17 +73,25 @@ def main(root: str, sft_dir: str, comparisons: str, demonstrations: str, acceler
     strategies = {
         "ddp": lambda: "ddp",
         "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=n, tensor_parallel_size=1),
+        "fsdp2_offload": lambda: FSDP2Strategy(data_parallel_size=n, tensor_parallel_size=1, cpu_offload=True),
         "fsdp1": lambda: fsdp1(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="full"),
     }
+    offload = {}
     for stage, build in stages.items():
         for name, strategy in strategies.items():
             L.seed_everything(0)
             module, data = build(f"{root}/{stage}_{name}")
-            L.Trainer(
+            trainer = L.Trainer(
                 accelerator=accelerator, devices=n, strategy=strategy(), max_steps=3, gradient_clip_val=1.0,
                 logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                 default_root_dir=root, limit_val_batches=0,
-            ).fit(module, data)  # fmt: skip
+            )  # fmt: skip
+            trainer.fit(module, data)
+            if name == "fsdp2_offload":
+                offload[stage] = offloaded_parameters(module)
+    if trainer.is_global_zero:
+        with open(f"{root}/offload.json", "w") as out:
+            json.dump(offload, out)
     end_distributed()
 
 

@@ -94,6 +94,11 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
     # FSDP2 (ModelParallelStrategy) from the same start on the same prompts: each forward gathers the full weights,
     # so rollouts, β and the gathered export match DDP's up to the order of gradient reductions.
     assert report["fsdp2_kl_coefs"] == pytest.approx(report["kl_coefs"], rel=1e-6)
+    # That run offloads (FSDP2Strategy(cpu_offload=True)): every parameter of all four models, with its gradient and
+    # AdamW state, on the host as FSDP2 records it (a model left out of the policy fails here).
+    assert sorted(report["offloaded"]) == ["model", "ref_model", "reward_model", "value_model"]
+    for name, (parameters, on_host, with_state_on_host) in report["offloaded"].items():
+        assert parameters > 0 and parameters == on_host == with_state_on_host, name
     # Generation keeps the policy gathered across decode steps, and it is sharded again afterwards.
     assert report["sharded_inside_outside_gathered"] == [False, True]
     # The same with the value function as a head on the policy (its gradient reaches the policy too).
@@ -151,7 +156,11 @@ def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path, acce
     (forwards every rank makes on the same data; under FSDP1 they crashed with "'weight' must be 2-D" outside the
     root module's forward, and no export was written). FSDP1's DPO export failed too, on the reference's weights left
     out of the state dict. The start has tied embeddings, which FSDP2 refused while the backbone was its own unit.
-    FSDP2's SFT also checkpoints each block's activations (recomputed in backward, gathered again by FSDP2)."""
+    FSDP2's SFT also checkpoints each block's activations (recomputed in backward, gathered again by FSDP2).
+    FSDP2 with CPU offload (``FSDP2Strategy(cpu_offload=True)``) matches too, and FSDP2 recorded every parameter of
+    every model (DPO's reference included) as offloaded, on the CPU with its gradient and AdamW state. On a CPU the
+    shards are on the host anyway: this catches a model left out of the policy, not a shard moved to a GPU
+    (``test_offloaded_shards_stay_on_the_host_when_the_rest_moves_to_the_device`` and ``scripts/gpu_check.py`` do)."""
     sft_dir = make_tiny_export(tmp_path / "sft", tied=True)
     comparisons = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     demonstrations = tmp_path / "demonstrations.jsonl"
@@ -165,15 +174,23 @@ def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path, acce
         ddp = load_file(tmp_path / f"{stage}_ddp" / "model.safetensors")
         moved = "model.layers.0.mlp.up_proj.weight"
         assert not torch.equal(ddp[moved], start[moved]), stage
-        for sharded in ("fsdp2", "fsdp1"):
+        for sharded in ("fsdp2", "fsdp2_offload", "fsdp1"):
             weights = load_file(tmp_path / f"{stage}_{sharded}" / "model.safetensors")
             assert ddp.keys() == weights.keys()
             for name, weight in ddp.items():
                 torch.testing.assert_close(
                     weights[name], weight, atol=1e-5, rtol=1e-4, msg=f"{stage} {sharded}: {name}"
                 )
-    offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{name}").reward_offset for name in ("ddp", "fsdp2", "fsdp1")]
-    assert offsets[0] != 0 and offsets[1:] == pytest.approx([offsets[0]] * 2, abs=1e-5)
+    names = ("ddp", "fsdp2", "fsdp2_offload", "fsdp1")
+    offsets = [AutoConfig.from_pretrained(tmp_path / f"rm_{name}").reward_offset for name in names]
+    assert offsets[0] != 0 and offsets[1:] == pytest.approx([offsets[0]] * 3, abs=1e-5)
+    offloaded = json.loads((tmp_path / "offload.json").read_text())
+    assert {stage: sorted(models) for stage, models in offloaded.items()} == {
+        "sft": ["model"], "rm": ["model"], "dpo": ["model", "ref_model"]
+    }  # fmt: skip
+    for stage, models in offloaded.items():
+        for name, (parameters, on_host, with_state_on_host) in models.items():
+            assert parameters > 0 and parameters == on_host == with_state_on_host, (stage, name)
 
 
 @pytest.mark.slow

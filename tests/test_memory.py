@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from lightning_rlhf import DemonstrationDataModule, SFTModule, memory
-from lightning_rlhf.memory import Generation, Layout, ModelCount, count_model, estimate_memory, fit_options
+from lightning_rlhf.memory import (
+    Generation,
+    Layout,
+    ModelCount,
+    count_model,
+    estimate_memory,
+    fit_options,
+    offloaded_memory,
+)
 
 # A float32 policy (1,000 parameters, all trained), its frozen float32 reference, a bf16 value model (500, trained).
 MODELS = [
@@ -57,6 +65,40 @@ def test_fit_options_lists_only_the_changes_that_fit_alone():
     assert offered(15280) == [("lora", 11620), ("dtype:", 14120), ("ModelParallelStrategy", 10120), ("a", 15280)]
 
 
+def test_cpu_offload_moves_parameters_gradients_and_adamw_state_to_the_host():
+    """The 2-shard run above with FSDP2's CPU offload: the device keeps the KV cache 5120 and the policy gathered for
+    generation 2000 (7,120); the host holds per rank what the device held, policy 2000 + reference 2000 + value 500 +
+    gradients 2500 + AdamW 5000 = 12,000. Without offload the host holds none of it.
+
+    Mutations caught: the model state counted on both (device 19,120); gradients or AdamW state left on the device;
+    the gathered policy dropped with offload (FSDP2 gathers it onto the device all the same)."""
+    offloaded = Layout(ranks=2, sharded=True, offload=True)
+    assert estimate_memory(MODELS, offloaded, GENERATION) == {
+        "generation KV cache": 5120, "policy gathered for generation": 2000,
+    }  # fmt: skip
+    assert offloaded_memory(MODELS, offloaded) == {
+        "policy parameters": 2000, "reference parameters": 2000, "value model parameters": 500, "gradients": 2500,
+        "AdamW state": 5000,
+    }  # fmt: skip
+    assert offloaded_memory(MODELS, Layout(ranks=2, sharded=True)) == {}
+
+
+def test_fit_options_offers_cpu_offload_only_where_the_host_holds_it():
+    """The 2-shard run (device 19,120) against a device of 8,000: no other option fits alone (LoRA 11,620, bf16
+    14,120, 8 ranks 10,120, a quarter of the rows 15,280), offload does (7,120 on the device) when each rank has the
+    12,000 it puts on the host: offered with 12,000 free per rank, not with 11,999, nor on a CPU (``None``: offload
+    there moves nothing). Replicated (DDP, 2 ranks, device 29,120), offload means FSDP2 over the same 2 ranks: the
+    same 7,120 and 12,000.
+
+    Mutations caught: offload offered without checking the host; its total computed without moving the model state."""
+    sharded, replicated = Layout(ranks=2, sharded=True), Layout(ranks=2, sharded=False)
+    [(name, total)] = fit_options(MODELS, sharded, GENERATION, 8000, host_per_rank=12000)
+    assert name.startswith("cpu_offload") and total == 7120
+    assert fit_options(MODELS, sharded, GENERATION, 8000, host_per_rank=11999) == []
+    assert fit_options(MODELS, sharded, GENERATION, 8000) == []
+    assert [total for _, total in fit_options(MODELS, replicated, GENERATION, 8000, host_per_rank=12000)] == [7120]
+
+
 def test_count_model_counts_whole_trainable_and_storage_bytes():
     """A 4→3 linear (15 parameters) frozen beside a trained 3→2 one (8): 23 parameters, 8 trainable, 4 bytes;
     the same in bf16: 2 bytes. Mutation caught: counting frozen parameters as trainable."""
@@ -96,6 +138,29 @@ def test_a_run_that_cannot_fit_the_host_is_logged_then_refused_before_step_1(
             assert steps == [1]
     assert "memory per rank" in caplog.text
     assert f"policy parameters {memory.format_bytes(parameters * 4)}" in " ".join(caplog.text.split())
+
+
+@pytest.mark.parametrize("host_parameters", [100, 15])
+def test_a_run_over_its_gpu_is_offered_cpu_offload_when_the_host_holds_the_model_state(
+    tiny_model_dir, tmp_path, monkeypatch, host_parameters
+):
+    """SFT (16·P bytes: parameters, gradients, AdamW) against a GPU of 10·P bytes (``device_capacity`` stands in for a
+    CUDA device on this CPU run): refused before step 1. With a host of 100·P bytes the advice names CPU offload,
+    with nothing left on the device (0 bytes) and 16·P on the host; with a host of 15·P it does not (the state would
+    not fit there). Mutations caught: offload offered whatever the host holds; the host never consulted."""
+    module = SFTModule(tiny_model_dir)
+    module.configure_model()
+    parameters = sum(p.numel() for p in module.model.parameters())
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 10 * parameters)
+    monkeypatch.setattr(memory, "host_capacity", lambda: host_parameters * parameters)
+    data = DemonstrationDataModule(tokenizer_name_or_path=tiny_model_dir, batch_size=2, val_fraction=0.0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(memory.DoesNotFit) as error:
+        trainer.fit(SFTModule(tiny_model_dir), data)
+    offload = "cpu_offload (FSDP2Strategy: parameters, gradients, AdamW state on the host, "
+    offload += f"{memory.format_bytes(16 * parameters)}/rank) → 0.00 MiB"
+    assert (offload in str(error.value)) == (host_parameters == 100), str(error.value)
 
 
 def test_validation_alone_is_estimated_without_gradients_or_optimiser_state(

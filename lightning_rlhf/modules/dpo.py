@@ -51,7 +51,13 @@ from lightning_rlhf.models import (
 )
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.shared_forward import check_shared_prompt_attention, response_logprobs
-from lightning_rlhf.strategies import Rank0Load, clip_gradients, fully_shard_models, reset_float32
+from lightning_rlhf.strategies import (
+    Rank0Load,
+    clip_gradients,
+    enable_activation_checkpointing,
+    fully_shard_models,
+    reset_float32,
+)
 from lightning_rlhf.validation import check_range
 
 METRICS = (
@@ -130,7 +136,9 @@ class DPOModule(L.LightningModule):
             optimizer: built over the policy's parameters once the model exists.
             scheduler: stepped every optimiser step.
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
-            gradient_checkpointing: trade compute for activation memory (policy only).
+            gradient_checkpointing: keep only each decoder block's input and recompute the block in backward, for
+                the trained policy (``strategies.enable_activation_checkpointing``; the reference keeps no
+                activations); about one forward more per step.
             lora: train LoRA adapters (``peft``) on the frozen SFT model; the reference is then the same model with
                 the adapter switched off, so no second copy is loaded. The export holds the merged model and, in
                 ``export_dir/adapter``, the adapter alone. One device, DDP or FSDP2 (not FSDP1).
@@ -168,7 +176,7 @@ class DPOModule(L.LightningModule):
         hp, load = self.hparams, Rank0Load(self)
         self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, meta=load.meta)
         if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model)
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
         disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0

@@ -92,7 +92,7 @@ from lightning_rlhf.rollout import (
 )
 from lightning_rlhf.scoring import import_reward_fn
 from lightning_rlhf.shared_rollout import PaddedRollouts, SharedRollouts
-from lightning_rlhf.strategies import Rank0Load, fully_shard_models, reset_float32
+from lightning_rlhf.strategies import Rank0Load, enable_activation_checkpointing, fully_shard_models, reset_float32
 from lightning_rlhf.validation import check_range
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
@@ -204,7 +204,9 @@ class PPOModule(L.LightningModule):
                 once they exist.
             scheduler: stepped every optimiser step.
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
-            gradient_checkpointing: trade compute for activation memory (policy and value model).
+            gradient_checkpointing: keep only each decoder block's input and recompute the block in backward, for
+                the trained models, policy and value model (``strategies.enable_activation_checkpointing``);
+                about one forward more per minibatch. Rollouts run without gradients and are unaffected.
             value_head: the value function is a linear head on the policy's last hidden state (one model fewer in
                 memory, one forward fewer per step; initialised from the reward model's head), instead of a separate
                 network initialised from the whole reward model.
@@ -327,7 +329,7 @@ class PPOModule(L.LightningModule):
             if trained is not None:
                 disable_dropout(trained)
                 if hp.gradient_checkpointing:
-                    trained.gradient_checkpointing_enable()
+                    enable_activation_checkpointing(trained)
         models = (self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
         fully_shard_models(self, *models, load=load)
         names = ("policy", "value model", "value head", "reference", "reward model")

@@ -36,7 +36,13 @@ from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.optim import optimizer_config
 from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.shared_forward import check_shared_prompt_attention, shared_rewards
-from lightning_rlhf.strategies import Rank0Load, clip_gradients, fully_shard_models, reset_float32
+from lightning_rlhf.strategies import (
+    Rank0Load,
+    clip_gradients,
+    enable_activation_checkpointing,
+    fully_shard_models,
+    reset_float32,
+)
 from lightning_rlhf.validation import check_range
 
 
@@ -78,7 +84,8 @@ class RewardModule(L.LightningModule):
             optimizer: built over the trainable parameters once the model exists.
             scheduler: stepped every optimiser step.
             export_dir: where the reward model and tokenizer are saved (``save_pretrained``) when fit ends.
-            gradient_checkpointing: trade compute for activation memory.
+            gradient_checkpointing: keep only each decoder block's input and recompute the block in backward
+                (``strategies.enable_activation_checkpointing``); about one forward more per step.
             lora: train LoRA adapters (``peft``) on the frozen backbone, and the scalar head in full (``peft``'s
                 ``modules_to_save``); checkpoints then hold only those (the base is rebuilt from
                 ``model_name_or_path``), and the export holds the merged reward model and, in ``export_dir/adapter``,
@@ -112,7 +119,7 @@ class RewardModule(L.LightningModule):
         if hp.reward_token is not None:  # load_reward_model grew the embedding to the added token
             setattr(self.model.config, TOKEN_KEY, self.tokenizer.convert_tokens_to_ids(hp.reward_token))
         if hp.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model)
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora, task_type="SEQ_CLS")
         fully_shard_models(self, self.model, load=load)
