@@ -34,11 +34,12 @@ def reward_model_agreement(summary: dict, limits: Thresholds) -> Iterator[Findin
     for name, entry in summary.items():
         accuracy = entry.get("rm_pairwise_accuracy_vs_gold") if isinstance(entry, dict) else None
         if accuracy is not None and accuracy < limits.min_rm_agreement:
-            yield name, (
+            message = (
                 f"agrees with the judge on {accuracy:.3f} of {entry.get('rm_eval_pairs', 0):.0f} held-out pairs "
                 f"(< {limits.min_rm_agreement}): RL against it follows its mistakes; rank more prompts, lower the "
                 "labeller's noise or train it longer"
             )
+            yield name, message
 
 
 def policy_against_sft(summary: dict, limits: Thresholds) -> Iterator[Finding]:
@@ -52,11 +53,12 @@ def policy_against_sft(summary: dict, limits: Thresholds) -> Iterator[Finding]:
         sampled = entry["gold_sampled"] - sft["gold_sampled"]
         change = f"greedy {greedy:+.3f}, sampled {sampled:+.3f} against SFT"
         if greedy < -limits.min_change and sampled > limits.min_change:
-            yield name, (
+            message = (
                 f"trades greedy quality for sampled ({change}): it sharpened the sampling distribution rather than "
                 "improving its best answer; check the reward model's agreement, lower the learning rate or raise the "
                 "KL coefficient"
             )
+            yield name, message
         elif greedy < -limits.min_change and sampled < -limits.min_change:
             yield name, f"worse than SFT both ways ({change}): its reward does not follow the judge"
 
@@ -65,29 +67,32 @@ def kl_bound(summary: dict, limits: Thresholds) -> Iterator[Finding]:
     for name, curve in summary.get("curves", {}).items():
         kl = curve.get("kl")
         if kl and kl[-1] > limits.max_kl:
-            yield name, (
+            message = (
                 f"ends {kl[-1]:.2f} nats from the SFT model (> {limits.max_kl}): far from the reference the reward "
                 "model is out of its data; raise kl_coef, set target_kl or stop earlier"
             )
+            yield name, message
 
 
 def empty_responses(summary: dict, limits: Thresholds) -> Iterator[Finding]:
     for name, curve in summary.get("curves", {}).items():
         empty = curve.get("empty_fraction")
         if empty and empty[-1] - empty[0] > limits.max_empty_rise:
-            yield name, (
+            message = (
                 f"empty responses rose from {empty[0]:.3f} to {empty[-1]:.3f} of the rollouts: the reward prefers "
                 "saying nothing; give empty responses low scores in the comparisons or the judge"
             )
+            yield name, message
 
 
 def sft_still_learning(summary: dict, limits: Thresholds) -> Iterator[Finding]:
     loss = summary.get("curves", {}).get("sft", {}).get("val_loss", [])
     if len(loss) >= 2 and loss[-1] < loss[-2] * (1 - limits.min_val_loss_drop):
-        yield "sft", (
+        message = (
             f"validation loss still falling at the end ({loss[-2]:.3f} -> {loss[-1]:.3f}): train it longer "
             "(trainer.max_steps) before the later stages start from it"
         )
+        yield "sft", message
 
 
 CHECKS: tuple[Callable[[dict, Thresholds], Iterator[Finding]], ...] = (

@@ -338,7 +338,9 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
             summary[name] = reward_accuracy(directory, held_out, samples, judge)
         if reward_models:
             summary["best_of_n"] = best_of_n_curve(
-                reward_models["reward_model"], held_out, sft_samples(sft, held_out, BEST_OF, args.temperature, seed=2),
+                reward_models["reward_model"],
+                held_out,
+                sft_samples(sft, held_out, BEST_OF, args.temperature, seed=2),
                 judge,
             )
     else:
@@ -418,8 +420,10 @@ def configs_error(configs: Path, stages: list[str], overoptimization: bool) -> s
     needed = {STAGE_CONFIGS[stage] for stage in stages} | ({"ppo.yaml"} if overoptimization else set())
     missing = sorted(name for name in needed if not (configs / name).is_file())
     if missing:
-        return (f"--configs {configs}: no {', '.join(missing)} there. The stage configs ship in the repository's "
-                "configs/ directory: run from a clone (pip install -e .) or pass --configs path/to/clone/configs")
+        return (
+            f"--configs {configs}: no {', '.join(missing)} there. The stage configs ship in the repository's "
+            "configs/ directory: run from a clone (pip install -e .) or pass --configs path/to/clone/configs"
+        )
     return None
 
 

@@ -476,7 +476,6 @@ class PPOModule(L.LightningModule):
         experience = correct_for_engine(experience, hp.engine_is_correction, hp.engine_is_cap)
         return experience._replace(reward_parts=parts)
 
-
     def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
         """``(b,)`` float32 ``fn(prompt, response)`` on the decoded texts, without special tokens."""
         prompts = self.tokenizer.batch_decode(rollout.sequences[:, : rollout.prompt_length], skip_special_tokens=True)
