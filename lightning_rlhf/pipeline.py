@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -89,6 +90,12 @@ RM_ROUND_LR = 3e-4
 # Stages in the order they run, each with its config under --configs; the RL ones train a policy from SFT against
 # the reward model, ``ppo_gold_reward`` against the judge itself (what a perfect reward model would give). Without
 # --stages: the toy run of the README (less ppo_gold_reward when there is no judge).
+# On your own task (--demonstrations / --prompts) SFT and the reward model train for passes over your data, not for
+# the toy's step counts: the toy's own lengths in passes (SFT 600 steps of 32 = 10 passes over 1,900 demonstrations;
+# the reward model 2,400 steps of 64 = 11 passes over about 14,400 ranked prompts). Checks: validations per stage.
+OWN_SFT_PASSES = 10.0
+OWN_RM_PASSES = 11.0
+PASS_CHECKS = 4
 RL_CONFIGS = {"ppo": "ppo.yaml", "grpo": "grpo.yaml", "rloo": "rloo.yaml"}
 STAGE_CONFIGS = {"sft": "sft.yaml", "rm": "rm.yaml", **RL_CONFIGS, "ppo_gold_reward": "ppo.yaml", "dpo": "dpo.yaml"}
 STAGES = tuple(STAGE_CONFIGS)
@@ -154,6 +161,18 @@ def side_by_side(
     return {stage: future.result() for stage, future in futures.items()}
 
 
+def steps_for_passes(config: Path, source: str, kind: str, passes: float) -> int:
+    """Optimiser steps for ``passes`` over the training share of ``source``'s ``kind`` records, at ``config``'s
+    ``data.init_args`` ``batch_size`` and ``val_fraction``: 2,000 records, 0.05 held out, batches of 32, 10 passes
+    -> ceil(10 · 1,900 / 32) = 594."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    records, _ = read_records(source, kind)
+    train = len(records) * (1 - (data.get("val_fraction") or 0.0))
+    return max(1, math.ceil(passes * train / data["batch_size"]))
+
+
 def write_prompts(path: Path, n: int, seed: int, exclude: set[str]) -> Path:
     """``n`` fresh toy prompts, none of them in ``exclude`` (the held-out evaluation prompts)."""
     prompts = [record for record in make_prompts(n + len(exclude), seed=seed) if record["prompt"] not in exclude]
@@ -199,11 +218,12 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     if train_prompts is not None:
         train_prompts_path = write_jsonl_atomic([{"prompt": p} for p in train_prompts], pipeline / "prompts.jsonl")
 
-    def fit(stage: str, config: str, *extra: str, scheduler: bool = True, steps: int | None = None) -> dict:
+    def fit(stage: str, config: str, *extra: str, scheduler: bool = True, steps: int | None = None,
+            checks: int = 1) -> dict:  # fmt: skip
         """``{stage: arguments}`` of one ``lightning-rlhf fit`` of ``config`` (under ``--configs``) writing under
         ``outputs/stage``; ``steps`` (or ``--max_steps``, which wins) overrides the config's optimiser steps,
-        validation interval and schedule length. A stage of ``STAGES`` not asked for gives ``{}``: the later stages
-        reuse its export under ``outputs``."""
+        schedule length and validation interval (``checks`` validations in all). A stage of ``STAGES`` not asked for
+        gives ``{}``: the later stages reuse its export under ``outputs``."""
         if stage in STAGES and stage not in stages:
             return {}
         where = outputs / stage
@@ -212,7 +232,7 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
                      f"--data.init_args.seed={seed}"]  # fmt: skip
         steps = args.max_steps or steps
         if steps:
-            overrides += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
+            overrides += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={max(1, steps // checks)}"]
             if scheduler:
                 overrides.append(f"--model.init_args.scheduler.init_args.total_iters={steps}")
         return {stage: ["fit", "--config", shown(args.configs / config), *overrides, *extra]}
@@ -255,7 +275,13 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     sft = outputs / "sft" / "hf"
     own = [f"--data.init_args.train_path={args.demonstrations}"] if args.demonstrations else []
     own += [f"--model.init_args.model_name_or_path={args.model}"] if args.model else []
-    together(fit("sft", "sft.yaml", *own))
+    # Your task's SFT and reward model train for passes over your data (the toy run: for its configs' steps).
+    own_task = args.demonstrations is not None or train_prompts is not None
+    sft_steps = None
+    if "sft" in stages and (args.demonstrations or args.sft_passes):
+        sft_steps = steps_for_passes(args.configs / "sft.yaml", args.demonstrations or "toy:demonstrations",
+                                     "demonstration", args.sft_passes or OWN_SFT_PASSES)  # fmt: skip
+    together(fit("sft", "sft.yaml", *own, steps=sft_steps, checks=PASS_CHECKS if sft_steps else 1))
     if args.label == "people":
         together(sample("samples", sft, 1)[1])
         return None
@@ -271,7 +297,11 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     from_sft = f"--model.init_args.model_name_or_path={sft}"
     # Rewards centred on the demonstrations: the toy's, or the user's own.
     toy_normalization = f"--data.init_args.normalize_path={args.demonstrations or 'toy:demonstrations'}"
-    together(fit("rm", "rm.yaml", from_sft, f"--data.init_args.train_path={first}", toy_normalization))
+    rm_steps = None
+    if "rm" in stages and (own_task or args.rm_passes):
+        rm_steps = steps_for_passes(args.configs / "rm.yaml", str(first), "comparison", args.rm_passes or OWN_RM_PASSES)
+    together(fit("rm", "rm.yaml", from_sft, f"--data.init_args.train_path={first}", toy_normalization, steps=rm_steps,
+                 checks=PASS_CHECKS if rm_steps else 1))
     against_rm = (f"--model.init_args.reward_model_name_or_path={outputs / 'rm' / 'hf'}", *watch)
     trained_on_rankings = [rl(name, sft, *against_rm, config=config) for name, config in RL_CONFIGS.items()]
     if args.overoptimization:  # no KL penalty, 3x the learning rate, twice the rollouts: past the gold optimum
@@ -487,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the command that resumes with --comparisons")  # fmt: skip
     parser.add_argument("--comparisons", default=None, help="comparison records (label --aggregate's output) for rm "
                         "and dpo instead of sampling and ranking; reuses OUTPUTS/sft/hf when it is there")  # fmt: skip
+    parser.add_argument("--sft_passes", type=float, default=None, help="SFT's passes over the "
+                        f"demonstrations (default on your task {OWN_SFT_PASSES:g}, the toy's; on the toy sft.yaml's "
+                        "steps)")  # fmt: skip
+    parser.add_argument("--rm_passes", type=float, default=None, help="the reward model's passes over "
+                        f"the ranked prompts (default on your task {OWN_RM_PASSES:g}, the toy's; on the toy rm.yaml's "
+                        "steps)")  # fmt: skip
     parser.add_argument("--model", default=None, help="local Hugging Face base model for SFT (default: embedded)")
     parser.add_argument("--stages", nargs="+", default=None, help=f"any of {', '.join(STAGES)} (default: "
                         f"{' '.join(DEFAULT_STAGES)})")  # fmt: skip
