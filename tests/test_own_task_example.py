@@ -90,26 +90,33 @@ def overrides(command: list[str], name: str) -> list[str]:
     return [arg.split("=", 1)[1] for arg in command if arg.startswith(f"--{name}=")]
 
 
-def test_own_task_trains_sft_and_the_reward_model_for_passes_the_toy_for_its_configs_steps(monkeypatch, tmp_path):
-    """On one's own task, 200 demonstrations: SFT (batch 32, 0.05 held out) for the default 10 passes is
-    ceil(10 · 190 / 32) = 60 steps, validated every 60 // 4 = 15, its schedule 60 long; the reward model on the 100
-    comparison records (batch 64, 0.1 held out) for --rm_passes 3 is ceil(3 · 90 / 64) = 5 steps, validated every
-    max(1, 5 // 4) = 1. The toy run (no --demonstrations) keeps its configs' steps: no step override at all.
-    Catches: the passes counted over every record rather than the training share, the toy's steps changed, the
-    option ignored, and the schedule left at the config's 600 steps (the learning rate would not decay)."""
+def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_toy_for_its_steps(monkeypatch, tmp_path):
+    """On one's own task, 200 demonstrations: one SFT pass (batch 32, 0.05 held out) is 190 / 32 = 5.9375 steps, so
+    the default 40 passes are ceil(237.5) = 238 steps, the schedule 238 long, validated every round(5.9375) = 6 steps,
+    with EarlyStopping on val/loss (min, patience 3). The reward model on the 100 comparison records (batch 64, 0.1
+    held out: 90 / 64 = 1.40625 steps a pass) for --rm_passes 3 is ceil(4.21875) = 5 steps, validated every step,
+    EarlyStopping on val/accuracy (max). The toy run (no --demonstrations) keeps its configs' steps: no step
+    override, no EarlyStopping. Catches: the passes counted over every record rather than the training share, the
+    toy's commands changed, --rm_passes ignored, the schedule left at the config's length (the learning rate would
+    not decay), and early stopping watching the wrong metric or direction (an RM stopped when accuracy rises)."""
     make_data.main(["--output", str(tmp_path), "--demonstrations", "200", "--prompts", "60"])
     own = recorded_fits(["--demonstrations", str(tmp_path / "demonstrations.jsonl"), "--prompts",
                          str(tmp_path / "prompts.jsonl"), "--judge", "examples.own_task.judge.score",
                          "--eval_prompts", "10", "--rm_passes", "3"], monkeypatch, tmp_path)  # fmt: skip
-    assert overrides(own["sft"], "trainer.max_steps") == [str(math.ceil(10 * 190 / 32))] == ["60"]
-    assert overrides(own["sft"], "trainer.val_check_interval") == ["15"]
-    assert overrides(own["sft"], "model.init_args.scheduler.init_args.total_iters") == ["60"]
+    assert overrides(own["sft"], "trainer.max_steps") == [str(math.ceil(40 * 190 / 32))] == ["238"]
+    assert overrides(own["sft"], "trainer.val_check_interval") == ["6"]
+    assert overrides(own["sft"], "model.init_args.scheduler.init_args.total_iters") == ["238"]
     assert overrides(own["rm"], "trainer.max_steps") == ["5"]
     assert overrides(own["rm"], "trainer.val_check_interval") == ["1"]
+    for stage, monitor, mode in (("sft", "val/loss", "min"), ("rm", "val/accuracy", "max")):
+        assert "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping" in own[stage]
+        assert overrides(own[stage], "trainer.callbacks.monitor") == [monitor]
+        assert overrides(own[stage], "trainer.callbacks.mode") == [mode]
     toy = recorded_fits(["--rank_prompts", "100"], monkeypatch, tmp_path)
     for stage in ("sft", "rm"):
         assert not overrides(toy[stage], "trainer.max_steps")
         assert not overrides(toy[stage], "trainer.val_check_interval")
+        assert not any("EarlyStopping" in arg for arg in toy[stage])
 
 
 @pytest.mark.slow
