@@ -122,24 +122,26 @@ def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_to
 @pytest.mark.slow
 def test_pipeline_runs_the_worked_example_with_only_the_users_judge(tmp_path):
     """The README's worked example, shrunk: make_data.py (60 demonstrations, 40 prompts) then ``lightning-rlhf
-    pipeline`` with ``--judge examples.own_task.judge.score`` and every stage of the bar (sft rm ppo grpo dpo), 2 steps
-    a stage, from the clone's root. Catches: the example's files or judge path not what the pipeline reads (a
-    generator writing elsewhere, a judge module that does not import from the clone's root), and a stage of the bar
-    missing from the summary."""
+    pipeline --judge examples.own_task.judge.score`` from the clone's root, SFT and DPO 2 steps each (the stages that
+    reach the judge from another process, the sampler, and in this one, the evaluation; rm / ppo / grpo on a task of
+    one's own are tests/test_pipeline.py's). Catches: the example's files or judge path not what the pipeline reads
+    (a generator writing elsewhere or other fields, a judge module that does not import from the clone's root)."""
     data = tmp_path / "data"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "examples/own_task/make_data.py", "--output", str(data), "--demonstrations", "60",
                     "--prompts", "40"], cwd=REPO, env=env, check=True)  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "lightning_rlhf", "pipeline", "--demonstrations", str(data / "demonstrations.jsonl"),
-         "--prompts", str(data / "prompts.jsonl"), "--judge", "examples.own_task.judge.score", "--stages", "sft", "rm",
-         "ppo", "grpo", "dpo", "--max_steps", "2", "--k", "2", "--eval_prompts", "6", "--rank_prompts", "16",
+         "--prompts", str(data / "prompts.jsonl"), "--judge", "examples.own_task.judge.score", "--stages", "sft", "dpo",
+         "--max_steps", "2", "--k", "2", "--eval_prompts", "6", "--rank_prompts", "16",
          "--outputs", str(tmp_path / "out")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "pipeline" / "summary.json").read_text())
     assert summary["judge"] == "examples.own_task.judge.score"
-    for stage in ("sft", "ppo", "grpo", "dpo"):
+    assert summary["stages"] == ["sft", "dpo"] and summary["held_out_prompts"] == 6
+    for stage in ("sft", "dpo"):
         assert 0 <= summary[stage]["gold_greedy"] <= 1 and 0 <= summary[stage]["gold_sampled"] <= 1
-    assert summary["reward_model"]["rm_eval_pairs"] > 0
+    ranked = (tmp_path / "out" / "pipeline" / "comparisons.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["prompt"].startswith("Shift: ") for line in ranked)
