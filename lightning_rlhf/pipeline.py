@@ -14,8 +14,9 @@ simulated labeller and the evaluation judge, and only the stages you ask for (de
     lightning-rlhf pipeline --demonstrations demos.jsonl --prompts prompts.jsonl --judge mypkg.judge.score \\
         [--held_out held_out.jsonl] [--model path/to/hf_base_model] [--stages sft rm ppo grpo dpo]
 
-On your task SFT and the reward model train for passes over your data and stop early on their validation
-(``--sft_passes``, ``--rm_passes``: at most that many); the toy run keeps its configs' steps. A worked example, the
+On your task SFT and the reward model train for passes over your data, stop early on their validation and export
+their best validation's model (``--sft_passes``, ``--rm_passes``: at most that many); the toy run keeps its configs'
+steps. A worked example, the
 Caesar shift with its judge: ``examples/own_task`` (README, "Your own task: a worked example").
 
 People instead of a judge: ``--label people`` stops after sampling, writes the samples to rank and prints the
@@ -95,12 +96,14 @@ RM_ROUND_LR = 3e-4
 # the reward model, ``ppo_gold_reward`` against the judge itself (what a perfect reward model would give). Without
 # --stages: the toy run of the README (less ppo_gold_reward when there is no judge).
 # On your own task (--demonstrations / --prompts) SFT and the reward model do not run the toy's step counts: they
-# train for at most --sft_passes / --rm_passes passes over your data, are validated after each pass and stop once
-# PATIENCE validations in a row have not beaten their best (Lightning's EarlyStopping on the watched metric); the
-# export is the last model, at most PATIENCE passes past the best. The toy run keeps its configs' steps.
-OWN_PASSES = {"sft": 40.0, "rm": 30.0}
+# train for at most --sft_passes / --rm_passes passes over your data, are validated after each pass, stop once
+# PATIENCE validations in a row have not beaten their best (Lightning's EarlyStopping on the watched metric) and
+# export the best validation's weights (``callbacks.BestWeights``). The toy run keeps its configs' steps. Patience 3
+# stopped SFT on the Caesar example (examples/own_task) on a plateau of its validation loss, two seeds of three,
+# before it had learnt the task.
+OWN_PASSES = {"sft": 60.0, "rm": 30.0}
 WATCHED = {"sft": ("val/loss", "min"), "rm": ("val/accuracy", "max")}
-PATIENCE = 3
+PATIENCE = 10
 RL_CONFIGS = {"ppo": "ppo.yaml", "grpo": "grpo.yaml", "rloo": "rloo.yaml"}
 STAGE_CONFIGS = {"sft": "sft.yaml", "rm": "rm.yaml", **RL_CONFIGS, "ppo_gold_reward": "ppo.yaml", "dpo": "dpo.yaml"}
 STAGES = tuple(STAGE_CONFIGS)
@@ -177,10 +180,13 @@ def steps_per_pass(config: Path, source: str, kind: str) -> float:
 
 
 def early_stopping(stage: str) -> list[str]:
-    """The ``fit`` arguments that add Lightning's ``EarlyStopping`` on ``stage``'s ``WATCHED`` metric."""
+    """The ``fit`` arguments that add Lightning's ``EarlyStopping`` on ``stage``'s ``WATCHED`` metric and
+    ``BestWeights`` on the same metric (the export is the best validation's model)."""
     monitor, mode = WATCHED[stage]
-    return ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", f"--trainer.callbacks.monitor={monitor}",
-            f"--trainer.callbacks.mode={mode}", f"--trainer.callbacks.patience={PATIENCE}"]  # fmt: skip
+    watch = [f"--trainer.callbacks.monitor={monitor}", f"--trainer.callbacks.mode={mode}"]
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", *watch,
+            f"--trainer.callbacks.patience={PATIENCE}", "--trainer.callbacks+=lightning_rlhf.callbacks.BestWeights",
+            *watch]  # fmt: skip
 
 
 def write_prompts(path: Path, n: int, seed: int, exclude: set[str]) -> Path:

@@ -92,31 +92,34 @@ def overrides(command: list[str], name: str) -> list[str]:
 
 def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_toy_for_its_steps(monkeypatch, tmp_path):
     """On one's own task, 200 demonstrations: one SFT pass (batch 32, 0.05 held out) is 190 / 32 = 5.9375 steps, so
-    the default 40 passes are ceil(237.5) = 238 steps, the schedule 238 long, validated every round(5.9375) = 6 steps,
-    with EarlyStopping on val/loss (min, patience 3). The reward model on the 100 comparison records (batch 64, 0.1
-    held out: 90 / 64 = 1.40625 steps a pass) for --rm_passes 3 is ceil(4.21875) = 5 steps, validated every step,
-    EarlyStopping on val/accuracy (max). The toy run (no --demonstrations) keeps its configs' steps: no step
-    override, no EarlyStopping. Catches: the passes counted over every record rather than the training share, the
-    toy's commands changed, --rm_passes ignored, the schedule left at the config's length (the learning rate would
-    not decay), and early stopping watching the wrong metric or direction (an RM stopped when accuracy rises)."""
+    the default 60 passes are ceil(356.25) = 357 steps, the schedule 357 long, validated every round(5.9375) = 6
+    steps, with EarlyStopping (patience 10) and BestWeights on val/loss (min). The reward model on the 100 comparison
+    records (batch 64, 0.1 held out: 90 / 64 = 1.40625 steps a pass) for --rm_passes 3 is ceil(4.21875) = 5 steps,
+    validated every step, both callbacks on val/accuracy (max). The toy run (no --demonstrations) keeps its configs'
+    steps: no step override, no callback added. Catches: the passes counted over every record rather than the
+    training share, the toy's commands changed, --rm_passes ignored, the schedule left at the config's length (the
+    learning rate would not decay), and a callback watching the wrong metric or direction (an RM stopped when its
+    accuracy rises, or its worst weights exported)."""
     make_data.main(["--output", str(tmp_path), "--demonstrations", "200", "--prompts", "60"])
     own = recorded_fits(["--demonstrations", str(tmp_path / "demonstrations.jsonl"), "--prompts",
                          str(tmp_path / "prompts.jsonl"), "--judge", "examples.own_task.judge.score",
                          "--eval_prompts", "10", "--rm_passes", "3"], monkeypatch, tmp_path)  # fmt: skip
-    assert overrides(own["sft"], "trainer.max_steps") == [str(math.ceil(40 * 190 / 32))] == ["238"]
+    assert overrides(own["sft"], "trainer.max_steps") == [str(math.ceil(60 * 190 / 32))] == ["357"]
     assert overrides(own["sft"], "trainer.val_check_interval") == ["6"]
-    assert overrides(own["sft"], "model.init_args.scheduler.init_args.total_iters") == ["238"]
+    assert overrides(own["sft"], "model.init_args.scheduler.init_args.total_iters") == ["357"]
     assert overrides(own["rm"], "trainer.max_steps") == ["5"]
     assert overrides(own["rm"], "trainer.val_check_interval") == ["1"]
     for stage, monitor, mode in (("sft", "val/loss", "min"), ("rm", "val/accuracy", "max")):
-        assert "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping" in own[stage]
-        assert overrides(own[stage], "trainer.callbacks.monitor") == [monitor]
-        assert overrides(own[stage], "trainer.callbacks.mode") == [mode]
+        added = overrides(own[stage], "trainer.callbacks+")
+        assert added == ["lightning.pytorch.callbacks.EarlyStopping", "lightning_rlhf.callbacks.BestWeights"]
+        assert overrides(own[stage], "trainer.callbacks.monitor") == [monitor, monitor]
+        assert overrides(own[stage], "trainer.callbacks.mode") == [mode, mode]
+        assert overrides(own[stage], "trainer.callbacks.patience") == ["10"]
     toy = recorded_fits(["--rank_prompts", "100"], monkeypatch, tmp_path)
     for stage in ("sft", "rm"):
         assert not overrides(toy[stage], "trainer.max_steps")
         assert not overrides(toy[stage], "trainer.val_check_interval")
-        assert not any("EarlyStopping" in arg for arg in toy[stage])
+        assert not any(arg.startswith("--trainer.callbacks") for arg in toy[stage])
 
 
 @pytest.mark.slow
