@@ -103,7 +103,7 @@ RM_ROUND_LR = 3e-4
 # before it had learnt the task.
 OWN_PASSES = {"sft": 60.0, "rm": 30.0}
 WATCHED = {"sft": ("val/loss", "min"), "rm": ("val/accuracy", "max")}
-PATIENCE = 10
+PATIENCE = {"sft": 10, "rm": 3}
 RL_CONFIGS = {"ppo": "ppo.yaml", "grpo": "grpo.yaml", "rloo": "rloo.yaml"}
 STAGE_CONFIGS = {"sft": "sft.yaml", "rm": "rm.yaml", **RL_CONFIGS, "ppo_gold_reward": "ppo.yaml", "dpo": "dpo.yaml"}
 STAGES = tuple(STAGE_CONFIGS)
@@ -185,8 +185,8 @@ def early_stopping(stage: str) -> list[str]:
     monitor, mode = WATCHED[stage]
     watch = [f"--trainer.callbacks.monitor={monitor}", f"--trainer.callbacks.mode={mode}"]
     return ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", *watch,
-            f"--trainer.callbacks.patience={PATIENCE}", "--trainer.callbacks+=lightning_rlhf.callbacks.BestWeights",
-            *watch]  # fmt: skip
+            f"--trainer.callbacks.patience={PATIENCE[stage]}",
+            "--trainer.callbacks+=lightning_rlhf.callbacks.BestWeights", *watch]  # fmt: skip
 
 
 def write_prompts(path: Path, n: int, seed: int, exclude: set[str]) -> Path:

@@ -95,11 +95,11 @@ def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_to
     the default 60 passes are ceil(356.25) = 357 steps, the schedule 357 long, validated every round(5.9375) = 6
     steps, with EarlyStopping (patience 10) and BestWeights on val/loss (min). The reward model on the 100 comparison
     records (batch 64, 0.1 held out: 90 / 64 = 1.40625 steps a pass) for --rm_passes 3 is ceil(4.21875) = 5 steps,
-    validated every step, both callbacks on val/accuracy (max). The toy run (no --demonstrations) keeps its configs'
-    steps: no step override, no callback added. Catches: the passes counted over every record rather than the
-    training share, the toy's commands changed, --rm_passes ignored, the schedule left at the config's length (the
-    learning rate would not decay), and a callback watching the wrong metric or direction (an RM stopped when its
-    accuracy rises, or its worst weights exported)."""
+    validated every step, both callbacks on val/accuracy (max), patience 3. The toy run (no --demonstrations) keeps
+    its configs' steps: no step override, no callback added. Catches: the passes counted over every record rather
+    than the training share, the toy's commands changed, --rm_passes ignored, the schedule left at the config's
+    length (the learning rate would not decay), and a callback watching the wrong metric or direction (an RM stopped
+    when its accuracy rises, or its worst weights exported)."""
     make_data.main(["--output", str(tmp_path), "--demonstrations", "200", "--prompts", "60"])
     own = recorded_fits(["--demonstrations", str(tmp_path / "demonstrations.jsonl"), "--prompts",
                          str(tmp_path / "prompts.jsonl"), "--judge", "examples.own_task.judge.score",
@@ -109,12 +109,12 @@ def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_to
     assert overrides(own["sft"], "model.init_args.scheduler.init_args.total_iters") == ["357"]
     assert overrides(own["rm"], "trainer.max_steps") == ["5"]
     assert overrides(own["rm"], "trainer.val_check_interval") == ["1"]
-    for stage, monitor, mode in (("sft", "val/loss", "min"), ("rm", "val/accuracy", "max")):
+    for stage, monitor, mode, patience in (("sft", "val/loss", "min", "10"), ("rm", "val/accuracy", "max", "3")):
         added = overrides(own[stage], "trainer.callbacks+")
         assert added == ["lightning.pytorch.callbacks.EarlyStopping", "lightning_rlhf.callbacks.BestWeights"]
         assert overrides(own[stage], "trainer.callbacks.monitor") == [monitor, monitor]
         assert overrides(own[stage], "trainer.callbacks.mode") == [mode, mode]
-        assert overrides(own[stage], "trainer.callbacks.patience") == ["10"]
+        assert overrides(own[stage], "trainer.callbacks.patience") == [patience]
     toy = recorded_fits(["--rank_prompts", "100"], monkeypatch, tmp_path)
     for stage in ("sft", "rm"):
         assert not overrides(toy[stage], "trainer.max_steps")
