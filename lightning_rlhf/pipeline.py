@@ -14,6 +14,11 @@ simulated labeller and the evaluation judge, and only the stages you ask for (de
     lightning-rlhf pipeline --demonstrations demos.jsonl --prompts prompts.jsonl --judge mypkg.judge.score \\
         [--held_out held_out.jsonl] [--model path/to/hf_base_model] [--stages sft rm ppo grpo dpo]
 
+On your task SFT and the reward model train for passes over your data, stop early on their validation and export
+their best validation's model (``--sft_passes``, ``--rm_passes``: at most that many); the toy run keeps its configs'
+steps. A worked example, the
+Caesar shift with its judge: ``examples/own_task`` (README, "Your own task: a worked example").
+
 People instead of a judge: ``--label people`` stops after sampling, writes the samples to rank and prints the
 ``lightning-rlhf label`` commands, then the command that resumes with ``--comparisons`` (the ``label --aggregate``
 output): SFT is reused, nothing is sampled again, the reward model and DPO train on that file. With no ``--judge``
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -89,6 +95,16 @@ RM_ROUND_LR = 3e-4
 # Stages in the order they run, each with its config under --configs; the RL ones train a policy from SFT against
 # the reward model, ``ppo_gold_reward`` against the judge itself (what a perfect reward model would give). Without
 # --stages: the toy run of the README (less ppo_gold_reward when there is no judge).
+# On your own task (--demonstrations / --prompts) SFT and the reward model do not run the toy's step counts: they
+# train for at most --sft_passes / --rm_passes passes over your data, are validated after each pass, stop once
+# PATIENCE validations in a row have not beaten their best (Lightning's EarlyStopping on the watched metric) and
+# export the best validation's weights (``callbacks.BestWeights``). The toy run keeps its configs' steps. On the
+# Caesar example (examples/own_task) patience 3 stopped SFT on a plateau of its validation loss before it had learnt
+# the task (seeds 1, 2); patience 10 let the reward model train all 30 passes, and PPO / GRPO against it drifted far
+# from SFT and lost to it (seed 0).
+OWN_PASSES = {"sft": 60.0, "rm": 30.0}
+WATCHED = {"sft": ("val/loss", "min"), "rm": ("val/accuracy", "max")}
+PATIENCE = {"sft": 10, "rm": 3}
 RL_CONFIGS = {"ppo": "ppo.yaml", "grpo": "grpo.yaml", "rloo": "rloo.yaml"}
 STAGE_CONFIGS = {"sft": "sft.yaml", "rm": "rm.yaml", **RL_CONFIGS, "ppo_gold_reward": "ppo.yaml", "dpo": "dpo.yaml"}
 STAGES = tuple(STAGE_CONFIGS)
@@ -154,6 +170,26 @@ def side_by_side(
     return {stage: future.result() for stage, future in futures.items()}
 
 
+def steps_per_pass(config: Path, source: str, kind: str) -> float:
+    """Optimiser steps in one pass over the training share of ``source``'s ``kind`` records, at ``config``'s
+    ``data.init_args`` ``batch_size`` and ``val_fraction``: 2,000 records, 0.05 held out, batches of 32 -> 59.375."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    records, _ = read_records(source, kind)
+    return len(records) * (1 - (data.get("val_fraction") or 0.0)) / data["batch_size"]
+
+
+def early_stopping(stage: str) -> list[str]:
+    """The ``fit`` arguments that add Lightning's ``EarlyStopping`` on ``stage``'s ``WATCHED`` metric and
+    ``BestWeights`` on the same metric (the export is the best validation's model)."""
+    monitor, mode = WATCHED[stage]
+    watch = [f"--trainer.callbacks.monitor={monitor}", f"--trainer.callbacks.mode={mode}"]
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", *watch,
+            f"--trainer.callbacks.patience={PATIENCE[stage]}",
+            "--trainer.callbacks+=lightning_rlhf.callbacks.BestWeights", *watch]  # fmt: skip
+
+
 def write_prompts(path: Path, n: int, seed: int, exclude: set[str]) -> Path:
     """``n`` fresh toy prompts, none of them in ``exclude`` (the held-out evaluation prompts)."""
     prompts = [record for record in make_prompts(n + len(exclude), seed=seed) if record["prompt"] not in exclude]
@@ -199,11 +235,12 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     if train_prompts is not None:
         train_prompts_path = write_jsonl_atomic([{"prompt": p} for p in train_prompts], pipeline / "prompts.jsonl")
 
-    def fit(stage: str, config: str, *extra: str, scheduler: bool = True, steps: int | None = None) -> dict:
+    def fit(stage: str, config: str, *extra: str, scheduler: bool = True, steps: int | None = None,
+            val_every: int | None = None) -> dict:  # fmt: skip
         """``{stage: arguments}`` of one ``lightning-rlhf fit`` of ``config`` (under ``--configs``) writing under
         ``outputs/stage``; ``steps`` (or ``--max_steps``, which wins) overrides the config's optimiser steps,
-        validation interval and schedule length. A stage of ``STAGES`` not asked for gives ``{}``: the later stages
-        reuse its export under ``outputs``."""
+        schedule length and validation interval (every ``val_every`` steps, else once at the end). A stage of
+        ``STAGES`` not asked for gives ``{}``: the later stages reuse its export under ``outputs``."""
         if stage in STAGES and stage not in stages:
             return {}
         where = outputs / stage
@@ -212,7 +249,8 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
                      f"--data.init_args.seed={seed}"]  # fmt: skip
         steps = args.max_steps or steps
         if steps:
-            overrides += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"]
+            interval = min(val_every or steps, steps)
+            overrides += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={interval}"]
             if scheduler:
                 overrides.append(f"--model.init_args.scheduler.init_args.total_iters={steps}")
         return {stage: ["fit", "--config", shown(args.configs / config), *overrides, *extra]}
@@ -246,6 +284,14 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
         return fit(stage, config, f"--model.init_args.model_name_or_path={policy}",
                    f"--model.init_args.seed={seed}", *reward, *extra, scheduler=False)  # fmt: skip
 
+    def for_passes(stage: str, config: str, source: str, kind: str, *extra: str) -> dict:
+        """``fit`` of an own task's ``stage`` for at most ``--{stage}_passes`` passes over ``source``, validated after
+        each and stopped early (``OWN_PASSES``)."""
+        per_pass = steps_per_pass(args.configs / config, source, kind)
+        passes = getattr(args, f"{stage}_passes") or OWN_PASSES[stage]
+        return fit(stage, config, *extra, *early_stopping(stage), steps=max(1, math.ceil(passes * per_pass)),
+                   val_every=max(1, round(per_pass)))  # fmt: skip
+
     def together(*groups: dict) -> None:
         commands = {stage: arguments for group in groups for stage, arguments in group.items()}
         seconds.update(side_by_side(commands, args.jobs, pipeline / "logs"))
@@ -255,7 +301,11 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     sft = outputs / "sft" / "hf"
     own = [f"--data.init_args.train_path={args.demonstrations}"] if args.demonstrations else []
     own += [f"--model.init_args.model_name_or_path={args.model}"] if args.model else []
-    together(fit("sft", "sft.yaml", *own))
+    own_task = args.demonstrations is not None or train_prompts is not None  # else the toy run, its configs' steps
+    if own_task and args.demonstrations and "sft" in stages:
+        together(for_passes("sft", "sft.yaml", args.demonstrations, "demonstration", *own))
+    else:
+        together(fit("sft", "sft.yaml", *own))
     if args.label == "people":
         together(sample("samples", sft, 1)[1])
         return None
@@ -271,7 +321,11 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     from_sft = f"--model.init_args.model_name_or_path={sft}"
     # Rewards centred on the demonstrations: the toy's, or the user's own.
     toy_normalization = f"--data.init_args.normalize_path={args.demonstrations or 'toy:demonstrations'}"
-    together(fit("rm", "rm.yaml", from_sft, f"--data.init_args.train_path={first}", toy_normalization))
+    rm_data = (from_sft, f"--data.init_args.train_path={first}", toy_normalization)
+    if own_task and "rm" in stages:
+        together(for_passes("rm", "rm.yaml", str(first), "comparison", *rm_data))
+    else:
+        together(fit("rm", "rm.yaml", *rm_data))
     against_rm = (f"--model.init_args.reward_model_name_or_path={outputs / 'rm' / 'hf'}", *watch)
     trained_on_rankings = [rl(name, sft, *against_rm, config=config) for name, config in RL_CONFIGS.items()]
     if args.overoptimization:  # no KL penalty, 3x the learning rate, twice the rollouts: past the gold optimum
@@ -491,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the command that resumes with --comparisons")  # fmt: skip
     parser.add_argument("--comparisons", default=None, help="comparison records (label --aggregate's output) for rm "
                         "and dpo instead of sampling and ranking; reuses OUTPUTS/sft/hf when it is there")  # fmt: skip
+    parser.add_argument("--sft_passes", type=float, default=None, help="your task: SFT's most passes over the "
+                        f"--demonstrations, stopping early on the validation loss (default {OWN_PASSES['sft']:g}; the "
+                        "toy run: sft.yaml's steps)")  # fmt: skip
+    parser.add_argument("--rm_passes", type=float, default=None, help="your task: the reward model's most passes over "
+                        f"the ranked prompts, stopping early on the validation accuracy (default {OWN_PASSES['rm']:g}; "
+                        "the toy run: rm.yaml's steps)")  # fmt: skip
     parser.add_argument("--model", default=None, help="local Hugging Face base model for SFT (default: embedded)")
     parser.add_argument("--stages", nargs="+", default=None, help=f"any of {', '.join(STAGES)} (default: "
                         f"{' '.join(DEFAULT_STAGES)})")  # fmt: skip
