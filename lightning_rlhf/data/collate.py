@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,21 +111,17 @@ def comparison_rankings(examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         ``pairs``: ``(p, 2)`` numbers ``(better, worse)`` of every ordered pair (ties give none).
     """
     k_max = max(len(ex["ranks"]) for ex in examples)
-    ranks = torch.full((len(examples), k_max), -1, dtype=torch.long)
-    response_index = torch.full((len(examples), k_max), -1, dtype=torch.long)
-    pairs, first = [], 0
+    ranks = np.full((len(examples), k_max), -1, dtype=np.int64)
+    response_index = np.full((len(examples), k_max), -1, dtype=np.int64)
+    pairs, first = [np.zeros((0, 2), dtype=np.int64)], 0
     for b, ex in enumerate(examples):
-        k = len(ex["ranks"])
-        ranks[b, :k] = torch.as_tensor(ex["ranks"], dtype=torch.long)
-        response_index[b, :k] = torch.arange(first, first + k)
-        pairs += [
-            (first + i, first + j)
-            for i, rank_i in enumerate(ex["ranks"])
-            for j, rank_j in enumerate(ex["ranks"])
-            if rank_i < rank_j
-        ]
+        k, rank = len(ex["ranks"]), np.asarray(ex["ranks"], dtype=np.int64)
+        ranks[b, :k] = rank
+        response_index[b, :k] = np.arange(first, first + k)
+        pairs.append(np.argwhere(rank[:, None] < rank[None, :]) + first)  # (i, j) in row-major order
         first += k
-    pairs_tensor = torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+    pairs_tensor = torch.from_numpy(np.concatenate(pairs))
+    ranks, response_index = torch.from_numpy(ranks), torch.from_numpy(response_index)
     return {"ranks": ranks, "response_index": response_index, "pairs": pairs_tensor}
 
 
