@@ -54,8 +54,10 @@ each seed's run is in ``outputs/seedN/`` and the summary holds means and spreads
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import shlex
@@ -63,8 +65,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import reduction
 from pathlib import Path
+
+import torch
 
 from lightning_rlhf.data.records import read_records, write_jsonl_atomic
 from lightning_rlhf.diagnosis import diagnose
@@ -121,50 +127,115 @@ def shown(path: Path) -> str:
 
 
 LIGHTNING_RLHF = (sys.executable, "-m", "lightning_rlhf")
+# How a stage's ``lightning-rlhf`` command runs: ``launch(argv, threads, log)`` -> its exit status; ``threads`` its
+# share of the cores (``None``: all of them), ``log`` the file its output goes to (``None``: this terminal).
+Launcher = Callable[[list[str], "int | None", "Path | None"], int]
 
 
-def cli(*args: str, program: tuple[str, ...] = LIGHTNING_RLHF) -> float:
-    """Run ``lightning-rlhf ARGS`` in the working directory; returns its wall time in seconds."""
-    start = time.perf_counter()
-    print("$ lightning-rlhf " + " ".join(args), flush=True)
-    status = subprocess.run([*program, *args]).returncode
-    if status:
-        raise SystemExit(f"error: lightning-rlhf {args[0]} above failed (exit status {status}); its message is above")
-    return time.perf_counter() - start
+def in_new_process(program: tuple[str, ...] = LIGHTNING_RLHF) -> Launcher:
+    """Each command a fresh ``program`` (``python -m lightning_rlhf``), its share of the cores as OMP_NUM_THREADS."""
+
+    def launch(argv: list[str], threads: int | None, log: Path | None) -> int:
+        env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+        with log.open("w") if log else contextlib.nullcontext() as out:
+            err = subprocess.STDOUT if out else None
+            return subprocess.run([*program, *argv], env=env, stdout=out, stderr=err).returncode
+
+    return launch
+
+
+class ParentStream:
+    """This process's file descriptor ``fd`` (1: stdout, 2: stderr) as a warm stage receives it: a duplicate sent with
+    the process, as multiprocessing sends a ``Connection`` (the forked process's own are the forkserver's, where this
+    process's output went when it started the forkserver)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return ParentStream.received, (reduction.DupFd(self.fd),)
+
+    @staticmethod
+    def received(duplicate) -> int:
+        return duplicate.detach()
+
+
+def forked_stage(
+    entry: Callable[[list[str]], None], argv: list[str], threads: int | None, output: Path | tuple[int, int]
+) -> None:
+    """A stage in its process forked from the warm one (``warm``): stdout and stderr to ``output`` (a log file, or
+    the launching process's streams as ``ParentStream`` delivers them), ``threads`` threads, then ``entry(argv)``;
+    its ``SystemExit`` status is the process's."""
+    if isinstance(output, Path):
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        output = (fd, fd)
+    for stream, fd in zip((1, 2), output, strict=True):
+        os.dup2(fd, stream)
+    for fd in set(output):
+        os.close(fd)
+    if threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    entry(argv)
+
+
+def warm(entry: Callable[[list[str]], None] | None = None) -> Launcher:
+    """Each command in a process forked from one that imported ``lightning_rlhf`` once (multiprocessing's
+    ``forkserver``, which never runs a tensor operation, so its children start clean): a fresh
+    ``python -m lightning_rlhf`` spends about 5 s of CPU importing torch, Lightning and transformers, once per stage,
+    4 of them one after the other in the toy run. ``entry``: ``lightning_rlhf.cli.main``."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["lightning_rlhf.cli", "lightning_rlhf.pipeline"])
+    if entry is None:
+        from lightning_rlhf.cli import main as entry
+
+    def launch(argv: list[str], threads: int | None, log: Path | None) -> int:
+        output = log or (ParentStream(1), ParentStream(2))
+        process = context.Process(target=forked_stage, args=(entry, argv, threads, output))
+        process.start()
+        process.join()
+        return process.exitcode
+
+    return launch
 
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def side_by_side(
-    commands: dict[str, list[str]], jobs: int, logs: Path, program: tuple[str, ...] = LIGHTNING_RLHF
-) -> dict[str, float]:
+def side_by_side(commands: dict[str, list[str]], jobs: int, logs: Path, launch: Launcher) -> dict[str, float]:
     """Run the ``lightning-rlhf`` commands of stages that need none of each other's outputs, at most ``jobs`` at once,
-    each with its share of the cores (``OMP_NUM_THREADS``); returns each stage's wall time. One command runs as
-    ``cli`` does. Several write to ``logs/<stage>.log``; a failure names its log and shows its end, once the others
-    have finished.
+    each with its share of the cores; returns each stage's wall time. One command at a time writes to this terminal;
+    several write to ``logs/<stage>.log``, and a failure names its log and shows its end, once the others have
+    finished.
 
     On 2 CPU cores the toy's stages are small kernels that a second thread speeds up by only 1.1-1.25x (sampling
     1.2 s vs 1.4 s per 4,096 responses, DPO 13.4 s vs 15.2 s, 600 reward-model steps 43 s vs 54 s), so two stages
     on a core each finish well before the two one after the other on both."""
-    if len(commands) <= 1 or jobs == 1:
-        return {stage: cli(*args, program=program) for stage, args in commands.items()}
-    threads = max(1, cores() // min(jobs, len(commands)))
-    logs.mkdir(parents=True, exist_ok=True)
+    alone = len(commands) <= 1 or jobs == 1
+    threads = None if alone else max(1, cores() // min(jobs, len(commands)))
+    if not alone:
+        logs.mkdir(parents=True, exist_ok=True)
 
     def one(stage: str, args: list[str]) -> float:
-        log_path = logs / f"{stage}.log"
-        print(f"$ lightning-rlhf {' '.join(args)}  [side by side, {threads} thread(s), log: {log_path}]", flush=True)
+        log = None if alone else logs / f"{stage}.log"
+        shared = "" if alone else f"  [side by side, {threads} thread(s), log: {log}]"
+        print(f"$ lightning-rlhf {' '.join(args)}{shared}", flush=True)
         start = time.perf_counter()
-        with log_path.open("w") as log:
-            env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-            status = subprocess.run([*program, *args], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        status = launch(args, threads, log)
+        if status and log is None:
+            raise SystemExit(
+                f"error: lightning-rlhf {args[0]} above failed (exit status {status}); its message is above"
+            )
         if status:
-            tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-            raise SystemExit(f"error: stage {stage} failed (exit status {status}); {log_path} ends:\n{tail}")
+            tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+            raise SystemExit(f"error: stage {stage} failed (exit status {status}); {log} ends:\n{tail}")
         return time.perf_counter() - start
 
+    if alone:
+        return {stage: one(stage, args) for stage, args in commands.items()}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {stage: pool.submit(one, stage, args) for stage, args in commands.items()}
     return {stage: future.result() for stage, future in futures.items()}
@@ -221,10 +292,13 @@ def user_prompts_to_rank(path: Path, prompts: list, n: int, seed: int) -> Path:
     return write_jsonl_atomic([{"prompt": prompt} for prompt in drawn], path)
 
 
-def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, train_prompts: list | None) -> dict | None:
+def run(
+    args: argparse.Namespace, seed: int, outputs: Path, held_out: list, train_prompts: list | None, launch: Launcher
+) -> dict | None:
     """The pipeline's ``args.stages`` for one seed, everything under ``outputs``; returns its summary, or ``None``
     when it stopped after sampling for people to rank (``--label people``).
-    ``train_prompts``: the user's prompts to rank and train the policy on, ``None`` for fresh toy prompts."""
+    ``train_prompts``: the user's prompts to rank and train the policy on, ``None`` for fresh toy prompts;
+    ``launch``: how each stage's command runs (``warm`` or ``in_new_process``)."""
     pipeline = outputs / "pipeline"
     seconds: dict[str, float] = {}
     excluded = {prompt_key(p) for p in held_out}
@@ -294,7 +368,7 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
 
     def together(*groups: dict) -> None:
         commands = {stage: arguments for group in groups for stage, arguments in group.items()}
-        seconds.update(side_by_side(commands, args.jobs, pipeline / "logs"))
+        seconds.update(side_by_side(commands, args.jobs, pipeline / "logs", launch))
 
     # Each stage starts once what it reads exists, beside the others that can (--jobs): SFT; the ranked samples beside
     # PPO against the judge (it needs only SFT); the reward model; the policies against it beside DPO.
@@ -568,10 +642,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     reuse_sft = args.skip_sft or (args.comparisons is not None and (args.outputs / "sft" / "hf").is_dir())
     defaults = [stage for stage in DEFAULT_STAGES if args.judge or stage != "ppo_gold_reward"]
     asked = [stage for stage in args.stages or defaults if not (stage == "sft" and reuse_sft)]
+    gpu = torch.cuda.is_available()
     if args.jobs is None:
-        import torch
-
-        args.jobs = 1 if torch.cuda.is_available() else 2
+        args.jobs = 1 if gpu else 2
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     if args.rounds < 1 or len(set(args.seeds)) != len(args.seeds):
@@ -585,6 +658,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         # The stages (python -m lightning_rlhf, in this directory) import a judge module lying here; so does this
         # process, which scores with it, even when started as the lightning-rlhf console script.
         sys.path.insert(0, str(Path.cwd()))
+    # Without a GPU the stages start warm. With one, fresh: a process forked from one that touched CUDA (an import
+    # may) cannot use it, and 5 s of imports matter little there.
+    launch = warm() if not gpu and "forkserver" in multiprocessing.get_all_start_methods() else in_new_process()
     if args.judge not in (None, GOLD):
         import_reward_fn(args.judge)  # a judge that cannot be imported fails now, not after SFT
     if args.comparisons:
@@ -606,12 +682,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         held_out = [record["prompt"] for record in make_prompts(args.eval_prompts, seed=HELD_OUT_SEED)]
     start = time.perf_counter()
     if len(args.seeds) == 1:
-        summary = run(args, args.seeds[0], outputs, held_out, train_prompts)
+        summary = run(args, args.seeds[0], outputs, held_out, train_prompts, launch)
         if summary is None:
             print(people_instructions(argv, outputs))
             return None
     else:
-        runs = [run(args, seed, outputs / f"seed{seed}", held_out, train_prompts) for seed in args.seeds]
+        runs = [run(args, seed, outputs / f"seed{seed}", held_out, train_prompts, launch) for seed in args.seeds]
         summary = aggregate(runs)
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(summary, outputs / "pipeline" / "summary.json")
