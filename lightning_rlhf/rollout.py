@@ -12,7 +12,8 @@ generation part to write responses for people to rank.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import inspect
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -108,6 +109,38 @@ def check_generation_options(cache_implementation: str, compile: bool) -> None:
         )
 
 
+def cache_argument(model: PreTrainedModel) -> str:
+    """What ``model``'s forward (and ``generate``) calls its KV cache: ``cache`` from transformers 5.2x on,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def shared_prompt_cache(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Any]:
+    """``{cache_argument: KV cache}`` of every column but the last of left-padded prompts, each distinct prompt
+    forwarded once and its cache copied to each of its rows; ``{}`` when no prompt repeats (or a prompt of one column).
+
+    Given to ``generate`` with the whole prompts, the cache leaves it only their last column to forward before it
+    samples (transformers continues from a cache: ``GenerationMixin._prefill``). Positions are the ones
+    ``generate`` gives, from the attention mask (``_prepare_position_ids_for_generation``: count of real tokens
+    before, pads 0), so absolute-position models match too. K = 8 samples of the toy's 19-token prompts: the prefill
+    was 45 % of sampling's time.
+    """
+    if input_ids.size(1) < 2:
+        return {}
+    distinct, row_of = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(input_ids):
+        return {}
+    ids, mask = distinct[:, : input_ids.size(1) - 1], distinct[:, input_ids.size(1) : -1]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits)
+    name = cache_argument(model)
+    cache = out[name]
+    cache.batch_select_indices(row_of)
+    return {name: cache}
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -122,6 +155,7 @@ def generate(
     cache_implementation: str = "dynamic",
     compile: bool = False,
     return_logprobs: bool = False,
+    share_prompts: bool = True,
 ) -> Rollout:
     """Sample (``temperature > 0``) or decode greedily (``temperature == 0``) a response for each left-padded prompt.
 
@@ -138,6 +172,11 @@ def generate(
     a recompilation. ``return_logprobs``: record in ``Rollout.logprobs`` the log-probs of the sampled tokens
     under the (tempered) distribution they were drawn from; it keeps ``(b, r, vocabulary)`` float32 scores during
     generation.
+
+    ``share_prompts``: a prompt in several rows (K samples to rank, a GRPO group) has its KV cache computed once
+    (``shared_prompt_cache``) and the rows sample on from copies of it: the same distributions (to rounding) for a
+    K-th of the prefill. With the dynamic cache, uncompiled, on one device (``synced_gpus`` keeps the usual
+    prefill, the same forwards on every rank).
     """
     check_generation_options(cache_implementation, compile)
     compile_config = None
@@ -147,7 +186,7 @@ def generate(
     sampling = temperature > 0
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True, cache_implementation=cache_implementation,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
         compile_config=compile_config, disable_compile=not compile,  # no automatic compile behind our back on CUDA
         return_dict_in_generate=return_logprobs, output_scores=return_logprobs,
         **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if sampling else {}),
@@ -156,8 +195,16 @@ def generate(
     model.eval()
     model.generation_config = GenerationConfig()  # generate fills unset values from here: the library defaults only
     try:
+        cache = {}
+        if share_prompts and cache_implementation == "dynamic" and not (compile or synced_gpus):
+            cache = shared_prompt_cache(model, input_ids, attention_mask)
+        config.cache_implementation = None if cache else cache_implementation  # a cache given is one of its own
         output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced_gpus
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            synced_gpus=synced_gpus,
+            **cache,
         )
     finally:
         model.generation_config = checkpoint_defaults

@@ -9,7 +9,7 @@ from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.models import forward_logits, load_causal_lm, load_tokenizer
 from lightning_rlhf.rollout import Rollout, build_experience, decode_responses, generate, mask_after_eos
-from tests.helpers import caches_seen
+from tests.helpers import caches_seen, make_tiny_gpt2_export
 
 
 def test_mask_after_eos_keeps_the_first_eos_and_nothing_after():
@@ -124,6 +124,39 @@ def test_greedy_decoding_is_identical_with_static_and_dynamic_cache(tiny_model_d
     assert seen and set(seen) == {StaticCache}
     assert torch.equal(static.sequences, dynamic.sequences)
     assert torch.equal(static.response_mask, dynamic.response_mask)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_a_prompt_in_several_rows_is_prefilled_once_and_samples_as_with_the_usual_prefill(
+    tiny_model_dir, tmp_path, architecture
+):
+    """Rows A, B, A, C, A, B (three distinct prompts of 4, 12 and 22 tokens, left-padded to 22; repeats not next to
+    each other): generate's first forward takes the 3 distinct prompts less their last column, the next one the 6
+    rows' last column only; sampled at T = 0.7 under one seed, every response equals the usual prefill's token for
+    token and its recorded log-probs to 1e-5. On GPT-2 (learned absolute positions) as well as Llama (RoPE, which
+    only sees position differences). Catches: positions counted from the padded row's first column (GPT-2's
+    log-probs move), a row given another prompt's cache (consecutive repeats assumed), the last column in the cached
+    prefix too (generate is left nothing to forward), and the sharing silently off (the forwards' shapes)."""
+    directory = tiny_model_dir if architecture == "llama" else make_tiny_gpt2_export(tmp_path / "gpt2")
+    tokenizer = load_tokenizer(directory)
+    model = load_causal_lm(directory, tokenizer)
+    a, b, c = "Reverse: ab\n", "Reverse: " + "x" * 12 + "\n", "ab"
+    batch = prompts_batch(tokenizer, [a, b, a, c, a, b])
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    shapes = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)  # fmt: skip
+    rollouts = {}
+    for share in (True, False):
+        torch.manual_seed(0)
+        rollouts[share] = generate(model, tokenizer, input_ids, attention_mask, max_new_tokens=16, temperature=0.7,
+                                   return_logprobs=True, share_prompts=share)  # fmt: skip
+        shapes.append(None)
+    width = input_ids.size(1)
+    assert shapes[:2] == [(3, width - 1), (6, 1)] and shapes[shapes.index(None) + 1] == (6, width)
+    assert torch.equal(rollouts[True].sequences, rollouts[False].sequences)
+    assert rollouts[True].response_mask.sum() > 30  # many sampled tokens compared
+    torch.testing.assert_close(rollouts[True].logprobs, rollouts[False].logprobs, atol=1e-5, rtol=0)
 
 
 def test_unknown_cache_or_compile_without_static_cache_is_refused(tiny_model_dir):
