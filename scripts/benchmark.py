@@ -73,7 +73,12 @@ prompts (``--synthetic``: prompts of ``--max-length`` bytes) collated as PPO's `
 ``--max-new-tokens`` at temperature 1 from the same initial model with the same seed, one row per ``--variants``:
 the dynamic KV cache, the static one, and the static one with the decode step compiled (``torch.compile``, its
 compilation paid in the warm-up steps, whose seconds ``warmup_s`` gives). It reports sampled tokens/s (response
-tokens up to EOS) and peak memory.
+tokens up to EOS) and peak memory. ``generate --shared-prompt`` samples ``--num-generations`` G rows of each prompt (K
+samples to rank, a GRPO group), each row prefilled, then each prompt prefilled once (``generate(share_prompts=True)``,
+the default):
+
+    python scripts/benchmark.py generate --shared-prompt --num-generations 8 --batch-size 256 --hidden-size 64 \
+        --layers 2 --max-new-tokens 16 --steps 10
 Measured on a shared 2-core CPU (README, Performance; batch 8, 64 new tokens, float32, one thread): at the embedded
 default's size (2 layers × 64 wide) neither pays (static 0.96x, static + compile 0.97x the dynamic cache's tokens/s,
 after 35 s of compilation and +120 MiB RSS); at 4 layers × 256 wide static gave 1.15–1.20x and static + compile
@@ -606,9 +611,12 @@ def run_generate_ours(args, model_dir: str) -> dict:
     from lightning_rlhf.engines import build_engine
     from lightning_rlhf.models import load_causal_lm, load_tokenizer
 
-    vllm = args.generate_variant == "vllm"
+    vllm, shared = args.generate_variant == "vllm", args.generate_variant == "shared"
     cache, _, compiled = args.generate_variant.partition("+")
     options = {} if vllm else {"cache_implementation": cache, "compile": compiled == "compile"}
+    if shared or args.shared_prompt:  # G rows per prompt; the usual prefill of each row, or one per prompt
+        options = {"cache_implementation": "dynamic", "share_prompts": shared}
+    group = args.num_generations if args.shared_prompt else 1
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, tokenizer, args.dtype).to(args.device)
     startup = time.perf_counter()
@@ -625,8 +633,8 @@ def run_generate_ours(args, model_dir: str) -> dict:
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             warmup, start = time.perf_counter() - start, time.perf_counter()
-        first = step * args.batch_size % len(examples)
-        batch = collate(examples[first : first + args.batch_size])
+        first = step * (args.batch_size // group) % len(examples)
+        batch = collate([ex for ex in examples[first : first + args.batch_size // group] for _ in range(group)])
         rollout = engine.generate(
             model, tokenizer, batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
             args.max_new_tokens, 1.0, **options,
@@ -636,7 +644,9 @@ def run_generate_ours(args, model_dir: str) -> dict:
     sync(args.device)
     seconds = time.perf_counter() - start
     name = {"dynamic": "dynamic cache", "static": "static cache", "static+compile": "static cache + compile",
-            "vllm": "vllm engine"}  # the others: the hf engine  # fmt: skip
+            "vllm": "vllm engine", "shared": f"dynamic cache, a prompt prefilled once for {group} rows"}  # fmt: skip
+    if args.shared_prompt and not shared:
+        name["dynamic"] = f"dynamic cache, each of a prompt's {group} rows prefilled"
     return {
         "impl": f"lightning_rlhf generate, {name[args.generate_variant]}", "tokens_per_s": sampled / seconds,
         "step_s": seconds / args.steps, "warmup_s": warmup, "startup_s": startup, "sampled_tokens": sampled,
@@ -766,8 +776,8 @@ def main() -> None:
         impls += ["trl"] if "grpo" in args.estimators else []
     if args.stage == "sft" and args.packing:
         impls = ["ours", "ours:packed"]
-    if args.shared_prompt and args.stage not in ("rm", "dpo", "ppo"):
-        parser.error("--shared-prompt is for the rm, dpo and ppo benchmarks")
+    if args.shared_prompt and args.stage not in ("rm", "dpo", "ppo", "generate"):
+        parser.error("--shared-prompt is for the rm, dpo, ppo and generate benchmarks")
     if args.shared_prompt and args.stage == "ppo":  # each estimator (on each engine asked for) padded, then shared
         engines = ["", "@vllm"] if args.engine == "vllm" else [""]
         layouts = ("", "+shared")
@@ -776,12 +786,14 @@ def main() -> None:
         impls = ["ours:padded", "ours:shared"]
     if args.stage == "generate":  # our KV cache variants against each other
         impls = [f"ours:{variant}" for variant in [*args.variants, *(["vllm"] if args.engine == "vllm" else [])]]
+    if args.stage == "generate" and args.shared_prompt:  # G rows per prompt: each row prefilled, or each prompt once
+        impls = ["ours:dynamic", "ours:shared"]
     if args.only:  # child process: one implementation, one JSON line
         if args.stage == "logprobs":
             row = run_logprobs(args, args.only)
         elif args.sft_variant == "packed":  # sft --packing's packed run
             row = run_sft_ours(args, args.model_dir, packing=True)
-        elif args.shared_prompt and args.stage != "ppo":
+        elif args.shared_prompt and args.stage in ("rm", "dpo"):
             row = run_shared_prompt_ours(args, args.model_dir)
         else:
             row = RUNNERS[args.stage][args.only == "trl"](args, args.model_dir)
@@ -806,7 +818,7 @@ def main() -> None:
             rows.append(json.loads(lines[-1][len("RESULT ") :]))
     print(json.dumps({"shape": vars(args), "results": rows}, indent=1, default=str))
     print_table(rows, {"logprobs": "step_s", "ppo": "episodes_per_s"}.get(args.stage, "tokens_per_s"))
-    if args.shared_prompt and args.stage != "ppo":
+    if args.shared_prompt and args.stage in ("rm", "dpo"):
         difference = max(abs(a - b) for a, b in zip(rows[0]["losses"], rows[1]["losses"], strict=True))
         print(f"largest difference in the loss of a step, shared vs padded: {difference:.3g}")
     if args.packing and args.stage == "sft":

@@ -32,6 +32,26 @@ def test_generate_benchmark_writes_the_rows_it_prints_to_json(tmp_path):
     assert not list(out.parent.glob(".*tmp*"))  # written atomically: no staging file left behind
 
 
+@pytest.mark.slow
+def test_generate_shared_prompt_benchmark_samples_g_rows_per_prompt_prefilled_each_then_once(tmp_path):
+    """``generate --shared-prompt --num-generations 4 --batch-size 8``: two rows, each row prefilled then each prompt
+    prefilled once, named so, sampling the same tokens (same model, prompts and seed; the prefill is shared, not the
+    distribution). Catches a row given other prompts, repeats or draws than the other's (its sampled tokens) and
+    the rows swapped or misnamed; that the shared row shares is ``test_rollout``'s (the forwards' shapes)."""
+    out = tmp_path / "generate.json"
+    run_python(
+        str(REPO / "scripts" / "benchmark.py"), "generate", "--shared-prompt", "--num-generations", "4",
+        "--hidden-size", "32", "--layers", "1", "--batch-size", "8", "--max-new-tokens", "12", "--warmup", "1",
+        "--steps", "2", "--json", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [row["impl"] for row in rows] == [
+        "lightning_rlhf generate, dynamic cache, each of a prompt's 4 rows prefilled",
+        "lightning_rlhf generate, dynamic cache, a prompt prefilled once for 4 rows",
+    ]
+    assert rows[0]["sampled_tokens"] == rows[1]["sampled_tokens"] > 0
+
+
 def test_gpu_check_reports_the_rows_a_benchmark_wrote_and_never_a_previous_runs(tmp_path, monkeypatch):
     """A benchmark that fails leaves no rows in the report even where an earlier run left its JSON file; one that
     succeeds reports exactly the rows it wrote to the path given after ``--json``."""
