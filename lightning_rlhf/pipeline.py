@@ -2,7 +2,7 @@
 held-out prompts. Without options, the embedded toy task on a CPU with honest gold-judge numbers (the README's main
 job, also ``python scripts/pipeline.py``):
 
-    lightning-rlhf pipeline                     # one seed, one round: about 4.5 minutes on 2 CPU cores
+    lightning-rlhf pipeline                     # one seed, one round: about 3.7 minutes on 2 CPU cores
     lightning-rlhf pipeline --seeds 0 1 2       # three seeds: the README's means and spreads
     lightning-rlhf pipeline --rounds 2          # iterated RLHF
     lightning-rlhf pipeline --noise 0.1         # a noisy simulated labeller
