@@ -55,6 +55,9 @@ BENCHMARKS = {  # the shapes of issue 12's TRL reference points
                                                  "--max-new-tokens", "128"],
     "generate 0.5B bs 16, prompt 64, response 128": ["generate", *SMALL, "--batch-size", "16", "--max-length", "64",
                                                       "--max-new-tokens", "128"],
+    "generate 0.5B, 8 samples of 8 prompts of 512, response 64, each row vs each prompt prefilled": [
+        "generate", *SMALL, "--shared-prompt", "--num-generations", "8", "--batch-size", "64", "--prompt-length",
+        "512", "--max-length", "640", "--max-new-tokens", "64"],
 }  # fmt: skip
 VLLM_BENCHMARKS = {  # where vLLM is installed: the engine's GPU claim, against generate and against TRL with vLLM
     "generate 0.5B bs 16, prompt 64, response 128, hf vs vllm": [
