@@ -41,8 +41,8 @@ def test_generate_shared_prompt_benchmark_samples_g_rows_per_prompt_prefilled_ea
     out = tmp_path / "generate.json"
     run_python(
         str(REPO / "scripts" / "benchmark.py"), "generate", "--shared-prompt", "--num-generations", "4",
-        "--hidden-size", "32", "--layers", "1", "--batch-size", "8", "--max-new-tokens", "12", "--warmup", "1",
-        "--steps", "2", "--json", str(out), cwd=tmp_path,
+        "--hidden-size", "32", "--layers", "1", "--batch-size", "8", "--max-new-tokens", "12", "--warmup", "0",
+        "--steps", "1", "--json", str(out), cwd=tmp_path,
     )  # fmt: skip
     rows = json.loads(out.read_text())
     assert [row["impl"] for row in rows] == [
