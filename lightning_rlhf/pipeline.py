@@ -161,11 +161,18 @@ class ParentStream:
 
 
 def forked_stage(
-    entry: Callable[[list[str]], None], argv: list[str], threads: int | None, output: Path | tuple[int, int]
+    entry: Callable[[list[str]], None],
+    argv: list[str],
+    threads: int | None,
+    output: Path | tuple[int, int],
+    environment: dict[str, str],
 ) -> None:
     """A stage in its process forked from the warm one (``warm``): stdout and stderr to ``output`` (a log file, or
-    the launching process's streams as ``ParentStream`` delivers them), ``threads`` threads, then ``entry(argv)``;
-    its ``SystemExit`` status is the process's."""
+    the launching process's streams as ``ParentStream`` delivers them), the launching process's ``environment`` as
+    it is now (the forkserver's is as it was when it started), ``threads`` threads, then ``entry(argv)``; its
+    ``SystemExit`` status is the process's."""
+    os.environ.clear()
+    os.environ.update(environment)
     if isinstance(output, Path):
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         output = (fd, fd)
@@ -193,7 +200,7 @@ def warm(entry: Callable[[list[str]], None] | None = None) -> Launcher:
 
     def launch(argv: list[str], threads: int | None, log: Path | None) -> int:
         output = log or (ParentStream(1), ParentStream(2))
-        process = context.Process(target=forked_stage, args=(entry, argv, threads, output))
+        process = context.Process(target=forked_stage, args=(entry, argv, threads, output, dict(os.environ)))
         process.start()
         process.join()
         return process.exitcode

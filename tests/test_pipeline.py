@@ -292,7 +292,8 @@ def test_who_ranks_and_who_judges_are_checked_before_anything_runs(tmp_path, cap
 FAKE_STAGE = (
     "import os, sys, time; start = time.time(); time.sleep(1.0); print('stage output', sys.argv[2]); "
     "torch = sys.modules.get('torch'); threads = torch.get_num_threads() if torch else '-'; "
-    "open(sys.argv[3], 'w').write(f\"{start} {time.time()} {os.environ.get('OMP_NUM_THREADS')} {threads}\"); "
+    "env = os.environ.get; open(sys.argv[3], 'w').write(f\"{start} {time.time()} {env('OMP_NUM_THREADS')} {threads} "
+    "{env('STAGE_MARK')}\"); "
     "sys.exit(int(sys.argv[1]))"
 )
 
@@ -309,11 +310,12 @@ def test_stages_that_need_nothing_of_each_other_run_side_by_side_on_their_share_
 ):
     """Two stages of 1 s each on 2 jobs over 2 cores: their runs overlap, each on 1 thread (OMP_NUM_THREADS, and
     torch's own count in a warm stage, forked from a process that had torch loaded) with its output in its log; one
-    job runs them one after the other, with the caller's threads and output (its stdout when they run, not when the
-    warm launcher's forkserver started). A failing stage (exit 3) raises only after its sibling has finished, naming
-    the stage and its log and showing the log's end. Catches the stages run one after the other (no overlap), every
-    stage given all the cores (oversubscribed; in a warm stage, torch's count left at the forked process's), output
-    not sent to the log or to the caller's stdout, and a failure lost or raised without its output."""
+    job runs them one after the other, with the caller's threads, output and environment (as they are when they
+    run, not when the warm launcher's forkserver started). A failing stage (exit 3) raises only after its sibling
+    has finished, naming the stage and its log and showing the log's end. Catches the stages run one after the
+    other (no overlap), every stage given all the cores (oversubscribed; in a warm stage, torch's count left at the
+    forked process's), output not sent to the log or to the caller's stdout, the forkserver's environment, and a
+    failure lost or raised without its output."""
     from lightning_rlhf import pipeline
 
     monkeypatch.setattr(pipeline, "cores", lambda: 2)
@@ -326,19 +328,20 @@ def test_stages_that_need_nothing_of_each_other_run_side_by_side_on_their_share_
     def stage(name: str, status: int = 0) -> list[str]:
         return [str(status), name, str(tmp_path / f"{name}.times")]
 
-    def runs(*names: str) -> list[tuple[float, float, str, str]]:
+    def runs(*names: str) -> list[tuple[float, float, str, str, str]]:
         out = []
         for name in names:
-            start, end, threads, in_torch = (tmp_path / f"{name}.times").read_text().split()
-            out.append((float(start), float(end), threads, in_torch))
+            start, end, threads, in_torch, mark = (tmp_path / f"{name}.times").read_text().split()
+            out.append((float(start), float(end), threads, in_torch, mark))
         return out
 
     seconds = pipeline.side_by_side({"a": stage("a"), "b": stage("b")}, 2, tmp_path / "logs", launch)
-    (a_start, a_end, a_threads, a_torch), (b_start, b_end, b_threads, b_torch) = runs("a", "b")
+    (a_start, a_end, a_threads, a_torch, _), (b_start, b_end, b_threads, b_torch, _) = runs("a", "b")
     assert max(a_start, b_start) < min(a_end, b_end)  # overlapping
     assert a_threads == b_threads == "1" and a_torch == b_torch == torch_threads and set(seconds) == {"a", "b"}
     assert "stage output a" in (tmp_path / "logs" / "a.log").read_text()
 
+    monkeypatch.setenv("STAGE_MARK", "set-after-the-first-stages")  # a warm launcher's forkserver is running by now
     terminal, saved = (tmp_path / "terminal").open("w"), os.dup(1)
     os.dup2(terminal.fileno(), 1)  # this process's stdout now: where a stage run alone must write
     try:
@@ -347,8 +350,8 @@ def test_stages_that_need_nothing_of_each_other_run_side_by_side_on_their_share_
         os.dup2(saved, 1)
         os.close(saved)
         terminal.close()
-    (c_start, c_end, c_threads, _), (d_start, _, d_threads, _) = runs("c", "d")
-    assert c_end <= d_start and c_threads == d_threads == "None"
+    (c_start, c_end, c_threads, _, c_mark), (d_start, _, d_threads, _, _) = runs("c", "d")
+    assert c_end <= d_start and c_threads == d_threads == "None" and c_mark == "set-after-the-first-stages"
     assert "stage output c" in (tmp_path / "terminal").read_text() and not (tmp_path / "logs" / "c.log").exists()
 
     with pytest.raises(SystemExit, match=r"stage f failed \(exit status 3\).*f\.log ends:\nstage output f"):
