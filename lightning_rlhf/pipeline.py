@@ -15,9 +15,10 @@ simulated labeller and the evaluation judge, and only the stages you ask for (de
         [--held_out held_out.jsonl] [--model path/to/hf_base_model] [--stages sft rm ppo grpo dpo]
 
 On your task SFT and the reward model train for passes over your data, stop early on their validation and export
-their best validation's model (``--sft_passes``, ``--rm_passes``: at most that many); the toy run keeps its configs'
-steps. A worked example, the
-Caesar shift with its judge: ``examples/own_task`` (README, "Your own task: a worked example").
+their best validation's model (``--sft_passes``, ``--rm_passes``: at most that many); PPO, GRPO and RLOO export their
+best validation's policy, by the judge's score (by the KL-penalised reward without a judge); the toy run keeps its
+configs' steps and last models. A worked example, the Caesar shift with its judge: ``examples/own_task`` (README,
+"Your own task: a worked example").
 
 People instead of a judge: ``--label people`` stops after sampling, writes the samples to rank and prints the
 ``lightning-rlhf label`` commands, then the command that resumes with ``--comparisons`` (the ``label --aggregate``
@@ -105,6 +106,14 @@ RM_ROUND_LR = 3e-4
 OWN_PASSES = {"sft": 60.0, "rm": 30.0}
 WATCHED = {"sft": ("val/loss", "min"), "rm": ("val/accuracy", "max")}
 PATIENCE = {"sft": 10, "rm": 3}
+# On your own task the RL stages (PPO, GRPO, RLOO, and PPO against the judge) export the policy of their best
+# validation (``callbacks.BestWeights``, no early stop: they run their configs' rollouts): by the judge's mean score
+# (``judge_fn``, logged as val/objective/judge) when there is a judge, else by the KL-penalised reward the policy
+# maximises (score - β·KL, val/objective/rlhf_reward; the reward model's score alone keeps rising as the policy
+# drifts from SFT). Validation rollouts are of PromptDataModule's val_fraction of the training prompts, never of the
+# held-out evaluation prompts, which main() removes from them. On the Caesar example (seed 0) PPO's validation judge
+# score fell 0.977 -> 0.948 over its last validations as its KL rose: the last policy is not the best one.
+RL_WATCHED = {True: ("val/objective/judge", "max"), False: ("val/objective/rlhf_reward", "max")}  # by: a judge?
 RL_CONFIGS = {"ppo": "ppo.yaml", "grpo": "grpo.yaml", "rloo": "rloo.yaml"}
 STAGE_CONFIGS = {"sft": "sft.yaml", "rm": "rm.yaml", **RL_CONFIGS, "ppo_gold_reward": "ppo.yaml", "dpo": "dpo.yaml"}
 STAGES = tuple(STAGE_CONFIGS)
@@ -180,14 +189,20 @@ def steps_per_pass(config: Path, source: str, kind: str) -> float:
     return len(records) * (1 - (data.get("val_fraction") or 0.0)) / data["batch_size"]
 
 
+def best_weights(monitor: str, mode: str) -> list[str]:
+    """The ``fit`` arguments that add ``callbacks.BestWeights`` on ``monitor``: the export is the best validation's
+    model, not the last one."""
+    return ["--trainer.callbacks+=lightning_rlhf.callbacks.BestWeights", f"--trainer.callbacks.monitor={monitor}",
+            f"--trainer.callbacks.mode={mode}"]  # fmt: skip
+
+
 def early_stopping(stage: str) -> list[str]:
     """The ``fit`` arguments that add Lightning's ``EarlyStopping`` on ``stage``'s ``WATCHED`` metric and
-    ``BestWeights`` on the same metric (the export is the best validation's model)."""
+    ``BestWeights`` on the same metric."""
     monitor, mode = WATCHED[stage]
-    watch = [f"--trainer.callbacks.monitor={monitor}", f"--trainer.callbacks.mode={mode}"]
-    return ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", *watch,
-            f"--trainer.callbacks.patience={PATIENCE[stage]}",
-            "--trainer.callbacks+=lightning_rlhf.callbacks.BestWeights", *watch]  # fmt: skip
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", f"--trainer.callbacks.monitor={monitor}",
+            f"--trainer.callbacks.mode={mode}", f"--trainer.callbacks.patience={PATIENCE[stage]}",
+            *best_weights(monitor, mode)]  # fmt: skip
 
 
 def write_prompts(path: Path, n: int, seed: int, exclude: set[str]) -> Path:
@@ -232,6 +247,7 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     judge = import_reward_fn(args.judge) if args.judge else None
     labeller = "gold" if args.judge == GOLD else args.judge
     train_prompts_path = None
+    own_task = args.demonstrations is not None or train_prompts is not None  # else the toy run, its configs' steps
     if train_prompts is not None:
         train_prompts_path = write_jsonl_atomic([{"prompt": p} for p in train_prompts], pipeline / "prompts.jsonl")
 
@@ -281,6 +297,8 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
             extra.append(f"--trainer.val_check_interval={max(1, args.max_steps // 4)}")
         if train_prompts_path:
             extra.append(f"--data.init_args.train_path={train_prompts_path}")
+        if own_task:  # the toy run keeps its configs' last policy
+            extra += best_weights(*RL_WATCHED[args.judge is not None])
         return fit(stage, config, f"--model.init_args.model_name_or_path={policy}",
                    f"--model.init_args.seed={seed}", *reward, *extra, scheduler=False)  # fmt: skip
 
@@ -301,7 +319,6 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
     sft = outputs / "sft" / "hf"
     own = [f"--data.init_args.train_path={args.demonstrations}"] if args.demonstrations else []
     own += [f"--model.init_args.model_name_or_path={args.model}"] if args.model else []
-    own_task = args.demonstrations is not None or train_prompts is not None  # else the toy run, its configs' steps
     if own_task and args.demonstrations and "sft" in stages:
         together(for_passes("sft", "sft.yaml", args.demonstrations, "demonstration", *own))
     else:

@@ -19,6 +19,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 JUDGE_LOG = "PIPELINE_TEST_JUDGE_LOG"
 
 
+def stage_callbacks(outputs: Path, stage: str) -> dict[str, dict]:
+    """The callbacks of ``stage``'s fit as its saved config lists them: class name -> init_args."""
+    config = yaml.safe_load((outputs / stage / "tensorboard" / "version_0" / "config.yaml").read_text())
+    listed = config["trainer"]["callbacks"]
+    return {entry["class_path"].rpartition(".")[2]: entry.get("init_args", {}) for entry in listed}
+
+
 def shout_judge(prompt: str, response: str) -> float:
     """The test's own task, not the toy: "Shout: abc" is answered "ABC"; the share of the answer's characters right.
     Every process that calls it writes its id once to the file named by $PIPELINE_TEST_JUDGE_LOG."""
@@ -75,6 +82,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     for png in ("overoptimization.png", "win_rates.png"):
         assert (tmp_path / "pipeline" / png).read_bytes().startswith(PNG)
     assert "Gold-judge scores on held-out prompts" in result.stdout
+    assert "BestWeights" not in stage_callbacks(tmp_path, "ppo")  # the toy keeps its last policy, as the README says
 
 
 def test_seeds_are_aggregated_as_means_with_min_max_spreads():
@@ -138,6 +146,8 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     assert sft_config["data"]["init_args"]["train_path"] == str(demonstrations)
     ppo_config = yaml.safe_load((outputs / "ppo" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert ppo_config["data"]["init_args"]["train_path"] == str(outputs / "pipeline" / "prompts.jsonl")
+    # the policy of PPO's best validation by the judge is exported (validated on prompts.jsonl, no held-out prompt)
+    assert stage_callbacks(outputs, "ppo")["BestWeights"] == {"monitor": "val/objective/judge", "mode": "max"}
 
 
 def test_stages_are_checked_before_anything_runs(tmp_path):
@@ -254,6 +264,8 @@ def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_an
     assert not any(key.startswith("gold") for key in summary["sft"]) and summary["sft"]["elo"] == 1000
     assert 0 <= summary["reward_model"]["val_accuracy_on_comparisons"] <= 1
     assert summary["curves"]["ppo"]["kl"] and "judge" not in summary["curves"]["ppo"]
+    # no judge: PPO's export is its best validation by the KL-penalised reward (BestWeights fails on an unlogged name)
+    assert stage_callbacks(out, "ppo")["BestWeights"] == {"monitor": "val/objective/rlhf_reward", "mode": "max"}
     assert set(summary["seconds"]) == {"rm", "ppo", "evaluation"}
     assert "gold numbers need --judge" in printed.out
     assert json.loads((out / "pipeline" / "summary.json").read_text())["sft"] == summary["sft"]
