@@ -72,6 +72,7 @@ from lightning_rlhf.diagnosis import diagnose
 from lightning_rlhf.evaluation import plot_win_rates, rating_report, save_figure_atomic, write_json_atomic
 from lightning_rlhf.pipeline_eval import (
     best_of_n_curve,
+    demonstrations_score,
     model_scores,
     plot_overoptimization,
     ppo_curve,
@@ -403,6 +404,8 @@ def run(args: argparse.Namespace, seed: int, outputs: Path, held_out: list, trai
         summary[name] |= {"win_rate_vs_sft": ratings["win_rate_vs_baseline"][name],
                           "win_rate_vs_sft_ci": ratings["win_rate_vs_baseline_ci"][name],
                           "elo": ratings["elo"][name], "elo_ci": ratings["elo_ci"][name]}  # fmt: skip
+    if own_judge is not None and args.demonstrations:  # what SFT imitates, for the diagnosis to compare it with
+        summary["demonstrations"] = demonstrations_score(args.demonstrations, own_judge)
     if judge is not None:
         samples = sft_samples(sft, held_out, 4, args.temperature, seed=1)
         for name, directory in reward_models.items():
@@ -654,6 +657,8 @@ def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
             rated = f"{entry['win_rate_vs_sft']:11.3f} {entry['elo']:6.0f}" if "elo" in entry else f"{'-':>11} {'-':>6}"
             print(f"  {name:18s} {entry[f'{scale}_greedy']:8.3f} {entry[f'{scale}_sampled']:16.3f} {rated}{spread}")
     judge = "gold judge" if args.judge == GOLD else args.judge
+    if "demonstrations" in summary:
+        print(f"  {'(demonstrations)':18s} {summary['demonstrations']['gold_mean']:8.3f}  the data SFT imitates")
     for name, entry in summary.items():
         if name.startswith("reward_model") and "rm_pairwise_accuracy_vs_gold" in entry:
             print(f"{name} vs {judge}: {entry['rm_pairwise_accuracy_vs_gold']:.3f} pairwise accuracy on "

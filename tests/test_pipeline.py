@@ -83,6 +83,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
         assert (tmp_path / "pipeline" / png).read_bytes().startswith(PNG)
     assert "Gold-judge scores on held-out prompts" in result.stdout
     assert "BestWeights" not in stage_callbacks(tmp_path, "ppo")  # the toy keeps its last policy, as the README says
+    assert "demonstrations" not in summary  # nor does its summary change
 
 
 def test_seeds_are_aggregated_as_means_with_min_max_spreads():
@@ -135,6 +136,8 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     assert "dpo" not in summary and "ppo_gold_reward" not in summary and summary["held_out_prompts"] == 8
     assert summary["reward_model"]["rm_eval_pairs"] > 0 and 0 <= summary["ppo"]["gold_sampled"] <= 1
     assert isinstance(summary["diagnosis"], dict) and "Diagnosis" in result.stdout
+    # every demonstration is the exact answer, so the judge scores each 1.0: what SFT is compared with
+    assert summary["demonstrations"] == {"gold_mean": 1.0, "records": 48}
     # a pass (48 demonstrations less 5 % held out, batches of 32) is round(1.43) = 1 step: a validation after each of 4
     assert len(summary["curves"]["sft"]["val_loss"]) == 4 and set(summary["curves"]) == {"sft", "ppo"}
     assert len(set(judge_log.read_text().split())) >= 3  # the labeller, PPO's judge_fn and the evaluation
