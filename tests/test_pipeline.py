@@ -14,6 +14,8 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
+from lightning_rlhf.pipeline import OWN_SFT_LR
+
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 JUDGE_LOG = "PIPELINE_TEST_JUDGE_LOG"
@@ -84,6 +86,8 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     assert "Gold-judge scores on held-out prompts" in result.stdout
     assert "BestWeights" not in stage_callbacks(tmp_path, "ppo")  # the toy keeps its last policy, as the README says
     assert "demonstrations" not in summary  # nor does its summary change
+    sft_config = yaml.safe_load((tmp_path / "sft" / "tensorboard" / "version_0" / "config.yaml").read_text())
+    assert sft_config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.003  # sft.yaml's, not OWN_SFT_LR
 
 
 def test_seeds_are_aggregated_as_means_with_min_max_spreads():
@@ -147,6 +151,7 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     assert ppo["judge_fn"] == "tests.test_pipeline.shout_judge"
     sft_config = yaml.safe_load((outputs / "sft" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert sft_config["data"]["init_args"]["train_path"] == str(demonstrations)
+    assert sft_config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == OWN_SFT_LR == 3e-4  # not sft.yaml's
     ppo_config = yaml.safe_load((outputs / "ppo" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert ppo_config["data"]["init_args"]["train_path"] == str(outputs / "pipeline" / "prompts.jsonl")
     # the policy of PPO's best validation by the judge is exported (validated on prompts.jsonl, no held-out prompt)
