@@ -93,7 +93,8 @@ def empty_responses(summary: dict, limits: Thresholds) -> Iterator[Finding]:
 
 def sft_still_learning(summary: dict, limits: Thresholds) -> Iterator[Finding]:
     loss = summary.get("curves", {}).get("sft", {}).get("val_loss", [])
-    if len(loss) >= 2 and loss[-1] < loss[-2] * (1 - limits.min_val_loss_drop):
+    # Only when the last check is the best: after early stopping a last check can fall and still be past the best.
+    if len(loss) >= 2 and loss[-1] == min(loss) and loss[-1] < loss[-2] * (1 - limits.min_val_loss_drop):
         message = (
             f"validation loss still falling at the end ({loss[-2]:.3f} -> {loss[-1]:.3f}): train it longer "
             "(trainer.max_steps) before the later stages start from it"

@@ -92,3 +92,14 @@ def test_without_a_judge_a_plateau_barely_below_the_first_check_is_flagged():
     assert list(flagged) == ["sft"] and "barely below where it started" in flagged["sft"][0]
     assert diagnose({"curves": {"sft": {"val_loss": [3.0, 1.0, 1.1]}}}) == {}
     assert diagnose({"curves": {"sft": {"val_loss": [3.0, 2.69, 2.95]}}}) == {}
+
+
+def test_a_last_check_that_falls_after_early_stopping_passed_the_best_is_not_still_learning():
+    """The Caesar example's seed 0 at lr 3e-4: best 0.195 at check 44, early stopping 10 checks later, the last two
+    0.227 -> 0.222 (a 2.2 % drop, > 1 %). The run is past its best, not still learning: no finding (its greedy 0.913
+    is level with the demonstrations' 0.896, so no plateau finding either). Catches the old check, which looked at
+    the last two checks only and told this run to train longer."""
+    loss = [0.3, 0.195, 0.21, 0.2, 0.22, 0.227, 0.222]
+    summary = {"curves": {"sft": {"val_loss": loss}}, "sft": {"gold_greedy": 0.913, "gold_sampled": 0.857},
+               "demonstrations": {"gold_mean": 0.896}}  # fmt: skip
+    assert diagnose(summary) == {}
