@@ -28,8 +28,14 @@ class BestWeights(Callback):
         return self.best is None or (value < self.best if self.mode == "min" else value > self.best)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
         value = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or value is None or not self.better(float(value)):
+        if value is None:  # else a misspelt monitor would silently export the last weights
+            logged = ", ".join(sorted(name for name in trainer.callback_metrics if name.startswith("val")))
+            raise RuntimeError(f"BestWeights: validation logged no {self.monitor!r}; monitor one of the metrics it "
+                               f"logged: {logged or 'none'}")  # fmt: skip
+        if not self.better(float(value)):
             return
         self.best = float(value)
         self.state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in pl_module.state_dict().items()}

@@ -4,7 +4,9 @@ judge; best-of-n; training curves read back from TensorBoard; the over-optimisat
 
 from __future__ import annotations
 
+import random
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_rlhf.data.records import read_records
 from lightning_rlhf.evaluation import best_of_n, best_of_n_kl, save_figure_atomic
 from lightning_rlhf.models import load_causal_lm, load_tokenizer
 from lightning_rlhf.sampling import judge_records, sample_responses
@@ -31,6 +34,16 @@ def model_scores(model_dir: Path, prompts: list[str], temperature: float, judge=
     sampled = gold_scores(model, tokenizer, prompts, temperature=temperature, progress=True, desc=f"{name} sampled",
                           **judged)  # fmt: skip
     return {"gold_greedy": statistics.mean(greedy), "gold_sampled": statistics.mean(sampled), "per_prompt": sampled}
+
+
+def demonstrations_score(path: str, judge: Callable[[str, str], float], most: int = 1000) -> dict:
+    """The judge's mean score of the demonstrations SFT imitates (a seeded draw of ``most`` when there are more): about
+    what an SFT model that has learnt them reaches on held-out prompts (the diagnosis compares the two)."""
+    records, _ = read_records(path, "demonstration")
+    fields = [record.fields for record in records]
+    drawn = random.Random(0).sample(fields, most) if len(fields) > most else fields
+    scores = [judge(record["prompt"], record["response"]) for record in drawn]
+    return {"gold_mean": statistics.mean(scores), "records": len(drawn)}
 
 
 def reward_model_scores(model_dir: Path, prompts: list, temperature: float, reward_model) -> dict:

@@ -55,3 +55,14 @@ def test_best_weights_are_the_ones_exported(mode, best):
 def test_best_weights_refuses_an_unknown_mode():
     with pytest.raises(ValueError, match="'min' \\(a loss\\) or 'max'"):
         BestWeights("val/loss", "lowest")
+
+
+def test_best_weights_refuses_a_monitor_that_validation_never_logs():
+    """A misspelt monitor must fail at the first validation, naming the metrics logged, rather than export the last
+    weights as if they were the best. Catches a silent skip of a missing metric (the callback's old behaviour)."""
+    data = torch.utils.data.DataLoader(torch.zeros(1, 1))
+    trainer = pl.Trainer(max_steps=2, val_check_interval=1, check_val_every_n_epoch=None, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[BestWeights("val/metrik", "min")], num_sanity_val_steps=1)  # fmt: skip
+    with pytest.raises(RuntimeError, match="no 'val/metrik'.*: val/metric"):
+        trainer.fit(Scripted([3.0, 1.0]), data, data)

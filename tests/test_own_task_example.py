@@ -64,8 +64,8 @@ class Stop(Exception):
 
 
 def recorded_fits(argv: list[str], monkeypatch, tmp_path: Path) -> dict[str, list[str]]:
-    """The ``lightning-rlhf`` arguments of the pipeline's stages up to the reward model, run by nobody: sampling
-    writes 100 comparison records, and the pipeline stops once the reward model's command is built."""
+    """The ``lightning-rlhf`` arguments of the pipeline's stages up to PPO, run by nobody: sampling writes 100
+    comparison records, and the pipeline stops once PPO's command is built."""
     from lightning_rlhf import pipeline
 
     commands: dict[str, list[str]] = {}
@@ -76,7 +76,7 @@ def recorded_fits(argv: list[str], monkeypatch, tmp_path: Path) -> dict[str, lis
             output = Path(stage_commands["comparisons"][stage_commands["comparisons"].index("--output") + 1])
             output.write_text("".join(json.dumps({"prompt": f"Shift: w{i}\n", "responses": ["a", "b"], "ranks": [0, 1]})
                                       + "\n" for i in range(100)))  # fmt: skip
-        if "rm" in stage_commands:
+        if "ppo" in stage_commands:
             raise Stop
         return {}
 
@@ -95,11 +95,14 @@ def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_to
     the default 60 passes are ceil(356.25) = 357 steps, the schedule 357 long, validated every round(5.9375) = 6
     steps, with EarlyStopping (patience 10) and BestWeights on val/loss (min). The reward model on the 100 comparison
     records (batch 64, 0.1 held out: 90 / 64 = 1.40625 steps a pass) for --rm_passes 3 is ceil(4.21875) = 5 steps,
-    validated every step, both callbacks on val/accuracy (max), patience 3. The toy run (no --demonstrations) keeps
-    its configs' steps: no step override, no callback added. Catches: the passes counted over every record rather
-    than the training share, the toy's commands changed, --rm_passes ignored, the schedule left at the config's
-    length (the learning rate would not decay), and a callback watching the wrong metric or direction (an RM stopped
-    when its accuracy rises, or its worst weights exported)."""
+    validated every step, both callbacks on val/accuracy (max), patience 3. SFT's learning rate is OWN_SFT_LR, 3e-4;
+    PPO (its configs' rollouts, no early stop) exports its best validation by the judge, BestWeights on
+    val/objective/judge (max). The toy run (no --demonstrations) keeps its configs' steps and learning rate: no step
+    or lr override, no callback added. Catches: the passes counted over every record rather than the training share,
+    the toy's commands changed, --rm_passes ignored, the schedule left at the config's length (the learning rate
+    would not decay), a callback watching the wrong metric or direction (an RM stopped when its accuracy rises, or
+    its worst weights exported), PPO exporting its last policy (no BestWeights) or one chosen by the reward model's
+    score, and the own-task lr not reaching SFT."""
     make_data.main(["--output", str(tmp_path), "--demonstrations", "200", "--prompts", "60"])
     own = recorded_fits(["--demonstrations", str(tmp_path / "demonstrations.jsonl"), "--prompts",
                          str(tmp_path / "prompts.jsonl"), "--judge", "examples.own_task.judge.score",
@@ -115,10 +118,15 @@ def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_to
         assert overrides(own[stage], "trainer.callbacks.monitor") == [monitor, monitor]
         assert overrides(own[stage], "trainer.callbacks.mode") == [mode, mode]
         assert overrides(own[stage], "trainer.callbacks.patience") == [patience]
+    assert overrides(own["sft"], "model.init_args.optimizer.init_args.lr") == ["0.0003"]
+    assert overrides(own["ppo"], "trainer.callbacks+") == ["lightning_rlhf.callbacks.BestWeights"]
+    assert overrides(own["ppo"], "trainer.callbacks.monitor") == ["val/objective/judge"]
+    assert overrides(own["ppo"], "trainer.callbacks.mode") == ["max"]
     toy = recorded_fits(["--rank_prompts", "100"], monkeypatch, tmp_path)
-    for stage in ("sft", "rm"):
+    for stage in ("sft", "rm", "ppo"):
         assert not overrides(toy[stage], "trainer.max_steps")
         assert not overrides(toy[stage], "trainer.val_check_interval")
+        assert not overrides(toy[stage], "model.init_args.optimizer.init_args.lr")
         assert not any(arg.startswith("--trainer.callbacks") for arg in toy[stage])
 
 

@@ -14,9 +14,18 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
+from lightning_rlhf.pipeline import OWN_SFT_LR
+
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 JUDGE_LOG = "PIPELINE_TEST_JUDGE_LOG"
+
+
+def stage_callbacks(outputs: Path, stage: str) -> dict[str, dict]:
+    """The callbacks of ``stage``'s fit as its saved config lists them: class name -> init_args."""
+    config = yaml.safe_load((outputs / stage / "tensorboard" / "version_0" / "config.yaml").read_text())
+    listed = config["trainer"]["callbacks"]
+    return {entry["class_path"].rpartition(".")[2]: entry.get("init_args", {}) for entry in listed}
 
 
 def shout_judge(prompt: str, response: str) -> float:
@@ -75,6 +84,10 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     for png in ("overoptimization.png", "win_rates.png"):
         assert (tmp_path / "pipeline" / png).read_bytes().startswith(PNG)
     assert "Gold-judge scores on held-out prompts" in result.stdout
+    assert "BestWeights" not in stage_callbacks(tmp_path, "ppo")  # the toy keeps its last policy, as the README says
+    assert "demonstrations" not in summary  # nor does its summary change
+    sft_config = yaml.safe_load((tmp_path / "sft" / "tensorboard" / "version_0" / "config.yaml").read_text())
+    assert sft_config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.003  # sft.yaml's, not OWN_SFT_LR
 
 
 def test_seeds_are_aggregated_as_means_with_min_max_spreads():
@@ -127,6 +140,8 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     assert "dpo" not in summary and "ppo_gold_reward" not in summary and summary["held_out_prompts"] == 8
     assert summary["reward_model"]["rm_eval_pairs"] > 0 and 0 <= summary["ppo"]["gold_sampled"] <= 1
     assert isinstance(summary["diagnosis"], dict) and "Diagnosis" in result.stdout
+    # every demonstration is the exact answer, so the judge scores each 1.0: what SFT is compared with
+    assert summary["demonstrations"] == {"gold_mean": 1.0, "records": 48}
     # a pass (48 demonstrations less 5 % held out, batches of 32) is round(1.43) = 1 step: a validation after each of 4
     assert len(summary["curves"]["sft"]["val_loss"]) == 4 and set(summary["curves"]) == {"sft", "ppo"}
     assert len(set(judge_log.read_text().split())) >= 3  # the labeller, PPO's judge_fn and the evaluation
@@ -136,8 +151,11 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     assert ppo["judge_fn"] == "tests.test_pipeline.shout_judge"
     sft_config = yaml.safe_load((outputs / "sft" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert sft_config["data"]["init_args"]["train_path"] == str(demonstrations)
+    assert sft_config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == OWN_SFT_LR == 3e-4  # not sft.yaml's
     ppo_config = yaml.safe_load((outputs / "ppo" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert ppo_config["data"]["init_args"]["train_path"] == str(outputs / "pipeline" / "prompts.jsonl")
+    # the policy of PPO's best validation by the judge is exported (validated on prompts.jsonl, no held-out prompt)
+    assert stage_callbacks(outputs, "ppo")["BestWeights"] == {"monitor": "val/objective/judge", "mode": "max"}
 
 
 def test_stages_are_checked_before_anything_runs(tmp_path):
@@ -254,6 +272,8 @@ def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_an
     assert not any(key.startswith("gold") for key in summary["sft"]) and summary["sft"]["elo"] == 1000
     assert 0 <= summary["reward_model"]["val_accuracy_on_comparisons"] <= 1
     assert summary["curves"]["ppo"]["kl"] and "judge" not in summary["curves"]["ppo"]
+    # no judge: PPO's export is its best validation by the KL-penalised reward (BestWeights fails on an unlogged name)
+    assert stage_callbacks(out, "ppo")["BestWeights"] == {"monitor": "val/objective/rlhf_reward", "mode": "max"}
     assert set(summary["seconds"]) == {"rm", "ppo", "evaluation"}
     assert "gold numbers need --judge" in printed.out
     assert json.loads((out / "pipeline" / "summary.json").read_text())["sft"] == summary["sft"]

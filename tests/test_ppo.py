@@ -447,6 +447,58 @@ def test_ppo_with_a_reward_function_learns_what_it_rewards(exports, tmp_path):
     assert after > before + 0.5, (before, after)  # measured: 0.008 -> 1.0
 
 
+def high_bytes(prompt: str, response: str) -> float:
+    """A dense reward to learn fast: the mean UTF-8 byte of the response, over 255."""
+    encoded = response.encode()
+    return sum(encoded) / (255 * max(len(encoded), 1))
+
+
+def low_bytes(prompt: str, response: str) -> float:
+    """A judge that disagrees with ``high_bytes``."""
+    return 1.0 - high_bytes(prompt, response)
+
+
+class ValidationProbe(L.Callback):
+    """Records at each validation (after the sanity check) the logged ``monitor`` and a copy of the policy's weights."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor, self.values, self.weights = monitor, [], []
+
+    def on_validation_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking:
+            self.values.append(float(trainer.callback_metrics[self.monitor]))
+            self.weights.append({k: v.detach().clone() for k, v in module.model.state_dict().items()})
+
+
+@pytest.mark.parametrize("monitor", ["val/objective/judge", "val/objective/rlhf_reward"])
+def test_best_weights_export_the_policy_of_the_best_validation_not_the_last(exports, tmp_path, monitor):
+    """What ``lightning-rlhf pipeline`` adds to an RL stage on a user's task: ``BestWeights`` on the judge's validation
+    score (or, without a judge, on the KL-penalised reward). PPO is rewarded for high bytes in its responses while
+    the judge prefers low ones, so the judge's validation score falls as PPO learns and its
+    best validation is an early one. A probe records, at each of the 6 validations (every 2 rollouts), the logged
+    ``monitor`` and the policy's weights; the export (``export_dir``, read back from disk) must equal, tensor for
+    tensor, the weights of the validation whose ``monitor`` was highest. For the judge that validation is not the
+    last one (asserted: the test cannot pass by exporting the last weights), for the reward it need not be.
+    Catches: the last policy exported (no restore, or a restore after the export), the lowest validation kept
+    instead of the highest, and another rank's or the sanity check's validation counted."""
+    from lightning_rlhf.callbacks import BestWeights
+
+    data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=16, max_length=32, val_fraction=0.1)
+    L.seed_everything(0)
+    module = ppo((exports[0],), reward_fn="tests.test_ppo.high_bytes", judge_fn="tests.test_ppo.low_bytes",
+                 max_new_tokens=8, kl_coef=0.0, value_head=True, export_dir=str(tmp_path / "hf"))  # fmt: skip
+    probe = ValidationProbe(monitor)
+    fit(module, data, 48, tmp_path, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None,
+        num_sanity_val_steps=1, callbacks=[BestWeights(monitor, "max"), probe])  # fmt: skip
+    best = max(range(len(probe.values)), key=probe.values.__getitem__)
+    assert len(probe.values) == 6 and len(set(probe.values)) == 6, probe.values
+    if monitor == "val/objective/judge":
+        assert best < 5 and probe.values[-1] < probe.values[best] - 0.01, probe.values  # measured: 0.396 ... 0.378
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in probe.weights[best].items())
+    assert not all(torch.equal(exported[k], v) for k, v in probe.weights[-1].items()) or best == 5
+
+
 def test_ptx_needs_pretraining_text(exports, tmp_path):
     module = ppo(exports, max_new_tokens=4, ptx_coef=1.0)
     data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0)
