@@ -148,11 +148,16 @@ LIGHTNING_RLHF = (sys.executable, "-m", "lightning_rlhf")
 Launcher = Callable[[list[str], "int | None", "Path | None"], int]
 
 
+def stage_environment(threads: int | None) -> dict[str, str]:
+    """This process's environment as it is now, with a stage's share of the cores as ``OMP_NUM_THREADS``."""
+    return os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+
+
 def in_new_process(program: tuple[str, ...] = LIGHTNING_RLHF) -> Launcher:
     """Each command a fresh ``program`` (``python -m lightning_rlhf``), its share of the cores as OMP_NUM_THREADS."""
 
     def launch(argv: list[str], threads: int | None, log: Path | None) -> int:
-        env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+        env = stage_environment(threads)
         with log.open("w") if log else contextlib.nullcontext() as out:
             err = subprocess.STDOUT if out else None
             return subprocess.run([*program, *argv], env=env, stdout=out, stderr=err).returncode
@@ -185,8 +190,9 @@ def forked_stage(
 ) -> None:
     """A stage in its process forked from the warm one (``warm``): stdout and stderr to ``output`` (a log file, or
     the launching process's streams as ``ParentStream`` delivers them), the launching process's ``environment`` as
-    it is now (the forkserver's is as it was when it started), ``threads`` threads, then ``entry(argv)``; its
-    ``SystemExit`` status is the process's."""
+    it is now (``stage_environment``; the forkserver's is as it was when it started), ``threads`` threads (torch read
+    OMP_NUM_THREADS when the forkserver imported it), then ``entry(argv)``; its ``SystemExit`` status is the
+    process's."""
     os.environ.clear()
     os.environ.update(environment)
     if isinstance(output, Path):
@@ -199,7 +205,6 @@ def forked_stage(
     if threads:
         import torch
 
-        os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     entry(argv)
 
@@ -216,7 +221,8 @@ def warm(entry: Callable[[list[str]], None] | None = None) -> Launcher:
 
     def launch(argv: list[str], threads: int | None, log: Path | None) -> int:
         output = log or (ParentStream(1), ParentStream(2))
-        process = context.Process(target=forked_stage, args=(entry, argv, threads, output, dict(os.environ)))
+        environment = stage_environment(threads)
+        process = context.Process(target=forked_stage, args=(entry, argv, threads, output, environment))
         process.start()
         process.join()
         return process.exitcode

@@ -109,16 +109,11 @@ def check_generation_options(cache_implementation: str, compile: bool) -> None:
         )
 
 
-def cache_argument(model: PreTrainedModel) -> str:
-    """What ``model``'s forward (and ``generate``) calls its KV cache: ``cache`` from transformers 5.2x on,
-    ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def shared_prompt_cache(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Any]:
-    """``{cache_argument: KV cache}`` of every column but the last of left-padded prompts, each distinct prompt
-    forwarded once and its cache copied to each of its rows; ``{}`` when no prompt repeats (or a prompt of one column).
+    """``{name: KV cache}`` (``name``: ``cache`` from transformers 5.2x on, ``past_key_values`` before) of every column
+    but the last of left-padded prompts, each distinct prompt forwarded once and its cache copied to each of its rows;
+    ``{}`` when no prompt repeats (or a prompt of one column).
 
     Given to ``generate`` with the whole prompts, the cache leaves it only their last column to forward before it
     samples (transformers continues from a cache: ``GenerationMixin._prefill``). Positions are the ones
@@ -133,9 +128,10 @@ def shared_prompt_cache(model: PreTrainedModel, input_ids: Tensor, attention_mas
         return {}
     ids, mask = distinct[:, : input_ids.size(1) - 1], distinct[:, input_ids.size(1) : -1]
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    parameters = inspect.signature(model.forward).parameters
+    logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits)
-    name = cache_argument(model)
+    name = "cache" if "cache" in parameters else "past_key_values"
     cache = out[name]
     cache.batch_select_indices(row_of)
     return {name: cache}

@@ -614,7 +614,7 @@ def run_generate_ours(args, model_dir: str) -> dict:
     vllm, shared = args.generate_variant == "vllm", args.generate_variant == "shared"
     cache, _, compiled = args.generate_variant.partition("+")
     options = {} if vllm else {"cache_implementation": cache, "compile": compiled == "compile"}
-    if shared or args.shared_prompt:  # G rows per prompt; the usual prefill of each row, or one per prompt
+    if args.shared_prompt:  # G rows per prompt: each row prefilled (variant dynamic), or each prompt once (shared)
         options = {"cache_implementation": "dynamic", "share_prompts": shared}
     group = args.num_generations if args.shared_prompt else 1
     tokenizer = load_tokenizer(model_dir)
