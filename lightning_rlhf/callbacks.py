@@ -33,8 +33,10 @@ class BestWeights(Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:  # else a misspelt monitor would silently export the last weights
             logged = ", ".join(sorted(name for name in trainer.callback_metrics if name.startswith("val")))
-            raise RuntimeError(f"BestWeights: validation logged no {self.monitor!r}; monitor one of the metrics it "
-                               f"logged: {logged or 'none'}")  # fmt: skip
+            raise RuntimeError(
+                f"BestWeights: validation logged no {self.monitor!r}; monitor one of the metrics it "
+                f"logged: {logged or 'none'}"
+            )
         if not self.better(float(value)):
             return
         self.best = float(value)

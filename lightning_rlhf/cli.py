@@ -41,8 +41,13 @@ def pipeline(argv: list[str]) -> None:
     main(argv)
 
 
-EXTRA_SUBCOMMANDS = {"score": scoring.main, "sample": sampling.main, "evaluate": evaluation.main, "label": label.main,
-                     "pipeline": pipeline}  # fmt: skip
+EXTRA_SUBCOMMANDS = {
+    "score": scoring.main,
+    "sample": sampling.main,
+    "evaluate": evaluation.main,
+    "label": label.main,
+    "pipeline": pipeline,
+}
 
 
 HELP = (

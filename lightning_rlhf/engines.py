@@ -141,13 +141,19 @@ class VLLMEngine:
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=os.environ.get("LOCAL_RANK", str(rank)))
         with process_state_kept():
             self.llm = LLM(
-                model=model_name_or_path, dtype=dtype, tensor_parallel_size=1, enforce_eager=not cuda,
-                gpu_memory_utilization=self.options.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
+                model=model_name_or_path,
+                dtype=dtype,
+                tensor_parallel_size=1,
+                enforce_eager=not cuda,
+                gpu_memory_utilization=self.options.gpu_memory_utilization,
+                enable_sleep_mode=self.sleeps,
                 kv_cache_memory_bytes=None if kv_bytes is None else int(kv_bytes * 2**30),
-                max_model_len=self.options.max_model_len, logprobs_mode="processed_logprobs", seed=0,
+                max_model_len=self.options.max_model_len,
+                logprobs_mode="processed_logprobs",
+                seed=0,
                 # every training process its own engine over its own prompts, inside the trainer's process group
                 distributed_executor_backend="external_launcher" if distributed else None,
-            )  # fmt: skip
+            )
             if self.sleeps:
                 self.llm.sleep(level=2)  # weights come from the policy at the first sync
         self.asleep = self.sleeps
@@ -185,13 +191,23 @@ class VLLMEngine:
             raise TypeError(f"the vllm engine does not take {sorted(unknown)}")
 
         seeds = torch.randint(2**31 - 1, (len(input_ids),)).tolist()  # from the caller's seeded stream
-        prompts = [TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist()) for ids, mask in
-                   zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]  # fmt: skip
+        prompts = [
+            TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
+            for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)
+        ]
         params = [  # logprobs=0: the sampled token's own log-prob only
-            SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0,
-                           detokenize=False, stop_token_ids=[tokenizer.eos_token_id], **sampling)
+            SamplingParams(
+                n=1,
+                temperature=temperature,
+                max_tokens=max_new_tokens,
+                seed=seed,
+                logprobs=0,
+                detokenize=False,
+                stop_token_ids=[tokenizer.eos_token_id],
+                **sampling,
+            )
             for seed in seeds
-        ]  # fmt: skip
+        ]
         with process_state_kept():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             if self.sleeps:  # level 2: weights and KV cache released; the next sync reloads the weights anyway
@@ -210,8 +226,9 @@ def rollout_from_outputs(outputs: list, input_ids: Tensor, attention_mask: Tenso
     for row, completion in enumerate(completions):
         tokens = list(completion.token_ids)
         responses[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
-        logprobs[row, : len(tokens)] = torch.tensor([step[t].logprob for step, t in zip(completion.logprobs, tokens,
-                                                                                           strict=True)])  # fmt: skip
+        logprobs[row, : len(tokens)] = torch.tensor(
+            [step[t].logprob for step, t in zip(completion.logprobs, tokens, strict=True)]
+        )
     responses, logprobs = responses.to(input_ids.device), logprobs.to(input_ids.device)
     response_mask = mask_after_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(~response_mask, tokenizer.pad_token_id)

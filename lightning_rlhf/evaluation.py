@@ -284,8 +284,10 @@ def plot_win_rates(report: dict[str, Any]) -> Figure:
     intervals = [report["win_rate_vs_baseline_ci"][name] for name in names]
     errors = None
     if all(interval is not None for interval in intervals):  # a percentile interval can miss the point estimate
-        errors = [[max(rate - low, 0) for rate, (low, _) in zip(rates, intervals, strict=True)],
-                  [max(high - rate, 0) for rate, (_, high) in zip(rates, intervals, strict=True)]]  # fmt: skip
+        errors = [
+            [max(rate - low, 0) for rate, (low, _) in zip(rates, intervals, strict=True)],
+            [max(high - rate, 0) for rate, (_, high) in zip(rates, intervals, strict=True)],
+        ]
     bar_axes.bar(range(len(names)), rates, yerr=errors, capsize=4, color="tab:blue")
     bar_axes.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     bar_axes.set(xticks=range(len(names)), ylim=(0, 1), ylabel=f"win rate vs {report['baseline']}")
@@ -365,9 +367,18 @@ def evaluate_models(
         sampler = build_engine(engine, path, str(model.dtype).removeprefix("torch."))
         torch.manual_seed(seed)
         samples = sample_responses(
-            model, tokenizer, prompts, 1, 512, batch_size, progress, f"sampling {name}", sampler,
-            max_new_tokens=max_new_tokens, temperature=temperature,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            prompts,
+            1,
+            512,
+            batch_size,
+            progress,
+            f"sampling {name}",
+            sampler,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
         del model, sampler  # before loading the next one
         scores.append(score(prompts, [responses[0] for responses in samples]))
     report = rating_report(list(named_models), scores, baseline, bootstrap, seed)
@@ -421,10 +432,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prompts = [record.fields["prompt"] for record in records]
     prompts = prompts[: args.limit]
     report = evaluate_models(
-        dict(zip(names, args.models, strict=True)), prompts, judge, args.baseline, args.temperature,
-        args.max_new_tokens, args.seed, args.bootstrap, args.batch_size, args.device, progress=True,
+        dict(zip(names, args.models, strict=True)),
+        prompts,
+        judge,
+        args.baseline,
+        args.temperature,
+        args.max_new_tokens,
+        args.seed,
+        args.bootstrap,
+        args.batch_size,
+        args.device,
+        progress=True,
         engine=args.engine,
-    )  # fmt: skip
+    )
     if args.reward_fn:
         report["judge"] = args.reward_fn
     output = Path(args.output)

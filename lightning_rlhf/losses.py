@@ -375,8 +375,10 @@ def group_advantages(scores: Tensor, group_size: int, estimator: str = "grpo", e
     if estimator not in GROUP_ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} is not one of {sorted(GROUP_ESTIMATORS)}")
     if group_size < 2 or scores.numel() % group_size:
-        raise ValueError(f"group_size={group_size}: needs >= 2 responses per prompt, and {scores.numel()} scores "
-                         "must hold whole groups")  # fmt: skip
+        raise ValueError(
+            f"group_size={group_size}: needs >= 2 responses per prompt, and {scores.numel()} scores "
+            "must hold whole groups"
+        )
     return GROUP_ESTIMATORS[estimator](scores.view(-1, group_size), eps).reshape(scores.shape)
 
 

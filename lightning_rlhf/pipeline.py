@@ -283,17 +283,24 @@ def steps_per_pass(config: Path, source: str, kind: str) -> float:
 def best_weights(monitor: str, mode: str) -> list[str]:
     """The ``fit`` arguments that add ``callbacks.BestWeights`` on ``monitor``: the export is the best validation's
     model, not the last one."""
-    return ["--trainer.callbacks+=lightning_rlhf.callbacks.BestWeights", f"--trainer.callbacks.monitor={monitor}",
-            f"--trainer.callbacks.mode={mode}"]  # fmt: skip
+    return [
+        "--trainer.callbacks+=lightning_rlhf.callbacks.BestWeights",
+        f"--trainer.callbacks.monitor={monitor}",
+        f"--trainer.callbacks.mode={mode}",
+    ]
 
 
 def early_stopping(stage: str) -> list[str]:
     """The ``fit`` arguments that add Lightning's ``EarlyStopping`` on ``stage``'s ``WATCHED`` metric and
     ``BestWeights`` on the same metric."""
     monitor, mode = WATCHED[stage]
-    return ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", f"--trainer.callbacks.monitor={monitor}",
-            f"--trainer.callbacks.mode={mode}", f"--trainer.callbacks.patience={PATIENCE[stage]}",
-            *best_weights(monitor, mode)]  # fmt: skip
+    return [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+        f"--trainer.callbacks.monitor={monitor}",
+        f"--trainer.callbacks.mode={mode}",
+        f"--trainer.callbacks.patience={PATIENCE[stage]}",
+        *best_weights(monitor, mode),
+    ]
 
 
 def write_prompts(path: Path, n: int, seed: int, exclude: set[str]) -> Path:
@@ -315,8 +322,10 @@ def read_prompts(path: str) -> list:
 def split_held_out(prompts: list, n: int) -> tuple[list, list]:
     """``n`` of ``prompts`` held out (drawn with ``HELD_OUT_SEED``) and the rest, in file order, to train on."""
     if not 0 < n < len(prompts):
-        raise ValueError(f"--eval_prompts={n}: must be between 1 and the {len(prompts)} --prompts less one (the "
-                         "rest train the policy), or name a --held_out file")  # fmt: skip
+        raise ValueError(
+            f"--eval_prompts={n}: must be between 1 and the {len(prompts)} --prompts less one (the "
+            "rest train the policy), or name a --held_out file"
+        )
     held = set(random.Random(HELD_OUT_SEED).sample(range(len(prompts)), n))
     return [p for i, p in enumerate(prompts) if i in held], [p for i, p in enumerate(prompts) if i not in held]
 
@@ -345,8 +354,14 @@ def run(
     if train_prompts is not None:
         train_prompts_path = write_jsonl_atomic([{"prompt": p} for p in train_prompts], pipeline / "prompts.jsonl")
 
-    def fit(stage: str, config: str, *extra: str, scheduler: bool = True, steps: int | None = None,
-            val_every: int | None = None) -> dict:  # fmt: skip
+    def fit(
+        stage: str,
+        config: str,
+        *extra: str,
+        scheduler: bool = True,
+        steps: int | None = None,
+        val_every: int | None = None,
+    ) -> dict:
         """``{stage: arguments}`` of one ``lightning-rlhf fit`` of ``config`` (under ``--configs``) writing under
         ``outputs/stage``; ``steps`` (or ``--max_steps``, which wins) overrides the config's optimiser steps,
         schedule length and validation interval (every ``val_every`` steps, else once at the end). A stage of
@@ -354,9 +369,13 @@ def run(
         if stage in STAGES and stage not in stages:
             return {}
         where = outputs / stage
-        overrides = [f"--trainer.default_root_dir={where}", f"--trainer.logger.init_args.save_dir={where}",
-                     f"--model.init_args.export_dir={where / 'hf'}", f"--seed_everything={seed}",
-                     f"--data.init_args.seed={seed}"]  # fmt: skip
+        overrides = [
+            f"--trainer.default_root_dir={where}",
+            f"--trainer.logger.init_args.save_dir={where}",
+            f"--model.init_args.export_dir={where / 'hf'}",
+            f"--seed_everything={seed}",
+            f"--data.init_args.seed={seed}",
+        ]
         steps = args.max_steps or steps
         if steps:
             interval = min(val_every or steps, steps)
@@ -375,12 +394,29 @@ def run(
         else:
             prompts = user_prompts_to_rank(pipeline / f"{stage}_prompts.jsonl", train_prompts, args.rank_prompts, draw)
         samples = pipeline / f"{stage}.jsonl"
-        return samples, {stage: [
-            "sample", "--model", str(policy), "--prompts", str(prompts), "--k", str(args.k), *ranking,
-            "--temperature", str(args.temperature), "--max_new_tokens", "16",
-            "--seed", str(seed + 1000 * round_), "--batch_size", "256", "--output", str(samples),
-            "--restart",  # the policy was just trained again: what a killed earlier run sampled is not its
-        ]}  # fmt: skip
+        return samples, {
+            stage: [
+                "sample",
+                "--model",
+                str(policy),
+                "--prompts",
+                str(prompts),
+                "--k",
+                str(args.k),
+                *ranking,
+                "--temperature",
+                str(args.temperature),
+                "--max_new_tokens",
+                "16",
+                "--seed",
+                str(seed + 1000 * round_),
+                "--batch_size",
+                "256",
+                "--output",
+                str(samples),
+                "--restart",  # the policy was just trained again: what a killed earlier run sampled is not its
+            ]
+        }
 
     def ranked_samples(stage: str, policy: Path, round_: int) -> tuple[Path, dict]:
         return sample(stage, policy, round_, "--judge", labeller, "--noise", str(args.noise))
@@ -393,16 +429,29 @@ def run(
             extra.append(f"--data.init_args.train_path={train_prompts_path}")
         if own_task:  # the toy run keeps its configs' last policy
             extra += best_weights(*RL_WATCHED[args.judge is not None])
-        return fit(stage, config, f"--model.init_args.model_name_or_path={policy}",
-                   f"--model.init_args.seed={seed}", *reward, *extra, scheduler=False)  # fmt: skip
+        return fit(
+            stage,
+            config,
+            f"--model.init_args.model_name_or_path={policy}",
+            f"--model.init_args.seed={seed}",
+            *reward,
+            *extra,
+            scheduler=False,
+        )
 
     def for_passes(stage: str, config: str, source: str, kind: str, *extra: str) -> dict:
         """``fit`` of an own task's ``stage`` for at most ``--{stage}_passes`` passes over ``source``, validated after
         each and stopped early (``OWN_PASSES``)."""
         per_pass = steps_per_pass(args.configs / config, source, kind)
         passes = getattr(args, f"{stage}_passes") or OWN_PASSES[stage]
-        return fit(stage, config, *extra, *early_stopping(stage), steps=max(1, math.ceil(passes * per_pass)),
-                   val_every=max(1, round(per_pass)))  # fmt: skip
+        return fit(
+            stage,
+            config,
+            *extra,
+            *early_stopping(stage),
+            steps=max(1, math.ceil(passes * per_pass)),
+            val_every=max(1, round(per_pass)),
+        )
 
     def together(*groups: dict) -> None:
         commands = {stage: arguments for group in groups for stage, arguments in group.items()}
@@ -422,8 +471,13 @@ def run(
         together(sample("samples", sft, 1)[1])
         return None
     watch = (f"--model.init_args.judge_fn={args.judge}",) if args.judge else ()
-    gold_reward = rl("ppo_gold_reward", sft, "--model.init_args.reward_model_name_or_path=null",
-                     f"--model.init_args.reward_fn={args.judge}", *watch)  # fmt: skip
+    gold_reward = rl(
+        "ppo_gold_reward",
+        sft,
+        "--model.init_args.reward_model_name_or_path=null",
+        f"--model.init_args.reward_fn={args.judge}",
+        *watch,
+    )
     ranked = {"rm", "dpo"} & set(stages)  # else nothing trains on the rankings
     first, sampling = Path(args.comparisons or pipeline / "comparisons.jsonl"), {}
     if ranked and not args.comparisons:  # else people ranked the samples of a run stopped by --label people
@@ -442,8 +496,16 @@ def run(
     trained_on_rankings = [rl(name, sft, *against_rm, config=config) for name, config in RL_CONFIGS.items()]
     if args.overoptimization:  # no KL penalty, 3x the learning rate, twice the rollouts: past the gold optimum
         steps = 2 * (args.max_steps or 480)
-        trained_on_rankings.append(rl("ppo_overoptimized", sft, *against_rm, f"--trainer.max_steps={steps}",
-                                      kl_coef="0.0", **{"optimizer.init_args.lr": "3e-4"}))  # fmt: skip
+        trained_on_rankings.append(
+            rl(
+                "ppo_overoptimized",
+                sft,
+                *against_rm,
+                f"--trainer.max_steps={steps}",
+                kl_coef="0.0",
+                **{"optimizer.init_args.lr": "3e-4"},
+            )
+        )
     together(*trained_on_rankings, fit("dpo", "dpo.yaml", from_sft, f"--data.init_args.train_path={first}"))
 
     policies = {"sft": sft} | {name: outputs / name / "hf" for name in RL_CONFIGS if name in stages}
@@ -458,13 +520,26 @@ def run(
             pipeline / f"comparisons_up_to_round{round_}.jsonl",
         )
         last_rm = reward_models["reward_model" if round_ == 2 else f"reward_model_round{round_ - 1}"]
-        together(fit(f"rm_round{round_}", "rm.yaml", f"--model.init_args.model_name_or_path={last_rm}",
-                     f"--data.init_args.train_path={everything}",
-                     f"--model.init_args.optimizer.init_args.lr={RM_ROUND_LR}", toy_normalization,
-                     steps=RM_ROUND_STEPS))  # fmt: skip
-        together(rl(f"ppo_round{round_}", last, f"--model.init_args.ref_model_name_or_path={sft}",
-                    f"--model.init_args.reward_model_name_or_path={outputs / f'rm_round{round_}' / 'hf'}",
-                    *watch))  # fmt: skip
+        together(
+            fit(
+                f"rm_round{round_}",
+                "rm.yaml",
+                f"--model.init_args.model_name_or_path={last_rm}",
+                f"--data.init_args.train_path={everything}",
+                f"--model.init_args.optimizer.init_args.lr={RM_ROUND_LR}",
+                toy_normalization,
+                steps=RM_ROUND_STEPS,
+            )
+        )
+        together(
+            rl(
+                f"ppo_round{round_}",
+                last,
+                f"--model.init_args.ref_model_name_or_path={sft}",
+                f"--model.init_args.reward_model_name_or_path={outputs / f'rm_round{round_}' / 'hf'}",
+                *watch,
+            )
+        )
         policies[f"ppo_round{round_}"] = outputs / f"ppo_round{round_}" / "hf"
         reward_models[f"reward_model_round{round_}"] = outputs / f"rm_round{round_}" / "hf"
     policies |= {name: outputs / name / "hf" for name in ("ppo_gold_reward", "dpo") if name in stages}
@@ -472,9 +547,15 @@ def run(
         policies["ppo_overoptimized"] = outputs / "ppo_overoptimized" / "hf"
 
     start = time.perf_counter()
-    summary: dict = {"seed": seed, "held_out_prompts": len(held_out), "sampling_temperature": args.temperature,
-                     "labeller_noise": args.noise, "ranked_prompts_per_round": args.rank_prompts, "k": args.k,
-                     "rounds": args.rounds}  # fmt: skip
+    summary: dict = {
+        "seed": seed,
+        "held_out_prompts": len(held_out),
+        "sampling_temperature": args.temperature,
+        "labeller_noise": args.noise,
+        "ranked_prompts_per_round": args.rank_prompts,
+        "k": args.k,
+        "rounds": args.rounds,
+    }
     if args.judge != GOLD:  # the toy's summary stays as it was
         summary |= {"judge": args.judge, "stages": list(stages)}
     if args.comparisons:
@@ -495,9 +576,12 @@ def run(
     if len(scored) > 1:  # win rates and Elo against SFT need a second policy
         ratings = rating_report(scored, per_prompt, "sft", bootstrap=1000, seed=seed)
     for name in scored if ratings else ():
-        summary[name] |= {"win_rate_vs_sft": ratings["win_rate_vs_baseline"][name],
-                          "win_rate_vs_sft_ci": ratings["win_rate_vs_baseline_ci"][name],
-                          "elo": ratings["elo"][name], "elo_ci": ratings["elo_ci"][name]}  # fmt: skip
+        summary[name] |= {
+            "win_rate_vs_sft": ratings["win_rate_vs_baseline"][name],
+            "win_rate_vs_sft_ci": ratings["win_rate_vs_baseline_ci"][name],
+            "elo": ratings["elo"][name],
+            "elo_ci": ratings["elo_ci"][name],
+        }
     if own_judge is not None and args.demonstrations:  # what SFT imitates, for the diagnosis to compare it with
         summary["demonstrations"] = demonstrations_score(args.demonstrations, own_judge)
     if judge is not None:
@@ -530,8 +614,17 @@ def run(
 
 def aggregate(runs: list[dict]) -> dict:
     """Means over seeds of every model's and reward model's numbers, with ``<metric>_spread`` = [min, max]."""
-    summary = {key: runs[0][key] for key in ("held_out_prompts", "sampling_temperature", "labeller_noise", "k",
-                                             "ranked_prompts_per_round", "rounds")}  # fmt: skip
+    summary = {
+        key: runs[0][key]
+        for key in (
+            "held_out_prompts",
+            "sampling_temperature",
+            "labeller_noise",
+            "k",
+            "ranked_prompts_per_round",
+            "rounds",
+        )
+    }
     summary["seeds"] = [run["seed"] for run in runs]
     for name, entry in runs[0].items():
         if not isinstance(entry, dict) or name in ("best_of_n", "curves", "seconds", "diagnosis"):
@@ -552,8 +645,10 @@ def stage_error(stages: list[str], rounds: int, overoptimization: bool, seeds: i
     if unknown:
         return f"--stages: unknown {', '.join(unknown)}; choose among {', '.join(STAGES)}"
     if "sft" not in stages and (seeds > 1 or not (outputs / "sft" / "hf").is_dir()):
-        return (f"--stages without sft (or --skip_sft) reuses {outputs / 'sft' / 'hf'}, which works with one seed "
-                "only and must exist: add sft to --stages")  # fmt: skip
+        return (
+            f"--stages without sft (or --skip_sft) reuses {outputs / 'sft' / 'hf'}, which works with one seed "
+            "only and must exist: add sft to --stages"
+        )
     needs_rm = [stage for stage in RL_CONFIGS if stage in stages] + (["--overoptimization"] if overoptimization else [])
     if needs_rm and "rm" not in stages and (seeds > 1 or not (outputs / "rm" / "hf").is_dir()):
         return f"{', '.join(needs_rm)} train against the reward model: add rm to --stages"
@@ -567,11 +662,15 @@ def labelling_error(args: argparse.Namespace, stages: list[str]) -> str | None:
     nobody) cannot go together with ``stages`` and the other options."""
     people = "--label people" if args.label == "people" else "--comparisons" if args.comparisons else None
     if args.label == "people" and args.comparisons:
-        return ("--label people stops for people to rank the samples and --comparisons resumes with their rankings: "
-                "give one of them")  # fmt: skip
+        return (
+            "--label people stops for people to rank the samples and --comparisons resumes with their rankings: "
+            "give one of them"
+        )
     if args.judge is None and people is None:
-        return ("your task (--prompts) needs --judge package.module.fn to rank the samples and score the models, or "
-                "people to rank them: --label people")  # fmt: skip
+        return (
+            "your task (--prompts) needs --judge package.module.fn to rank the samples and score the models, or "
+            "people to rank them: --label people"
+        )
     if people and (args.rounds > 1 or len(args.seeds) > 1):
         return f"{people} runs one round of one seed: people rank once (drop --rounds / give one --seeds)"
     if people and not {"rm", "dpo"} & set(stages):
@@ -607,69 +706,122 @@ def resume_command(argv: list[str], outputs: Path, comparisons: Path) -> str:
             value_follows = "=" not in arg
         else:
             kept.append(arg)
-    return shlex.join(["lightning-rlhf", "pipeline", *kept, "--outputs", str(outputs), "--comparisons",
-                       str(comparisons)])  # fmt: skip
+    return shlex.join(
+        ["lightning-rlhf", "pipeline", *kept, "--outputs", str(outputs), "--comparisons", str(comparisons)]
+    )
 
 
 def people_instructions(argv: list[str], outputs: Path) -> str:
     """What to run after ``--label people`` stopped: rank, aggregate, resume."""
     pipeline = outputs / "pipeline"
     samples, labels, comparisons = (pipeline / name for name in ("samples.jsonl", "labels.jsonl", "comparisons.jsonl"))
-    return "\n".join([
-        f"\nThe samples for people to rank are in {samples}. Next, from this directory:",
-        "1. people rank them in a web page (http://127.0.0.1:8000; needs pip install 'lightning_rlhf[label]'; "
-        "stop it when every item is labelled, --labellers-per-item N for several labellers per item):",
-        "   " + shlex.join(["lightning-rlhf", "label", "--input", str(samples), "--output", str(labels)]),
-        "2. their labels become comparisons (add --consensus borda for one ranking per item):",
-        "   " + shlex.join(["lightning-rlhf", "label", "--aggregate", str(labels), "--output", str(comparisons)]),
-        f"3. the pipeline resumes from them (SFT reused from {outputs / 'sft' / 'hf'}, nothing sampled again):",
-        "   " + resume_command(argv, outputs, comparisons),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"\nThe samples for people to rank are in {samples}. Next, from this directory:",
+            "1. people rank them in a web page (http://127.0.0.1:8000; needs pip install 'lightning_rlhf[label]'; "
+            "stop it when every item is labelled, --labellers-per-item N for several labellers per item):",
+            "   " + shlex.join(["lightning-rlhf", "label", "--input", str(samples), "--output", str(labels)]),
+            "2. their labels become comparisons (add --consensus borda for one ranking per item):",
+            "   " + shlex.join(["lightning-rlhf", "label", "--aggregate", str(labels), "--output", str(comparisons)]),
+            f"3. the pipeline resumes from them (SFT reused from {outputs / 'sft' / 'hf'}, nothing sampled again):",
+            "   " + resume_command(argv, outputs, comparisons),
+        ]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-rlhf pipeline", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="lightning-rlhf pipeline",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run the whole pipeline for each seed")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of iterated RLHF (sample, rank, RM, PPO)")
-    parser.add_argument("--rank_prompts", type=int, default=16000, help="prompts ranked per round (fresh ones on the "
-                        "toy; a draw of --prompts, all of them when fewer, on your task)")  # fmt: skip
+    parser.add_argument(
+        "--rank_prompts",
+        type=int,
+        default=16000,
+        help="prompts ranked per round (fresh ones on the "
+        "toy; a draw of --prompts, all of them when fewer, on your task)",
+    )
     parser.add_argument("--k", type=int, default=8, help="samples per prompt to rank")
     parser.add_argument("--noise", type=float, default=0.0, help="the simulated labeller's noise on gold scores")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling (rollout) temperature")
-    parser.add_argument("--eval_prompts", type=int, default=300, help="held-out prompts for the evaluation (toy "
-                        "prompts, or a seeded share of --prompts when no --held_out)")  # fmt: skip
+    parser.add_argument(
+        "--eval_prompts",
+        type=int,
+        default=300,
+        help="held-out prompts for the evaluation (toy prompts, or a seeded share of --prompts when no --held_out)",
+    )
     parser.add_argument("--overoptimization", action="store_true", help="also PPO with no KL penalty, pushed hard")
     parser.add_argument("--outputs", type=Path, default=Path("outputs"), help="where every stage writes")
-    parser.add_argument("--configs", type=Path, default=CONFIGS, help="the stage configs (default: the repository's "
-                        f"configs/, {CONFIGS})")  # fmt: skip
+    parser.add_argument(
+        "--configs",
+        type=Path,
+        default=CONFIGS,
+        help=f"the stage configs (default: the repository's configs/, {CONFIGS})",
+    )
     parser.add_argument("--max_steps", type=int, default=None, help="override every stage's optimiser steps")
-    parser.add_argument("--jobs", type=int, default=None, help="stages run side by side when none needs another's "
-                        "output, each on its share of the cores (default: 2 without a GPU, 1 with one: stages on one "
-                        "GPU would share its memory)")  # fmt: skip
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="stages run side by side when none needs another's "
+        "output, each on its share of the cores (default: 2 without a GPU, 1 with one: stages on one "
+        "GPU would share its memory)",
+    )
     parser.add_argument("--skip_sft", action="store_true", help="reuse OUTPUTS/sft/hf (one seed only)")
     parser.add_argument("--demonstrations", default=None, help="SFT's demonstrations (default: the toy's)")
     parser.add_argument("--prompts", default=None, help="prompts to rank and train the policy on (default: toy)")
     parser.add_argument("--held_out", default=None, help="evaluation prompts (default: a share of --prompts)")
-    parser.add_argument("--judge", default=None, help="package.module.fn (prompt, response) -> float: the simulated "
-                        "labeller and the evaluation judge (default: the toy's gold judge on the toy task; needed on "
-                        "your task unless people rank)")  # fmt: skip
-    parser.add_argument("--label", choices=("judge", "people"), default="judge", help="who ranks the samples: the "
-                        "judge (a simulated labeller), or people: stop after sampling, print the label commands and "
-                        "the command that resumes with --comparisons")  # fmt: skip
-    parser.add_argument("--comparisons", default=None, help="comparison records (label --aggregate's output) for rm "
-                        "and dpo instead of sampling and ranking; reuses OUTPUTS/sft/hf when it is there")  # fmt: skip
-    parser.add_argument("--sft_passes", type=float, default=None, help="your task: SFT's most passes over the "
-                        f"--demonstrations, stopping early on the validation loss (default {OWN_PASSES['sft']:g}; the "
-                        "toy run: sft.yaml's steps)")  # fmt: skip
-    parser.add_argument("--sft_lr", type=float, default=None, help="your task: SFT's learning rate (default "
-                        f"{OWN_SFT_LR:g}; the toy run: sft.yaml's)")  # fmt: skip
-    parser.add_argument("--rm_passes", type=float, default=None, help="your task: the reward model's most passes over "
-                        f"the ranked prompts, stopping early on the validation accuracy (default {OWN_PASSES['rm']:g}; "
-                        "the toy run: rm.yaml's steps)")  # fmt: skip
+    parser.add_argument(
+        "--judge",
+        default=None,
+        help="package.module.fn (prompt, response) -> float: the simulated "
+        "labeller and the evaluation judge (default: the toy's gold judge on the toy task; needed on "
+        "your task unless people rank)",
+    )
+    parser.add_argument(
+        "--label",
+        choices=("judge", "people"),
+        default="judge",
+        help="who ranks the samples: the "
+        "judge (a simulated labeller), or people: stop after sampling, print the label commands and "
+        "the command that resumes with --comparisons",
+    )
+    parser.add_argument(
+        "--comparisons",
+        default=None,
+        help="comparison records (label --aggregate's output) for rm "
+        "and dpo instead of sampling and ranking; reuses OUTPUTS/sft/hf when it is there",
+    )
+    parser.add_argument(
+        "--sft_passes",
+        type=float,
+        default=None,
+        help="your task: SFT's most passes over the "
+        f"--demonstrations, stopping early on the validation loss (default {OWN_PASSES['sft']:g}; the "
+        "toy run: sft.yaml's steps)",
+    )
+    parser.add_argument(
+        "--sft_lr",
+        type=float,
+        default=None,
+        help=f"your task: SFT's learning rate (default {OWN_SFT_LR:g}; the toy run: sft.yaml's)",
+    )
+    parser.add_argument(
+        "--rm_passes",
+        type=float,
+        default=None,
+        help="your task: the reward model's most passes over "
+        f"the ranked prompts, stopping early on the validation accuracy (default {OWN_PASSES['rm']:g}; "
+        "the toy run: rm.yaml's steps)",
+    )
     parser.add_argument("--model", default=None, help="local Hugging Face base model for SFT (default: embedded)")
-    parser.add_argument("--stages", nargs="+", default=None, help=f"any of {', '.join(STAGES)} (default: "
-                        f"{' '.join(DEFAULT_STAGES)})")  # fmt: skip
+    parser.add_argument(
+        "--stages", nargs="+", default=None, help=f"any of {', '.join(STAGES)} (default: {' '.join(DEFAULT_STAGES)})"
+    )
     return parser
 
 
@@ -691,8 +843,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.error("--jobs must be >= 1")
     if args.rounds < 1 or len(set(args.seeds)) != len(args.seeds):
         parser.error("--rounds must be >= 1 and --seeds distinct")
-    error = (stage_error(asked, args.rounds, args.overoptimization, len(args.seeds), args.outputs)
-             or labelling_error(args, asked) or configs_error(args.configs, asked, args.overoptimization))  # fmt: skip
+    error = (
+        stage_error(asked, args.rounds, args.overoptimization, len(args.seeds), args.outputs)
+        or labelling_error(args, asked)
+        or configs_error(args.configs, asked, args.overoptimization)
+    )
     if error:
         parser.error(error)
     args.stages = [stage for stage in STAGES if stage in asked]  # in the order they run
@@ -746,8 +901,10 @@ def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
         judged = f"Scores of the judge {args.judge} on held-out prompts"
     scale = "gold" if args.judge else "rm"
     print(f"\n{judged}{seeds}:")
-    print(f"  {'model':18s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s} {'win vs SFT':>11s} "
-          f"{'Elo':>6s}")  # fmt: skip
+    print(
+        f"  {'model':18s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s} {'win vs SFT':>11s} "
+        f"{'Elo':>6s}"
+    )
     for name, entry in summary.items():
         if isinstance(entry, dict) and f"{scale}_greedy" in entry:
             spread = entry.get(f"{scale}_sampled_spread")
@@ -759,11 +916,15 @@ def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
         print(f"  {'(demonstrations)':18s} {summary['demonstrations']['gold_mean']:8.3f}  the data SFT imitates")
     for name, entry in summary.items():
         if name.startswith("reward_model") and "rm_pairwise_accuracy_vs_gold" in entry:
-            print(f"{name} vs {judge}: {entry['rm_pairwise_accuracy_vs_gold']:.3f} pairwise accuracy on "
-                  f"{entry['rm_eval_pairs']:.0f} held-out pairs of SFT samples")  # fmt: skip
+            print(
+                f"{name} vs {judge}: {entry['rm_pairwise_accuracy_vs_gold']:.3f} pairwise accuracy on "
+                f"{entry['rm_eval_pairs']:.0f} held-out pairs of SFT samples"
+            )
         elif name.startswith("reward_model") and "val_accuracy_on_comparisons" in entry:
-            print(f"{name}: {entry['val_accuracy_on_comparisons']:.3f} pairwise accuracy on its validation split of "
-                  f"{args.comparisons}")  # fmt: skip
+            print(
+                f"{name}: {entry['val_accuracy_on_comparisons']:.3f} pairwise accuracy on its validation split of "
+                f"{args.comparisons}"
+            )
     if args.judge is None:
         for name, curve in summary.get("curves", {}).items():
             if curve.get("kl"):
@@ -777,6 +938,9 @@ def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
         for stage, lines in findings.items():
             for line in lines:
                 print(f"  {stage}: {line}")
-    written = [name for name in ("summary.json", "overoptimization.png", "win_rates.png")
-               if (outputs / "pipeline" / name).exists()]  # fmt: skip
+    written = [
+        name
+        for name in ("summary.json", "overoptimization.png", "win_rates.png")
+        if (outputs / "pipeline" / name).exists()
+    ]
     print(f"Total {summary['total_seconds']:.0f} s; written to {outputs / 'pipeline'} ({', '.join(written)})")

@@ -31,8 +31,9 @@ def model_scores(model_dir: Path, prompts: list[str], temperature: float, judge=
     name = model_dir.parent.name  # outputs/<stage>/hf
     judged = {"judge": judge} if judge else {}
     greedy = gold_scores(model, tokenizer, prompts, temperature=0.0, progress=True, desc=f"{name} greedy", **judged)
-    sampled = gold_scores(model, tokenizer, prompts, temperature=temperature, progress=True, desc=f"{name} sampled",
-                          **judged)  # fmt: skip
+    sampled = gold_scores(
+        model, tokenizer, prompts, temperature=temperature, progress=True, desc=f"{name} sampled", **judged
+    )
     return {"gold_greedy": statistics.mean(greedy), "gold_sampled": statistics.mean(sampled), "per_prompt": sampled}
 
 
@@ -55,11 +56,15 @@ def reward_model_scores(model_dir: Path, prompts: list, temperature: float, rewa
     name = model_dir.parent.name  # outputs/<stage>/hf
     scores = {}
     for mode, temperature_ in (("greedy", 0.0), ("sampled", temperature)):
-        samples = sample_responses(model, tokenizer, prompts, 1, 512, 128, True, f"{name} {mode}",
-                                   max_new_tokens=16, temperature=temperature_)  # fmt: skip
+        samples = sample_responses(
+            model, tokenizer, prompts, 1, 512, 128, True, f"{name} {mode}", max_new_tokens=16, temperature=temperature_
+        )
         scores[mode] = reward_model(prompts, [responses[0] for responses in samples])
-    return {"rm_greedy": statistics.mean(scores["greedy"]), "rm_sampled": statistics.mean(scores["sampled"]),
-            "per_prompt": scores["sampled"]}  # fmt: skip
+    return {
+        "rm_greedy": statistics.mean(scores["greedy"]),
+        "rm_sampled": statistics.mean(scores["sampled"]),
+        "per_prompt": scores["sampled"],
+    }
 
 
 def rm_validation_accuracy(run_dir: Path) -> dict[str, float]:
@@ -80,8 +85,18 @@ def sft_samples(sft_dir: Path, prompts: list[str], k: int, temperature: float, s
     tokenizer = load_tokenizer(str(sft_dir))
     policy = load_causal_lm(str(sft_dir), tokenizer).eval()
     torch.manual_seed(seed)
-    return sample_responses(policy, tokenizer, prompts, k, 512, 256, True, f"sft samples (k={k})",
-                            max_new_tokens=16, temperature=temperature)  # fmt: skip
+    return sample_responses(
+        policy,
+        tokenizer,
+        prompts,
+        k,
+        512,
+        256,
+        True,
+        f"sft samples (k={k})",
+        max_new_tokens=16,
+        temperature=temperature,
+    )
 
 
 def reward_accuracy(rm_dir: Path, prompts: list[str], samples: list[list[str]], judge) -> dict[str, float]:
@@ -120,8 +135,11 @@ def ppo_curve(run_dir: Path) -> dict[str, list[float]]:
     share of empty responses in its training rollouts (``empty_fraction``) when it was logged."""
     events = latest_events(run_dir)
     logged = events.Tags()["scalars"]  # ``judge`` only when the run had a judge_fn
-    series = {name: events.Scalars(f"val/objective/{name}") for name in ("kl", "scores", "judge")
-              if f"val/objective/{name}" in logged}  # fmt: skip
+    series = {
+        name: events.Scalars(f"val/objective/{name}")
+        for name in ("kl", "scores", "judge")
+        if f"val/objective/{name}" in logged
+    }
     curve = {"step": [e.step for e in series["kl"]], **{name: [e.value for e in s] for name, s in series.items()}}
     if "train/empty_fraction" in events.Tags()["scalars"]:
         curve["empty_fraction"] = [e.value for e in events.Scalars("train/empty_fraction")]

@@ -90,8 +90,10 @@ def check_critic_free_args(estimator: str, num_generations: int, loss_aggregatio
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantage_estimator={estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
     if num_generations < 1 or (estimator in ("grpo", "dr_grpo", "rloo") and num_generations < 2):
-        raise ValueError(f"num_generations={num_generations}: advantage_estimator={estimator!r} needs "
-                         f"{'>= 2 responses per prompt to compare' if estimator != 'gae' else '>= 1'}")  # fmt: skip
+        raise ValueError(
+            f"num_generations={num_generations}: advantage_estimator={estimator!r} needs "
+            f"{'>= 2 responses per prompt to compare' if estimator != 'gae' else '>= 1'}"
+        )
     if loss_aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_aggregation={loss_aggregation!r} is not one of {sorted(LOSS_AGGREGATIONS)}")
     if value_head and estimator != "gae":
@@ -181,12 +183,17 @@ def generate(
         compile_config._compile_all_devices = True  # transformers' own switch to compile off CUDA/XPU too (e.g. CPU)
     sampling = temperature > 0
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        compile_config=compile_config, disable_compile=not compile,  # no automatic compile behind our back on CUDA
-        return_dict_in_generate=return_logprobs, output_scores=return_logprobs,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        compile_config=compile_config,
+        disable_compile=not compile,  # no automatic compile behind our back on CUDA
+        return_dict_in_generate=return_logprobs,
+        output_scores=return_logprobs,
         **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if sampling else {}),
-    )  # fmt: skip
+    )
     was_training, checkpoint_defaults = model.training, model.generation_config
     model.eval()
     model.generation_config = GenerationConfig()  # generate fills unset values from here: the library defaults only

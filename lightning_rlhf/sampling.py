@@ -229,10 +229,13 @@ def main(argv: list[str] | None = None) -> SampleReport:
     if args.k < 2 and args.judge:
         parser.error("--k must be at least 2 to rank responses")
     for name, ok, allowed in [
-        ("k", args.k >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
-        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("temperature", args.temperature >= 0, ">= 0"),
-        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"), ("noise", args.noise >= 0, ">= 0"),
-    ]:  # fmt: skip
+        ("k", args.k >= 1, ">= 1"),
+        ("batch_size", args.batch_size >= 1, ">= 1"),
+        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
+        ("temperature", args.temperature >= 0, ">= 0"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+        ("noise", args.noise >= 0, ">= 0"),
+    ]:
         if not ok:
             parser.error(f"--{name}={getattr(args, name)}: must be {allowed}")
 
@@ -249,20 +252,46 @@ def main(argv: list[str] | None = None) -> SampleReport:
         records, _ = read_records(args.prompts, "prompt")
         prompts = [r.fields["prompt"] for r in records[: args.limit]]
     settings = {
-        "command": "sample", "model": fingerprint(args.model), "prompts": digest(prompts),
+        "command": "sample",
+        "model": fingerprint(args.model),
+        "prompts": digest(prompts),
         "judge": fingerprint(args.judge),
-        **{name: getattr(args, name) for name in ("k", "temperature", "top_p", "max_new_tokens", "max_length",
-                                                  "batch_size", "noise", "seed", "cache_implementation", "engine")},
-    }  # fmt: skip
+        **{
+            name: getattr(args, name)
+            for name in (
+                "k",
+                "temperature",
+                "top_p",
+                "max_new_tokens",
+                "max_length",
+                "batch_size",
+                "noise",
+                "seed",
+                "cache_implementation",
+                "engine",
+            )
+        },
+    }
     with ResumableJsonl(args.output, settings, args.restart) as out:
         report = SampleReport(**out.counts)
         if out.done:
             print(f"{out.records_path}: continuing after {out.done} of {len(prompts)} prompts", file=sys.stderr)
         batches = sample_batches(
-            model, tokenizer, prompts, args.k, args.max_length, args.batch_size, args.seed, out.done, engine,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            cache_implementation=args.cache_implementation, compile=args.compile,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            prompts,
+            args.k,
+            args.max_length,
+            args.batch_size,
+            args.seed,
+            out.done,
+            engine,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            cache_implementation=args.cache_implementation,
+            compile=args.compile,
+        )
         total = len(prompts) * args.k
         with tqdm(total=total, initial=out.done * args.k, desc="sampling", unit="response") as bar:
             for first, samples in batches:

@@ -117,9 +117,15 @@ def score_file(
     model = load_reward_model(model_dir, tokenizer, dtype).eval().requires_grad_(False).to(device)
     records, report = read_records(input_path, "scored", columns, skip_invalid)  # an empty response scores too
     settings = {
-        "command": "score", "model": fingerprint(model_dir), "records": digest([r.fields for r in records]),
-        "batch_size": batch_size, "max_length": max_length, "raw": raw, "skip_invalid": skip_invalid, "dtype": dtype,
-    }  # fmt: skip
+        "command": "score",
+        "model": fingerprint(model_dir),
+        "records": digest([r.fields for r in records]),
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "raw": raw,
+        "skip_invalid": skip_invalid,
+        "dtype": dtype,
+    }
     chunk = CHUNK_BATCHES * batch_size
     with ResumableJsonl(output_path, settings, restart) as out:
         too_long = out.counts.get("too_long", 0)
@@ -162,9 +168,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     path = score_file(
-        args.model, args.input, args.output, args.batch_size, args.max_length, args.raw, args.columns,
-        args.skip_invalid, args.device, args.dtype, args.restart,
-    )  # fmt: skip
+        args.model,
+        args.input,
+        args.output,
+        args.batch_size,
+        args.max_length,
+        args.raw,
+        args.columns,
+        args.skip_invalid,
+        args.device,
+        args.dtype,
+        args.restart,
+    )
     print(f"wrote {path}")
 
 

@@ -59,11 +59,12 @@ def rollout_shared_batch(sequences: Tensor, attention_mask: Tensor, start: int, 
     return {
         "input_ids": tensor([group.input_ids + [pad_token_id] * pad[g] for g, group in enumerate(groups)]),
         "position_ids": tensor([group.position_ids + list(range(pad[g])) for g, group in enumerate(groups)]),
-        "attention_mask": shared_attention_mask(segment, tensor([group.branch + [0] * pad[g] for g, group in
-                                                                 enumerate(groups)])),
+        "attention_mask": shared_attention_mask(
+            segment, tensor([group.branch + [0] * pad[g] for g, group in enumerate(groups)])
+        ),
         "column_index": tensor(column_index),
         "reward_index": tensor(reward_index),
-    }  # fmt: skip
+    }
 
 
 def shared_rollout_logprobs(

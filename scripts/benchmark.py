@@ -197,10 +197,16 @@ def fit_lightning(args, module, data, steps_per_batch: int = 1, losses: list | N
 
     timer = Timer()
     L.Trainer(
-        accelerator=args.device, devices=1, max_steps=(args.warmup + args.steps) * steps_per_batch, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator=args.device,
+        devices=1,
+        max_steps=(args.warmup + args.steps) * steps_per_batch,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
         default_root_dir=tempfile.mkdtemp(),
-    ).fit(module, data)  # fmt: skip
+    ).fit(module, data)
     return timer.end - timer.start, timer.lengths
 
 
@@ -244,11 +250,19 @@ def train_hf(args, trainer) -> float:
 def trl_args(args) -> dict:
     """The TrainingArguments every TRL run shares: same steps, batch, length and precision as ours, no extras."""
     return {
-        "output_dir": tempfile.mkdtemp(), "per_device_train_batch_size": args.batch_size,
-        "max_length": args.max_length, "max_steps": args.warmup + args.steps, "save_strategy": "no",
-        "report_to": [], "logging_steps": 10_000, "use_cpu": args.device == "cpu", "seed": 0,
-        "dataloader_num_workers": 0, "bf16": False, "fp16": False,
-    }  # fmt: skip
+        "output_dir": tempfile.mkdtemp(),
+        "per_device_train_batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "max_steps": args.warmup + args.steps,
+        "save_strategy": "no",
+        "report_to": [],
+        "logging_steps": 10_000,
+        "use_cpu": args.device == "cpu",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "bf16": False,
+        "fp16": False,
+    }
 
 
 def trl_name() -> str:
@@ -260,9 +274,13 @@ def run_sft_ours(args, model_dir: str, packing: bool = False) -> dict:
 
     module = SFTModule(model_dir, dtype=args.dtype, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4))
     data = DemonstrationDataModule(
-        train_path=demonstrations_path(args), tokenizer_name_or_path=model_dir, val_fraction=0,
-        batch_size=args.batch_size, max_length=args.max_length, packing=packing,
-    )  # fmt: skip
+        train_path=demonstrations_path(args),
+        tokenizer_name_or_path=model_dir,
+        val_fraction=0,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        packing=packing,
+    )
     losses: list[float] = []
     seconds, lengths = fit_lightning(args, module, data, losses=losses)
     name = "lightning_rlhf packed" if packing else "lightning_rlhf"
@@ -360,8 +378,10 @@ def pair_work(args, model, stage: str) -> tuple[int, float]:
     from lightning_rlhf.models import load_tokenizer
 
     pairs = preference_pairs(args)
-    records = [Record(str(i), {"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ranks": [0, 1]})
-               for i, p in enumerate(pairs)]  # fmt: skip
+    records = [
+        Record(str(i), {"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ranks": [0, 1]})
+        for i, p in enumerate(pairs)
+    ]
     examples = Tokenizer(load_tokenizer(args.model_dir), args.max_length).comparisons(records)
     lengths = [[len(ex["prompt_ids"]) + len(r) for r in ex["response_ids"]] for ex in examples]
     trained = args.batch_size * args.steps / len(examples)  # pairs trained on, per pair of the data
@@ -376,9 +396,12 @@ def pairs_datamodule(args, model_dir: str):
     path = Path(tempfile.mkdtemp()) / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(args)))
     return ComparisonDataModule(
-        train_path=str(path), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
+        train_path=str(path),
+        tokenizer_name_or_path=model_dir,
+        val_fraction=0,
+        batch_size=args.batch_size,
         max_length=args.max_length,
-    )  # fmt: skip
+    )
 
 
 def run_pairs_ours(args, model_dir: str, module, stage: str) -> dict:
@@ -409,11 +432,12 @@ def run_dpo_trl(args, model_dir: str) -> dict:
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     trainer = DPOTrainer(
-        model=model, ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+        model=model,
+        ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
         args=DPOConfig(**trl_args(args), learning_rate=1e-5, beta=0.1, loss_type=["sigmoid"]),
         train_dataset=datasets.Dataset.from_list(preference_pairs(args)),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-    )  # fmt: skip
+    )
     seconds = train_hf(args, trainer)
     tokens, flops = pair_work(args, model, "dpo")
     return result(args, trl_name(), tokens, seconds, flops)
@@ -436,8 +460,14 @@ def kway_comparisons(args) -> list[dict]:
     text = lambda n: "".join(rng.choice(string.ascii_lowercase) for _ in range(n))  # noqa: E731
     if args.prompt_length:  # the byte tokenizer adds EOS to each response
         prompts = [text(args.prompt_length) for _ in range(256)]
-        return [{"prompt": p, "responses": [text(args.max_new_tokens - 1) for _ in range(k)],
-                 "ranks": rng.sample(range(k), k)} for p in prompts]  # fmt: skip
+        return [
+            {
+                "prompt": p,
+                "responses": [text(args.max_new_tokens - 1) for _ in range(k)],
+                "ranks": rng.sample(range(k), k),
+            }
+            for p in prompts
+        ]
 
     def sample(ideal: str) -> str:
         typo = rng.randrange(len(ideal))
@@ -459,15 +489,22 @@ def run_shared_prompt_ours(args, model_dir: str) -> dict:
     from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
 
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-5)  # noqa: E731
-    modules = {"rm": lambda: RewardModule(model_dir, dtype=args.dtype, optimizer=optimizer),
-               "dpo": lambda: DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=optimizer)}  # fmt: skip
+    modules = {
+        "rm": lambda: RewardModule(model_dir, dtype=args.dtype, optimizer=optimizer),
+        "dpo": lambda: DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=optimizer),
+    }
     path = Path(tempfile.mkdtemp()) / "comparisons.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in kway_comparisons(args)))
     shared = args.layout == "shared"
     data = ComparisonDataModule(
-        train_path=str(path), tokenizer_name_or_path=model_dir, val_fraction=0, batch_size=args.batch_size,
-        max_length=args.max_length, shared_prompt=shared, row_length=args.row_length,
-    )  # fmt: skip
+        train_path=str(path),
+        tokenizer_name_or_path=model_dir,
+        val_fraction=0,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        shared_prompt=shared,
+        row_length=args.row_length,
+    )
     module, losses = modules[args.stage](), []
     torch.manual_seed(0)  # the reward model's fresh head, built in fit: the same in both runs
     seconds, lengths = fit_lightning(args, module, data, losses=losses)
@@ -485,10 +522,11 @@ def run_rm_trl(args, model_dir: str) -> dict:
         model_dir, num_labels=1, dtype=getattr(torch, args.dtype)
     )
     trainer = RewardTrainer(
-        model=model, args=RewardConfig(**trl_args(args), learning_rate=1e-5),
+        model=model,
+        args=RewardConfig(**trl_args(args), learning_rate=1e-5),
         train_dataset=datasets.Dataset.from_list(preference_pairs(args)),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-    )  # fmt: skip
+    )
     seconds = train_hf(args, trainer)
     tokens, flops = pair_work(args, model, "rm")
     return result(args, trl_name(), tokens, seconds, flops)
@@ -536,15 +574,25 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     estimator, _, engine = spec.partition("@")  # "grpo@vllm": GRPO with rollouts on vLLM ("grpo@vllm+shared" both)
     group = 1 if estimator == "gae" else args.num_generations
     module = Timed(
-        model_dir, rm_dir, dtype=args.dtype, max_new_tokens=args.max_new_tokens, ppo_epochs=2, num_mini_batches=2,
-        advantage_estimator=estimator, num_generations=group, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
+        model_dir,
+        rm_dir,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        ppo_epochs=2,
+        num_mini_batches=2,
+        advantage_estimator=estimator,
+        num_generations=group,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6),
         rollout_engine=engine or "hf",
         shared_prompt=layout == "shared",
-    )  # fmt: skip
+    )
     data = PromptDataModule(
-        train_path=prompts_path(args), tokenizer_name_or_path=model_dir, val_fraction=0,
-        batch_size=args.batch_size // group, max_length=args.max_length,
-    )  # fmt: skip
+        train_path=prompts_path(args),
+        tokenizer_name_or_path=model_dir,
+        val_fraction=0,
+        batch_size=args.batch_size // group,
+        max_length=args.max_length,
+    )
     seconds, _ = fit_lightning(args, module, data, steps_per_batch=4)
     timed = module.rollout_stats[args.warmup : args.warmup + args.steps]
     sampling, scoring, tokens = (sum(column) for column in zip(*timed, strict=True))
@@ -554,9 +602,11 @@ def run_ppo_ours(args, model_dir: str) -> dict:
         "tokens_per_s": tokens / seconds,
         "step_s": seconds / args.steps,
         "episodes_per_s": args.batch_size * args.steps / seconds,
-        "sampling_share": sampling / seconds, "scoring_share": scoring / seconds,
-        "update_share": 1 - (sampling + scoring) / seconds, "peak_mem_mib": peak_memory_mib(args.device),
-    }  # fmt: skip
+        "sampling_share": sampling / seconds,
+        "scoring_share": scoring / seconds,
+        "update_share": 1 - (sampling + scoring) / seconds,
+        "peak_mem_mib": peak_memory_mib(args.device),
+    }
 
 
 def run_grpo_trl(args, model_dir: str) -> dict:
@@ -580,26 +630,40 @@ def run_grpo_trl(args, model_dir: str) -> dict:
     # On CPU TRL's colocated vLLM fails to load weights (vLLM's CPU layers repack theirs): there TRL uses generate.
     vllm = {}
     if args.engine == "vllm" and args.device == "cuda":
-        vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
-                "vllm_importance_sampling_correction": False}  # fmt: skip
+        vllm = {
+            "use_vllm": True,
+            "vllm_mode": "colocate",
+            "vllm_gpu_memory_utilization": 0.3,
+            "vllm_importance_sampling_correction": False,
+        }
     shared = {**trl_args(timed), "per_device_train_batch_size": args.batch_size // 2, "bf16": args.dtype == "bfloat16"}
     shared.pop("max_length")  # GRPO's prompts are not truncated here (ours neither: max_length is the data's)
     config = GRPOConfig(
         **shared,
-        steps_per_generation=2, num_iterations=2, num_generations=args.num_generations,
-        max_completion_length=args.max_new_tokens, temperature=1.0, beta=0.05, learning_rate=1e-6, **vllm,
-    )  # fmt: skip
+        steps_per_generation=2,
+        num_iterations=2,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        beta=0.05,
+        learning_rate=1e-6,
+        **vllm,
+    )
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)), reward_funcs=rm_dir,
-        args=config, train_dataset=datasets.Dataset.from_list([{"prompt": r.fields["prompt"]} for r in records]),
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)),
+        reward_funcs=rm_dir,
+        args=config,
+        train_dataset=datasets.Dataset.from_list([{"prompt": r.fields["prompt"]} for r in records]),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-    )  # fmt: skip
+    )
     seconds = train_hf(timed, trainer)
     return {
         "impl": f"{trl_name()} GRPOTrainer (G = {args.num_generations}{', vllm colocate' if vllm else ''})",
-        "tokens_per_s": float("nan"), "step_s": seconds / args.steps,
-        "episodes_per_s": args.batch_size * args.steps / seconds, "peak_mem_mib": peak_memory_mib(args.device),
-    }  # fmt: skip
+        "tokens_per_s": float("nan"),
+        "step_s": seconds / args.steps,
+        "episodes_per_s": args.batch_size * args.steps / seconds,
+        "peak_mem_mib": peak_memory_mib(args.device),
+    }
 
 
 def run_generate_ours(args, model_dir: str) -> dict:
@@ -636,22 +700,36 @@ def run_generate_ours(args, model_dir: str) -> dict:
         first = step * (args.batch_size // group) % len(examples)
         batch = collate([ex for ex in examples[first : first + args.batch_size // group] for _ in range(group)])
         rollout = engine.generate(
-            model, tokenizer, batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device),
-            args.max_new_tokens, 1.0, **options,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            batch["input_ids"].to(args.device),
+            batch["attention_mask"].to(args.device),
+            args.max_new_tokens,
+            1.0,
+            **options,
+        )
         if step >= args.warmup:
             sampled += int(rollout.response_mask.sum())
     sync(args.device)
     seconds = time.perf_counter() - start
-    name = {"dynamic": "dynamic cache", "static": "static cache", "static+compile": "static cache + compile",
-            "vllm": "vllm engine", "shared": f"dynamic cache, a prompt prefilled once for {group} rows"}  # fmt: skip
+    name = {
+        "dynamic": "dynamic cache",
+        "static": "static cache",
+        "static+compile": "static cache + compile",
+        "vllm": "vllm engine",
+        "shared": f"dynamic cache, a prompt prefilled once for {group} rows",
+    }
     if args.shared_prompt and not shared:
         name["dynamic"] = f"dynamic cache, each of a prompt's {group} rows prefilled"
     return {
-        "impl": f"lightning_rlhf generate, {name[args.generate_variant]}", "tokens_per_s": sampled / seconds,
-        "step_s": seconds / args.steps, "warmup_s": warmup, "startup_s": startup, "sampled_tokens": sampled,
+        "impl": f"lightning_rlhf generate, {name[args.generate_variant]}",
+        "tokens_per_s": sampled / seconds,
+        "step_s": seconds / args.steps,
+        "warmup_s": warmup,
+        "startup_s": startup,
+        "sampled_tokens": sampled,
         "peak_mem_mib": peak_memory_mib(args.device),
-    }  # fmt: skip
+    }
 
 
 GENERATE_VARIANTS = ("dynamic", "static", "static+compile")
@@ -664,8 +742,13 @@ RUNNERS = {
     "generate": (run_generate_ours, None),  # our generation with each --variants, against each other
 }
 # how a child process gets the variant of its implementation (what follows ":" in "ours:…")
-VARIANT_FLAGS = {"ppo": "--advantage-estimator", "generate": "--generate-variant", "sft": "--sft-variant",
-                 "rm": "--layout", "dpo": "--layout"}  # fmt: skip
+VARIANT_FLAGS = {
+    "ppo": "--advantage-estimator",
+    "generate": "--generate-variant",
+    "sft": "--sft-variant",
+    "rm": "--layout",
+    "dpo": "--layout",
+}
 
 
 def logprob_impls() -> dict:
@@ -727,25 +810,50 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="ppo: tokens sampled per response")
-    parser.add_argument("--estimators", nargs="+", default=["gae"],
-                        choices=["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"],
-                        help="ppo: advantage estimators compared in one run, each in its own process")  # fmt: skip
-    parser.add_argument("--num-generations", type=int, default=4,
-                        help="ppo: G of the group estimators; rm/dpo --shared-prompt: K per prompt")  # fmt: skip
-    parser.add_argument("--shared-prompt", action="store_true",
-                        help="rm, dpo: ours padded and in the shared-prompt layout, on K-way comparisons")  # fmt: skip
-    parser.add_argument("--prompt-length", type=int, default=0,
-                        help="--shared-prompt: synthetic prompts of this many tokens (0: the toy prompts)")  # fmt: skip
-    parser.add_argument("--row-length", type=int, default=None,
-                        help="--shared-prompt: tokens per shared row (default --max-length)")  # fmt: skip
+    parser.add_argument(
+        "--estimators",
+        nargs="+",
+        default=["gae"],
+        choices=["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"],
+        help="ppo: advantage estimators compared in one run, each in its own process",
+    )
+    parser.add_argument(
+        "--num-generations",
+        type=int,
+        default=4,
+        help="ppo: G of the group estimators; rm/dpo --shared-prompt: K per prompt",
+    )
+    parser.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="rm, dpo: ours padded and in the shared-prompt layout, on K-way comparisons",
+    )
+    parser.add_argument(
+        "--prompt-length",
+        type=int,
+        default=0,
+        help="--shared-prompt: synthetic prompts of this many tokens (0: the toy prompts)",
+    )
+    parser.add_argument(
+        "--row-length", type=int, default=None, help="--shared-prompt: tokens per shared row (default --max-length)"
+    )
     parser.add_argument("--layout", default="", help=argparse.SUPPRESS)  # "shared" for --shared-prompt's shared run
     parser.add_argument("--advantage-estimator", default="gae", help=argparse.SUPPRESS)
     parser.add_argument("--sft-variant", default="", help=argparse.SUPPRESS)  # "packed" for sft --packing's packed run
-    parser.add_argument("--variants", nargs="+", default=list(GENERATE_VARIANTS), choices=GENERATE_VARIANTS,
-                        help="generate: KV cache variants compared in one run, each in its own process")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(GENERATE_VARIANTS),
+        choices=GENERATE_VARIANTS,
+        help="generate: KV cache variants compared in one run, each in its own process",
+    )
     parser.add_argument("--generate-variant", default="dynamic", help=argparse.SUPPRESS)
-    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"],
-                        help="generate, ppo: vllm adds rows sampled by the vLLM engine beside the hf ones")  # fmt: skip
+    parser.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="generate, ppo: vllm adds rows sampled by the vLLM engine beside the hf ones",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the result rows to PATH as a JSON list")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -754,12 +862,17 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=0, help="model vocabulary (default: the tokenizer's 259)")
     parser.add_argument("--synthetic", action="store_true", help="random records as long as --max-length")
     parser.add_argument("--packing", action="store_true", help="sft: ours padded and packed, instead of ours and TRL")
-    parser.add_argument("--mixed-lengths", action="store_true",
-                        help="sft: the toy demonstrations and as many random ones of 10-500 tokens")  # fmt: skip
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="for MFU; default on CUDA: the card's dense peak for --dtype")  # fmt: skip
-    parser.add_argument("--lora", action="store_true",
-                        help="dpo: also our DPO with LoRA and the adapter-off reference, in the same run")  # fmt: skip
+    parser.add_argument(
+        "--mixed-lengths",
+        action="store_true",
+        help="sft: the toy demonstrations and as many random ones of 10-500 tokens",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="for MFU; default on CUDA: the card's dense peak for --dtype"
+    )
+    parser.add_argument(
+        "--lora", action="store_true", help="dpo: also our DPO with LoRA and the adapter-off reference, in the same run"
+    )
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--only", choices=["ours", "ours_lora", "naive", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -808,10 +921,20 @@ def main() -> None:
                 continue
             impl, _, variant = impl.partition(":")  # ppo: an advantage estimator; generate: a KV cache variant
             child = subprocess.run(
-                [sys.executable, __file__, *sys.argv[1:], "--only", impl, "--model-dir", model_dir,
-                 *([VARIANT_FLAGS[args.stage], variant] if variant else [])],
-                capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    __file__,
+                    *sys.argv[1:],
+                    "--only",
+                    impl,
+                    "--model-dir",
+                    model_dir,
+                    *([VARIANT_FLAGS[args.stage], variant] if variant else []),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            )
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
             if child.returncode or not lines:
                 raise SystemExit(f"{impl} failed:\n{child.stderr[-4000:]}")

@@ -46,27 +46,87 @@ SMALL = ["--hidden-size", "1024", "--layers", "24", "--vocab-size", "32000"]  # 
 LARGE = ["--hidden-size", "2048", "--layers", "16", "--vocab-size", "32000"]  # about 1.2B parameters
 BENCHMARKS = {  # the shapes of issue 12's TRL reference points
     "sft 0.5B bs 8 x 512": ["sft", *SMALL, "--batch-size", "8", "--max-length", "512"],
-    "sft packed vs padded 0.5B bs 8 x 512, lengths 10-500": ["sft", *SMALL, "--batch-size", "8", "--max-length",
-                                                             "512", "--packing", "--mixed-lengths"],
+    "sft packed vs padded 0.5B bs 8 x 512, lengths 10-500": [
+        "sft",
+        *SMALL,
+        "--batch-size",
+        "8",
+        "--max-length",
+        "512",
+        "--packing",
+        "--mixed-lengths",
+    ],
     "rm 0.5B bs 8 x 512": ["rm", *SMALL, "--batch-size", "8", "--max-length", "512"],
     "dpo 0.5B bs 8 x 512, full and LoRA": ["dpo", *SMALL, "--batch-size", "8", "--max-length", "512", "--lora"],
     "dpo 1B bs 4 x 1024": ["dpo", *LARGE, "--batch-size", "4", "--max-length", "1024"],
-    "ppo 0.5B bs 16, prompt 64, response 128": ["ppo", *SMALL, "--batch-size", "16", "--max-length", "64",
-                                                 "--max-new-tokens", "128"],
-    "generate 0.5B bs 16, prompt 64, response 128": ["generate", *SMALL, "--batch-size", "16", "--max-length", "64",
-                                                      "--max-new-tokens", "128"],
+    "ppo 0.5B bs 16, prompt 64, response 128": [
+        "ppo",
+        *SMALL,
+        "--batch-size",
+        "16",
+        "--max-length",
+        "64",
+        "--max-new-tokens",
+        "128",
+    ],
+    "generate 0.5B bs 16, prompt 64, response 128": [
+        "generate",
+        *SMALL,
+        "--batch-size",
+        "16",
+        "--max-length",
+        "64",
+        "--max-new-tokens",
+        "128",
+    ],
     "generate 0.5B, 8 samples of 8 prompts of 512, response 64, each row vs each prompt prefilled": [
-        "generate", *SMALL, "--shared-prompt", "--num-generations", "8", "--batch-size", "64", "--prompt-length",
-        "512", "--max-length", "640", "--max-new-tokens", "64"],
-}  # fmt: skip
+        "generate",
+        *SMALL,
+        "--shared-prompt",
+        "--num-generations",
+        "8",
+        "--batch-size",
+        "64",
+        "--prompt-length",
+        "512",
+        "--max-length",
+        "640",
+        "--max-new-tokens",
+        "64",
+    ],
+}
 VLLM_BENCHMARKS = {  # where vLLM is installed: the engine's GPU claim, against generate and against TRL with vLLM
     "generate 0.5B bs 16, prompt 64, response 128, hf vs vllm": [
-        "generate", *SMALL, "--batch-size", "16", "--max-length", "64", "--max-new-tokens", "128", "--variants",
-        "dynamic", "--engine", "vllm"],
+        "generate",
+        *SMALL,
+        "--batch-size",
+        "16",
+        "--max-length",
+        "64",
+        "--max-new-tokens",
+        "128",
+        "--variants",
+        "dynamic",
+        "--engine",
+        "vllm",
+    ],
     "grpo 0.5B bs 16 (G 4), prompt 64, response 128: ours hf / ours vllm / TRL GRPOTrainer vllm colocate": [
-        "ppo", *SMALL, "--batch-size", "16", "--max-length", "64", "--max-new-tokens", "128", "--estimators", "grpo",
-        "--num-generations", "4", "--engine", "vllm"],
-}  # fmt: skip
+        "ppo",
+        *SMALL,
+        "--batch-size",
+        "16",
+        "--max-length",
+        "64",
+        "--max-new-tokens",
+        "128",
+        "--estimators",
+        "grpo",
+        "--num-generations",
+        "4",
+        "--engine",
+        "vllm",
+    ],
+}
 
 
 def run(name: str, command: list[str], timeout: int) -> dict:
@@ -102,37 +162,77 @@ def config_runs(root: Path, devices: int) -> dict[str, list[str]]:
     fsdp2 = [
         "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
         f"--trainer.strategy.init_args.data_parallel_size={devices}",
-        "--trainer.strategy.init_args.tensor_parallel_size=1", "--trainer.precision=bf16-mixed",
-    ]  # fmt: skip
+        "--trainer.strategy.init_args.tensor_parallel_size=1",
+        "--trainer.precision=bf16-mixed",
+    ]
 
     def common(name: str) -> list[str]:
         out = root / name
         return [
-            "--trainer.accelerator=gpu", f"--trainer.devices={devices}", "--trainer.max_steps=4",
-            "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
-            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.accelerator=gpu",
+            f"--trainer.devices={devices}",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=2",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}",
             f"--model.init_args.export_dir={out / 'hf'}",
-        ]  # fmt: skip
+        ]
 
     return {
-        "sft_fsdp.yaml (FSDP1, bf16-mixed)": [*cli, "--config", "configs/sft_fsdp.yaml", *common("sft_fsdp"),
-                                              f"--model.init_args.model_name_or_path={sft}"],
-        "ppo_fsdp2.yaml (FSDP2, bf16-mixed)": [*cli, "--config", "configs/ppo_fsdp2.yaml", *common("ppo_fsdp2"),
-                                               f"--trainer.strategy.init_args.data_parallel_size={devices}",
-                                               f"--model.init_args.model_name_or_path={sft}",
-                                               f"--model.init_args.reward_model_name_or_path={rm}"],
-        "ppo_fsdp2.yaml (FSDP2, bf16-mixed, cpu_offload, gradient_checkpointing)": [
-            *cli, "--config", "configs/ppo_fsdp2.yaml", *common("ppo_fsdp2_offload"),
+        "sft_fsdp.yaml (FSDP1, bf16-mixed)": [
+            *cli,
+            "--config",
+            "configs/sft_fsdp.yaml",
+            *common("sft_fsdp"),
+            f"--model.init_args.model_name_or_path={sft}",
+        ],
+        "ppo_fsdp2.yaml (FSDP2, bf16-mixed)": [
+            *cli,
+            "--config",
+            "configs/ppo_fsdp2.yaml",
+            *common("ppo_fsdp2"),
             f"--trainer.strategy.init_args.data_parallel_size={devices}",
-            "--trainer.strategy.init_args.cpu_offload=true", "--model.init_args.gradient_checkpointing=true",
-            f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}"],
-        "sft.yaml under FSDP2": [*cli, "--config", "configs/sft.yaml", *common("sft"), *fsdp2,
-                                 f"--model.init_args.model_name_or_path={sft}"],
-        "rm.yaml under FSDP2": [*cli, "--config", "configs/rm.yaml", *common("rm"), *fsdp2,
-                                f"--model.init_args.model_name_or_path={sft}"],
-        "dpo.yaml under FSDP2": [*cli, "--config", "configs/dpo.yaml", *common("dpo"), *fsdp2,
-                                 f"--model.init_args.model_name_or_path={sft}"],
-    }  # fmt: skip
+            f"--model.init_args.model_name_or_path={sft}",
+            f"--model.init_args.reward_model_name_or_path={rm}",
+        ],
+        "ppo_fsdp2.yaml (FSDP2, bf16-mixed, cpu_offload, gradient_checkpointing)": [
+            *cli,
+            "--config",
+            "configs/ppo_fsdp2.yaml",
+            *common("ppo_fsdp2_offload"),
+            f"--trainer.strategy.init_args.data_parallel_size={devices}",
+            "--trainer.strategy.init_args.cpu_offload=true",
+            "--model.init_args.gradient_checkpointing=true",
+            f"--model.init_args.model_name_or_path={sft}",
+            f"--model.init_args.reward_model_name_or_path={rm}",
+        ],
+        "sft.yaml under FSDP2": [
+            *cli,
+            "--config",
+            "configs/sft.yaml",
+            *common("sft"),
+            *fsdp2,
+            f"--model.init_args.model_name_or_path={sft}",
+        ],
+        "rm.yaml under FSDP2": [
+            *cli,
+            "--config",
+            "configs/rm.yaml",
+            *common("rm"),
+            *fsdp2,
+            f"--model.init_args.model_name_or_path={sft}",
+        ],
+        "dpo.yaml under FSDP2": [
+            *cli,
+            "--config",
+            "configs/dpo.yaml",
+            *common("dpo"),
+            *fsdp2,
+            f"--model.init_args.model_name_or_path={sft}",
+        ],
+    }
 
 
 def sharded_load_run(root: Path, devices: int) -> list[str]:
@@ -143,12 +243,25 @@ def sharded_load_run(root: Path, devices: int) -> list[str]:
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(None)
-    shape = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16,
-             "num_key_value_heads": 16, "vocab_size": 32000}  # fmt: skip
+    shape = {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": 32000,
+    }
     checkpoint = export_pretrained(load_causal_lm(None, tokenizer, "float32", shape), tokenizer, root / "load" / "1b")
     script = str(REPO / "tests" / "sharded_memory_script.py")
-    return [sys.executable, script, str(root / "load" / "memory.json"), str(root / "load"), str(checkpoint),
-            str(devices), "gpu"]  # fmt: skip
+    return [
+        sys.executable,
+        script,
+        str(root / "load" / "memory.json"),
+        str(root / "load"),
+        str(checkpoint),
+        str(devices),
+        "gpu",
+    ]
 
 
 def offload_run(root: Path, devices: int) -> list[str]:
@@ -159,13 +272,25 @@ def offload_run(root: Path, devices: int) -> list[str]:
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(None)
-    shape = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-             "num_key_value_heads": 16, "vocab_size": 32000}  # fmt: skip
+    shape = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": 32000,
+    }
     model = load_causal_lm(None, tokenizer, "float32", shape)
     checkpoint = export_pretrained(model, tokenizer, root / "offload" / "sft")
     script = str(REPO / "tests" / "offload_gpu_script.py")
-    return [sys.executable, script, str(root / "offload" / "report.json"), str(root / "offload"), str(checkpoint),
-            str(devices)]  # fmt: skip
+    return [
+        sys.executable,
+        script,
+        str(root / "offload" / "report.json"),
+        str(root / "offload"),
+        str(checkpoint),
+        str(devices),
+    ]
 
 
 def run_benchmark(name: str, benchmark: list[str], results: Path, steps: str, timeout: int) -> dict:
@@ -173,8 +298,18 @@ def run_benchmark(name: str, benchmark: list[str], results: Path, steps: str, ti
     ``results/<name>.json`` (none if it failed)."""
     rows_path = results / (re.sub(r"[^\w.]+", "_", name) + ".json")
     rows_path.unlink(missing_ok=True)  # never a previous run's rows for this one's
-    command = [sys.executable, "scripts/benchmark.py", *benchmark, "--dtype", "bfloat16", "--synthetic",
-               "--steps", steps, "--json", str(rows_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "scripts/benchmark.py",
+        *benchmark,
+        "--dtype",
+        "bfloat16",
+        "--synthetic",
+        "--steps",
+        steps,
+        "--json",
+        str(rows_path),
+    ]
     step = run(f"benchmark {name}", command, timeout)
     step["results"] = json.loads(rows_path.read_text()) if rows_path.exists() else []
     return step
@@ -188,19 +323,30 @@ def record(report: dict, step: dict, path: Path) -> None:
 
 
 def write_report(path: Path, report: dict) -> None:
-    lines = [f"# GPU check: {report['device']}", "", f"torch {report['torch']}, {report['devices']} GPU(s), "
-             f"{report['date']}", "", "| step | result | seconds |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# GPU check: {report['device']}",
+        "",
+        f"torch {report['torch']}, {report['devices']} GPU(s), {report['date']}",
+        "",
+        "| step | result | seconds |",
+        "|---|---|---|",
+    ]
     for step in report["steps"]:
         ok = "pass" if step["returncode"] == 0 else f"FAIL ({step['returncode']})"
         lines.append(f"| {step['name']} | {ok} | {step['seconds']} |")
-    lines += ["", "| benchmark (bf16) | implementation | tokens/s | MFU | episodes/s | peak memory MiB |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| benchmark (bf16) | implementation | tokens/s | MFU | episodes/s | peak memory MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for step in report["steps"]:
         for row in step.get("results", []):
             mfu = f"{100 * row['mfu']:.1f} %" if "mfu" in row else "-"
             episodes = f"{row['episodes_per_s']:.2f}" if "episodes_per_s" in row else "-"
-            lines.append(f"| {step['name']} | {row['impl']} | {row['tokens_per_s']:,.0f} | {mfu} | {episodes} | "
-                         f"{row['peak_mem_mib']:,.0f} |")  # fmt: skip
+            lines.append(
+                f"| {step['name']} | {row['impl']} | {row['tokens_per_s']:,.0f} | {mfu} | {episodes} | "
+                f"{row['peak_mem_mib']:,.0f} |"
+            )
     failed = [step for step in report["steps"] if step["returncode"] != 0]
     for step in failed:
         lines += ["", f"## {step['name']} failed", "", "```", step["tail"], "```"]
@@ -221,15 +367,21 @@ def main() -> None:
         raise SystemExit("no CUDA device: this check is for a machine with GPUs")
     devices = torch.cuda.device_count()
     report = {
-        "device": torch.cuda.get_device_name(), "devices": devices, "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": [],
-    }  # fmt: skip
+        "device": torch.cuda.get_device_name(),
+        "devices": devices,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "steps": [],
+    }
     path = (REPO / args.out).resolve()
     record(report, run("pytest -m gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs"], 3600), path)
     vllm = importlib.util.find_spec("vllm") is not None
     if vllm:  # the engine on CUDA: sync, greedy parity, log-probs, sleep mode, GRPO learning, resume
-        record(report, run("pytest tests/test_vllm.py", [sys.executable, "-m", "pytest", "tests/test_vllm.py", "-q",
-                                                         "-rs"], 3600), path)  # fmt: skip
+        record(
+            report,
+            run("pytest tests/test_vllm.py", [sys.executable, "-m", "pytest", "tests/test_vllm.py", "-q", "-rs"], 3600),
+            path,
+        )
     else:
         print("vllm not installed: no vLLM tests or rows (pip install -e .[vllm])", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,15 +44,26 @@ def lora_stage(stage: str, sft_dir: str, comparisons: str, demonstrations: str, 
         return torch.optim.AdamW(params, lr=1e-2)
 
     def comparison_data(**kwargs):
-        return ComparisonDataModule(train_path=comparisons, tokenizer_name_or_path=sft_dir, batch_size=batch_size,
-                                    max_length=48, val_fraction=0, **kwargs)  # fmt: skip
+        return ComparisonDataModule(
+            train_path=comparisons,
+            tokenizer_name_or_path=sft_dir,
+            batch_size=batch_size,
+            max_length=48,
+            val_fraction=0,
+            **kwargs,
+        )
 
     if stage == "sft":
         return (
             SFTModule(sft_dir, lora=LORA, optimizer=adamw, export_dir=export),
-            DemonstrationDataModule(train_path=demonstrations, tokenizer_name_or_path=sft_dir, batch_size=batch_size,
-                                    max_length=48, val_fraction=0),
-        )  # fmt: skip
+            DemonstrationDataModule(
+                train_path=demonstrations,
+                tokenizer_name_or_path=sft_dir,
+                batch_size=batch_size,
+                max_length=48,
+                val_fraction=0,
+            ),
+        )
     if stage == "rm":
         return (
             RewardModule(sft_dir, lora=LORA, optimizer=adamw, export_dir=export),
@@ -63,10 +74,17 @@ def lora_stage(stage: str, sft_dir: str, comparisons: str, demonstrations: str, 
 
 def fit(module, data, root: str, accelerator: str, devices: int, strategy) -> L.Trainer:
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy, max_steps=3, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
         limit_val_batches=0,
-    )  # fmt: skip
+    )
     trainer.fit(module, data)
     return trainer
 
@@ -107,8 +125,16 @@ def sharding_around_generation(module) -> list[bool]:
     return [inside, isinstance(weight(), DTensor)]
 
 
-def main(out_path: str, root: str, sft_dir: str, rm_dir: str, comparisons: str, demonstrations: str,
-         accelerator: str = "cpu", devices: str = "2") -> None:  # fmt: skip
+def main(
+    out_path: str,
+    root: str,
+    sft_dir: str,
+    rm_dir: str,
+    comparisons: str,
+    demonstrations: str,
+    accelerator: str = "cpu",
+    devices: str = "2",
+) -> None:
     start = load_file(f"{sft_dir}/model.safetensors")
     n = int(devices)
 

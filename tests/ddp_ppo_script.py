@@ -44,19 +44,35 @@ def sharding_around_generation(module: PPOModule) -> list[bool]:
     return [inside, isinstance(weight(), DTensor)]
 
 
-def fit(strategy, root: str, sft_dir: str, rm_dir: str, export: str, accelerator: str, devices: int,
-        **kwargs) -> tuple[L.Trainer, RecordingPPO]:  # fmt: skip
+def fit(
+    strategy, root: str, sft_dir: str, rm_dir: str, export: str, accelerator: str, devices: int, **kwargs
+) -> tuple[L.Trainer, RecordingPPO]:
     L.seed_everything(0)
     module = RecordingPPO(
-        sft_dir, rm_dir, max_new_tokens=6, ppo_epochs=1, num_mini_batches=2, kl_estimator="k3", target_kl=0.01,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), export_dir=f"{root}/{export}", **kwargs,
-    )  # fmt: skip
+        sft_dir,
+        rm_dir,
+        max_new_tokens=6,
+        ppo_epochs=1,
+        num_mini_batches=2,
+        kl_estimator="k3",
+        target_kl=0.01,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        export_dir=f"{root}/{export}",
+        **kwargs,
+    )
     data = PromptDataModule(tokenizer_name_or_path=sft_dir, batch_size=4, max_length=32, val_fraction=0.0)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy, max_steps=6, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
         limit_val_batches=0,
-    )  # fmt: skip
+    )
     trainer.fit(module, data)
     return trainer, module
 

@@ -21,10 +21,18 @@ def checksum(model) -> float:
 
 def fit_and_validate(module, data, root, accelerator: str, devices: int):
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, strategy="ddp", max_steps=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
+        accelerator=accelerator,
+        devices=devices,
+        strategy="ddp",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
         limit_val_batches=0,
-    )  # fmt: skip
+    )
     trainer.fit(module, data)
     metrics = L.Trainer(
         accelerator=accelerator,
@@ -37,8 +45,9 @@ def fit_and_validate(module, data, root, accelerator: str, devices: int):
     return trainer, {name: float(value) for name, value in metrics.items()}
 
 
-def main(out_path: str, root: str, sft_dir: str, train: str, val: str, accelerator: str = "cpu",
-         devices: str = "2") -> None:  # fmt: skip
+def main(
+    out_path: str, root: str, sft_dir: str, train: str, val: str, accelerator: str = "cpu", devices: str = "2"
+) -> None:
     def data():
         return ComparisonDataModule(train_path=train, val_path=val, tokenizer_name_or_path=sft_dir, batch_size=4)
 
@@ -49,9 +58,11 @@ def main(out_path: str, root: str, sft_dir: str, train: str, val: str, accelerat
 
     L.seed_everything(0)
     dpo = DPOModule(
-        sft_dir, precompute_ref_logprobs=True, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        sft_dir,
+        precompute_ref_logprobs=True,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
         export_dir=f"{root}/dpo",
-    )  # fmt: skip
+    )
     _, dpo_metrics = fit_and_validate(dpo, data(), root, accelerator, int(devices))
     report = {
         "world_size": trainer.world_size,

@@ -37,23 +37,43 @@ class RecordingPPO(PPOModule):
 def main(out_path: str, root: str, sft_dir: str, strategy: str = "ddp") -> None:
     L.seed_everything(0)
     module = RecordingPPO(
-        sft_dir, reward_fn="tests.test_ppo.share_of_a", advantage_estimator="grpo", num_generations=2,
-        max_new_tokens=6, ppo_epochs=1, num_mini_batches=1, rollout_engine="vllm",
+        sft_dir,
+        reward_fn="tests.test_ppo.share_of_a",
+        advantage_estimator="grpo",
+        num_generations=2,
+        max_new_tokens=6,
+        ppo_epochs=1,
+        num_mini_batches=1,
+        rollout_engine="vllm",
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-    )  # fmt: skip
+    )
     data = PromptDataModule(tokenizer_name_or_path=sft_dir, batch_size=2, max_length=32, val_fraction=0.0)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=STRATEGIES[strategy](), max_steps=3, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu",
+        devices=2,
+        strategy=STRATEGIES[strategy](),
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
         limit_val_batches=0,
-    )  # fmt: skip
+    )
     trainer.fit(module, data)
 
     batch = prompts_batch(["Reverse: abc\n", "Reverse: hello\n"])
     module.engine.sync(module.model)
     engine = module.engine.generate(module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], 8, 0.0)
-    greedy = HFEngine().generate(module.model, module.tokenizer, batch["input_ids"], batch["attention_mask"], 8, 0.0,
-                                 synced_gpus=strategy == "fsdp2")  # fmt: skip
+    greedy = HFEngine().generate(
+        module.model,
+        module.tokenizer,
+        batch["input_ids"],
+        batch["attention_mask"],
+        8,
+        0.0,
+        synced_gpus=strategy == "fsdp2",
+    )
 
     def gathered(value: float) -> list[float]:
         return module.all_gather(torch.tensor([value], dtype=torch.float64)).flatten().tolist()

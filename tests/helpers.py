@@ -35,10 +35,12 @@ ACCELERATORS = [
     pytest.param("cpu", 2, id="cpu-2"),
     pytest.param("cuda", 1, id="cuda-1", marks=pytest.mark.gpu),
     pytest.param(
-        "cuda", 2, id="cuda-2",
+        "cuda",
+        2,
+        id="cuda-2",
         marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")],
     ),
-]  # fmt: skip
+]
 
 
 def make_tiny_export(directory, seed: int = 0, tied: bool = False) -> str:
@@ -81,9 +83,11 @@ def bpe_tokenizer(style: str, **specials: str) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=list(dict.fromkeys(vocabulary_specials)),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=320,
+        special_tokens=list(dict.fromkeys(vocabulary_specials)),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(["Reverse: abcde\nedcba", "the quick brown fox jumps over the lazy dog"] * 4, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
     tokenizer.chat_template = chat["template"]
@@ -101,9 +105,13 @@ def run_python(*args: str, cwd: Path, timeout: int = 600) -> subprocess.Complete
     """``python ARGS`` in a subprocess with this repository importable; fails the test, with its stderr, unless it
     exits 0."""
     result = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-        text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -119,10 +127,16 @@ def fit_config(config: str, tmp_path: Path, *overrides: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_cli(
-        "fit", "--config", str(REPO / "configs" / config), *overrides, "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--model.init_args.export_dir={tmp_path / 'hf'}", cwd=tmp_path,
-    )  # fmt: skip
+        "fit",
+        "--config",
+        str(REPO / "configs" / config),
+        *overrides,
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.export_dir={tmp_path / 'hf'}",
+        cwd=tmp_path,
+    )
     (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
     return EventAccumulator(str(events)).Reload()
 
@@ -177,8 +191,15 @@ def make_tiny_gpt2_export(directory, seed: int = 0) -> str:
 
     tokenizer = load_tokenizer(None)
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tokenizer), **ids,
-                        eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        vocab_size=len(tokenizer),
+        **ids,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     return str(export_pretrained(AutoModelForCausalLM.from_config(config), tokenizer, directory))
 
@@ -208,14 +229,18 @@ def offloaded_parameters(module: torch.nn.Module) -> dict[str, list[int]]:
             continue
         offloaded = [
             fsdp_param.sharded_param
-            for unit in model.modules() if isinstance(unit, FSDPModule)
+            for unit in model.modules()
+            if isinstance(unit, FSDPModule)
             for group in unit._get_fsdp_state()._fsdp_param_groups
-            for fsdp_param in group.fsdp_params if fsdp_param.offload_to_cpu
-        ]  # fmt: skip
+            for fsdp_param in group.fsdp_params
+            if fsdp_param.offload_to_cpu
+        ]
         on_host = [
-            p for p in offloaded
-            if p.device.type == "cpu" and (p.grad is None or p.grad.device.type == "cpu")
+            p
+            for p in offloaded
+            if p.device.type == "cpu"
+            and (p.grad is None or p.grad.device.type == "cpu")
             and all(s.device.type == "cpu" for s in (optimizer.state.get(p, {}).values() if optimizer else ()))
-        ]  # fmt: skip
+        ]
         report[name] = [sum(1 for _ in model.parameters()), len(offloaded), len(on_host)]
     return report

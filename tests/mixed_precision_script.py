@@ -42,11 +42,18 @@ def main(out_path: str, root: str, accelerator: str = "cpu", devices: str = "2")
     probe = Probe()
     module = SFTModule(model_config=TINY_CONFIG, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     trainer = L.Trainer(
-        accelerator=accelerator, devices=int(devices), precision="bf16-mixed",
-        strategy=ModelParallelStrategy(data_parallel_size=int(devices), tensor_parallel_size=1), max_steps=2,
-        callbacks=[probe], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root,
-    )  # fmt: skip
+        accelerator=accelerator,
+        devices=int(devices),
+        precision="bf16-mixed",
+        strategy=ModelParallelStrategy(data_parallel_size=int(devices), tensor_parallel_size=1),
+        max_steps=2,
+        callbacks=[probe],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
     trainer.fit(module, DemonstrationDataModule(batch_size=4, max_length=32, val_fraction=0))
     finish(trainer, out_path, probe.report)
 

@@ -58,11 +58,19 @@ def main(out_path: str, root: str, checkpoint: str, devices: str = "1") -> None:
         L.seed_everything(0)
         probe = Probe()
         trainer = L.Trainer(
-            accelerator="gpu", devices=n, precision="bf16-mixed", max_steps=2, logger=False,
+            accelerator="gpu",
+            devices=n,
+            precision="bf16-mixed",
+            max_steps=2,
+            logger=False,
             strategy=FSDP2Strategy(data_parallel_size=n, tensor_parallel_size=1, cpu_offload=offload),
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-            limit_val_batches=0, callbacks=[probe],
-        )  # fmt: skip
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+            limit_val_batches=0,
+            callbacks=[probe],
+        )
         data = DemonstrationDataModule(tokenizer_name_or_path=checkpoint, batch_size=4, val_fraction=0.0)
         module = SFTModule(checkpoint, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4))
         trainer.fit(module, data)

@@ -81,8 +81,9 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str, comparisons: str) 
         return PromptDataModule(tokenizer_name_or_path=sft_dir, batch_size=2, max_length=32, val_fraction=0.0)
 
     def pairs():
-        return ComparisonDataModule(train_path=comparisons, tokenizer_name_or_path=sft_dir, batch_size=2,
-                                    val_fraction=0.0)  # fmt: skip
+        return ComparisonDataModule(
+            train_path=comparisons, tokenizer_name_or_path=sft_dir, batch_size=2, val_fraction=0.0
+        )
 
     demonstrations = DemonstrationDataModule(tokenizer_name_or_path=sft_dir, batch_size=2, val_fraction=0.0)
     lora = {"r": 4, "alpha": 8}
@@ -106,10 +107,18 @@ def main(out_path: str, root: str, sft_dir: str, rm_dir: str, comparisons: str) 
         module, data = build()
         probe = Probe(build)
         trainer = L.Trainer(
-            accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-            max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=root, limit_val_batches=0, callbacks=[probe],
-        )  # fmt: skip
+            accelerator="cpu",
+            devices=2,
+            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+            limit_val_batches=0,
+            callbacks=[probe],
+        )
         trainer.fit(module, data)
         ranks = [None] * trainer.world_size
         torch.distributed.all_gather_object(ranks, probe.report)

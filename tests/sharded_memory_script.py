@@ -51,11 +51,18 @@ def main(out_path: str, root: str, checkpoint: str, devices: str = "2", accelera
     L.seed_everything(0)
     probe = MemoryProbe()
     trainer = L.Trainer(
-        accelerator=accelerator, devices=int(devices), max_steps=1, logger=False, enable_checkpointing=False,
+        accelerator=accelerator,
+        devices=int(devices),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
         strategy=ModelParallelStrategy(data_parallel_size=int(devices), tensor_parallel_size=1),
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        limit_val_batches=0,
         callbacks=[probe],
-    )  # fmt: skip
+    )
     data = DemonstrationDataModule(tokenizer_name_or_path=checkpoint, batch_size=2, val_fraction=0.0)
     trainer.fit(SFTModule(checkpoint), data)
     ranks = [None] * trainer.world_size

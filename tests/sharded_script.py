@@ -32,9 +32,13 @@ class CPUFSDPStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         return FullyShardedDataParallel(
-            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
-        )  # fmt: skip
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
 
     def lightning_module_state_dict(self):
         # Lightning gathers with offload_to_cpu=True, which on CPU shards frees the storage it returns (a segfault).
@@ -45,8 +49,9 @@ class CPUFSDPStrategy(FSDPStrategy):
             return self.model.state_dict()
 
 
-def main(root: str, sft_dir: str, comparisons: str, demonstrations: str, accelerator: str = "cpu",
-         devices: str = "2") -> None:  # fmt: skip
+def main(
+    root: str, sft_dir: str, comparisons: str, demonstrations: str, accelerator: str = "cpu", devices: str = "2"
+) -> None:
     def adamw(params):
         return torch.optim.AdamW(params, lr=1e-2)
 
@@ -54,20 +59,28 @@ def main(root: str, sft_dir: str, comparisons: str, demonstrations: str, acceler
         # FSDP2's SFT checkpoints each block's activations too: recomputed in backward, the same numbers as DDP's.
         "sft": lambda export: (
             SFTModule(sft_dir, optimizer=adamw, export_dir=export, gradient_checkpointing=export.endswith("fsdp2")),
-            DemonstrationDataModule(train_path=demonstrations, tokenizer_name_or_path=sft_dir, batch_size=4,
-                                    max_length=48, val_fraction=0),
+            DemonstrationDataModule(
+                train_path=demonstrations, tokenizer_name_or_path=sft_dir, batch_size=4, max_length=48, val_fraction=0
+            ),
         ),
         "rm": lambda export: (
             RewardModule(sft_dir, optimizer=adamw, export_dir=export),
-            ComparisonDataModule(train_path=comparisons, tokenizer_name_or_path=sft_dir, batch_size=4, max_length=48,
-                                 val_fraction=0, normalize_path=demonstrations),
+            ComparisonDataModule(
+                train_path=comparisons,
+                tokenizer_name_or_path=sft_dir,
+                batch_size=4,
+                max_length=48,
+                val_fraction=0,
+                normalize_path=demonstrations,
+            ),
         ),
         "dpo": lambda export: (
             DPOModule(sft_dir, optimizer=adamw, export_dir=export),
-            ComparisonDataModule(train_path=comparisons, tokenizer_name_or_path=sft_dir, batch_size=4, max_length=48,
-                                 val_fraction=0),
+            ComparisonDataModule(
+                train_path=comparisons, tokenizer_name_or_path=sft_dir, batch_size=4, max_length=48, val_fraction=0
+            ),
         ),
-    }  # fmt: skip
+    }
     n = int(devices)
     fsdp1 = CPUFSDPStrategy if accelerator == "cpu" else FSDPStrategy
     strategies = {
@@ -82,10 +95,18 @@ def main(root: str, sft_dir: str, comparisons: str, demonstrations: str, acceler
             L.seed_everything(0)
             module, data = build(f"{root}/{stage}_{name}")
             trainer = L.Trainer(
-                accelerator=accelerator, devices=n, strategy=strategy(), max_steps=3, gradient_clip_val=1.0,
-                logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                default_root_dir=root, limit_val_batches=0,
-            )  # fmt: skip
+                accelerator=accelerator,
+                devices=n,
+                strategy=strategy(),
+                max_steps=3,
+                gradient_clip_val=1.0,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=root,
+                limit_val_batches=0,
+            )
             trainer.fit(module, data)
             if name == "fsdp2_offload":
                 offload[stage] = offloaded_parameters(module)

@@ -15,10 +15,27 @@ def test_generate_benchmark_writes_the_rows_it_prints_to_json(tmp_path):
     out = tmp_path / "results" / "generate.json"
     steps = 2
     printed = run_python(
-        str(REPO / "scripts" / "benchmark.py"), "generate", "--hidden-size", "32", "--layers", "1", "--batch-size", "2",
-        "--max-new-tokens", "24", "--warmup", "1", "--steps", str(steps), "--variants", "dynamic", "static",
-        "--json", str(out), cwd=tmp_path,
-    ).stdout  # fmt: skip
+        str(REPO / "scripts" / "benchmark.py"),
+        "generate",
+        "--hidden-size",
+        "32",
+        "--layers",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--warmup",
+        "1",
+        "--steps",
+        str(steps),
+        "--variants",
+        "dynamic",
+        "static",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    ).stdout
     rows = json.loads(out.read_text())
     assert rows == json.loads(printed[printed.index("{\n") : printed.rindex("}") + 1])["results"]
     assert [row["impl"] for row in rows] == [
@@ -40,10 +57,27 @@ def test_generate_shared_prompt_benchmark_samples_g_rows_per_prompt_prefilled_ea
     the rows swapped or misnamed; that the shared row shares is ``test_rollout``'s (the forwards' shapes)."""
     out = tmp_path / "generate.json"
     run_python(
-        str(REPO / "scripts" / "benchmark.py"), "generate", "--shared-prompt", "--num-generations", "4",
-        "--hidden-size", "32", "--layers", "1", "--batch-size", "8", "--max-new-tokens", "12", "--warmup", "0",
-        "--steps", "1", "--json", str(out), cwd=tmp_path,
-    )  # fmt: skip
+        str(REPO / "scripts" / "benchmark.py"),
+        "generate",
+        "--shared-prompt",
+        "--num-generations",
+        "4",
+        "--hidden-size",
+        "32",
+        "--layers",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "12",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
     rows = json.loads(out.read_text())
     assert [row["impl"] for row in rows] == [
         "lightning_rlhf generate, dynamic cache, each of a prompt's 4 rows prefilled",
@@ -80,10 +114,27 @@ def test_shared_prompt_benchmark_trains_both_layouts_on_the_same_batches(tmp_pat
     out = tmp_path / "rm.json"
     steps = 2
     run_python(
-        str(REPO / "scripts" / "benchmark.py"), "rm", "--shared-prompt", "--num-generations", "3", "--hidden-size",
-        "32", "--layers", "1", "--batch-size", "4", "--max-length", "32", "--warmup", "1", "--steps", str(steps),
-        "--json", str(out), cwd=tmp_path,
-    )  # fmt: skip
+        str(REPO / "scripts" / "benchmark.py"),
+        "rm",
+        "--shared-prompt",
+        "--num-generations",
+        "3",
+        "--hidden-size",
+        "32",
+        "--layers",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "32",
+        "--warmup",
+        "1",
+        "--steps",
+        str(steps),
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
     padded, shared = json.loads(out.read_text())
     assert (padded["impl"], shared["impl"]) == ("lightning_rlhf padded", "lightning_rlhf shared")
     tokens = [row["tokens_per_s"] * row["step_s"] * steps for row in (padded, shared)]

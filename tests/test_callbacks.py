@@ -44,9 +44,17 @@ def test_best_weights_are_the_ones_exported(mode, best):
     module's export), the wrong direction, and the sanity check's validation counted (it would shift the values)."""
     data = torch.utils.data.DataLoader(torch.zeros(1, 1))
     module = Scripted([3.0, 1.0, 4.0, 2.0])
-    trainer = pl.Trainer(max_steps=4, val_check_interval=1, check_val_every_n_epoch=None, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[BestWeights("val/metric", mode)], num_sanity_val_steps=1)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=4,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[BestWeights("val/metric", mode)],
+        num_sanity_val_steps=1,
+    )
     trainer.fit(module, data, data)
     assert len(module.seen) == 4 and not torch.equal(module.seen[best], module.seen[-1])
     torch.testing.assert_close(module.exported, module.seen[best], rtol=0, atol=0)
@@ -61,8 +69,16 @@ def test_best_weights_refuses_a_monitor_that_validation_never_logs():
     """A misspelt monitor must fail at the first validation, naming the metrics logged, rather than export the last
     weights as if they were the best. Catches a silent skip of a missing metric (the callback's old behaviour)."""
     data = torch.utils.data.DataLoader(torch.zeros(1, 1))
-    trainer = pl.Trainer(max_steps=2, val_check_interval=1, check_val_every_n_epoch=None, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[BestWeights("val/metrik", "min")], num_sanity_val_steps=1)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[BestWeights("val/metrik", "min")],
+        num_sanity_val_steps=1,
+    )
     with pytest.raises(RuntimeError, match="no 'val/metrik'.*: val/metric"):
         trainer.fit(Scripted([3.0, 1.0]), data, data)

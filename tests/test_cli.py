@@ -37,12 +37,17 @@ def test_sft_config_is_shipped():
 @pytest.mark.slow
 def test_sft_cli_writes_tensorboard_events_and_an_export_with_identical_logits(tmp_path):
     run_cli(
-        "fit", "--config", str(REPO / "configs" / "sft.yaml"),
-        "--trainer.max_steps=12", "--trainer.val_check_interval=6", "--trainer.log_every_n_steps=2",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "fit",
+        "--config",
+        str(REPO / "configs" / "sft.yaml"),
+        "--trainer.max_steps=12",
+        "--trainer.val_check_interval=6",
+        "--trainer.log_every_n_steps=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--model.init_args.export_dir={tmp_path / 'hf'}",
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
     tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     for tag in ("train/loss", "train/ppl", "train/tokens_seen", "val/loss", "val/ppl", "lr-AdamW"):
@@ -108,8 +113,10 @@ def test_the_cli_loads_the_pipeline_only_for_the_pipeline_subcommand():
     """``lightning-rlhf fit`` (and every other subcommand) starts without importing ``lightning_rlhf.pipeline`` and
     the TensorBoard event reader it needs, in a fresh interpreter. Catches a top-level import of the pipeline in
     cli.py, which would slow every command's start."""
-    code = ("import sys, lightning_rlhf.cli; print(sorted(m for m in sys.modules if m == 'lightning_rlhf.pipeline' or "
-            "m.startswith('tensorboard.backend.event_processing')))")  # fmt: skip
+    code = (
+        "import sys, lightning_rlhf.cli; print(sorted(m for m in sys.modules if m == 'lightning_rlhf.pipeline' or "
+        "m.startswith('tensorboard.backend.event_processing')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -124,11 +131,18 @@ def test_an_export_dir_holding_the_users_files_or_the_run_is_refused_before_trai
     (tmp_path / "scratch" / "precious").mkdir(parents=True)
     (tmp_path / "scratch" / "precious" / "notes.txt").write_text("x")
     with pytest.raises(SystemExit, match="1"):
-        main([
-            "fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.max_steps=2",
-            "--trainer.default_root_dir=scratch", "--trainer.logger.init_args.save_dir=scratch",
-            f"--model.init_args.export_dir={export_dir}", "--trainer.enable_progress_bar=false",
-        ])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / "sft.yaml"),
+                "--trainer.max_steps=2",
+                "--trainer.default_root_dir=scratch",
+                "--trainer.logger.init_args.save_dir=scratch",
+                f"--model.init_args.export_dir={export_dir}",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
     assert (tmp_path / "scratch" / "precious" / "notes.txt").read_text() == "x"
     assert not list(tmp_path.rglob("*.ckpt"))
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -162,11 +176,21 @@ def test_a_run_killed_mid_epoch_resumes_with_the_losses_of_the_uninterrupted_run
             callbacks.append({"class_path": "tests.helpers.HoldAfter", "init_args": {"step": 4, "root": str(tmp_path)}})
         (tmp_path / f"{name}.yaml").write_text(json.dumps({"trainer": {"callbacks": callbacks}}))
         return [
-            "-m", "lightning_rlhf", "fit", "--config", str(REPO / "configs" / "sft.yaml"),
-            "--config", str(tmp_path / f"{name}.yaml"), "--trainer.max_steps=10", "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / name}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / name}", "--model.init_args.export_dir=null", *extra,
-        ]  # fmt: skip
+            "-m",
+            "lightning_rlhf",
+            "fit",
+            "--config",
+            str(REPO / "configs" / "sft.yaml"),
+            "--config",
+            str(tmp_path / f"{name}.yaml"),
+            "--trainer.max_steps=10",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path / name}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / name}",
+            "--model.init_args.export_dir=null",
+            *extra,
+        ]
 
     run_python(*args("straight"), cwd=tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -222,9 +246,19 @@ def test_user_errors_in_fit_are_one_line_and_exit_status_1(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(SystemExit, match="1"):
-        main(["fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.max_steps=1",
-              "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--model.init_args.export_dir=null",
-              "--trainer.default_root_dir=run", *args])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / "sft.yaml"),
+                "--trainer.max_steps=1",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.logger=false",
+                "--model.init_args.export_dir=null",
+                "--trainer.default_root_dir=run",
+                *args,
+            ]
+        )
     (line,) = error_lines(capsys)
     assert re.match(expected, line), line
 

@@ -42,8 +42,14 @@ def test_critic_free_estimators_have_no_value_function_in_the_optimiser_or_the_c
     module = ppo(exports, advantage_estimator=estimator, num_generations=2, max_new_tokens=4, ppo_epochs=1)
     assert module.value_model is None and module.value_head is None
     data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0)
-    trainer = fit(module, data, 1, tmp_path, enable_checkpointing=True,
-                  callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])  # fmt: skip
+    trainer = fit(
+        module,
+        data,
+        1,
+        tmp_path,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
     (group,) = trainer.optimizers[0].param_groups
     assert {id(p) for p in group["params"]} == {id(p) for p in module.model.parameters()}
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
@@ -54,8 +60,14 @@ def test_critic_free_estimators_have_no_value_function_in_the_optimiser_or_the_c
 def test_a_rollout_samples_each_prompt_g_times_and_group_advantages_come_from_the_whole_rollout(exports):
     """2 prompts, G = 3: 6 rows, each prompt's 3 in consecutive rows. With the KL in the reward (β = 0.5) the
     GRPO advantage of row i on each of its tokens is group_advantages(score - β · Σ_t KL_t) of the whole rollout."""
-    module = ppo(exports, advantage_estimator="grpo", num_generations=3, max_new_tokens=6, kl_coef=0.5,
-                 ref_model_name_or_path=None)  # fmt: skip
+    module = ppo(
+        exports,
+        advantage_estimator="grpo",
+        num_generations=3,
+        max_new_tokens=6,
+        kl_coef=0.5,
+        ref_model_name_or_path=None,
+    )
     module.ref_model.model.embed_tokens.weight.data.mul_(0.5)  # a reference unlike the policy: the KL is not 0
     torch.manual_seed(0)
     experience = module.make_experience(prompts_batch(["Reverse: abc\n", "Reverse: hello\n"]))
@@ -81,8 +93,15 @@ def test_without_kl_in_the_reward_the_advantage_ignores_the_kl(exports):
 def test_kl_loss_term_is_grpos_k3_on_the_policy(exports, tmp_path):
     """One rollout, one minibatch: the logged KL loss is the token mean of k3(policy, reference) of the sampled
     tokens before the step (its graph is the policy's: the first minibatch's log-probs are the rollout's)."""
-    module = ppo(exports, advantage_estimator="grpo", num_generations=2, max_new_tokens=4, ppo_epochs=1,
-                 kl_in_reward=False, kl_loss_coef=1.0)  # fmt: skip
+    module = ppo(
+        exports,
+        advantage_estimator="grpo",
+        num_generations=2,
+        max_new_tokens=4,
+        ppo_epochs=1,
+        kl_in_reward=False,
+        kl_loss_coef=1.0,
+    )
     module.ref_model.model.embed_tokens.weight.data.mul_(0.5)
     recorded = []
     original = module.make_experience
@@ -99,8 +118,9 @@ def test_kl_loss_term_is_grpos_k3_on_the_policy(exports, tmp_path):
 def test_weighted_reward_functions_are_summed_and_each_kept(exports):
     """Prompt "ab", response "aa" + EOS; prompt "abcd", response "xa": prompt_and_a_reward gives 202 and 401,
     prompt_length 2 and 4; with weights 1 and 0.5 the scores are 203 and 403."""
-    module = ppo((exports[0],), reward_fns={"tests.test_ppo.prompt_and_a_reward": 1.0,
-                                            "tests.test_ppo.prompt_length": 0.5})  # fmt: skip
+    module = ppo(
+        (exports[0],), reward_fns={"tests.test_ppo.prompt_and_a_reward": 1.0, "tests.test_ppo.prompt_length": 0.5}
+    )
     experience = module.score_rollout(ab_abcd_rollout(module.tokenizer))
     torch.testing.assert_close(experience.scores, torch.tensor([203.0, 403.0]))
     torch.testing.assert_close(experience.reward_parts["prompt_and_a_reward"], torch.tensor([202.0, 401.0]))
@@ -108,8 +128,14 @@ def test_weighted_reward_functions_are_summed_and_each_kept(exports):
 
 
 def test_each_reward_function_and_the_group_statistics_are_logged(exports, tmp_path):
-    module = ppo((exports[0],), reward_fns={"tests.test_ppo.share_of_a": 2.0, "tests.test_ppo.prompt_length": 0.0},
-                 advantage_estimator="dr_grpo", num_generations=2, max_new_tokens=4, ppo_epochs=1)  # fmt: skip
+    module = ppo(
+        (exports[0],),
+        reward_fns={"tests.test_ppo.share_of_a": 2.0, "tests.test_ppo.prompt_length": 0.0},
+        advantage_estimator="dr_grpo",
+        num_generations=2,
+        max_new_tokens=4,
+        ppo_epochs=1,
+    )
     data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0)
     logged = fit(module, data, 1, tmp_path).logged_metrics
     torch.testing.assert_close(logged["train/objective/scores"], 2 * logged["train/objective/reward/share_of_a"])
@@ -137,8 +163,15 @@ def test_grpo_with_a_reward_function_learns_what_it_rewards(exports, tmp_path):
     data.setup("fit")
     held_out = next(iter(data.val_dataloader()))
     L.seed_everything(0)
-    module = ppo((exports[0],), reward_fn="tests.test_ppo.share_of_a", advantage_estimator="grpo", num_generations=4,
-                 max_new_tokens=8, kl_in_reward=False, kl_loss_coef=0.01)  # fmt: skip
+    module = ppo(
+        (exports[0],),
+        reward_fn="tests.test_ppo.share_of_a",
+        advantage_estimator="grpo",
+        num_generations=4,
+        max_new_tokens=8,
+        kl_in_reward=False,
+        kl_loss_coef=0.01,
+    )
     before = mean_score(module, held_out)
     fit(module, data, 160, tmp_path)
     after = mean_score(module, held_out)
@@ -149,14 +182,25 @@ def test_grpo_with_a_reward_function_learns_what_it_rewards(exports, tmp_path):
 def test_critic_free_configs_run_through_the_cli_and_log_score_kl_and_group_statistics(exports, tmp_path, config):
     sft, rm = exports
     events = fit_config(
-        config, tmp_path,
-        f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
-        "--model.init_args.max_new_tokens=4", "--data.init_args.batch_size=4",
-        "--trainer.max_steps=4", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
-    )  # fmt: skip
+        config,
+        tmp_path,
+        f"--model.init_args.model_name_or_path={sft}",
+        f"--model.init_args.reward_model_name_or_path={rm}",
+        "--model.init_args.max_new_tokens=4",
+        "--data.init_args.batch_size=4",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=1",
+        "--trainer.limit_val_batches=1",
+    )
     scalars = events.Tags()["scalars"]
-    for name in ("objective/scores", "objective/kl", "objective/reward_std", "objective/groups_without_signal",
-                 "loss/policy", "policy/clipfrac"):  # fmt: skip
+    for name in (
+        "objective/scores",
+        "objective/kl",
+        "objective/reward_std",
+        "objective/groups_without_signal",
+        "loss/policy",
+        "policy/clipfrac",
+    ):
         assert f"train/{name}" in scalars, scalars
     assert "val/objective/scores" in scalars and "train/loss/value" not in scalars
     assert ("train/loss/kl" in scalars) == (config == "grpo.yaml")

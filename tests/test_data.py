@@ -337,12 +337,19 @@ def test_validation_never_shares_a_prompt_with_training_with_three_labels_per_pr
     ``val_fraction=0.3``: 30 prompts with all 90 of their records held out, 70 prompts and 210 records train, and no
     prompt on both sides. A per-record split (the old one) put 55 of 60 validation prompts in training too."""
     rows = [
-        {"prompt": f"Reverse: {i:03d}\n", "responses": ["a", "b", ""], "ranks": [labeller % 2, 1 - labeller % 2, 2],
-         "labeller": f"l{labeller}", "item": i}
-        for i in range(100) for labeller in range(3)
-    ]  # fmt: skip
-    data = ComparisonDataModule(train_path=write_jsonl(tmp_path / "labels.jsonl", rows), val_fraction=0.3,
-                                cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        {
+            "prompt": f"Reverse: {i:03d}\n",
+            "responses": ["a", "b", ""],
+            "ranks": [labeller % 2, 1 - labeller % 2, 2],
+            "labeller": f"l{labeller}",
+            "item": i,
+        }
+        for i in range(100)
+        for labeller in range(3)
+    ]
+    data = ComparisonDataModule(
+        train_path=write_jsonl(tmp_path / "labels.jsonl", rows), val_fraction=0.3, cache_dir=str(tmp_path / "cache")
+    )
     data.setup("fit")
     decoded = {
         side: [TOKENIZER.decode(ex["prompt_ids"]) for ex in examples]
@@ -350,8 +357,11 @@ def test_validation_never_shares_a_prompt_with_training_with_three_labels_per_pr
     }
     assert set(decoded["train"]).isdisjoint(decoded["val"])
     assert (len(set(decoded["val"])), len(decoded["val"]), len(set(decoded["train"])), len(decoded["train"])) == (
-        30, 90, 70, 210
-    )  # fmt: skip
+        30,
+        90,
+        70,
+        210,
+    )
     assert data.split_report.summary() == "210 train / 90 val examples of 70 / 30 distinct prompts"
 
 
@@ -360,9 +370,10 @@ def test_a_validation_file_sharing_prompts_with_training_is_reported(tmp_path):
     train = [{"prompt": f"p{i}", "chosen": "a", "rejected": ""} for i in range(4)]
     val = [{"prompt": p, "chosen": "b", "rejected": "a"} for p in ("p1", "p3", "q")]
     data = ComparisonDataModule(
-        train_path=write_jsonl(tmp_path / "t.jsonl", train), val_path=write_jsonl(tmp_path / "v.jsonl", val),
+        train_path=write_jsonl(tmp_path / "t.jsonl", train),
+        val_path=write_jsonl(tmp_path / "v.jsonl", val),
         cache_dir=str(tmp_path / "cache"),
-    )  # fmt: skip
+    )
     with pytest.warns(UserWarning, match=r"v\.jsonl: 2 of its 3 prompts are training prompts too"):
         data.setup("fit")
     assert data.split_report.shared_prompts == 2

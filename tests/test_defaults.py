@@ -72,8 +72,22 @@ def test_a_users_comparisons_are_never_normalised_on_toy_demonstrations(tmp_path
 def sample(tiny_model_dir, tmp_path, judge: str) -> list[dict]:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     out = tmp_path / "comparisons.jsonl"
-    sampling.main(["--model", tiny_model_dir, "--prompts", prompts, "--k", "4", "--max_new_tokens", "6",
-                   "--judge", judge, "--output", str(out)])  # fmt: skip
+    sampling.main(
+        [
+            "--model",
+            tiny_model_dir,
+            "--prompts",
+            prompts,
+            "--k",
+            "4",
+            "--max_new_tokens",
+            "6",
+            "--judge",
+            judge,
+            "--output",
+            str(out),
+        ]
+    )
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 

@@ -57,8 +57,29 @@ def test_thresholds_are_the_users_and_missing_numbers_are_skipped():
     assert diagnose({"seed": 0}) == {}
 
 
-SEED1_SFT_LOSS = [2.93, 1.992, 1.504, 1.31, 1.228, 1.072, 1.051, 1.06, 0.996, 0.996, 0.905, 0.934, 0.984, 0.968, 0.909,
-                  0.991, 0.979, 0.975, 1.035, 1.044, 1.06]  # fmt: skip
+SEED1_SFT_LOSS = [
+    2.93,
+    1.992,
+    1.504,
+    1.31,
+    1.228,
+    1.072,
+    1.051,
+    1.06,
+    0.996,
+    0.996,
+    0.905,
+    0.934,
+    0.984,
+    0.968,
+    0.909,
+    0.991,
+    0.979,
+    0.975,
+    1.035,
+    1.044,
+    1.06,
+]
 
 
 def test_sft_stopped_on_a_plateau_without_learning_is_told_to_lower_its_learning_rate():
@@ -100,6 +121,9 @@ def test_a_last_check_that_falls_after_early_stopping_passed_the_best_is_not_sti
     is level with the demonstrations' 0.896, so no plateau finding either). Catches the old check, which looked at
     the last two checks only and told this run to train longer."""
     loss = [0.3, 0.195, 0.21, 0.2, 0.22, 0.227, 0.222]
-    summary = {"curves": {"sft": {"val_loss": loss}}, "sft": {"gold_greedy": 0.913, "gold_sampled": 0.857},
-               "demonstrations": {"gold_mean": 0.896}}  # fmt: skip
+    summary = {
+        "curves": {"sft": {"val_loss": loss}},
+        "sft": {"gold_greedy": 0.913, "gold_sampled": 0.857},
+        "demonstrations": {"gold_mean": 0.896},
+    }
     assert diagnose(summary) == {}

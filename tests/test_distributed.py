@@ -45,8 +45,17 @@ def test_reward_model_and_dpo_under_ddp_match_a_single_process(tmp_path, acceler
     train = write_comparisons(tmp_path / "train.jsonl", 16, seed=0)
     val = write_comparisons(tmp_path / "val.jsonl", 8, seed=1)  # 8 prompts: 4 per rank, no sampler padding
     out = tmp_path / "ddp.json"
-    run_python(str(REPO / "tests" / "ddp_preference_script.py"), str(out), str(tmp_path), sft_dir, train, val,
-               accelerator, str(devices), cwd=tmp_path)  # fmt: skip
+    run_python(
+        str(REPO / "tests" / "ddp_preference_script.py"),
+        str(out),
+        str(tmp_path),
+        sft_dir,
+        train,
+        val,
+        accelerator,
+        str(devices),
+        cwd=tmp_path,
+    )
     report = json.loads(out.read_text())
     assert report["world_size"] == devices
     assert len(set(report["rm_checksums"])) == 1
@@ -79,8 +88,16 @@ def test_ppo_under_ddp_and_fsdp2_keeps_replicas_and_beta_in_step_on_different_pr
     tokenizer = load_tokenizer(sft_dir)
     export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
     out = tmp_path / "ddp.json"
-    run_python(str(REPO / "tests" / "ddp_ppo_script.py"), str(out), str(tmp_path), sft_dir, str(tmp_path / "rm"),
-               accelerator, str(devices), cwd=tmp_path)  # fmt: skip
+    run_python(
+        str(REPO / "tests" / "ddp_ppo_script.py"),
+        str(out),
+        str(tmp_path),
+        sft_dir,
+        str(tmp_path / "rm"),
+        accelerator,
+        str(devices),
+        cwd=tmp_path,
+    )
     report = json.loads(out.read_text())
     assert report["world_size"] == devices
     for name in ("policy_checksums", "value_checksums", "kl_coefs"):
@@ -122,15 +139,26 @@ def test_ppo_fsdp2_config_trains_in_mixed_bf16_exports_and_resumes(tmp_path, acc
 
     def run(max_steps: int, *extra: str) -> subprocess.CompletedProcess:
         return run_cli(
-            "fit", "--config", str(REPO / "configs" / "ppo_fsdp2.yaml"),
-            f"--trainer.accelerator={accelerator}", f"--trainer.devices={devices}",
+            "fit",
+            "--config",
+            str(REPO / "configs" / "ppo_fsdp2.yaml"),
+            f"--trainer.accelerator={accelerator}",
+            f"--trainer.devices={devices}",
             f"--trainer.strategy.init_args.data_parallel_size={devices}",
-            f"--model.init_args.model_name_or_path={sft_dir}", f"--model.init_args.reward_model_name_or_path={rm_dir}",
-            "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=4", f"--trainer.max_steps={max_steps}",
-            "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--model.init_args.export_dir={tmp_path / 'hf'}", *extra, cwd=tmp_path,
-        )  # fmt: skip
+            f"--model.init_args.model_name_or_path={sft_dir}",
+            f"--model.init_args.reward_model_name_or_path={rm_dir}",
+            "--model.init_args.max_new_tokens=6",
+            "--data.init_args.batch_size=4",
+            f"--trainer.max_steps={max_steps}",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--model.init_args.export_dir={tmp_path / 'hf'}",
+            *extra,
+            cwd=tmp_path,
+        )
 
     first = run(8)
     log = first.stdout + first.stderr
@@ -167,8 +195,16 @@ def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path, acce
     demonstrations.write_text(
         "".join(json.dumps({"prompt": f"Q{i}: ", "response": "abcdef"[i % 6 :]}) + "\n" for i in range(16))
     )
-    run_python(str(REPO / "tests" / "sharded_script.py"), str(tmp_path), sft_dir, comparisons, str(demonstrations),
-               accelerator, str(devices), cwd=tmp_path)  # fmt: skip
+    run_python(
+        str(REPO / "tests" / "sharded_script.py"),
+        str(tmp_path),
+        sft_dir,
+        comparisons,
+        str(demonstrations),
+        accelerator,
+        str(devices),
+        cwd=tmp_path,
+    )
     start = load_file(Path(sft_dir) / "model.safetensors")
     for stage in ("sft", "rm", "dpo"):
         ddp = load_file(tmp_path / f"{stage}_ddp" / "model.safetensors")
@@ -186,8 +222,10 @@ def test_sft_reward_model_and_dpo_under_fsdp2_and_fsdp1_match_ddp(tmp_path, acce
     assert offsets[0] != 0 and offsets[1:] == pytest.approx([offsets[0]] * 3, abs=1e-5)
     offloaded = json.loads((tmp_path / "offload.json").read_text())
     assert {stage: sorted(models) for stage, models in offloaded.items()} == {
-        "sft": ["model"], "rm": ["model"], "dpo": ["model", "ref_model"]
-    }  # fmt: skip
+        "sft": ["model"],
+        "rm": ["model"],
+        "dpo": ["model", "ref_model"],
+    }
     for stage, models in offloaded.items():
         for name, (parameters, on_host, with_state_on_host) in models.items():
             assert parameters > 0 and parameters == on_host == with_state_on_host, (stage, name)
@@ -200,15 +238,22 @@ def test_sft_with_tied_embeddings_trains_and_exports_under_fsdp2_through_the_cli
     root, and failed with 'Parameter model.embed_tokens.weight is shared with a parameter already managed by another
     FSDP group'. Now it trains and exports a tied model that plain transformers loads."""
     run_cli(
-        "fit", "--config", str(REPO / "configs" / "sft.yaml"), f"--trainer.accelerator={accelerator}",
-        f"--trainer.devices={devices}", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        "fit",
+        "--config",
+        str(REPO / "configs" / "sft.yaml"),
+        f"--trainer.accelerator={accelerator}",
+        f"--trainer.devices={devices}",
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
         f"--trainer.strategy.init_args.data_parallel_size={devices}",
         "--trainer.strategy.init_args.tensor_parallel_size=1",
-        '--model.init_args.model_config={"tie_word_embeddings": true}', "--trainer.max_steps=2",
-        "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.export_dir={tmp_path / 'hf'}",
+        '--model.init_args.model_config={"tie_word_embeddings": true}',
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.export_dir={tmp_path / 'hf'}",
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.config.tie_word_embeddings
     assert exported.lm_head.weight is exported.model.embed_tokens.weight
@@ -223,8 +268,14 @@ def test_fsdp2_bf16_mixed_keeps_float32_master_weights_and_computes_in_bf16(tmp_
     reduce_dtype=fp32): the stored shards, their gradients and AdamW's state are float32 (pure-bf16 weights barely
     move at RLHF learning rates), while each block is gathered and computed in bf16."""
     out = tmp_path / "dtypes.json"
-    run_python(str(REPO / "tests" / "mixed_precision_script.py"), str(out), str(tmp_path), accelerator, str(devices),
-               cwd=tmp_path)  # fmt: skip
+    run_python(
+        str(REPO / "tests" / "mixed_precision_script.py"),
+        str(out),
+        str(tmp_path),
+        accelerator,
+        str(devices),
+        cwd=tmp_path,
+    )
     report = json.loads(out.read_text())
     assert report == {
         "compute_weight": "torch.bfloat16",
@@ -261,11 +312,22 @@ def test_every_stage_with_lora_under_ddp_and_fsdp2_matches_a_single_process(tmp_
         )
     )
     demonstrations = tmp_path / "demonstrations.jsonl"
-    demonstrations.write_text("".join(json.dumps({"prompt": f"Q{i}{'?' * i}: ", "response": words[i]}) + "\n"
-                                      for i in range(8)))  # fmt: skip
+    demonstrations.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}{'?' * i}: ", "response": words[i]}) + "\n" for i in range(8))
+    )
     out = tmp_path / "ddp.json"
-    run_python(str(REPO / "tests" / "ddp_lora_script.py"), str(out), str(tmp_path), sft_dir, str(rm_dir),
-               str(comparisons), str(demonstrations), accelerator, str(devices), cwd=tmp_path)  # fmt: skip
+    run_python(
+        str(REPO / "tests" / "ddp_lora_script.py"),
+        str(out),
+        str(tmp_path),
+        sft_dir,
+        str(rm_dir),
+        str(comparisons),
+        str(demonstrations),
+        accelerator,
+        str(devices),
+        cwd=tmp_path,
+    )
     report = json.loads(out.read_text())
     assert report["world_size"] == devices
     for stage in ("sft", "rm", "dpo", "ppo"):
@@ -276,8 +338,14 @@ def test_every_stage_with_lora_under_ddp_and_fsdp2_matches_a_single_process(tmp_
         runs = ["fsdp2"]
         if stage != "ppo":
             L.seed_everything(0)
-            module, data = lora_stage(stage, sft_dir, str(comparisons), str(demonstrations),
-                                      str(tmp_path / f"{stage}_one"), batch_size=4 * devices)  # fmt: skip
+            module, data = lora_stage(
+                stage,
+                sft_dir,
+                str(comparisons),
+                str(demonstrations),
+                str(tmp_path / f"{stage}_one"),
+                batch_size=4 * devices,
+            )
             fit(module, data, str(tmp_path), "cpu", 1, "auto")
             runs.append("one")
         for files in ("model.safetensors", "adapter/adapter_model.safetensors"):

@@ -92,9 +92,11 @@ def test_sequence_logprobs_equal_a_brute_force_token_sum_with_left_and_right_pad
     model64 = copy.deepcopy(module.model).double()
     with torch.no_grad():
         expected = torch.stack(
-            [brute_force_logprob(model64, ids[m.bool()], lab[m.bool()]) for ids, lab, m in
-             zip(right["input_ids"], right["labels"], right["attention_mask"], strict=True)]
-        )  # fmt: skip
+            [
+                brute_force_logprob(model64, ids[m.bool()], lab[m.bool()])
+                for ids, lab, m in zip(right["input_ids"], right["labels"], right["attention_mask"], strict=True)
+            ]
+        )
         for batch in (right, left):
             _, _, stats = module._step(batch)
             chosen, rejected = batch["pairs"].unbind(-1)
@@ -146,10 +148,16 @@ def test_nll_weight_adds_the_per_token_nll_of_each_prompts_best_responses(sft_ex
         plain, _, _ = dpo(sft_export)._step(batch)
         with_nll, _, stats = dpo(sft_export, nll_weight=0.5)._step(batch)
         module = dpo(sft_export)
-        nll = [-brute_force_logprob(module.model, ids[m.bool()], lab[m.bool()]).float() / n_tokens
-               for ids, lab, m, n_tokens in zip(batch["input_ids"][[1, 4]], batch["labels"][[1, 4]],
-                                                batch["attention_mask"][[1, 4]], (len("noom") + 1, len("nus") + 1),
-                                                strict=True)]  # fmt: skip
+        nll = [
+            -brute_force_logprob(module.model, ids[m.bool()], lab[m.bool()]).float() / n_tokens
+            for ids, lab, m, n_tokens in zip(
+                batch["input_ids"][[1, 4]],
+                batch["labels"][[1, 4]],
+                batch["attention_mask"][[1, 4]],
+                (len("noom") + 1, len("nus") + 1),
+                strict=True,
+            )
+        ]
     torch.testing.assert_close(with_nll - plain, 0.5 * torch.stack(nll).mean(), atol=1e-5, rtol=0)
     torch.testing.assert_close(stats["nll"][0], torch.stack(nll).mean(), atol=1e-5, rtol=0)
 
@@ -161,9 +169,11 @@ def planted_datamodule(tmp_path, n_train=48, n_val=16, batch_size=8) -> Comparis
     for name, chunk in (("train", words[:n_train]), ("val", words[n_train:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in planted_records(chunk)))
     return ComparisonDataModule(
-        train_path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"), batch_size=batch_size,
+        train_path=str(tmp_path / "train.jsonl"),
+        val_path=str(tmp_path / "val.jsonl"),
+        batch_size=batch_size,
         max_length=32,
-    )  # fmt: skip
+    )
 
 
 class LossRecorder(Callback):
@@ -303,13 +313,24 @@ def policy_preference(module: DPOModule, datamodule: ComparisonDataModule) -> fl
 def test_dpo_config_runs_through_the_cli_with_metrics_export_and_no_reference_in_checkpoints(sft_export, tmp_path):
     assert Path(toy_path("comparisons")).exists(), "the embedded default comparisons are missing"
     events = fit_config(
-        "dpo.yaml", tmp_path, f"--model.init_args.model_name_or_path={sft_export}",
-        "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
-    )  # fmt: skip
+        "dpo.yaml",
+        tmp_path,
+        f"--model.init_args.model_name_or_path={sft_export}",
+        "--trainer.max_steps=6",
+        "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=2",
+    )
     tags = events.Tags()["scalars"]
     for stage in ("train", "val"):
-        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                     "logps/chosen", "logps/rejected"):  # fmt: skip
+        for name in (
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+        ):
             assert f"{stage}/{name}" in tags, tags
     (checkpoint,) = (tmp_path / "tensorboard").glob("version_*/checkpoints/last.ckpt")
     state = torch.load(checkpoint, weights_only=False)["state_dict"]

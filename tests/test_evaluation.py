@@ -148,9 +148,12 @@ def test_evaluate_models_samples_every_model_under_the_same_seed(tiny_model_dir)
     which tells apart almost any two different responses): win rates all 1/2, both Elo 1000."""
     prompts = [f"Reverse: {word}\n" for word in ["abc", "hello", "xyz", "lightning"]]
     report = evaluate_models(
-        {"a": tiny_model_dir, "b": tiny_model_dir}, prompts, lambda prompt, response: sum(response.encode()),
-        max_new_tokens=6, bootstrap=20,
-    )  # fmt: skip
+        {"a": tiny_model_dir, "b": tiny_model_dir},
+        prompts,
+        lambda prompt, response: sum(response.encode()),
+        max_new_tokens=6,
+        bootstrap=20,
+    )
     assert report["win_rate_matrix"] == [[0.5, 0.5], [0.5, 0.5]]
     assert report["elo"] == {"a": 1000, "b": 1000} and report["prompts"] == 4
 
@@ -160,9 +163,25 @@ def test_evaluate_cli_writes_the_report_and_the_figure(tmp_path):
     a, b = make_tiny_export(tmp_path / "a", seed=0), make_tiny_export(tmp_path / "b", seed=1)
     out = tmp_path / "eval"
     result = run_cli(
-        "evaluate", "--models", a, b, "--names", "a", "b", "--toy_held_out", "8", "--max_new_tokens", "4",
-        "--judge", "gold", "--bootstrap", "50", "--output", str(out), cwd=tmp_path,
-    )  # fmt: skip
+        "evaluate",
+        "--models",
+        a,
+        b,
+        "--names",
+        "a",
+        "b",
+        "--toy_held_out",
+        "8",
+        "--max_new_tokens",
+        "4",
+        "--judge",
+        "gold",
+        "--bootstrap",
+        "50",
+        "--output",
+        str(out),
+        cwd=tmp_path,
+    )
     report = json.loads((out / "evaluation.json").read_text())
     assert report["models"] == ["a", "b"] and report["baseline"] == "a" and report["prompts"] == 8
     win_rates = torch.tensor(report["win_rate_matrix"], dtype=torch.float64)

@@ -21,8 +21,15 @@ def test_matmul_params_leave_out_the_embedding_lookup_hand_computed(tied):
     """Llama, width 4, MLP 8, one layer, 2 heads of 2, 1 KV head, vocabulary 10: q 4·4 = 16, k 4·2 = 8, v 8, o 16,
     MLP 3 · 4 · 8 = 96, norms 3 · 4 = 12, unembedding 10 · 4 = 40: 196 multiply activations; the embedding's 40 are
     a lookup. Tied, the shared weight is still the unembedding's matmul: 196 as well."""
-    config = LlamaConfig(hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=10, tie_word_embeddings=tied)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=4,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=10,
+        tie_word_embeddings=tied,
+    )
     model = AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == (196 if tied else 236)
     assert matmul_params(model) == 196

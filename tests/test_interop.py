@@ -48,9 +48,14 @@ def chatml_checkpoint(directory, architecture: str = "llama") -> str:
 
 def fit_briefly(module, data, tmp_path, steps: int = 2) -> None:
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
 
 
@@ -83,8 +88,13 @@ def test_an_exported_tokenizer_pads_with_its_own_token_so_eos_labels_survive_tra
     = input ids with padding masked: with pad = EOS every EOS label would be masked and the model never learn to
     stop. Two rows, 4 and 2 tokens, each ending in EOS: labels keep both EOS, the 2 padding columns are -100."""
     checkpoint = chatml_checkpoint(tmp_path / "base")
-    data = DemonstrationDataModule(train_path=demonstrations(tmp_path), tokenizer_name_or_path=checkpoint,
-                                   val_fraction=0, batch_size=2, max_length=64)  # fmt: skip
+    data = DemonstrationDataModule(
+        train_path=demonstrations(tmp_path),
+        tokenizer_name_or_path=checkpoint,
+        val_fraction=0,
+        batch_size=2,
+        max_length=64,
+    )
     fit_briefly(SFTModule(checkpoint, export_dir=str(tmp_path / "sft")), data, tmp_path, steps=1)
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "sft")
@@ -108,9 +118,13 @@ def test_an_exported_reward_model_gives_the_same_reward_in_plain_transformers(tm
         {"prompt": "Reverse: xyz\n", "chosen": "zyx", "rejected": "xyz"},
     ]
     data = ComparisonDataModule(
-        train_path=write_jsonl(tmp_path / "comparisons.jsonl", comparisons), tokenizer_name_or_path=checkpoint,
-        val_fraction=0, batch_size=2, max_length=64, normalize_path=demonstrations(tmp_path),
-    )  # fmt: skip
+        train_path=write_jsonl(tmp_path / "comparisons.jsonl", comparisons),
+        tokenizer_name_or_path=checkpoint,
+        val_fraction=0,
+        batch_size=2,
+        max_length=64,
+        normalize_path=demonstrations(tmp_path),
+    )
     module = RewardModule(checkpoint, export_dir=str(tmp_path / "rm"))
     fit_briefly(module, data, tmp_path)
 

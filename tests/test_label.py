@@ -138,7 +138,10 @@ def test_labeller_ranks_every_item_once_and_each_label_is_a_line(samples, tmp_pa
     assert answer.status_code == 200 and answer.json() == {"ok": True, "done": 1, "total": 3, "yours": 1}
     (written,) = lines(out)
     assert {k: written[k] for k in ("prompt", "responses", "ranks", "labeller", "item", "flags", "demonstration")} == {
-        **SAMPLES[0], **body, "demonstration": "cba"}  # fmt: skip
+        **SAMPLES[0],
+        **body,
+        "demonstration": "cba",
+    }
     assert written["time"].endswith("+00:00")
     for item, ranks in ((1, [1, 0]), (2, [2, 0, 1])):
         assert client.get("/api/next", params={"labeller": "alice"}).json()["item"] == item
@@ -320,12 +323,24 @@ def test_labels_and_their_aggregate_feed_the_reward_models_datamodule(samples, t
                 body["demonstration"] = "ih!"
             assert client.post("/api/label", json=body).status_code == 200
     comparisons, demonstrations = tmp_path / "comparisons.jsonl", tmp_path / "demonstrations.jsonl"
-    report = label.main(["--aggregate", str(out), "--output", str(comparisons), "--consensus", "borda",
-                   "--demonstrations", str(demonstrations)])  # fmt: skip
+    report = label.main(
+        [
+            "--aggregate",
+            str(out),
+            "--output",
+            str(comparisons),
+            "--consensus",
+            "borda",
+            "--demonstrations",
+            str(demonstrations),
+        ]
+    )
     assert report["pairwise_agreement"] == pytest.approx(5 / 7) and report["kendall_tau"] == pytest.approx(1 / 9)
     assert json.loads((tmp_path / "comparisons.agreement.json").read_text()) == report
     assert [(r["item"], r["ranks"], r["labellers"]) for r in lines(comparisons)] == [
-        (0, [0, 0, 1], ["alice", "bob"]), (2, [0, 1, 2], ["alice", "bob"])]  # fmt: skip
+        (0, [0, 0, 1], ["alice", "bob"]),
+        (2, [0, 1, 2], ["alice", "bob"]),
+    ]
     assert lines(demonstrations) == [{"prompt": SAMPLES[2]["prompt"], "response": "ih!", "labeller": "bob", "item": 2}]
     for path, count in ((out, 6), (comparisons, 2)):
         data = ComparisonDataModule(train_path=str(path), val_fraction=0, tokenizer_name_or_path=tiny_model_dir)
@@ -393,11 +408,16 @@ def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
         browser.quit()
         store.close()
     assert [{k: v for k, v in r.items() if k != "time"} for r in lines(out)] == [
-        {**SAMPLES[0], "ranks": [0, 1, 0], "labeller": "alice", "item": 0,
-         "flags": [{"response": 1, "reason": "not an answer"}]},
+        {
+            **SAMPLES[0],
+            "ranks": [0, 1, 0],
+            "labeller": "alice",
+            "item": 0,
+            "flags": [{"response": 1, "reason": "not an answer"}],
+        },
         {**SAMPLES[1], "ranks": [1, 0], "labeller": "alice", "item": 1},
         {**SAMPLES[2], "ranks": [2, 0, 1], "labeller": "alice", "item": 2, "demonstration": "ih"},
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize(

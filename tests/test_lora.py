@@ -138,9 +138,13 @@ def test_dpo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_e
     """configs/dpo_lora.yaml, 4 steps: the metrics of configs/dpo.yaml, the merged model and the adapter exported,
     and no reference in the checkpoint (there is none)."""
     events = fit_config(
-        "dpo_lora.yaml", tmp_path, f"--model.init_args.model_name_or_path={base_export}",
-        "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
-    )  # fmt: skip
+        "dpo_lora.yaml",
+        tmp_path,
+        f"--model.init_args.model_name_or_path={base_export}",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
+    )
     tags = events.Tags()["scalars"]
     for stage in ("train", "val"):
         for name in ("loss", *METRICS):
@@ -328,8 +332,9 @@ def test_ppo_lora_raises_the_reward_models_score(ppo_exports, tmp_path):
     data.setup("fit")
     held_out = next(iter(data.val_dataloader()))
     L.seed_everything(0)
-    module = ppo_lora(ppo_exports, max_new_tokens=8, kl_coef=0.0, ppo_epochs=2, num_mini_batches=2,
-                      optimizer=adamw(3e-3))  # fmt: skip
+    module = ppo_lora(
+        ppo_exports, max_new_tokens=8, kl_coef=0.0, ppo_epochs=2, num_mini_batches=2, optimizer=adamw(3e-3)
+    )
     before = mean_score(module, held_out)
     fit(module, data, 160, tmp_path)
     after = mean_score(module, held_out)
@@ -350,9 +355,12 @@ def test_ppo_lora_checkpoint_holds_only_adapters_and_heads_and_resumes_exactly(p
     def fit(callbacks, ckpt_path):
         L.seed_everything(0)
         data = PromptDataModule(
-            train_path=str(prompts), tokenizer_name_or_path=ppo_exports[0], batch_size=2, max_length=32,
+            train_path=str(prompts),
+            tokenizer_name_or_path=ppo_exports[0],
+            batch_size=2,
+            max_length=32,
             val_fraction=0.0,
-        )  # fmt: skip
+        )
         modules.append(ppo_lora(ppo_exports, max_new_tokens=6, ppo_epochs=2, num_mini_batches=2))
         trainer(tmp_path, max_steps=20, limit_val_batches=0, callbacks=callbacks).fit(
             modules[-1], data, ckpt_path=ckpt_path
@@ -386,10 +394,14 @@ def test_rm_lora_config_runs_through_the_cli_and_logs_as_the_full_config(base_ex
     """configs/rm_lora.yaml, 4 steps on the shipped comparisons: configs/rm.yaml's metrics, a checkpoint of adapters and
     the head only, and merged and adapter exports that score alike."""
     events = fit_config(
-        "rm_lora.yaml", tmp_path, f"--model.init_args.model_name_or_path={base_export}",
-        "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+        "rm_lora.yaml",
+        tmp_path,
+        f"--model.init_args.model_name_or_path={base_export}",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
         "--data.init_args.batch_size=8",
-    )  # fmt: skip
+    )
     tags = events.Tags()["scalars"]
     for name in ("loss", "accuracy", "margin", "reward_mean", "reward_std"):
         assert f"train/{name}" in tags and f"val/{name}" in tags, tags
@@ -405,11 +417,16 @@ def test_ppo_lora_config_runs_through_the_cli_and_logs_as_the_full_config(ppo_ex
     and merged and adapter exports of the policy that agree."""
     sft, rm = ppo_exports
     events = fit_config(
-        "ppo_lora.yaml", tmp_path,
-        f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
-        "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=8",
-        "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-    )  # fmt: skip
+        "ppo_lora.yaml",
+        tmp_path,
+        f"--model.init_args.model_name_or_path={sft}",
+        f"--model.init_args.reward_model_name_or_path={rm}",
+        "--model.init_args.max_new_tokens=6",
+        "--data.init_args.batch_size=8",
+        "--trainer.max_steps=8",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+    )
     tags = events.Tags()["scalars"]
     for name in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "policy/clipfrac", "kl_coef"):
         assert f"train/{name}" in tags, tags

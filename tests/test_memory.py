@@ -38,9 +38,14 @@ def test_estimate_memory_counts_each_component_by_hand():
     Mutations caught: AdamW counted once (one moment) or not sharded; K and V not both counted; the gathered policy
     counted when replicated; frozen parameters given gradients."""
     assert estimate_memory(MODELS, Layout(ranks=2, sharded=True), GENERATION) == {
-        "policy parameters": 2000, "reference parameters": 2000, "value model parameters": 500, "gradients": 2500,
-        "AdamW state": 5000, "generation KV cache": 5120, "policy gathered for generation": 2000,
-    }  # fmt: skip
+        "policy parameters": 2000,
+        "reference parameters": 2000,
+        "value model parameters": 500,
+        "gradients": 2500,
+        "AdamW state": 5000,
+        "generation KV cache": 5120,
+        "policy gathered for generation": 2000,
+    }
     replicated = estimate_memory(MODELS, Layout(ranks=2, sharded=False), GENERATION)
     assert sum(replicated.values()) == 29120
     assert "policy gathered for generation" not in replicated
@@ -74,12 +79,16 @@ def test_cpu_offload_moves_parameters_gradients_and_adamw_state_to_the_host():
     the gathered policy dropped with offload (FSDP2 gathers it onto the device all the same)."""
     offloaded = Layout(ranks=2, sharded=True, offload=True)
     assert estimate_memory(MODELS, offloaded, GENERATION) == {
-        "generation KV cache": 5120, "policy gathered for generation": 2000,
-    }  # fmt: skip
+        "generation KV cache": 5120,
+        "policy gathered for generation": 2000,
+    }
     assert offloaded_memory(MODELS, offloaded) == {
-        "policy parameters": 2000, "reference parameters": 2000, "value model parameters": 500, "gradients": 2500,
+        "policy parameters": 2000,
+        "reference parameters": 2000,
+        "value model parameters": 500,
+        "gradients": 2500,
         "AdamW state": 5000,
-    }  # fmt: skip
+    }
     assert offloaded_memory(MODELS, Layout(ranks=2, sharded=True)) == {}
 
 
@@ -124,8 +133,15 @@ def test_a_run_that_cannot_fit_the_host_is_logged_then_refused_before_step_1(
     module = SFTModule(tiny_model_dir)
     module.on_train_batch_start = lambda *args: steps.append(1)
     data = DemonstrationDataModule(tokenizer_name_or_path=tiny_model_dir, batch_size=2, val_fraction=0.0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with caplog.at_level(logging.INFO):
         if refused:
             with pytest.raises(memory.DoesNotFit) as error:
@@ -154,8 +170,15 @@ def test_a_run_over_its_gpu_is_offered_cpu_offload_when_the_host_holds_the_model
     monkeypatch.setattr(memory, "device_capacity", lambda device: 10 * parameters)
     monkeypatch.setattr(memory, "host_capacity", lambda: host_parameters * parameters)
     data = DemonstrationDataModule(tokenizer_name_or_path=tiny_model_dir, batch_size=2, val_fraction=0.0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(memory.DoesNotFit) as error:
         trainer.fit(SFTModule(tiny_model_dir), data)
     offload = "cpu_offload (FSDP2Strategy: parameters, gradients, AdamW state on the host, "
@@ -174,8 +197,14 @@ def test_validation_alone_is_estimated_without_gradients_or_optimiser_state(
     parameters = sum(p.numel() for p in module.model.parameters())
     monkeypatch.setattr(memory, "host_capacity", lambda: 10 * parameters)
     data = DemonstrationDataModule(tokenizer_name_or_path=tiny_model_dir, batch_size=2, val_fraction=0.1)
-    trainer = L.Trainer(accelerator="cpu", devices=1, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with caplog.at_level(logging.INFO):
         trainer.validate(SFTModule(tiny_model_dir), data, verbose=False)
     assert "memory per rank" in caplog.text and "gradients" not in caplog.text

@@ -172,9 +172,13 @@ def test_an_unwritable_export_dir_fails_before_training(tmp_path):
     steps = []
     module.training_step = lambda batch, batch_idx: steps.append(batch_idx)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         default_root_dir=tmp_path,
-    )  # fmt: skip
+    )
     with pytest.raises(ExportError, match="cannot be written"):
         trainer.fit(module, DemonstrationDataModule(batch_size=4, max_length=32))
     assert steps == []

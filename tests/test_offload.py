@@ -90,12 +90,19 @@ def test_offload_keeps_the_model_state_off_the_gpu_and_trains_alike(tmp_path):
     optimiser built over GPU copies, a policy that offloads nothing (no drop)."""
     torch.manual_seed(0)
     tokenizer = load_tokenizer(None)
-    shape = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 8,
-             "num_key_value_heads": 8, "vocab_size": 32000}  # fmt: skip
+    shape = {
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+    }
     checkpoint = export_pretrained(load_causal_lm(None, tokenizer, "float32", shape), tokenizer, tmp_path / "sft")
     out = tmp_path / "offload.json"
-    run_python(str(REPO / "tests" / "offload_gpu_script.py"), str(out), str(tmp_path), str(checkpoint), "1",
-               cwd=tmp_path)  # fmt: skip
+    run_python(
+        str(REPO / "tests" / "offload_gpu_script.py"), str(out), str(tmp_path), str(checkpoint), "1", cwd=tmp_path
+    )
     report = json.loads(out.read_text())
     plain, offload = report["plain"], report["offload"]
     parameters, on_host, with_state_on_host = offload["offloaded"]

@@ -74,8 +74,12 @@ def recorded_fits(argv: list[str], monkeypatch, tmp_path: Path) -> dict[str, lis
         commands.update(stage_commands)
         if "comparisons" in stage_commands:
             output = Path(stage_commands["comparisons"][stage_commands["comparisons"].index("--output") + 1])
-            output.write_text("".join(json.dumps({"prompt": f"Shift: w{i}\n", "responses": ["a", "b"], "ranks": [0, 1]})
-                                      + "\n" for i in range(100)))  # fmt: skip
+            output.write_text(
+                "".join(
+                    json.dumps({"prompt": f"Shift: w{i}\n", "responses": ["a", "b"], "ranks": [0, 1]}) + "\n"
+                    for i in range(100)
+                )
+            )
         if "ppo" in stage_commands:
             raise Stop
         return {}
@@ -104,9 +108,22 @@ def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_to
     its worst weights exported), PPO exporting its last policy (no BestWeights) or one chosen by the reward model's
     score, and the own-task lr not reaching SFT."""
     make_data.main(["--output", str(tmp_path), "--demonstrations", "200", "--prompts", "60"])
-    own = recorded_fits(["--demonstrations", str(tmp_path / "demonstrations.jsonl"), "--prompts",
-                         str(tmp_path / "prompts.jsonl"), "--judge", "examples.own_task.judge.score",
-                         "--eval_prompts", "10", "--rm_passes", "3"], monkeypatch, tmp_path)  # fmt: skip
+    own = recorded_fits(
+        [
+            "--demonstrations",
+            str(tmp_path / "demonstrations.jsonl"),
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--judge",
+            "examples.own_task.judge.score",
+            "--eval_prompts",
+            "10",
+            "--rm_passes",
+            "3",
+        ],
+        monkeypatch,
+        tmp_path,
+    )
     assert overrides(own["sft"], "trainer.max_steps") == [str(math.ceil(60 * 190 / 32))] == ["357"]
     assert overrides(own["sft"], "trainer.val_check_interval") == ["6"]
     assert overrides(own["sft"], "model.init_args.scheduler.init_args.total_iters") == ["357"]
@@ -139,15 +156,53 @@ def test_pipeline_runs_the_worked_example_with_only_the_users_judge(tmp_path):
     (a generator writing elsewhere or other fields, a judge module that does not import from the clone's root)."""
     data = tmp_path / "data"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "examples/own_task/make_data.py", "--output", str(data), "--demonstrations", "60",
-                    "--prompts", "40"], cwd=REPO, env=env, check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "examples/own_task/make_data.py",
+            "--output",
+            str(data),
+            "--demonstrations",
+            "60",
+            "--prompts",
+            "40",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_rlhf", "pipeline", "--demonstrations", str(data / "demonstrations.jsonl"),
-         "--prompts", str(data / "prompts.jsonl"), "--judge", "examples.own_task.judge.score", "--stages", "sft", "dpo",
-         "--max_steps", "2", "--k", "2", "--eval_prompts", "6", "--rank_prompts", "16",
-         "--outputs", str(tmp_path / "out")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lightning_rlhf",
+            "pipeline",
+            "--demonstrations",
+            str(data / "demonstrations.jsonl"),
+            "--prompts",
+            str(data / "prompts.jsonl"),
+            "--judge",
+            "examples.own_task.judge.score",
+            "--stages",
+            "sft",
+            "dpo",
+            "--max_steps",
+            "2",
+            "--k",
+            "2",
+            "--eval_prompts",
+            "6",
+            "--rank_prompts",
+            "16",
+            "--outputs",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "pipeline" / "summary.json").read_text())
     assert summary["judge"] == "examples.own_task.judge.score"

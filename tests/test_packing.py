@@ -188,9 +188,14 @@ def test_packed_training_matches_padded_and_resumes_mid_epoch(tmp_path):
                 train_path=demonstrations_file(tmp_path), val_fraction=0, batch_size=4, max_length=48, packing=packing
             )
             L.Trainer(
-                accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                default_root_dir=root, callbacks=callbacks,
-            ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
+                accelerator="cpu",
+                max_steps=6,
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=root,
+                callbacks=callbacks,
+            ).fit(module, data, ckpt_path=ckpt_path)
 
         return run
 

@@ -47,11 +47,33 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     round 2's PPO from the first round's policy, with SFT as reference), and the summary must hold the evaluation of
     every model, the win rates and Elo against SFT, both reward models' accuracy and the best-of-n curve."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "pipeline.py"), "--outputs", str(tmp_path), "--max_steps", "20",
-         "--k", "4", "--noise", "0.2", "--eval_prompts", "16", "--rank_prompts", "64", "--rounds", "2",
-         "--overoptimization", "--seeds", "1"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "pipeline.py"),
+            "--outputs",
+            str(tmp_path),
+            "--max_steps",
+            "20",
+            "--k",
+            "4",
+            "--noise",
+            "0.2",
+            "--eval_prompts",
+            "16",
+            "--rank_prompts",
+            "64",
+            "--rounds",
+            "2",
+            "--overoptimization",
+            "--seeds",
+            "1",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "pipeline" / "summary.json").read_text())
     models = ("sft", "ppo", "ppo_round2", "ppo_gold_reward", "dpo", "ppo_overoptimized")
@@ -66,9 +88,18 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
         assert summary[name]["rm_eval_pairs"] > 0
     assert summary["best_of_n"]["n"] == list(range(1, 17)) and len(summary["best_of_n"]["gold"]) == 16
     assert summary["held_out_prompts"] == 16 and set(summary["seconds"]) == {
-        "sft", "comparisons", "rm", "ppo", "ppo_gold_reward", "ppo_overoptimized", "dpo",
-        "comparisons_round2", "rm_round2", "ppo_round2", "evaluation",
-    }  # fmt: skip
+        "sft",
+        "comparisons",
+        "rm",
+        "ppo",
+        "ppo_gold_reward",
+        "ppo_overoptimized",
+        "dpo",
+        "comparisons_round2",
+        "rm_round2",
+        "ppo_round2",
+        "evaluation",
+    }
     assert AutoConfig.from_pretrained(tmp_path / "rm" / "hf").architectures == ["LlamaForSequenceClassification"]
     for stage in ("ppo", "ppo_round2", "ppo_gold_reward", "dpo"):
         assert AutoConfig.from_pretrained(tmp_path / stage / "hf").architectures == ["LlamaForCausalLM"]
@@ -95,11 +126,25 @@ def test_seeds_are_aggregated_as_means_with_min_max_spreads():
     stay in the per-seed runs only."""
     from lightning_rlhf.pipeline import aggregate
 
-    common = {"held_out_prompts": 3, "sampling_temperature": 1.0, "labeller_noise": 0.0, "k": 8,
-              "ranked_prompts_per_round": 10, "rounds": 1, "curves": {}, "best_of_n": {}}  # fmt: skip
-    runs = [{**common, "seed": seed, "sft": {"gold_sampled": score, "elo_ci": [1, 2]},
-             "reward_model": {"rm_pairwise_accuracy_vs_gold": accuracy}}
-            for seed, score, accuracy in ((0, 0.8, 0.7), (1, 0.9, 0.9))]  # fmt: skip
+    common = {
+        "held_out_prompts": 3,
+        "sampling_temperature": 1.0,
+        "labeller_noise": 0.0,
+        "k": 8,
+        "ranked_prompts_per_round": 10,
+        "rounds": 1,
+        "curves": {},
+        "best_of_n": {},
+    }
+    runs = [
+        {
+            **common,
+            "seed": seed,
+            "sft": {"gold_sampled": score, "elo_ci": [1, 2]},
+            "reward_model": {"rm_pairwise_accuracy_vs_gold": accuracy},
+        }
+        for seed, score, accuracy in ((0, 0.8, 0.7), (1, 0.9, 0.9))
+    ]
     summary = aggregate(runs)
     assert summary["seeds"] == [0, 1] and summary["runs"] == runs
     assert set(summary["sft"]) == {"gold_sampled", "gold_sampled_spread"}
@@ -119,20 +164,48 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     rng = random.Random(0)
     words = ["".join(rng.choices("abcdefgh", k=rng.randint(3, 5))) for _ in range(88)]
     demonstrations = tmp_path / "demos.jsonl"
-    demonstrations.write_text("".join(json.dumps({"prompt": f"Shout: {w}\n", "response": w.upper()}) + "\n"
-                                      for w in words[:48]))  # fmt: skip
+    demonstrations.write_text(
+        "".join(json.dumps({"prompt": f"Shout: {w}\n", "response": w.upper()}) + "\n" for w in words[:48])
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Shout: {w}\n"}) + "\n" for w in words[48:]))
     judge_log = tmp_path / "judge_calls.txt"
     outputs = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "pipeline.py"), "--outputs", str(outputs), "--max_steps", "4",
-         "--k", "4", "--noise", "0.2", "--eval_prompts", "8", "--rank_prompts", "64", "--seeds", "1",
-         "--demonstrations", str(demonstrations), "--prompts", str(prompts),
-         "--judge", "tests.test_pipeline.shout_judge", "--stages", "sft", "rm", "ppo"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), JUDGE_LOG: str(judge_log)}, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "pipeline.py"),
+            "--outputs",
+            str(outputs),
+            "--max_steps",
+            "4",
+            "--k",
+            "4",
+            "--noise",
+            "0.2",
+            "--eval_prompts",
+            "8",
+            "--rank_prompts",
+            "64",
+            "--seeds",
+            "1",
+            "--demonstrations",
+            str(demonstrations),
+            "--prompts",
+            str(prompts),
+            "--judge",
+            "tests.test_pipeline.shout_judge",
+            "--stages",
+            "sft",
+            "rm",
+            "ppo",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), JUDGE_LOG: str(judge_log)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((outputs / "pipeline" / "summary.json").read_text())
     assert summary["judge"] == "tests.test_pipeline.shout_judge" and summary["stages"] == ["sft", "rm", "ppo"]
@@ -164,8 +237,9 @@ def test_stages_are_checked_before_anything_runs(tmp_path):
     silently running nothing (or the toy) and a missing stage failing only after minutes of training."""
     from lightning_rlhf.pipeline import DEFAULT_STAGES, stage_error
 
-    assert "unknown reward, sft2; choose among sft, rm, ppo, grpo" in stage_error(["reward", "sft2"], 1, False, 1,
-                                                                                  tmp_path)  # fmt: skip
+    assert "unknown reward, sft2; choose among sft, rm, ppo, grpo" in stage_error(
+        ["reward", "sft2"], 1, False, 1, tmp_path
+    )
     assert "add rm to --stages" in stage_error(["sft", "grpo"], 1, False, 1, tmp_path)
     assert "add sft to --stages" in stage_error(["rm"], 1, False, 1, tmp_path)
     assert "needs rm and ppo" in stage_error(["sft", "rm", "dpo"], 2, False, 1, tmp_path)
@@ -180,15 +254,27 @@ def shout_task(tmp_path: Path, n_prompts: int = 12) -> list[str]:
     already in ``tmp_path/out/sft/hf`` (the tiny model) for the pipeline to reuse. Returns the prompts' words."""
     rng = random.Random(1)
     words = ["".join(rng.choices("abcdefgh", k=4)) for _ in range(16 + n_prompts)]
-    (tmp_path / "demos.jsonl").write_text("".join(json.dumps({"prompt": f"Shout: {w}\n", "response": w.upper()}) + "\n"
-                                                  for w in words[:16]))  # fmt: skip
+    (tmp_path / "demos.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Shout: {w}\n", "response": w.upper()}) + "\n" for w in words[:16])
+    )
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Shout: {w}\n"}) + "\n" for w in words[16:]))
     return words[16:]
 
 
 def pipeline_args(tmp_path: Path, *more: str) -> list[str]:
-    return ["--outputs", str(tmp_path / "out"), "--demonstrations", str(tmp_path / "demos.jsonl"), "--prompts",
-            str(tmp_path / "prompts.jsonl"), "--eval_prompts", "4", "--max_steps", "2", *more]  # fmt: skip
+    return [
+        "--outputs",
+        str(tmp_path / "out"),
+        "--demonstrations",
+        str(tmp_path / "demos.jsonl"),
+        "--prompts",
+        str(tmp_path / "prompts.jsonl"),
+        "--eval_prompts",
+        "4",
+        "--max_steps",
+        "2",
+        *more,
+    ]
 
 
 @pytest.mark.slow
@@ -255,8 +341,12 @@ def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_an
     out = tmp_path / "out"
     shutil.copytree(tiny_model_dir, out / "sft" / "hf")
     comparisons = tmp_path / "people.jsonl"
-    comparisons.write_text("".join(json.dumps({"prompt": f"Shout: zz{i}\n", "responses": [f"ZZ{i}", "zz"],
-                                               "ranks": [0, 1]}) + "\n" for i in range(20)))  # fmt: skip
+    comparisons.write_text(
+        "".join(
+            json.dumps({"prompt": f"Shout: zz{i}\n", "responses": [f"ZZ{i}", "zz"], "ranks": [0, 1]}) + "\n"
+            for i in range(20)
+        )
+    )
     summary = main(pipeline_args(tmp_path, "--comparisons", str(comparisons), "--stages", "sft", "rm", "ppo"))
     printed = capfd.readouterr()
     assert "lightning-rlhf sample" not in printed.out and "lightning-rlhf fit --config" in printed.out
@@ -297,8 +387,8 @@ def test_who_ranks_and_who_judges_are_checked_before_anything_runs(tmp_path, cap
         ("--label", "people", "--stages", "sft"): "nothing trains on the rankings; add rm or dpo",
         ("--label", "people", "--stages", "sft", "rm", "ppo_gold_reward"): "ppo_gold_reward needs a judge",
         ("--label", "people", "--configs", str(tmp_path)): f"--configs {tmp_path}: no dpo.yaml, ppo.yaml, rm.yaml, "
-                                                           "sft.yaml there",
-    }  # fmt: skip
+        "sft.yaml there",
+    }
     for extra, message in refusals.items():
         with pytest.raises(SystemExit) as exit_:
             main(pipeline_args(tmp_path, *extra))

@@ -53,9 +53,13 @@ def prompts_batch(texts: list[str]) -> dict[str, torch.Tensor]:
 def fit(module, data, steps: int, root, **trainer_kwargs) -> L.Trainer:
     trainer_kwargs = {"limit_val_batches": 0, "logger": False, "enable_checkpointing": False, **trainer_kwargs}
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=root, **trainer_kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **trainer_kwargs,
+    )
     trainer.fit(module, data)
     return trainer
 
@@ -123,9 +127,11 @@ def test_missing_eos_penalty_lowers_only_the_unfinished_response(exports):
     plain = ppo(exports)
     eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
     rollout = Rollout(
-        torch.tensor([[40, 60, eos, pad], [40, 70, 71, 72]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
-        torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool), 1,
-    )  # fmt: skip
+        torch.tensor([[40, 60, eos, pad], [40, 70, 71, 72]]),
+        torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+        torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool),
+        1,
+    )
     difference = plain.score_rollout(rollout).scores - module.score_rollout(rollout).scores
     torch.testing.assert_close(difference, torch.tensor([0.0, 1.5]))
 
@@ -204,8 +210,16 @@ def test_policy_and_value_are_two_parameter_groups_clipped_apart_with_their_own_
     lr · (clipped gradient) of norm exactly lr · 1e-3: one global clip would have made it smaller by the factor
     policy_norm / sqrt(policy_norm² + value_norm²)."""
     sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
-    module = ppo(exports, max_new_tokens=6, ppo_epochs=1, num_mini_batches=1, value_head=value_head,
-                 value_lr=0.5, max_grad_norm=1e-3, optimizer=sgd)  # fmt: skip
+    module = ppo(
+        exports,
+        max_new_tokens=6,
+        ppo_epochs=1,
+        num_mini_batches=1,
+        value_head=value_head,
+        value_lr=0.5,
+        max_grad_norm=1e-3,
+        optimizer=sgd,
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     value = module.value_head if value_head else module.value_model
     assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in module.model.parameters()}
@@ -285,9 +299,15 @@ def test_a_resume_mid_epoch_draws_the_rollouts_and_losses_of_the_uninterrupted_r
         )
         module = ppo(exports, max_new_tokens=6, ppo_epochs=2, num_mini_batches=2, target_kl=0.5, kl_horizon=40)
         L.Trainer(
-            accelerator="cpu", max_steps=20, limit_val_batches=0, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
-        ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
+            accelerator="cpu",
+            max_steps=20,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=callbacks,
+        ).fit(module, data, ckpt_path=ckpt_path)
 
     names = ("train/objective/scores", "train/loss/policy", "train/loss/value", "train/kl_coef")
     straight, resumed = straight_and_resumed(fit, names, 8, tmp_path)
@@ -320,8 +340,9 @@ def test_value_head_on_the_policy_learns_the_returns(exports, tmp_path):
 
     def value_error() -> float:
         with torch.no_grad():
-            _, values = module.policy_outputs(held_out.rollout.sequences, held_out.rollout.attention_mask,
-                                              held_out.rollout.prompt_length)  # fmt: skip
+            _, values = module.policy_outputs(
+                held_out.rollout.sequences, held_out.rollout.attention_mask, held_out.rollout.prompt_length
+            )
         return masked_mean((values - held_out.returns) ** 2, held_out.mask).item()
 
     before = value_error()
@@ -370,8 +391,13 @@ def test_judge_fn_is_logged_beside_the_reward_models_score_on_train_and_validati
     the scores (objective/scores is not 4)."""
     for name, prompts in (("train", ["abc", "hello"]), ("val", ["reversal"])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    data = PromptDataModule(tokenizer_name_or_path=exports[0], train_path=str(tmp_path / "train.jsonl"),
-                            val_path=str(tmp_path / "val.jsonl"), batch_size=2, max_length=32)  # fmt: skip
+    data = PromptDataModule(
+        tokenizer_name_or_path=exports[0],
+        train_path=str(tmp_path / "train.jsonl"),
+        val_path=str(tmp_path / "val.jsonl"),
+        batch_size=2,
+        max_length=32,
+    )
     module = ppo(exports, max_new_tokens=4, ppo_epochs=1, num_mini_batches=1, judge_fn="tests.test_ppo.prompt_length")
     trainer = fit(module, data, 1, tmp_path, limit_val_batches=1, val_check_interval=1, check_val_every_n_epoch=None)
     logged = trainer.logged_metrics
@@ -439,8 +465,7 @@ def test_ppo_with_a_reward_function_learns_what_it_rewards(exports, tmp_path):
     data.setup("fit")
     held_out = next(iter(data.val_dataloader()))
     L.seed_everything(0)
-    module = ppo((exports[0],), reward_fn="tests.test_ppo.share_of_a", max_new_tokens=8, kl_coef=0.0,
-                 value_head=True)  # fmt: skip
+    module = ppo((exports[0],), reward_fn="tests.test_ppo.share_of_a", max_new_tokens=8, kl_coef=0.0, value_head=True)
     before = mean_score(module, held_out)
     fit(module, data, 200, tmp_path)
     after = mean_score(module, held_out)
@@ -485,11 +510,27 @@ def test_best_weights_export_the_policy_of_the_best_validation_not_the_last(expo
 
     data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=16, max_length=32, val_fraction=0.1)
     L.seed_everything(0)
-    module = ppo((exports[0],), reward_fn="tests.test_ppo.high_bytes", judge_fn="tests.test_ppo.low_bytes",
-                 max_new_tokens=8, kl_coef=0.0, value_head=True, export_dir=str(tmp_path / "hf"))  # fmt: skip
+    module = ppo(
+        (exports[0],),
+        reward_fn="tests.test_ppo.high_bytes",
+        judge_fn="tests.test_ppo.low_bytes",
+        max_new_tokens=8,
+        kl_coef=0.0,
+        value_head=True,
+        export_dir=str(tmp_path / "hf"),
+    )
     probe = ValidationProbe(monitor)
-    fit(module, data, 48, tmp_path, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None,
-        num_sanity_val_steps=1, callbacks=[BestWeights(monitor, "max"), probe])  # fmt: skip
+    fit(
+        module,
+        data,
+        48,
+        tmp_path,
+        limit_val_batches=1,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=1,
+        callbacks=[BestWeights(monitor, "max"), probe],
+    )
     best = max(range(len(probe.values)), key=probe.values.__getitem__)
     assert len(probe.values) == 6 and len(set(probe.values)) == 6, probe.values
     if monitor == "val/objective/judge":
@@ -522,8 +563,12 @@ def test_a_bad_pretraining_record_names_its_file_line_and_field(exports, tmp_pat
 def test_ptx_lowers_the_language_model_loss_on_pretraining_text(exports, tmp_path):
     """PPO-ptx: with γ > 0 the policy also fits the pretraining texts; their per-token loss falls."""
     texts = tmp_path / "texts.jsonl"
-    texts.write_text("".join(json.dumps({"text": f"the {w} is green and the {w} is round."}) + "\n"
-                             for w in ("moon", "tree", "stone", "river")))  # fmt: skip
+    texts.write_text(
+        "".join(
+            json.dumps({"text": f"the {w} is green and the {w} is round."}) + "\n"
+            for w in ("moon", "tree", "stone", "river")
+        )
+    )
     data = PromptDataModule(
         tokenizer_name_or_path=exports[0], batch_size=4, max_length=32, val_fraction=0.0, pretrain_path=str(texts)
     )
@@ -548,9 +593,13 @@ def test_prompts_carry_pretraining_text_and_an_epoch_meets_all_of_both(exports, 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": "p" * (i + 1)}) + "\n" for i in range(3)))
     data = PromptDataModule(
-        train_path=str(prompts), tokenizer_name_or_path=exports[0], batch_size=5, val_fraction=0.0,
-        pretrain_path=str(texts), pretrain_max_length=4,
-    )  # fmt: skip
+        train_path=str(prompts),
+        tokenizer_name_or_path=exports[0],
+        batch_size=5,
+        val_fraction=0.0,
+        pretrain_path=str(texts),
+        pretrain_max_length=4,
+    )
     data.setup("fit")
     (batch,) = list(data.train_dataloader())
     text_lengths = sorted(batch["ptx_attention_mask"].sum(-1).tolist())
@@ -565,14 +614,29 @@ def test_prompts_carry_pretraining_text_and_an_epoch_meets_all_of_both(exports, 
 def test_ppo_config_runs_through_the_cli_logs_samples_and_exports_the_policy(exports, tmp_path):
     sft, rm = exports
     accumulator = fit_config(
-        "ppo.yaml", tmp_path,
-        f"--model.init_args.model_name_or_path={sft}", f"--model.init_args.reward_model_name_or_path={rm}",
-        "--model.init_args.max_new_tokens=6", "--data.init_args.batch_size=8",
-        "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-    )  # fmt: skip
+        "ppo.yaml",
+        tmp_path,
+        f"--model.init_args.model_name_or_path={sft}",
+        f"--model.init_args.reward_model_name_or_path={rm}",
+        "--model.init_args.max_new_tokens=6",
+        "--data.init_args.batch_size=8",
+        "--trainer.max_steps=8",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+    )
     tags = accumulator.Tags()
-    for name in ("objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "kl_coef",
-                 "policy/clipfrac", "policy/approxkl", "loss/policy", "loss/value", "response_length"):  # fmt: skip
+    for name in (
+        "objective/scores",
+        "objective/kl",
+        "objective/entropy",
+        "objective/rlhf_reward",
+        "kl_coef",
+        "policy/clipfrac",
+        "policy/approxkl",
+        "loss/policy",
+        "loss/value",
+        "response_length",
+    ):
         assert f"train/{name}" in tags["scalars"], tags["scalars"]
     assert "val/objective/scores" in tags["scalars"]
     for tag in ("train/samples", "val/samples"):
@@ -627,8 +691,9 @@ def test_scoring_forwards_run_in_micro_batches_over_response_logits_only(exports
         kl = ((logprobs - full_logprobs(module.ref_model)) * mask).sum(-1)  # k1, summed over the response
         torch.testing.assert_close(experience.kl, kl, atol=1e-5, rtol=0)
         values = token_values(module.value_model, rollout.sequences, rollout.attention_mask)
-        torch.testing.assert_close(experience.values * mask, values[:, rollout.prompt_length - 1 : -1] * mask,
-                                   atol=1e-6, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            experience.values * mask, values[:, rollout.prompt_length - 1 : -1] * mask, atol=1e-6, rtol=0
+        )
         scores = sequence_rewards(module.reward_model, rollout.sequences, rollout.attention_mask)
         torch.testing.assert_close(experience.scores, scores, atol=1e-5, rtol=1e-6)  # float32 sums of another order
 
@@ -681,9 +746,14 @@ def test_minibatches_are_exactly_num_mini_batches_and_pin_steps_schedule_and_cli
         return optimizers[-1]
 
     module = ppo(
-        exports, max_new_tokens=6, ppo_epochs=2, num_mini_batches=4, max_grad_norm=1e-4, optimizer=optimizer,
+        exports,
+        max_new_tokens=6,
+        ppo_epochs=2,
+        num_mini_batches=4,
+        max_grad_norm=1e-4,
+        optimizer=optimizer,
         scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0),
-    )  # fmt: skip
+    )
     rows = []
     policy_outputs = module.policy_outputs
     module.policy_outputs = lambda sequences, *args: rows.append(len(sequences)) or policy_outputs(sequences, *args)

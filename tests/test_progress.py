@@ -24,8 +24,22 @@ def final_bar(stderr: str, description: str) -> str:
 def test_sample_shows_responses_done_of_all_and_their_rate(tiny_model_dir, tmp_path, capsys):
     """3 prompts × k = 2 in batches of 4: the bar ends at 6/6 responses."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Reverse: {w}\n"} for w in ("ab", "cd", "ef")])
-    sampling.main(["--model", tiny_model_dir, "--prompts", prompts, "--k", "2", "--batch_size", "4",
-                   "--max_new_tokens", "2", "--output", str(tmp_path / "samples.jsonl")])  # fmt: skip
+    sampling.main(
+        [
+            "--model",
+            tiny_model_dir,
+            "--prompts",
+            prompts,
+            "--k",
+            "2",
+            "--batch_size",
+            "4",
+            "--max_new_tokens",
+            "2",
+            "--output",
+            str(tmp_path / "samples.jsonl"),
+        ]
+    )
     bar = final_bar(capsys.readouterr().err, "sampling")
     assert "6/6" in bar and "response/s" in bar
 
@@ -35,8 +49,18 @@ def test_score_shows_records_done_of_all_and_their_rate(tiny_model_dir, tmp_path
     torch.manual_seed(0)
     export_pretrained(load_reward_model(tiny_model_dir, tokenizer), tokenizer, tmp_path / "rm")
     rows = [{"prompt": "p", "response": "r" * n} for n in range(1, 6)]
-    scoring.main(["--model", str(tmp_path / "rm"), "--input", write_jsonl(tmp_path / "in.jsonl", rows),
-                  "--output", str(tmp_path / "scored.jsonl"), "--batch_size", "2"])  # fmt: skip
+    scoring.main(
+        [
+            "--model",
+            str(tmp_path / "rm"),
+            "--input",
+            write_jsonl(tmp_path / "in.jsonl", rows),
+            "--output",
+            str(tmp_path / "scored.jsonl"),
+            "--batch_size",
+            "2",
+        ]
+    )
     bar = final_bar(capsys.readouterr().err, "scoring")
     assert "5/5" in bar and "record/s" in bar
 
@@ -47,9 +71,26 @@ def test_evaluate_shows_each_models_sampling_and_the_reward_models_scoring(tiny_
     tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
     export_pretrained(load_reward_model(tiny_model_dir, tokenizer), tokenizer, tmp_path / "rm")
-    evaluation.main(["--models", tiny_model_dir, tiny_model_dir, "--names", "a", "b", "--toy_held_out", "3",
-                     "--max_new_tokens", "2", "--reward_model", str(tmp_path / "rm"), "--bootstrap", "10",
-                     "--output", str(tmp_path / "eval")])  # fmt: skip
+    evaluation.main(
+        [
+            "--models",
+            tiny_model_dir,
+            tiny_model_dir,
+            "--names",
+            "a",
+            "b",
+            "--toy_held_out",
+            "3",
+            "--max_new_tokens",
+            "2",
+            "--reward_model",
+            str(tmp_path / "rm"),
+            "--bootstrap",
+            "10",
+            "--output",
+            str(tmp_path / "eval"),
+        ]
+    )
     err = capsys.readouterr().err
     for name in ("a", "b"):
         bar = final_bar(err, f"sampling {name}")
@@ -64,17 +105,29 @@ def test_gold_scores_show_a_named_bar_when_asked(tiny_model_dir, capsys):
     """The pipeline's evaluation stage scores every model greedy and sampled under bars named for both."""
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_causal_lm(tiny_model_dir, tokenizer)
-    gold_scores(model, tokenizer, ["Reverse: ab\n", "Reverse: cd\n"], 0.0, max_new_tokens=2, progress=True,
-                desc="sft greedy")  # fmt: skip
+    gold_scores(
+        model, tokenizer, ["Reverse: ab\n", "Reverse: cd\n"], 0.0, max_new_tokens=2, progress=True, desc="sft greedy"
+    )
     bar = final_bar(capsys.readouterr().err, "sft greedy")
     assert "2/2" in bar and "response/s" in bar
 
 
 def test_label_aggregate_shows_items_done_and_their_rate(tmp_path, capsys):
     """3 items, two labellers each, aggregated by a Bradley–Terry consensus: the bar ends at 3/3 items."""
-    labels = [{"prompt": f"p{item}", "responses": ["a", "b"], "ranks": ranks, "labeller": who, "item": item}
-              for item in range(3) for who, ranks in (("ann", [0, 1]), ("bob", [0, 1]))]  # fmt: skip
-    label.main(["--aggregate", write_jsonl(tmp_path / "labels.jsonl", labels), "--output",
-                str(tmp_path / "comparisons.jsonl"), "--consensus", "bradley-terry"])  # fmt: skip
+    labels = [
+        {"prompt": f"p{item}", "responses": ["a", "b"], "ranks": ranks, "labeller": who, "item": item}
+        for item in range(3)
+        for who, ranks in (("ann", [0, 1]), ("bob", [0, 1]))
+    ]
+    label.main(
+        [
+            "--aggregate",
+            write_jsonl(tmp_path / "labels.jsonl", labels),
+            "--output",
+            str(tmp_path / "comparisons.jsonl"),
+            "--consensus",
+            "bradley-terry",
+        ]
+    )
     bar = final_bar(capsys.readouterr().err, "aggregating")
     assert "3/3" in bar and "item/s" in bar

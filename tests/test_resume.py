@@ -56,8 +56,25 @@ def sample_args(model_dir, prompts, output, *extra, judge: str = "gold") -> list
     """7 prompts, k = 3, batches of 6 responses = 2 prompts: batches start at prompts 0, 2, 4 and 6. The labeller's
     noise orders an untrained model's samples (one of 3! orders each), so its seed matters as much as the
     sampling's."""
-    return ["--model", model_dir, "--prompts", prompts, "--k", "3", "--batch_size", "6", "--max_new_tokens", "4",
-            "--judge", judge, "--noise", "0.5", "--output", str(output), *extra]  # fmt: skip
+    return [
+        "--model",
+        model_dir,
+        "--prompts",
+        prompts,
+        "--k",
+        "3",
+        "--batch_size",
+        "6",
+        "--max_new_tokens",
+        "4",
+        "--judge",
+        judge,
+        "--noise",
+        "0.5",
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 def test_interrupted_sample_keeps_its_batches_and_the_rerun_writes_what_one_run_writes(
@@ -159,8 +176,12 @@ def test_sample_killed_with_sigkill_continues_from_its_last_commit(tiny_model_di
     )
     killed = subprocess.run(
         [sys.executable, "-c", f"{code}; main()", "sample", *args],
-        cwd=REPO, env={**os.environ, "KILL_AT_PROMPT_4": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env={**os.environ, "KILL_AT_PROMPT_4": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert json.loads(partial_files(output)[1].read_text())["done"] == 4 and not output.exists()
 

@@ -146,9 +146,16 @@ def marker_comparisons(n: int, seed: int) -> list[dict]:
 
 def fit(module, datamodule, max_steps: int, **trainer_kwargs) -> L.Trainer:
     trainer = L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs,
-    )  # fmt: skip
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
     trainer.fit(module, datamodule)
     return trainer
 
@@ -369,14 +376,21 @@ def test_rm_config_trains_from_an_sft_export_exports_and_scores_through_the_cli(
     sft_dir = make_tiny_export(tmp_path / "sft")
     demonstrations = REPO / "lightning_rlhf" / "toy" / "data" / "demonstrations.jsonl"
     run_cli(
-        "fit", "--config", str(REPO / "configs" / "rm.yaml"),
-        "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2",
+        "fit",
+        "--config",
+        str(REPO / "configs" / "rm.yaml"),
+        "--trainer.max_steps=6",
+        "--trainer.val_check_interval=3",
+        "--trainer.log_every_n_steps=2",
         "--trainer.limit_val_batches=4",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--model.init_args.model_name_or_path={sft_dir}", f"--model.init_args.export_dir={tmp_path / 'rm'}",
-        "--data.init_args.normalize_path=toy:demonstrations", "--data.init_args.normalize_max_records=40",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.model_name_or_path={sft_dir}",
+        f"--model.init_args.export_dir={tmp_path / 'rm'}",
+        "--data.init_args.normalize_path=toy:demonstrations",
+        "--data.init_args.normalize_max_records=40",
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     (events,) = (tmp_path / "tensorboard").glob("version_*/events.out.tfevents.*")
     tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     stats = ("loss", "accuracy", "margin", "reward_mean", "reward_std")
@@ -414,9 +428,14 @@ def test_a_resume_mid_epoch_trains_on_the_batches_the_uninterrupted_run_trained_
         )
         module = RewardModule(tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
         L.Trainer(
-            accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=tmp_path, callbacks=callbacks,
-        ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
+            accelerator="cpu",
+            max_steps=5,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=callbacks,
+        ).fit(module, data, ckpt_path=ckpt_path)
 
     straight, resumed = straight_and_resumed(fit, ("train/loss",), 2, tmp_path)
     assert len(straight.batches) == 5 and straight.batches[3] != straight.batches[0]

@@ -144,13 +144,22 @@ def test_a_prompt_in_several_rows_is_prefilled_once_and_samples_as_with_the_usua
     batch = prompts_batch(tokenizer, [a, b, a, c, a, b])
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     shapes = []
-    model.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
-                                    with_kwargs=True)  # fmt: skip
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     rollouts = {}
     for share in (True, False):
         torch.manual_seed(0)
-        rollouts[share] = generate(model, tokenizer, input_ids, attention_mask, max_new_tokens=16, temperature=0.7,
-                                   return_logprobs=True, share_prompts=share)  # fmt: skip
+        rollouts[share] = generate(
+            model,
+            tokenizer,
+            input_ids,
+            attention_mask,
+            max_new_tokens=16,
+            temperature=0.7,
+            return_logprobs=True,
+            share_prompts=share,
+        )
         shapes.append(None)
     width = input_ids.size(1)
     assert shapes[:2] == [(3, width - 1), (6, 1)] and shapes[shapes.index(None) + 1] == (6, width)

@@ -59,8 +59,22 @@ def test_toy_prompts_draws_that_many_fresh_prompts_by_seed(tiny_model_dir, tmp_p
     drawn = {}
     for seed in (0, 0, 1):
         out = tmp_path / f"samples{seed}.jsonl"
-        sampling.main(["--model", tiny_model_dir, "--toy_prompts", "5", "--k", "2", "--max_new_tokens", "2",
-                       "--seed", str(seed), "--output", str(out)])  # fmt: skip
+        sampling.main(
+            [
+                "--model",
+                tiny_model_dir,
+                "--toy_prompts",
+                "5",
+                "--k",
+                "2",
+                "--max_new_tokens",
+                "2",
+                "--seed",
+                str(seed),
+                "--output",
+                str(out),
+            ]
+        )
         prompts = [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
         assert len(prompts) == 5 and all(p.startswith("Reverse: ") for p in prompts)
         assert drawn.setdefault(seed, prompts) == prompts

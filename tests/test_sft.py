@@ -154,9 +154,17 @@ def test_fsdp_bf16_sft_learns_and_exports_full_weights(tmp_path):
     )
     strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="full")
     L.Trainer(
-        accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=60, gradient_clip_val=1.0,
-        callbacks=[recorder], logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
-    ).fit(module, toy_datamodule(tmp_path))  # fmt: skip
+        accelerator="gpu",
+        devices=1,
+        strategy=strategy,
+        precision="bf16-mixed",
+        max_steps=60,
+        gradient_clip_val=1.0,
+        callbacks=[recorder],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    ).fit(module, toy_datamodule(tmp_path))
     assert sum(recorder.losses[-2:]) < 0.5 * sum(recorder.losses[:2])
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.model.embed_tokens.weight.shape == (259, TINY_CONFIG["hidden_size"])
@@ -196,8 +204,10 @@ def test_bf16_true_validation_keeps_metric_states_in_float32(tmp_path):
     L.seed_everything(0)
     module = ValidationRecorder(model_config=TINY_CONFIG)
     module.recorded = []
-    rows = [{"prompt": f"Reverse: {w}\n", "response": w[::-1] * 5} for w in ["abcdefgh", "hello", "xyzuvw", "lightning",
-            "reinforce", "qwerty", "moonlight", "sunset"]]  # fmt: skip
+    rows = [
+        {"prompt": f"Reverse: {w}\n", "response": w[::-1] * 5}
+        for w in ["abcdefgh", "hello", "xyzuvw", "lightning", "reinforce", "qwerty", "moonlight", "sunset"]
+    ]
     path = tmp_path / "demos.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = DemonstrationDataModule(train_path=str(path), val_path=str(path), batch_size=1, max_length=96)

@@ -60,18 +60,32 @@ def test_every_stage_loads_sharded_exactly_as_whole(tmp_path):
     rm_dir = export_pretrained(load_reward_model(sft_dir, tokenizer), tokenizer, tmp_path / "rm")
     rng = random.Random(0)
     comparisons = tmp_path / "comparisons.jsonl"
-    comparisons.write_text("".join(
-        json.dumps({"prompt": f"Q{i}: ", "chosen": rng.choice("abc") * i, "rejected": "d"}) + "\n" for i in range(1, 9)
-    ))  # fmt: skip
+    comparisons.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}: ", "chosen": rng.choice("abc") * i, "rejected": "d"}) + "\n"
+            for i in range(1, 9)
+        )
+    )
     out = tmp_path / "report.json"
-    run_python(str(REPO / "tests" / "sharded_load_script.py"), str(out), str(tmp_path), sft_dir, str(rm_dir),
-               str(comparisons), cwd=tmp_path)  # fmt: skip
+    run_python(
+        str(REPO / "tests" / "sharded_load_script.py"),
+        str(out),
+        str(tmp_path),
+        sft_dir,
+        str(rm_dir),
+        str(comparisons),
+        cwd=tmp_path,
+    )
     report = json.loads(out.read_text())
     expected_models = {
-        "sft": {"model"}, "sft_lora": {"model"}, "rm": {"model"}, "dpo": {"model", "ref_model"},
-        "ppo": {"model", "ref_model", "reward_model", "value_model"}, "ppo_value_head": {"model", "ref_model",
-        "reward_model", "value_head"}, "ppo_lora_fresh_value": {"model", "value_model"},
-    }  # fmt: skip
+        "sft": {"model"},
+        "sft_lora": {"model"},
+        "rm": {"model"},
+        "dpo": {"model", "ref_model"},
+        "ppo": {"model", "ref_model", "reward_model", "value_model"},
+        "ppo_value_head": {"model", "ref_model", "reward_model", "value_head"},
+        "ppo_lora_fresh_value": {"model", "value_model"},
+    }
     assert report.keys() == expected_models.keys()
     for stage, ranks in report.items():
         assert len(ranks) == 2
@@ -89,13 +103,17 @@ def test_ranks_but_the_first_never_hold_a_whole_checkpoint(tmp_path):
     0.08x; when every rank loaded whole, 0.53x, and 1.02x for a 302M checkpoint). Rank 0 holds one whole copy beside
     its shard. Mutation caught: ``Rank0Load.meta`` False on every rank (every rank loads whole, then shards)."""
     tokenizer = load_tokenizer(None)
-    big = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 6, "num_attention_heads": 16,
-           "num_key_value_heads": 16}  # fmt: skip
+    big = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+    }
     torch.manual_seed(0)
     checkpoint = export_pretrained(load_causal_lm(None, tokenizer, "float32", big), tokenizer, tmp_path / "big")
     out = tmp_path / "memory.json"
-    run_python(str(REPO / "tests" / "sharded_memory_script.py"), str(out), str(tmp_path), str(checkpoint),
-               cwd=tmp_path)  # fmt: skip
+    run_python(str(REPO / "tests" / "sharded_memory_script.py"), str(out), str(tmp_path), str(checkpoint), cwd=tmp_path)
     report = json.loads(out.read_text())
     size = report["checkpoint_mib"]
     assert size > 350

@@ -81,8 +81,9 @@ def test_shared_collator_packs_groups_and_masks_siblings_hand_worked():
     batch = SharedPromptCollator(pad_token_id=0, row_length=9)(examples)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 2]]
-    assert visible(batch["attention_mask"]) == [[[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4],
-                                                 [5], [5, 6], [5, 7], [5, 7, 8]]]  # fmt: skip
+    assert visible(batch["attention_mask"]) == [
+        [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 4], [5], [5, 6], [5, 7], [5, 7, 8]]
+    ]
     assert batch["reward_index"].tolist() == [3, 4, 6, 8]
     assert batch["logprob_index"].tolist() == [1, 2, 1, 5, 5, 7]
     assert batch["logprob_targets"].tolist() == [7, 8, 9, 2, 3, 4]
@@ -281,13 +282,26 @@ def test_training_is_the_same_step_by_step_in_either_layout(tiny_model_dir, tmp_
     def fit(shared):
         L.seed_everything(0)
         module = make_module(tiny_model_dir)
-        data = ComparisonDataModule(train_path=train, tokenizer_name_or_path=tiny_model_dir, val_fraction=0.25,
-                                    batch_size=4, max_length=48, shared_prompt=shared, row_length=64)  # fmt: skip
+        data = ComparisonDataModule(
+            train_path=train,
+            tokenizer_name_or_path=tiny_model_dir,
+            val_fraction=0.25,
+            batch_size=4,
+            max_length=48,
+            shared_prompt=shared,
+            row_length=64,
+        )
         recorder = StepRecorder(("train/loss",))
         trainer = L.Trainer(
-            accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, callbacks=[recorder], default_root_dir=tmp_path / str(shared),
-        )  # fmt: skip
+            accelerator="cpu",
+            max_steps=4,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=[recorder],
+            default_root_dir=tmp_path / str(shared),
+        )
         trainer.fit(module, data)
         return recorder, [float(trainer.callback_metrics[name]) for name in ("val/loss", accuracy)]
 

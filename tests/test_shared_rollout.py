@@ -36,8 +36,15 @@ def test_rollout_rows_with_one_prompt_share_a_row_hand_worked():
     shared = rollout_shared_batch(sequences, attention, start=3, pad_token_id=0)
     assert shared["input_ids"].tolist() == [[5, 6, 7, 8, 2, 9, 2], [4, 5, 6, 3, 0, 0, 0]]
     assert shared["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 2, 3, 0, 1, 2]]
-    assert visible(shared["attention_mask"])[0] == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4],
-                                                    [0, 1, 5], [0, 1, 5, 6]]  # fmt: skip
+    assert visible(shared["attention_mask"])[0] == [
+        [0],
+        [0, 1],
+        [0, 1, 2],
+        [0, 1, 2, 3],
+        [0, 1, 2, 3, 4],
+        [0, 1, 5],
+        [0, 1, 5, 6],
+    ]
     assert shared["column_index"].tolist() == [[1, 2, 3], [1, 5, 5], [9, 9, 9]]
     assert shared["reward_index"].tolist() == [4, 6, 10]
 

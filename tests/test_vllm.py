@@ -133,8 +133,10 @@ def test_engine_follows_the_policy_through_optimiser_steps(export, engine_and_st
         optimizer.zero_grad(), loss.backward(), optimizer.step()
 
     stale = engine.generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, 0.0)
-    assert not torch.equal(stale.sequences, generate(model, tokenizer, batch["input_ids"], batch["attention_mask"],
-                                                     12, temperature=0.0).sequences)  # fmt: skip
+    assert not torch.equal(
+        stale.sequences,
+        generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, temperature=0.0).sequences,
+    )
     engine.sync(model)
     largest.append(check_engine_matches_policy(engine, model, tokenizer, batch))
     ended = generate(model, tokenizer, batch["input_ids"], batch["attention_mask"], 12, temperature=0.0)
@@ -164,9 +166,17 @@ def test_grpo_on_vllm_learns_what_a_rule_rewards(export, tmp_path):
     data.setup("fit")
     held_out = next(iter(data.val_dataloader()))
     L.seed_everything(0)
-    module = ppo((export,), reward_fn="tests.test_ppo.share_of_a", advantage_estimator="grpo", num_generations=4,
-                 max_new_tokens=8, kl_in_reward=False, kl_loss_coef=0.01, rollout_engine="vllm",
-                 engine_is_correction="token")  # fmt: skip
+    module = ppo(
+        (export,),
+        reward_fn="tests.test_ppo.share_of_a",
+        advantage_estimator="grpo",
+        num_generations=4,
+        max_new_tokens=8,
+        kl_in_reward=False,
+        kl_loss_coef=0.01,
+        rollout_engine="vllm",
+        engine_is_correction="token",
+    )
     before = mean_score(module, held_out)
     trainer = fit(module, data, 160, tmp_path)
     after = mean_score(module, held_out)
@@ -197,13 +207,26 @@ def test_a_resume_mid_epoch_draws_the_uninterrupted_runs_samples_on_vllm(export,
         data = PromptDataModule(
             train_path=str(prompts), tokenizer_name_or_path=export, batch_size=2, max_length=32, val_fraction=0.0
         )
-        module = ppo((export,), reward_fn="tests.test_vllm.mean_codepoint", advantage_estimator="grpo",
-                     num_generations=4, max_new_tokens=6, ppo_epochs=2, num_mini_batches=2,
-                     rollout_engine="vllm")  # fmt: skip
+        module = ppo(
+            (export,),
+            reward_fn="tests.test_vllm.mean_codepoint",
+            advantage_estimator="grpo",
+            num_generations=4,
+            max_new_tokens=6,
+            ppo_epochs=2,
+            num_mini_batches=2,
+            rollout_engine="vllm",
+        )
         L.Trainer(
-            accelerator="cpu", max_steps=20, limit_val_batches=0, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
-        ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
+            accelerator="cpu",
+            max_steps=20,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=callbacks,
+        ).fit(module, data, ckpt_path=ckpt_path)
 
     names = ("train/objective/scores", "train/loss/policy", "train/rollout/logprob_diff_mean")
     straight, resumed = straight_and_resumed(fit, names, 8, tmp_path)
@@ -276,8 +299,14 @@ def test_a_lora_policy_reaches_the_engine_merged(export, engine_and_state):
     from lightning_rlhf.lora import unwrap
 
     engine = engine_and_state[0]
-    module = ppo((export,), reward_fn="tests.test_ppo.share_of_a", advantage_estimator="grpo", num_generations=2,
-                 lora={"r": 4}, rollout_engine="vllm")  # fmt: skip
+    module = ppo(
+        (export,),
+        reward_fn="tests.test_ppo.share_of_a",
+        advantage_estimator="grpo",
+        num_generations=2,
+        lora={"r": 4},
+        rollout_engine="vllm",
+    )
     module.engine = engine  # the module's own would be built the same way, from the same export
     torch.manual_seed(0)
     with torch.no_grad():

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     with atomic_file(report_path) as out:
         json.dump(report, out, indent=2)
     print(format_report(report))
-    print(f"{len(comparisons)} comparison records written to {args.output}" + (f", {all_tied} items left out "
-          "because their consensus ties every response" if all_tied else ""))  # fmt: skip
+    print(
+        f"{len(comparisons)} comparison records written to {args.output}"
+        + (f", {all_tied} items left out because their consensus ties every response" if all_tied else "")
+    )
     return report

@@ -268,9 +268,14 @@ class DPOModule(L.LightningModule):
             policy_scores, ref_scores = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
         chosen, rejected = batch["pairs"].unbind(-1)  # (p,) flat rows of the better and the worse response
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_scores[chosen], policy_scores[rejected], ref_scores[chosen], ref_scores[rejected], hp.beta,
-            hp.loss_type, hp.label_smoothing,
-        )  # fmt: skip
+            policy_scores[chosen],
+            policy_scores[rejected],
+            ref_scores[chosen],
+            ref_scores[rejected],
+            hp.beta,
+            hp.loss_type,
+            hp.label_smoothing,
+        )
         loss = (losses * batch["pair_weights"]).sum()
 
         stats = {

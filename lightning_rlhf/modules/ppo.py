@@ -274,8 +274,12 @@ class PPOModule(L.LightningModule):
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
         check_range("target_kl", target_kl, "> 0 (or None for a fixed kl_coef)", target_kl is None or target_kl > 0)
-        check_range("forward_batch_size", forward_batch_size, ">= 1 (or None for the whole batch)",
-                    forward_batch_size is None or forward_batch_size >= 1)  # fmt: skip
+        check_range(
+            "forward_batch_size",
+            forward_batch_size,
+            ">= 1 (or None for the whole batch)",
+            forward_batch_size is None or forward_batch_size >= 1,
+        )
         check_range("ppo_epochs", ppo_epochs, ">= 1", ppo_epochs >= 1)
         check_range("num_mini_batches", num_mini_batches, ">= 1", num_mini_batches >= 1)
         lora = lora_hparams(lora)
@@ -359,8 +363,10 @@ class PPOModule(L.LightningModule):
             if reward_head is not None and reward_head.weight.shape == head.weight.shape:
                 head.weight.copy_(reward_head.weight)
             elif reward_head is not None:
-                rank_zero_info(f"value head: the reward model is {reward_head.in_features} wide, the policy {width}; "
-                               "starting from zeros")  # fmt: skip
+                rank_zero_info(
+                    f"value head: the reward model is {reward_head.in_features} wide, the policy {width}; "
+                    "starting from zeros"
+                )
         return head
 
     def train(self, mode: bool = True) -> PPOModule:
@@ -437,9 +443,16 @@ class PPOModule(L.LightningModule):
         # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished.
         sharded = self.device_mesh is not None and self.device_mesh.size() > 1
         rollout = self.engine.generate(
-            self.model, self.tokenizer, input_ids, attention_mask, hp.max_new_tokens, hp.temperature,
-            synced_gpus=sharded, cache_implementation=hp.cache_implementation, compile=hp.compile_generation,
-        )  # fmt: skip
+            self.model,
+            self.tokenizer,
+            input_ids,
+            attention_mask,
+            hp.max_new_tokens,
+            hp.temperature,
+            synced_gpus=sharded,
+            cache_implementation=hp.cache_implementation,
+            compile=hp.compile_generation,
+        )
         return self.score_rollout(rollout)
 
     @torch.no_grad()
@@ -469,10 +482,22 @@ class PPOModule(L.LightningModule):
         if scores is None:
             scores = sum(weight * parts[name] for name, (_, weight) in self.reward_fns.items())
         experience = build_experience(
-            rollout, logprobs, ref_logprobs, values, scores, self.tokenizer.eos_token_id, self.kl_coef,
-            hp.kl_estimator, hp.gamma, hp.lam, hp.whiten_advantages, hp.missing_eos_penalty,
-            hp.advantage_estimator, hp.num_generations, hp.kl_in_reward,
-        )  # fmt: skip
+            rollout,
+            logprobs,
+            ref_logprobs,
+            values,
+            scores,
+            self.tokenizer.eos_token_id,
+            self.kl_coef,
+            hp.kl_estimator,
+            hp.gamma,
+            hp.lam,
+            hp.whiten_advantages,
+            hp.missing_eos_penalty,
+            hp.advantage_estimator,
+            hp.num_generations,
+            hp.kl_in_reward,
+        )
         experience = correct_for_engine(experience, hp.engine_is_correction, hp.engine_is_cap)
         return experience._replace(reward_parts=parts)
 
@@ -552,9 +577,14 @@ class PPOModule(L.LightningModule):
                     rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
                 )
                 policy_loss, policy_stats = ppo_policy_loss(
-                    logprobs, experience.logprobs[rows], experience.advantages[rows], mask, hp.clip_range,
-                    hp.loss_aggregation, hp.max_new_tokens,
-                )  # fmt: skip
+                    logprobs,
+                    experience.logprobs[rows],
+                    experience.advantages[rows],
+                    mask,
+                    hp.clip_range,
+                    hp.loss_aggregation,
+                    hp.max_new_tokens,
+                )
                 loss = policy_loss
                 if values is not None:
                     value_loss, value_stats = ppo_value_loss(

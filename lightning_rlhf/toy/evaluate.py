@@ -22,7 +22,15 @@ def gold_scores(
     """Gold score (or ``judge``'s, a function ``(prompt, response) -> float``) of one response per prompt, in prompt
     order: greedy when ``temperature == 0``, else sampled; ``progress`` shows a bar named ``desc`` on stderr."""
     samples = sample_responses(
-        model, tokenizer, prompts, 1, 512, batch_size, progress, desc,
-        max_new_tokens=max_new_tokens, temperature=temperature,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        prompts,
+        1,
+        512,
+        batch_size,
+        progress,
+        desc,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+    )
     return [judge(prompt, responses[0]) for prompt, responses in zip(prompts, samples, strict=True)]
