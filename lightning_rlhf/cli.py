@@ -25,7 +25,7 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_rlhf import evaluation, label, sampling, scoring
+from lightning_rlhf.commands import evaluate, label, sample, score
 
 
 class RLHFCLI(LightningCLI):
@@ -36,15 +36,15 @@ class RLHFCLI(LightningCLI):
 def pipeline(argv: list[str]) -> None:
     """``lightning-rlhf pipeline``, imported only when asked: it loads TensorBoard's event reader, which ``fit`` and
     the other subcommands do without."""
-    from lightning_rlhf.pipeline import main
+    from lightning_rlhf.commands.pipeline.loop import main as pipeline_main
 
-    main(argv)
+    pipeline_main(argv, entry=main)  # its stages run the commands through this CLI
 
 
 EXTRA_SUBCOMMANDS = {
-    "score": scoring.main,
-    "sample": sampling.main,
-    "evaluate": evaluation.main,
+    "score": score.main,
+    "sample": sample.main,
+    "evaluate": evaluate.main,
     "label": label.main,
     "pipeline": pipeline,
 }

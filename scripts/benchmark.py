@@ -13,7 +13,7 @@ Every implementation runs in its own subprocess, so peak memory is its own. ``--
 (``impl``, ``tokens_per_s``, ``peak_mem_mib``, …; ours start with ``lightning_rlhf``) to PATH as a JSON list.
 
 ``sft`` trains the same initial weights (saved once, loaded by both) on the toy demonstrations with the prompt
-masked. It reports training tokens/s (real, non-pad tokens), model-FLOPs utilisation (``lightning_rlhf.flops``: 6N
+masked. It reports training tokens/s (real, non-pad tokens), model-FLOPs utilisation (``lightning_rlhf.training.flops``: 6N
 per trained token with N the parameters that multiply activations, attention at each sequence's real length, DPO
 8N for policy and reference; divided by the card's dense peak for ``--dtype``, or ``--peak-tflops``), and peak
 memory (CUDA allocator, or peak RSS on CPU). TRL is skipped, with a note, when it is not installed.
@@ -105,9 +105,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_rlhf.data.records import atomic_file
-from lightning_rlhf.flops import FORWARD_PASSES, forward_flops, matmul_params, peak_tflops
+from lightning_rlhf.io import atomic_file
 from lightning_rlhf.toy import toy_path
+from lightning_rlhf.training.flops import FORWARD_PASSES, forward_flops, matmul_params, peak_tflops
 
 
 def sync(device: str) -> None:
@@ -128,7 +128,7 @@ def current_memory_mib(device: str) -> float:
 
 
 def model_flops(args, model, lengths: list[int], stage: str) -> float:
-    """Model FLOPs of training ``stage`` on sequences of these real lengths (``lightning_rlhf.flops``)."""
+    """Model FLOPs of training ``stage`` on sequences of these real lengths (``lightning_rlhf.training.flops``)."""
     cfg = model.config
     width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     forward = forward_flops(matmul_params(model), cfg.num_hidden_layers, width, lengths)
@@ -144,7 +144,9 @@ def peak(args) -> float | None:
 
 
 def make_initial_model(args, directory: Path) -> str:
-    from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+    from lightning_rlhf.data.tokenizer import load_tokenizer
+    from lightning_rlhf.models.causal_lm import load_causal_lm
+    from lightning_rlhf.models.export import export_pretrained
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(None)
@@ -375,7 +377,7 @@ def pair_work(args, model, stage: str) -> tuple[int, float]:
     means: both sides are credited the same work per pair, whatever order their loaders draw the pairs in."""
     from lightning_rlhf.data.records import Record
     from lightning_rlhf.data.tokenization import Tokenizer
-    from lightning_rlhf.models import load_tokenizer
+    from lightning_rlhf.data.tokenizer import load_tokenizer
 
     pairs = preference_pairs(args)
     records = [
@@ -413,7 +415,7 @@ def run_pairs_ours(args, model_dir: str, module, stage: str) -> dict:
 
 def run_dpo_ours(args, model_dir: str) -> dict:
     from lightning_rlhf import DPOModule
-    from lightning_rlhf.lora import LoraOptions
+    from lightning_rlhf.models.lora import LoraOptions
 
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-5)  # noqa: E731
     lora = LoraOptions(r=args.lora_rank, alpha=2 * args.lora_rank) if args.only == "ours_lora" else None
@@ -536,8 +538,9 @@ def run_ppo_ours(args, model_dir: str) -> dict:
     """PPO iterations on toy prompts: the policy and reference from the initial model, a reward (and value) model
     made from it; every response runs to ``--max-new-tokens`` (an untrained model rarely stops)."""
     from lightning_rlhf import PPOModule, PromptDataModule
-    from lightning_rlhf.models import export_pretrained, load_tokenizer
-    from lightning_rlhf.reward_model import load_reward_model
+    from lightning_rlhf.data.tokenizer import load_tokenizer
+    from lightning_rlhf.models.export import export_pretrained
+    from lightning_rlhf.models.reward import load_reward_model
 
     tokenizer = load_tokenizer(model_dir)
     rm_dir = str(export_pretrained(load_reward_model(model_dir, tokenizer), tokenizer, Path(tempfile.mkdtemp()) / "rm"))
@@ -619,8 +622,9 @@ def run_grpo_trl(args, model_dir: str) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from lightning_rlhf.data.records import read_records
-    from lightning_rlhf.models import export_pretrained, load_tokenizer
-    from lightning_rlhf.reward_model import load_reward_model
+    from lightning_rlhf.data.tokenizer import load_tokenizer
+    from lightning_rlhf.models.export import export_pretrained
+    from lightning_rlhf.models.reward import load_reward_model
 
     tokenizer = load_tokenizer(model_dir)
     rm_dir = str(export_pretrained(load_reward_model(model_dir, tokenizer), tokenizer, Path(tempfile.mkdtemp()) / "rm"))
@@ -672,8 +676,9 @@ def run_generate_ours(args, model_dir: str) -> dict:
     from lightning_rlhf.data.collate import PromptCollator
     from lightning_rlhf.data.records import read_records
     from lightning_rlhf.data.tokenization import Tokenizer
-    from lightning_rlhf.engines import build_engine
-    from lightning_rlhf.models import load_causal_lm, load_tokenizer
+    from lightning_rlhf.data.tokenizer import load_tokenizer
+    from lightning_rlhf.models.causal_lm import load_causal_lm
+    from lightning_rlhf.rl.engines import build_engine
 
     vllm, shared = args.generate_variant == "vllm", args.generate_variant == "shared"
     cache, _, compiled = args.generate_variant.partition("+")
@@ -752,7 +757,7 @@ VARIANT_FLAGS = {
 
 
 def logprob_impls() -> dict:
-    from lightning_rlhf.losses import token_logprobs
+    from lightning_rlhf.losses.tokens import token_logprobs
 
     def naive(logits, tokens):
         return torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_rlhf.data.records import atomic_file
+from lightning_rlhf.io import atomic_file
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden-size", "1024", "--layers", "24", "--vocab-size", "32000"]  # about 0.5B parameters
@@ -145,8 +145,10 @@ def run(name: str, command: list[str], timeout: int) -> dict:
 
 def tiny_exports(root: Path) -> tuple[str, str]:
     """A small random SFT export (tied embeddings, as Llama-3.2 and small Qwen2.5 have) and a reward model from it."""
-    from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
-    from lightning_rlhf.reward_model import load_reward_model
+    from lightning_rlhf.data.tokenizer import load_tokenizer
+    from lightning_rlhf.models.causal_lm import load_causal_lm
+    from lightning_rlhf.models.export import export_pretrained
+    from lightning_rlhf.models.reward import load_reward_model
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(None)
@@ -239,7 +241,9 @@ def sharded_load_run(root: Path, devices: int) -> list[str]:
     """SFT loading a 1.2B-parameter float32 checkpoint under FSDP2 on every GPU (``tests/sharded_memory_script.py``):
     seconds and peak host RSS growth per rank while loading. Rank 0 reads the checkpoint and the others receive
     their shards (``strategies.Rank0Load``), so no rank but the first should grow by much more than its shard."""
-    from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+    from lightning_rlhf.data.tokenizer import load_tokenizer
+    from lightning_rlhf.models.causal_lm import load_causal_lm
+    from lightning_rlhf.models.export import export_pretrained
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(None)
@@ -268,7 +272,9 @@ def offload_run(root: Path, devices: int) -> list[str]:
     """SFT of a 0.5B float32 model in bf16 mixed precision on every GPU, two steps without and two with CPU offload
     (``tests/offload_gpu_script.py``): peak GPU memory over the steps, the model state per rank, where FSDP2 keeps
     it, seconds per step and the losses of each run."""
-    from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+    from lightning_rlhf.data.tokenizer import load_tokenizer
+    from lightning_rlhf.models.causal_lm import load_causal_lm
+    from lightning_rlhf.models.export import export_pretrained
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(None)

@@ -1,4 +1,4 @@
-"""The README's "what fits" table, from ``lightning_rlhf.memory.estimate_memory`` (an estimate, not a measurement).
+"""The README's "what fits" table, from ``lightning_rlhf.training.memory.estimate_memory`` (an estimate, not a measurement).
 
     python scripts/memory_table.py
 
@@ -13,7 +13,7 @@ value models are counted as the causal LM (their head is smaller than the unembe
 
 from __future__ import annotations
 
-from lightning_rlhf.memory import GIB, Generation, Layout, ModelCount, estimate_memory, offloaded_memory
+from lightning_rlhf.training.memory import GIB, Generation, Layout, ModelCount, estimate_memory, offloaded_memory
 
 H100 = 79.6 * GIB  # 80 GB cards report about 79.6 GiB
 ROOM = 0.8  # the rest for activations, logits, the CUDA context and fragmentation, which are not counted

@@ -17,16 +17,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from lightning_rlhf import (
-    ComparisonDataModule,
-    DemonstrationDataModule,
-    DPOModule,
-    RewardModule,
-    SFTModule,
-    lora,
-    strategies,
-)
-from lightning_rlhf.lora import LoraOptions, unwrap
+from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, DPOModule, RewardModule, SFTModule
+from lightning_rlhf.models import lora
+from lightning_rlhf.models.lora import LoraOptions, unwrap
+from lightning_rlhf.training import strategies
 from tests import ddp_ppo_script
 from tests.helpers import finish
 

@@ -16,7 +16,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_rlhf import PPOModule, PromptDataModule, strategies
+from lightning_rlhf import PPOModule, PromptDataModule
+from lightning_rlhf.training import strategies
 from tests.helpers import finish, offloaded_parameters
 
 

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_rlhf import PPOModule, PromptDataModule
-from lightning_rlhf.engines import HFEngine, named_weights
+from lightning_rlhf.rl.engines import HFEngine, named_weights
 from tests.helpers import finish
 from tests.test_ppo import prompts_batch
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import Cache, PreTrainedTokenizerFast
 
-from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.causal_lm import load_causal_lm
+from lightning_rlhf.models.export import export_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 

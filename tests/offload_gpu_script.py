@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from lightning_rlhf import DemonstrationDataModule, SFTModule
-from lightning_rlhf.strategies import FSDP2Strategy
+from lightning_rlhf.training.strategies import FSDP2Strategy
 from tests.helpers import end_distributed, offloaded_parameters
 
 MIB = 2**20

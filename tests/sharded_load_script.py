@@ -26,8 +26,8 @@ from lightning_rlhf import (
     RewardModule,
     SFTModule,
 )
-from lightning_rlhf.lora import unwrap
-from lightning_rlhf.strategies import has_tied_embeddings
+from lightning_rlhf.models.lora import unwrap
+from lightning_rlhf.training.strategies import has_tied_embeddings
 from tests.helpers import finish
 
 MODELS = ("model", "ref_model", "reward_model", "value_model", "value_head")

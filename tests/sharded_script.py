@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, DPOModule, RewardModule, SFTModule
-from lightning_rlhf.strategies import FSDP2Strategy
+from lightning_rlhf.training.strategies import FSDP2Strategy
 from tests.helpers import end_distributed, offloaded_parameters
 
 

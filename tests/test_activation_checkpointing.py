@@ -14,8 +14,9 @@ from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollato
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.shared_prompt import SharedPromptCollator
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.models import export_pretrained, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.models.reward import load_reward_model
 
 TOKENIZER = Tokenizer(load_tokenizer(None), 48)  # the tiny export's tokenizer is the byte default
 PAD = TOKENIZER.tokenizer.pad_token_id

@@ -1,10 +1,10 @@
-"""lightning_rlhf.callbacks: the best validation's weights restored before a stage exports."""
+"""lightning_rlhf.training.callbacks: the best validation's weights restored before a stage exports."""
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_rlhf.callbacks import BestWeights
+from lightning_rlhf.training.callbacks import BestWeights
 
 
 class Scripted(pl.LightningModule):

@@ -7,10 +7,11 @@ import torch
 from lightning_rlhf.data.collate import ComparisonCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.losses import IGNORE_INDEX
-from lightning_rlhf.models import load_causal_lm, load_tokenizer, sequence_logprobs
-from lightning_rlhf.reward_model import load_reward_model, sequence_rewards
-from lightning_rlhf.rollout import generate
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.tokens import IGNORE_INDEX
+from lightning_rlhf.models.causal_lm import load_causal_lm, sequence_logprobs
+from lightning_rlhf.models.reward import load_reward_model, sequence_rewards
+from lightning_rlhf.rl.generation import generate
 from tests.helpers import TINY_CONFIG, bpe_tokenizer
 
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}

@@ -110,11 +110,11 @@ def test_help_points_to_the_extra_subcommands(capsys):
 
 
 def test_the_cli_loads_the_pipeline_only_for_the_pipeline_subcommand():
-    """``lightning-rlhf fit`` (and every other subcommand) starts without importing ``lightning_rlhf.pipeline`` and
+    """``lightning-rlhf fit`` (and every other subcommand) starts without importing ``lightning_rlhf.commands.pipeline.loop`` and
     the TensorBoard event reader it needs, in a fresh interpreter. Catches a top-level import of the pipeline in
     cli.py, which would slow every command's start."""
     code = (
-        "import sys, lightning_rlhf.cli; print(sorted(m for m in sys.modules if m == 'lightning_rlhf.pipeline' or "
+        "import sys, lightning_rlhf.cli; print(sorted(m for m in sys.modules if m == 'lightning_rlhf.commands.pipeline.loop' or "
         "m.startswith('tensorboard.backend.event_processing')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

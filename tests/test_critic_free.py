@@ -8,8 +8,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rlhf import PPOModule, PromptDataModule
-from lightning_rlhf.losses import group_advantages, kl_penalty
-from lightning_rlhf.rollout import group_minibatches, group_statistics
+from lightning_rlhf.losses.policy import group_advantages, kl_penalty
+from lightning_rlhf.rl.experience import group_minibatches, group_statistics
 from tests.helpers import fit_config
 from tests.test_ppo import ab_abcd_rollout, fit, make_exports, mean_score, ppo, prompts_batch
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lightning_rlhf.losses import (
+from lightning_rlhf.losses.policy import (
     aggregate_loss,
     discounted_returns,
     group_advantages,

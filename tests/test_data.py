@@ -8,11 +8,11 @@ import torch
 
 from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, PromptDataModule
 from lightning_rlhf.data.collate import ComparisonCollator, DemonstrationCollator, PromptCollator
-from lightning_rlhf.data.datamodules import EpochShuffleSampler
+from lightning_rlhf.data.loader import EpochShuffleSampler
 from lightning_rlhf.data.records import Record, RecordError, read_records
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.losses import IGNORE_INDEX
-from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.tokens import IGNORE_INDEX
 from tests.helpers import bpe_tokenizer
 
 TOKENIZER = load_tokenizer(None)
@@ -278,7 +278,7 @@ def test_atomic_writes_get_the_usual_file_mode_not_mkstemps_private_one(tmp_path
     import os
     import stat
 
-    from lightning_rlhf.data.records import write_jsonl_atomic
+    from lightning_rlhf.io import write_jsonl_atomic
 
     mask = os.umask(0o022)
     try:

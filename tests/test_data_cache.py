@@ -12,8 +12,8 @@ from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, Prompt
 from lightning_rlhf.data import cache
 from lightning_rlhf.data.records import Record, RecordError, read_records
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.losses import IGNORE_INDEX
-from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.tokens import IGNORE_INDEX
 from tests.helpers import bpe_tokenizer
 from tests.test_data import write_jsonl
 

@@ -7,12 +7,14 @@ import pytest
 import torch
 import yaml
 
-from lightning_rlhf import ComparisonDataModule, sampling
+from lightning_rlhf import ComparisonDataModule
+from lightning_rlhf.commands import sample as sample_command
 from lightning_rlhf.data.records import Record, read_records
-from lightning_rlhf.models import export_pretrained, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
-from lightning_rlhf.sampling import rank
-from lightning_rlhf.scoring import score_records
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.evaluation.judges import score_records
+from lightning_rlhf.evaluation.ratings import rank
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.models.reward import load_reward_model
 from lightning_rlhf.toy import toy_path
 from tests.helpers import REPO
 
@@ -72,7 +74,7 @@ def test_a_users_comparisons_are_never_normalised_on_toy_demonstrations(tmp_path
 def sample(tiny_model_dir, tmp_path, judge: str) -> list[dict]:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     out = tmp_path / "comparisons.jsonl"
-    sampling.main(
+    sample_command.main(
         [
             "--model",
             tiny_model_dir,

@@ -1,6 +1,6 @@
-"""lightning_rlhf.diagnosis: findings per stage from hand-made summaries."""
+"""lightning_rlhf.evaluation.diagnosis: findings per stage from hand-made summaries."""
 
-from lightning_rlhf.diagnosis import Thresholds, diagnose
+from lightning_rlhf.evaluation.diagnosis import Thresholds, diagnose
 
 SFT = {"gold_greedy": 0.636, "gold_sampled": 0.512}
 

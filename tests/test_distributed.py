@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lightning_rlhf import ComparisonDataModule, DPOModule, RewardModule
-from lightning_rlhf.models import export_pretrained, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.models.reward import load_reward_model
 from tests.helpers import ACCELERATORS, REPO, make_tiny_export, run_cli, run_python
 
 

@@ -16,8 +16,10 @@ from lightning_rlhf import ComparisonDataModule, SFTModule
 from lightning_rlhf.data.collate import ComparisonCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.losses import dpo_loss
-from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.preference import dpo_loss
+from lightning_rlhf.models.causal_lm import load_causal_lm
+from lightning_rlhf.models.export import export_pretrained
 from lightning_rlhf.modules.dpo import DPOModule
 from lightning_rlhf.toy import toy_path
 from tests.helpers import TINY_CONFIG, fit_config, straight_and_resumed

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_rlhf.losses import dpo_loss
+from lightning_rlhf.losses.preference import dpo_loss
 
 # Two examples. Log-ratios policy - reference: chosen (-1) - (-2) = 1 and (-2) - (-2) = 0;
 # rejected (-3) - (-2) = -1 and (-1) - (-2) = 1. So d = 1 - (-1) = 2 and d = 0 - 1 = -1.

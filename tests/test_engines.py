@@ -1,4 +1,4 @@
-"""The rollout-engine seam without vLLM (``lightning_rlhf.engines``): the weights a vLLM engine is loaded with (LoRA
+"""The rollout-engine seam without vLLM (``lightning_rlhf.rl.engines``): the weights a vLLM engine is loaded with (LoRA
 merged, names of the export), the guard around engine calls, and option checks. The engine itself: test_vllm.py."""
 
 import copy
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_rlhf.engines import build_engine, check_engine_options, named_weights, process_state_kept
-from lightning_rlhf.lora import apply_lora
-from lightning_rlhf.models import load_causal_lm, load_tokenizer
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.causal_lm import load_causal_lm
+from lightning_rlhf.models.lora import apply_lora
+from lightning_rlhf.rl.engines import build_engine, check_engine_options, named_weights, process_state_kept
 
 
 def test_named_weights_of_a_lora_policy_are_its_merged_weights_under_the_exports_names(tiny_model_dir):

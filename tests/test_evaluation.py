@@ -9,13 +9,13 @@ import torch
 from torch.testing import assert_close
 
 from lightning_rlhf.cli import main
-from lightning_rlhf.evaluation import (
+from lightning_rlhf.commands.evaluate import evaluate_models
+from lightning_rlhf.evaluation.ratings import (
     best_of_n,
     best_of_n_kl,
     bootstrap_ratings,
     bradley_terry,
     elo_ratings,
-    evaluate_models,
     rating_report,
     win_rate_matrix,
 )

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lightning_rlhf.flops import FORWARD_PASSES, forward_flops, matmul_params, peak_tflops
+from lightning_rlhf.training.flops import FORWARD_PASSES, forward_flops, matmul_params, peak_tflops
 
 
 def test_forward_flops_hand_computed():

@@ -19,9 +19,10 @@ from transformers import (
 from lightning_rlhf import ComparisonDataModule, DemonstrationDataModule, RewardModule, SFTModule
 from lightning_rlhf.data.records import read_records
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.models import PAD_TOKEN, load_causal_lm, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
-from lightning_rlhf.scoring import score_records
+from lightning_rlhf.data.tokenizer import PAD_TOKEN, load_tokenizer
+from lightning_rlhf.evaluation.judges import score_records
+from lightning_rlhf.models.causal_lm import load_causal_lm
+from lightning_rlhf.models.reward import load_reward_model
 from tests.helpers import TINY_CONFIG, bpe_tokenizer
 
 USER = [{"role": "user", "content": "Reverse: abcde"}]

@@ -11,18 +11,19 @@ import pytest
 import uvicorn
 from starlette.testclient import TestClient
 
-from lightning_rlhf import ComparisonDataModule, label
+from lightning_rlhf import ComparisonDataModule
 from lightning_rlhf.cli import main
-from lightning_rlhf.data.records import RecordError
-from lightning_rlhf.label.agreement import (
+from lightning_rlhf.commands import label
+from lightning_rlhf.commands.label.agreement import (
     agreement_report,
     borda,
     bradley_terry_consensus,
     kendall_tau,
     pairwise_agreement,
 )
-from lightning_rlhf.label.app import make_app
-from lightning_rlhf.label.store import LabelStore, read_items
+from lightning_rlhf.commands.label.app import make_app
+from lightning_rlhf.commands.label.store import LabelStore, read_items
+from lightning_rlhf.data.records import RecordError
 
 XSS = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
 SAMPLES = [

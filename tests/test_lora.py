@@ -10,10 +10,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightning_rlhf import ComparisonDataModule, PPOModule, PromptDataModule, RewardModule, SFTModule
-from lightning_rlhf.lora import LoraOptions, check_lora_strategy
-from lightning_rlhf.models import sequence_logprobs
+from lightning_rlhf.models.causal_lm import sequence_logprobs
+from lightning_rlhf.models.lora import LoraOptions, check_lora_strategy
+from lightning_rlhf.models.reward import sequence_rewards
 from lightning_rlhf.modules.dpo import METRICS, DPOModule
-from lightning_rlhf.reward_model import sequence_rewards
 from tests.helpers import fit_config, make_tiny_export, straight_and_resumed
 from tests.test_dpo import WORDS, make_batch, planted_datamodule, planted_records
 from tests.test_sft import LossRecorder, toy_datamodule, trainer

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_rlhf.losses import IGNORE_INDEX, masked_mean, masked_whiten, token_logprobs
+from lightning_rlhf.losses.tokens import IGNORE_INDEX, masked_mean, masked_whiten, token_logprobs
 
 
 def test_token_logprobs_hand_computed():

@@ -1,4 +1,4 @@
-"""The per-rank memory estimate (``lightning_rlhf.memory``): components worked out by hand, the options it offers,
+"""The per-rank memory estimate (``lightning_rlhf.training.memory``): components worked out by hand, the options it offers,
 and the refusal of a run that cannot fit before its first step."""
 
 import logging
@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_rlhf import DemonstrationDataModule, SFTModule, memory
-from lightning_rlhf.memory import (
+from lightning_rlhf import DemonstrationDataModule, SFTModule
+from lightning_rlhf.training import memory
+from lightning_rlhf.training.memory import (
     Generation,
     Layout,
     ModelCount,

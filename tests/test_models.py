@@ -8,17 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_rlhf import DemonstrationDataModule, SFTModule, models
-from lightning_rlhf.models import (
-    EXPORT_MARKER,
-    ExportError,
-    check_export_target,
-    export_pretrained,
-    forward_logits,
-    load_causal_lm,
-    load_tokenizer,
-    sequence_logprobs,
-)
+from lightning_rlhf import DemonstrationDataModule, SFTModule, io
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.io import EXPORT_MARKER, ExportError, check_export_target
+from lightning_rlhf.models.causal_lm import forward_logits, load_causal_lm, sequence_logprobs
+from lightning_rlhf.models.export import export_pretrained
 from tests.helpers import TINY_CONFIG, make_tiny_gpt2_export
 
 
@@ -83,8 +77,8 @@ def test_export_replaces_atomically_and_keeps_the_old_one_on_failure(tmp_path, t
 def test_shifted_logprobs_equal_the_logit_slicing_path_without_copying_the_logits():
     """Shifting the labels instead of slicing ``logits[:, :-1]`` gives the same log-probs and gradient, and autograd
     saves the logits themselves, not a (b, t-1, v) copy of them."""
-    from lightning_rlhf.losses import IGNORE_INDEX, token_logprobs
-    from lightning_rlhf.models import shifted_logprobs
+    from lightning_rlhf.losses.tokens import IGNORE_INDEX, token_logprobs
+    from lightning_rlhf.models.causal_lm import shifted_logprobs
 
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 11, requires_grad=True)
@@ -137,10 +131,8 @@ def test_export_replaces_an_earlier_export_of_ours_and_fsyncs(tmp_path, tiny_mod
     assert (tmp_path / "hf" / EXPORT_MARKER).exists()
     (tmp_path / "hf" / "stale.txt").write_text("from the old export")
     synced = []
-    real_fsync = models.os.fsync
-    monkeypatch.setattr(
-        models.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd)
-    )
+    real_fsync = io.os.fsync
+    monkeypatch.setattr(io.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     export_pretrained(model, tokenizer, tmp_path / "hf")
     assert not (tmp_path / "hf" / "stale.txt").exists()
     assert any(path.endswith("model.safetensors") for path in synced)

@@ -12,8 +12,10 @@ from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
 
 from lightning_rlhf import SFTModule
-from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
-from lightning_rlhf.strategies import FSDP2Strategy, fully_shard_model
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.causal_lm import load_causal_lm
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.training.strategies import FSDP2Strategy, fully_shard_model
 from tests.helpers import REPO, run_python
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from lightning_rlhf.optim import clip_grad_norms
+from lightning_rlhf.training.optim import clip_grad_norms
 
 
 def test_each_parameter_group_is_clipped_to_its_own_norm():

@@ -66,7 +66,7 @@ class Stop(Exception):
 def recorded_fits(argv: list[str], monkeypatch, tmp_path: Path) -> dict[str, list[str]]:
     """The ``lightning-rlhf`` arguments of the pipeline's stages up to PPO, run by nobody: sampling writes 100
     comparison records, and the pipeline stops once PPO's command is built."""
-    from lightning_rlhf import pipeline
+    from lightning_rlhf.commands.pipeline import loop as pipeline
 
     commands: dict[str, list[str]] = {}
 
@@ -131,12 +131,12 @@ def test_own_task_trains_for_passes_validated_each_pass_and_stopped_early_the_to
     assert overrides(own["rm"], "trainer.val_check_interval") == ["1"]
     for stage, monitor, mode, patience in (("sft", "val/loss", "min", "10"), ("rm", "val/accuracy", "max", "3")):
         added = overrides(own[stage], "trainer.callbacks+")
-        assert added == ["lightning.pytorch.callbacks.EarlyStopping", "lightning_rlhf.callbacks.BestWeights"]
+        assert added == ["lightning.pytorch.callbacks.EarlyStopping", "lightning_rlhf.training.callbacks.BestWeights"]
         assert overrides(own[stage], "trainer.callbacks.monitor") == [monitor, monitor]
         assert overrides(own[stage], "trainer.callbacks.mode") == [mode, mode]
         assert overrides(own[stage], "trainer.callbacks.patience") == [patience]
     assert overrides(own["sft"], "model.init_args.optimizer.init_args.lr") == ["0.0003"]
-    assert overrides(own["ppo"], "trainer.callbacks+") == ["lightning_rlhf.callbacks.BestWeights"]
+    assert overrides(own["ppo"], "trainer.callbacks+") == ["lightning_rlhf.training.callbacks.BestWeights"]
     assert overrides(own["ppo"], "trainer.callbacks.monitor") == ["val/objective/judge"]
     assert overrides(own["ppo"], "trainer.callbacks.mode") == ["max"]
     toy = recorded_fits(["--rank_prompts", "100"], monkeypatch, tmp_path)

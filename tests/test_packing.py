@@ -14,11 +14,11 @@ from lightning_rlhf import DemonstrationDataModule, SFTModule
 from lightning_rlhf.data.collate import DemonstrationCollator, PackedDemonstrationCollator, pack_rows
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.models import (
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.causal_lm import (
     check_packed_attention,
     forward_logits,
     load_causal_lm,
-    load_tokenizer,
     packed_logits,
     shifted_logprobs,
 )

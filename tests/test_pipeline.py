@@ -14,7 +14,7 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
-from lightning_rlhf.pipeline import OWN_SFT_LR
+from lightning_rlhf.commands.pipeline.loop import OWN_SFT_LR
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -124,7 +124,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
 def test_seeds_are_aggregated_as_means_with_min_max_spreads():
     """Two seeds: SFT gold sampled 0.8 and 0.9 -> mean 0.85, spread [0.8, 0.9]; non-numbers (intervals, curves)
     stay in the per-seed runs only."""
-    from lightning_rlhf.pipeline import aggregate
+    from lightning_rlhf.commands.pipeline.loop import aggregate
 
     common = {
         "held_out_prompts": 3,
@@ -235,7 +235,7 @@ def test_stages_are_checked_before_anything_runs(tmp_path):
     """An unknown stage is named with the known ones; PPO without a reward model to train against, SFT skipped with
     no SFT export to reuse, and rounds without PPO are refused; the default stages pass. Catches a typo in --stages
     silently running nothing (or the toy) and a missing stage failing only after minutes of training."""
-    from lightning_rlhf.pipeline import DEFAULT_STAGES, stage_error
+    from lightning_rlhf.commands.pipeline.loop import DEFAULT_STAGES, stage_error
 
     assert "unknown reward, sft2; choose among sft, rm, ppo, grpo" in stage_error(
         ["reward", "sft2"], 1, False, 1, tmp_path
@@ -288,9 +288,9 @@ def test_people_stop_after_sampling_writes_what_label_reads_and_prints_the_comma
     that command must be this run's without --label people. Catches: the samples written elsewhere than the printed
     path or ranked by a judge (``ranks`` present), held-out prompts sampled, the resume command stopping again (still
     --label people), naming another file, or losing the user's options; and stages past sampling run anyway."""
-    from lightning_rlhf import label
-    from lightning_rlhf.label.store import LabelStore, read_items
-    from lightning_rlhf.pipeline import main
+    from lightning_rlhf.commands import label
+    from lightning_rlhf.commands.label.store import LabelStore, read_items
+    from lightning_rlhf.commands.pipeline.loop import main
 
     words = shout_task(tmp_path)
     out = tmp_path / "out"
@@ -335,7 +335,7 @@ def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_an
     and the note saying they need --judge. Catches: sampling and ranking again (a samples or
     comparisons file written, a 'sample' command run), the reward model trained on anything else (another train_path
     or count), SFT retrained over the export, and a judge-less run failing in the evaluation or faking gold keys."""
-    from lightning_rlhf.pipeline import main
+    from lightning_rlhf.commands.pipeline.loop import main
 
     shout_task(tmp_path)
     out = tmp_path / "out"
@@ -375,7 +375,7 @@ def test_who_ranks_and_who_judges_are_checked_before_anything_runs(tmp_path, cap
     (ppo_gold_reward) without a judge, and a --configs directory lacking a stage's config are refused too, each before
     SFT starts (no outputs written). Catches the toy's gold judge silently ranking a user's samples, and a run that
     cannot work failing only after training."""
-    from lightning_rlhf.pipeline import main
+    from lightning_rlhf.commands.pipeline.loop import main
 
     shout_task(tmp_path)
     refusals = {
@@ -426,7 +426,7 @@ def test_stages_that_need_nothing_of_each_other_run_side_by_side_on_their_share_
     other (no overlap), every stage given all the cores (oversubscribed; in a warm stage, torch's count left at the
     forked process's), output not sent to the log or to the caller's stdout, the forkserver's environment, and a
     failure lost or raised without its output."""
-    from lightning_rlhf import pipeline
+    from lightning_rlhf.commands.pipeline import loop as pipeline
 
     monkeypatch.setattr(pipeline, "cores", lambda: 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -13,10 +13,12 @@ from lightning_rlhf import PPOModule, PromptDataModule, RewardModule
 from lightning_rlhf.data.collate import ComparisonCollator, PromptCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.losses import masked_mean
-from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer, position_ids_from_mask
-from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
-from lightning_rlhf.rollout import Rollout, generate
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.tokens import masked_mean
+from lightning_rlhf.models.causal_lm import load_causal_lm, position_ids_from_mask
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.models.reward import load_reward_model, sequence_rewards, token_values
+from lightning_rlhf.rl.generation import Rollout, generate
 from tests.helpers import TINY_CONFIG, caches_seen, fit_config, make_tiny_export, straight_and_resumed
 
 
@@ -506,7 +508,7 @@ def test_best_weights_export_the_policy_of_the_best_validation_not_the_last(expo
     last one (asserted: the test cannot pass by exporting the last weights), for the reward it need not be.
     Catches: the last policy exported (no restore, or a restore after the export), the lowest validation kept
     instead of the highest, and another rank's or the sanity check's validation counted."""
-    from lightning_rlhf.callbacks import BestWeights
+    from lightning_rlhf.training.callbacks import BestWeights
 
     data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=16, max_length=32, val_fraction=0.1)
     L.seed_everything(0)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lightning_rlhf.losses import adaptive_kl_coef, gae, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss
+from lightning_rlhf.losses.policy import adaptive_kl_coef, gae, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_engine_importance_weights_truncate_per_token_and_per_sequence():
     Catches: the ratio inverted (engine over trainer: 0.6065 ↔ 1.6487), no cap, the padding counted in the sum
     (row 1 would be e^2, capped), a mean instead of a sum per sequence (e^-0.25), weights left on padding.
     """
-    from lightning_rlhf.losses import engine_importance_weights
+    from lightning_rlhf.losses.policy import engine_importance_weights
 
     trainer = torch.tensor([[-1.0, -2.0], [-0.5, 9.0]])
     engine = torch.tensor([[-1.5, -1.0], [-0.5, 7.0]])

@@ -5,10 +5,12 @@ import json
 
 import torch
 
-from lightning_rlhf import evaluation, label, sampling, scoring
-from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
-from lightning_rlhf.toy.evaluate import gold_scores
+from lightning_rlhf.commands import evaluate, label, sample, score
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.causal_lm import load_causal_lm
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.models.reward import load_reward_model
+from lightning_rlhf.rl.sampling import gold_scores
 
 
 def write_jsonl(path, rows) -> str:
@@ -24,7 +26,7 @@ def final_bar(stderr: str, description: str) -> str:
 def test_sample_shows_responses_done_of_all_and_their_rate(tiny_model_dir, tmp_path, capsys):
     """3 prompts × k = 2 in batches of 4: the bar ends at 6/6 responses."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Reverse: {w}\n"} for w in ("ab", "cd", "ef")])
-    sampling.main(
+    sample.main(
         [
             "--model",
             tiny_model_dir,
@@ -49,7 +51,7 @@ def test_score_shows_records_done_of_all_and_their_rate(tiny_model_dir, tmp_path
     torch.manual_seed(0)
     export_pretrained(load_reward_model(tiny_model_dir, tokenizer), tokenizer, tmp_path / "rm")
     rows = [{"prompt": "p", "response": "r" * n} for n in range(1, 6)]
-    scoring.main(
+    score.main(
         [
             "--model",
             str(tmp_path / "rm"),
@@ -71,7 +73,7 @@ def test_evaluate_shows_each_models_sampling_and_the_reward_models_scoring(tiny_
     tokenizer = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
     export_pretrained(load_reward_model(tiny_model_dir, tokenizer), tokenizer, tmp_path / "rm")
-    evaluation.main(
+    evaluate.main(
         [
             "--models",
             tiny_model_dir,

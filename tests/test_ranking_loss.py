@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lightning_rlhf.losses import ranking_loss
+from lightning_rlhf.losses.preference import ranking_loss
 
 
 def neg_log_sigmoid(x: float) -> float:

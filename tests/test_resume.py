@@ -11,12 +11,15 @@ import sys
 import pytest
 import torch
 
-from lightning_rlhf import engines, sampling, scoring
 from lightning_rlhf.cli import main
+from lightning_rlhf.commands import sample, score
 from lightning_rlhf.data import resumable
 from lightning_rlhf.data.resumable import ResumableJsonl
-from lightning_rlhf.models import export_pretrained, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.evaluation import judges
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.models.reward import load_reward_model
+from lightning_rlhf.rl import engines
 from lightning_rlhf.toy import gold_score
 from tests.helpers import REPO
 
@@ -85,7 +88,7 @@ def test_interrupted_sample_keeps_its_batches_and_the_rerun_writes_what_one_run_
     the same arguments generates only the last two batches and ends with the uninterrupted run's file, byte for
     byte, and its report (the counters of the first run's batches carried over); no partial files remain."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    straight = sampling.main(sample_args(tiny_model_dir, prompts, tmp_path / "straight.jsonl"))
+    straight = sample.main(sample_args(tiny_model_dir, prompts, tmp_path / "straight.jsonl"))
     expected = (tmp_path / "straight.jsonl").read_text()
     assert straight.written >= 5  # enough ranked prompts that a shifted noise or sampling seed shows
 
@@ -93,7 +96,7 @@ def test_interrupted_sample_keeps_its_batches_and_the_rerun_writes_what_one_run_
     output.write_text("a previous run's results\n")
     calls = interrupt_at_call(monkeypatch, engines, "generate", 3)
     with pytest.raises(Interrupted):
-        sampling.main(sample_args(tiny_model_dir, prompts, output))
+        sample.main(sample_args(tiny_model_dir, prompts, output))
     records, state = partial_files(output)
     kept = records.read_text().splitlines(keepends=True)
     assert [json.loads(line)["prompt"] for line in kept] == [p for p in PROMPTS[:4] if json.dumps(p) in expected]
@@ -102,7 +105,7 @@ def test_interrupted_sample_keeps_its_batches_and_the_rerun_writes_what_one_run_
     assert output.read_text() == "a previous run's results\n"
 
     calls.clear()
-    resumed = sampling.main(sample_args(tiny_model_dir, prompts, output))
+    resumed = sample.main(sample_args(tiny_model_dir, prompts, output))
     assert len(calls) == 2
     assert output.read_text() == expected
     assert resumed == straight
@@ -117,7 +120,7 @@ def test_a_partial_sample_made_with_other_settings_is_refused_by_name(tiny_model
     output = tmp_path / "comparisons.jsonl"
     interrupt_at_call(monkeypatch, engines, "generate", 2)
     with pytest.raises(Interrupted):
-        sampling.main(sample_args(tiny_model_dir, prompts, output))
+        sample.main(sample_args(tiny_model_dir, prompts, output))
     records, state = partial_files(output)
     kept = records.read_bytes(), state.read_bytes()
 
@@ -127,10 +130,10 @@ def test_a_partial_sample_made_with_other_settings_is_refused_by_name(tiny_model
     assert f"{records} holds the first 2 results of a run with other settings (temperature: 1.0 then, 0.5 now)" in err
     changed = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in [*PROMPTS[:6], "Reverse: xy\n"]])
     with pytest.raises(ValueError, match=r"other settings \(prompts: '[0-9a-f]{16}' then, '[0-9a-f]{16}' now\)"):
-        sampling.main(sample_args(tiny_model_dir, changed, output))
+        sample.main(sample_args(tiny_model_dir, changed, output))
     assert (records.read_bytes(), state.read_bytes()) == kept and not output.exists()
     calls = interrupt_at_call(monkeypatch, engines, "generate", 0)
-    sampling.main(sample_args(tiny_model_dir, changed, output, "--restart"))
+    sample.main(sample_args(tiny_model_dir, changed, output, "--restart"))
     assert len(calls) == 4 and output.exists() and not records.exists() and not state.exists()
 
 
@@ -146,11 +149,11 @@ def test_a_sample_stopped_after_its_last_batch_finishes_on_the_rerun_without_sam
 
     monkeypatch.setattr(ResumableJsonl, "finish", interrupted_finish)
     with pytest.raises(Interrupted):
-        sampling.main(sample_args(tiny_model_dir, prompts, output))
+        sample.main(sample_args(tiny_model_dir, prompts, output))
     monkeypatch.undo()
     kept = partial_files(output)[0].read_text()
     calls = interrupt_at_call(monkeypatch, engines, "generate", 0)
-    report = sampling.main(sample_args(tiny_model_dir, prompts, output))
+    report = sample.main(sample_args(tiny_model_dir, prompts, output))
     assert calls == [] and output.read_text() == kept and report.prompts == len(PROMPTS)
 
 
@@ -168,7 +171,7 @@ def test_sample_killed_with_sigkill_continues_from_its_last_commit(tiny_model_di
     from the two committed batches (prompts 4 on: two generations) and writes what an uninterrupted run writes."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     judge = f"{__name__}.kill_at_prompt_4"
-    sampling.main(sample_args(tiny_model_dir, prompts, tmp_path / "straight.jsonl", judge=judge))
+    sample.main(sample_args(tiny_model_dir, prompts, tmp_path / "straight.jsonl", judge=judge))
     output = tmp_path / "killed.jsonl"
     args = sample_args(tiny_model_dir, prompts, output, judge=judge)
     code = (
@@ -189,7 +192,7 @@ def test_sample_killed_with_sigkill_continues_from_its_last_commit(tiny_model_di
     real = engines.generate  # what the hf engine samples with
     engines.generate = lambda *a, **k: generated.append(1) or real(*a, **k)
     try:
-        sampling.main(args)
+        sample.main(args)
     finally:
         engines.generate = real
     assert len(generated) == 2
@@ -253,7 +256,7 @@ def test_interrupted_score_continues_in_input_order_to_what_one_run_writes(
     batch (records 4-5): the rows of records 0, 2 and 3 are kept;
     the rerun scores only the last two chunks, writes the uninterrupted run's file (input order, not length order)
     and still counts the over-long record of the first run."""
-    monkeypatch.setattr(scoring, "CHUNK_BATCHES", 1)
+    monkeypatch.setattr(score, "CHUNK_BATCHES", 1)
     rows = [{"prompt": "p", "response": "r" * n} for n in (5, 1, 4, 2, 6, 3, 1)]
     rows[1]["prompt"] = "x" * 20
     source = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -264,7 +267,7 @@ def test_interrupted_score_continues_in_input_order_to_what_one_run_writes(
     capsys.readouterr()
 
     output = tmp_path / "scored.jsonl"
-    calls = interrupt_at_call(monkeypatch, scoring, "sequence_rewards", 3)
+    calls = interrupt_at_call(monkeypatch, judges, "sequence_rewards", 3)
     with pytest.raises(Interrupted):
         main(["score", *args, "--output", str(output)])
     records, state = partial_files(output)
@@ -279,13 +282,13 @@ def test_interrupted_score_continues_in_input_order_to_what_one_run_writes(
 
 def test_a_partial_score_made_with_another_model_is_refused(reward_model_dir, tmp_path, monkeypatch):
     """The reward model trained again into the same directory (its weights file rewritten) is another model."""
-    monkeypatch.setattr(scoring, "CHUNK_BATCHES", 1)
+    monkeypatch.setattr(score, "CHUNK_BATCHES", 1)
     source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "response": "r" * n} for n in range(1, 6)])
     args = ["--model", reward_model_dir, "--input", source, "--batch_size", "2", "--output", str(tmp_path / "o.jsonl")]
-    interrupt_at_call(monkeypatch, scoring, "sequence_rewards", 2)
+    interrupt_at_call(monkeypatch, judges, "sequence_rewards", 2)
     with pytest.raises(Interrupted):
-        scoring.main(args)
+        score.main(args)
     weights = next(p for p in os.scandir(reward_model_dir) if p.name.endswith(".safetensors"))
     os.utime(weights.path, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     with pytest.raises(ValueError, match=r"other settings \(model: .*model.safetensors"):
-        scoring.main(args)
+        score.main(args)

@@ -13,13 +13,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GraniteConfig
 
 from lightning_rlhf import ComparisonDataModule, RewardModule
+from lightning_rlhf.commands.score import score_file
 from lightning_rlhf.data.collate import ComparisonCollator
 from lightning_rlhf.data.records import Record, RecordError, read_records
 from lightning_rlhf.data.resumable import ResumableJsonl
-from lightning_rlhf.losses import ranking_loss
-from lightning_rlhf.models import export_pretrained, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model, sequence_rewards, token_values
-from lightning_rlhf.scoring import score_file, score_records
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.evaluation.judges import score_records
+from lightning_rlhf.losses.preference import ranking_loss
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.models.reward import load_reward_model, sequence_rewards, token_values
 from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_cli, straight_and_resumed
 
 TOKENIZER = load_tokenizer(None)

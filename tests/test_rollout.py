@@ -6,9 +6,11 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from lightning_rlhf.data.collate import PromptCollator
-from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.models import forward_logits, load_causal_lm, load_tokenizer
-from lightning_rlhf.rollout import Rollout, build_experience, decode_responses, generate, mask_after_eos
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.tokens import token_logprobs
+from lightning_rlhf.models.causal_lm import forward_logits, load_causal_lm
+from lightning_rlhf.rl.experience import build_experience
+from lightning_rlhf.rl.generation import Rollout, decode_responses, generate, mask_after_eos
 from tests.helpers import caches_seen, make_tiny_gpt2_export
 
 

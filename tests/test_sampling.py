@@ -4,11 +4,15 @@ import json
 
 import pytest
 
-from lightning_rlhf import ComparisonDataModule, engines, sampling, scoring
+from lightning_rlhf import ComparisonDataModule
 from lightning_rlhf.cli import main
-from lightning_rlhf.rollout import generate
-from lightning_rlhf.sampling import judge_records, rank, unranked_records
-from lightning_rlhf.scoring import make_scorer
+from lightning_rlhf.commands import sample
+from lightning_rlhf.commands.sample import judge_records, unranked_records
+from lightning_rlhf.evaluation import judges
+from lightning_rlhf.evaluation.judges import make_scorer
+from lightning_rlhf.evaluation.ratings import rank
+from lightning_rlhf.rl import engines
+from lightning_rlhf.rl.generation import generate
 
 GOLD = make_scorer("gold")
 
@@ -45,7 +49,7 @@ def test_sample_cli_writes_k_responses_or_judged_comparisons_the_datamodule_read
     assert [len(s["responses"]) for s in samples] == [3, 3, 3] and "ranks" not in samples[0]
 
     out = tmp_path / "comparisons.jsonl"
-    report = sampling.main([*common, "--judge", "gold", "--noise", "0.1", "--output", str(out)])
+    report = sample.main([*common, "--judge", "gold", "--noise", "0.1", "--output", str(out)])
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == report.written == 3 - report.all_tied and report.written >= 2
     data = ComparisonDataModule(train_path=str(out), val_fraction=0, tokenizer_name_or_path=tiny_model_dir)
@@ -59,7 +63,7 @@ def test_toy_prompts_draws_that_many_fresh_prompts_by_seed(tiny_model_dir, tmp_p
     drawn = {}
     for seed in (0, 0, 1):
         out = tmp_path / f"samples{seed}.jsonl"
-        sampling.main(
+        sample.main(
             [
                 "--model",
                 tiny_model_dir,
@@ -85,8 +89,8 @@ def test_sample_and_score_refuse_an_unwritable_output_before_any_work(tiny_model
     """The output's parent is a regular file (root ignores permission bits): both stop before loading a model."""
     (tmp_path / "file").write_text("x")
     loaded = []
-    monkeypatch.setattr(sampling, "load_causal_lm", lambda *a, **k: loaded.append(a))
-    monkeypatch.setattr(scoring, "load_reward_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(sample, "load_causal_lm", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(judges, "load_reward_model", lambda *a, **k: loaded.append(a))
     with pytest.raises(SystemExit, match="1"):
         main(["sample", "--model", tiny_model_dir, "--k", "2", "--output", str(tmp_path / "file" / "out.jsonl")])
     assert "out.jsonl: cannot be written" in capsys.readouterr().err
@@ -102,7 +106,7 @@ def test_sample_refuses_to_generate_past_the_models_positions(tiny_model_dir, tm
     prompts.write_text(json.dumps({"prompt": "Reverse: abc\n"}) + "\n")
     args = ["--model", tiny_model_dir, "--prompts", str(prompts), "--k", "2", "--output", str(tmp_path / "o.jsonl")]
     with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens is 133 tokens, past the model's max_position"):
-        sampling.main([*args, "--max_new_tokens", "120"])
+        sample.main([*args, "--max_new_tokens", "120"])
 
 
 def test_empty_samples_are_kept_ranked_and_counted():

@@ -11,7 +11,7 @@ from lightning_rlhf import DemonstrationDataModule, SFTModule
 from lightning_rlhf.data.collate import DemonstrationCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.models import load_tokenizer
+from lightning_rlhf.data.tokenizer import load_tokenizer
 from tests.helpers import TINY_CONFIG, straight_and_resumed
 
 

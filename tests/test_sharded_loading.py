@@ -10,8 +10,10 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from lightning_rlhf.models import export_pretrained, load_causal_lm, load_tokenizer
-from lightning_rlhf.reward_model import load_reward_model
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.causal_lm import load_causal_lm
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.models.reward import load_reward_model
 from tests.helpers import REPO, TINY_CONFIG, make_tiny_export, run_python
 
 

@@ -16,17 +16,18 @@ from lightning_rlhf.data.collate import ComparisonCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.shared_prompt import SharedPromptCollator, shared_attention_mask, shared_prompt_group
 from lightning_rlhf.data.tokenization import Tokenizer
-from lightning_rlhf.losses import dpo_loss, ranking_loss
-from lightning_rlhf.models import load_causal_lm, load_tokenizer, sequence_logprobs
-from lightning_rlhf.modules.dpo import row_keys
-from lightning_rlhf.reward_model import load_reward_model, sequence_rewards
-from lightning_rlhf.shared_forward import (
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.preference import dpo_loss, ranking_loss
+from lightning_rlhf.models.causal_lm import load_causal_lm, sequence_logprobs
+from lightning_rlhf.models.reward import load_reward_model, sequence_rewards
+from lightning_rlhf.models.shared_forward import (
     MASK_FORMS,
     check_shared_prompt_attention,
     model_mask,
     shared_rewards,
     shared_sequence_logprobs,
 )
+from lightning_rlhf.modules.dpo import row_keys
 from lightning_rlhf.toy.reverse import make_comparisons
 from tests.helpers import StepRecorder, make_tiny_export, make_tiny_gpt2_export
 

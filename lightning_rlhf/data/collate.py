@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_rlhf.losses import IGNORE_INDEX
+from lightning_rlhf.losses.tokens import IGNORE_INDEX
 
 
 def pad(sequences: Sequence[Sequence[int]], value: int, left: bool = False) -> Tensor:

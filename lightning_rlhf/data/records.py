@@ -9,13 +9,10 @@ skip them, in which case they are counted in ``ReadReport.skipped`` (never dropp
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from lightning_rlhf.toy import resolve_source
 
@@ -68,6 +65,8 @@ def _is_messages(value: Any) -> bool:
 # Where an empty string is refused, why. Anywhere else a response may be empty: the end-of-turn token at once is a real
 # answer (usually a bad one), which a reward model must have seen ranked before PPO's rollouts reach it.
 EMPTY_PROMPT = "a response answers a prompt, and there is nothing to answer (an empty response, by contrast, is valid)"
+
+
 EMPTY_DEMONSTRATION = (
     "a demonstration teaches the tokens of its response, and an empty one teaches nothing but to stop at once; leave "
     "the record out (in a comparison an empty response is valid: rank it)"
@@ -317,64 +316,3 @@ def read_records(
         what = "no records" if not report.skipped else f"no valid records ({report.skipped} skipped)"
         raise RecordError(f"{source}: {what} of kind {kind!r}")
     return records, report
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """An open temporary sibling of ``path``, renamed over it when the block ends without an error (removed if it
-    raises): a reader never sees a half-written file, and an earlier complete one survives a crash."""
-    target = Path(path).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(staging, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from everyone else
-        os.replace(staging, target)
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power cut
-        finally:
-            os.close(directory)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-
-
-def unwritable_reason(directory: Path) -> str | None:
-    """Why no file can be created in ``directory`` (created if missing), or ``None`` when one can."""
-    blocking = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        return f"{blocking} is a file, not a directory"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=directory).close()
-    except OSError as err:
-        return f"{err.strerror}: {err.filename or directory}"
-    return None
-
-
-def check_output_file(path: str | os.PathLike) -> Path:
-    """Refuse an output path that cannot be written, before the work that produces it: a directory, or a place where
-    no file can be created. Creates missing parent directories; returns the resolved path."""
-    target = Path(path).resolve()
-    if target.is_dir():
-        raise OSError(f"--output {path}: is a directory; give a file name")
-    if reason := unwritable_reason(target.parent):
-        raise OSError(f"--output {path}: cannot be written ({reason})")
-    return target
-
-
-def write_jsonl_atomic(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Write ``rows`` as JSON Lines to a temporary sibling, then rename it over ``path``."""
-    with atomic_file(path) as out:
-        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return Path(path).resolve()

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lightning_rlhf.data.records import atomic_file
+from lightning_rlhf.io import atomic_file
 
 try:
     import fcntl

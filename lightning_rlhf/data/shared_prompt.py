@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_rlhf.data.collate import comparison_rankings, pack_rows
-from lightning_rlhf.losses import IGNORE_INDEX
+from lightning_rlhf.losses.tokens import IGNORE_INDEX
 
 
 class SharedGroup(NamedTuple):

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.data.records import Record, RecordError
-from lightning_rlhf.losses import IGNORE_INDEX
+from lightning_rlhf.losses.tokens import IGNORE_INDEX
 
 Messages = list[dict[str, str]]
 Ids = list[int]

@@ -32,7 +32,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lightning_rlhf.lora import (
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.preference import DPO_LOSSES, dpo_loss
+from lightning_rlhf.models.causal_lm import disable_dropout, keep_out_of_checkpoints, load_causal_lm
+from lightning_rlhf.models.lora import (
     LoraOptions,
     apply_lora,
     check_fit_setup,
@@ -41,17 +44,10 @@ from lightning_rlhf.lora import (
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
 )
-from lightning_rlhf.losses import DPO_LOSSES, dpo_loss
-from lightning_rlhf.memory import check_memory
-from lightning_rlhf.models import (
-    disable_dropout,
-    keep_out_of_checkpoints,
-    load_causal_lm,
-    load_tokenizer,
-)
-from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.shared_forward import check_shared_prompt_attention, response_logprobs
-from lightning_rlhf.strategies import (
+from lightning_rlhf.models.shared_forward import check_shared_prompt_attention, response_logprobs
+from lightning_rlhf.training.memory import check_memory
+from lightning_rlhf.training.optim import optimizer_config
+from lightning_rlhf.training.strategies import (
     Rank0Load,
     clip_gradients,
     enable_activation_checkpointing,

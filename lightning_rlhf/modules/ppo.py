@@ -45,8 +45,25 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from lightning_rlhf.engines import build_engine, check_engine_options
-from lightning_rlhf.lora import (
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.evaluation.judges import import_reward_fn
+from lightning_rlhf.losses.policy import (
+    KL_ESTIMATORS,
+    adaptive_kl_coef,
+    aggregate_loss,
+    kl_penalty,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from lightning_rlhf.losses.tokens import masked_mean
+from lightning_rlhf.models.causal_lm import (
+    disable_dropout,
+    forward_logits,
+    keep_out_of_checkpoints,
+    load_causal_lm,
+    shifted_logprobs,
+)
+from lightning_rlhf.models.lora import (
     LoraOptions,
     apply_lora,
     check_fit_setup,
@@ -56,43 +73,33 @@ from lightning_rlhf.lora import (
     lora_hparams,
     unwrap,
 )
-from lightning_rlhf.losses import (
-    KL_ESTIMATORS,
-    adaptive_kl_coef,
-    aggregate_loss,
-    kl_penalty,
-    masked_mean,
-    ppo_policy_loss,
-    ppo_value_loss,
-)
-from lightning_rlhf.memory import check_memory, ppo_generation
-from lightning_rlhf.models import (
-    disable_dropout,
-    forward_logits,
-    keep_out_of_checkpoints,
-    load_causal_lm,
-    load_tokenizer,
-    shifted_logprobs,
-)
-from lightning_rlhf.optim import clip_grad_norms, optimizer_config, trainable
-from lightning_rlhf.reward_model import load_reward_model, reward_head
-from lightning_rlhf.rollout import (
+from lightning_rlhf.models.reward import load_reward_model, reward_head
+from lightning_rlhf.rl.engines import build_engine, check_engine_options
+from lightning_rlhf.rl.experience import (
     Experience,
-    Rollout,
     build_experience,
     check_critic_free_args,
-    check_generation_options,
-    check_prompts_fit,
-    check_sampling_options,
     correct_for_engine,
-    decode_responses,
     engine_mismatch,
     group_minibatches,
     group_statistics,
 )
-from lightning_rlhf.scoring import import_reward_fn
-from lightning_rlhf.shared_rollout import PaddedRollouts, SharedRollouts
-from lightning_rlhf.strategies import Rank0Load, enable_activation_checkpointing, fully_shard_models, reset_float32
+from lightning_rlhf.rl.generation import (
+    Rollout,
+    check_generation_options,
+    check_prompts_fit,
+    check_sampling_options,
+    decode_responses,
+)
+from lightning_rlhf.rl.layouts import PaddedRollouts, SharedRollouts
+from lightning_rlhf.training.memory import check_memory, ppo_generation
+from lightning_rlhf.training.optim import clip_grad_norms, optimizer_config, trainable
+from lightning_rlhf.training.strategies import (
+    Rank0Load,
+    enable_activation_checkpointing,
+    fully_shard_models,
+    reset_float32,
+)
 from lightning_rlhf.validation import check_range
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation

@@ -21,7 +21,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_rlhf.lora import (
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.preference import ranking_loss
+from lightning_rlhf.models.lora import (
     LoraOptions,
     apply_lora,
     check_fit_setup,
@@ -30,13 +32,11 @@ from lightning_rlhf.lora import (
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
 )
-from lightning_rlhf.losses import ranking_loss
-from lightning_rlhf.memory import check_memory
-from lightning_rlhf.models import load_tokenizer
-from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.reward_model import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
-from lightning_rlhf.shared_forward import check_shared_prompt_attention, shared_rewards
-from lightning_rlhf.strategies import (
+from lightning_rlhf.models.reward import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
+from lightning_rlhf.models.shared_forward import check_shared_prompt_attention, shared_rewards
+from lightning_rlhf.training.memory import check_memory
+from lightning_rlhf.training.optim import optimizer_config
+from lightning_rlhf.training.strategies import (
     Rank0Load,
     clip_gradients,
     enable_activation_checkpointing,

@@ -17,7 +17,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_rlhf.lora import (
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses.tokens import IGNORE_INDEX, masked_mean
+from lightning_rlhf.models.causal_lm import (
+    check_packed_attention,
+    forward_logits,
+    load_causal_lm,
+    packed_logits,
+    shifted_logprobs,
+)
+from lightning_rlhf.models.lora import (
     LoraOptions,
     apply_lora,
     check_fit_setup,
@@ -26,18 +35,9 @@ from lightning_rlhf.lora import (
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
 )
-from lightning_rlhf.losses import IGNORE_INDEX, masked_mean
-from lightning_rlhf.memory import check_memory
-from lightning_rlhf.models import (
-    check_packed_attention,
-    forward_logits,
-    load_causal_lm,
-    load_tokenizer,
-    packed_logits,
-    shifted_logprobs,
-)
-from lightning_rlhf.optim import optimizer_config
-from lightning_rlhf.strategies import (
+from lightning_rlhf.training.memory import check_memory
+from lightning_rlhf.training.optim import optimizer_config
+from lightning_rlhf.training.strategies import (
     Rank0Load,
     clip_gradients,
     enable_activation_checkpointing,

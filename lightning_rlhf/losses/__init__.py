@@ -1,0 +1,64 @@
+"""Pure tensor functions for the RLHF objectives: no Lightning, no models.
+
+Shapes: ``b`` batch, ``t`` time, ``v`` vocabulary, ``k`` responses per prompt. Every function is pinned by
+hand-computed values in ``tests/test_losses.py`` and its siblings. Three files, one import path:
+
+- ``tokens``: log-probs of tokens and masked reductions;
+- ``preference``: the reward model's ranking loss and the DPO family (a table of loss types);
+- ``policy``: PPO's clipped losses, KL estimators, GAE, group advantages, loss aggregations and engine importance
+  weights (each a table of pure functions chosen by name).
+"""
+
+from lightning_rlhf.losses.policy import (
+    ENGINE_IS_LEVELS,
+    GROUP_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    adaptive_kl_coef,
+    aggregate_loss,
+    discounted_returns,
+    engine_importance_weights,
+    gae,
+    group_advantages,
+    kl_penalty,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+    reinforce_pp_advantages,
+)
+from lightning_rlhf.losses.preference import DPO_LOSSES, dpo_loss, ranking_loss
+from lightning_rlhf.losses.tokens import (
+    IGNORE_INDEX,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    token_logprobs,
+)
+
+__all__ = [
+    "DPO_LOSSES",
+    "ENGINE_IS_LEVELS",
+    "GROUP_ESTIMATORS",
+    "IGNORE_INDEX",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "adaptive_kl_coef",
+    "aggregate_loss",
+    "discounted_returns",
+    "dpo_loss",
+    "engine_importance_weights",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_rewards",
+    "ppo_value_loss",
+    "ranking_loss",
+    "reinforce_pp_advantages",
+    "token_logprobs",
+]
