@@ -18,8 +18,12 @@ Extra subcommands, outside LightningCLI:
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
+import re
 import sys
+from pathlib import Path
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -97,10 +101,66 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+DOTTED_PATH = re.compile(r"\blightning_rlhf(?:\.[A-Za-z_]\w*)+")
+
+
+def resolves(path: str) -> bool:
+    """Whether the dotted ``path`` names a module of ours or something in one."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        name = ".".join(parts[:cut])
+        try:
+            found = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if not (name == err.name or name.startswith(f"{err.name}.")):
+                return True  # the module is there; one of its own imports is not (an optional extra)
+            continue
+        try:
+            for attribute in parts[cut:]:
+                found = getattr(found, attribute)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def new_home(path: str) -> str | None:
+    """Where the last name of an old ``path`` lives now: the module of that name, or the module that defines it."""
+    import lightning_rlhf
+
+    name = path.rpartition(".")[2]
+    for info in pkgutil.walk_packages(lightning_rlhf.__path__, "lightning_rlhf."):
+        if info.name.rpartition(".")[2] == name:
+            return info.name
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:
+            continue
+        if name in vars(module) and getattr(vars(module)[name], "__module__", info.name) == info.name:
+            return f"{info.name}.{name}"
+    return None
+
+
+def check_moved_paths(argv: list[str]) -> None:
+    """Refuse a ``lightning_rlhf.…`` path (a ``class_path``, a ``reward_fn``) in ``argv`` or its ``--config`` files
+    that no longer resolves, naming where the thing it named lives now (the package was laid out in layers)."""
+    configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    configs += [arg.partition("=")[2] for arg in argv if arg.startswith("--config=")]
+    sources = [("the command line", " ".join(argv))]
+    sources += [(config, Path(config).read_text()) for config in configs if Path(config).is_file()]
+    for where, text in sources:
+        for path in dict.fromkeys(DOTTED_PATH.findall(text)):
+            if not resolves(path):
+                home = new_home(path)
+                now = f"it is {home} now: update the path" if home else "nothing of that name exists now"
+                raise ValueError(f"{where}: {path} does not exist (lightning_rlhf is laid out in layers); {now}")
+
+
 def run(argv: list[str], from_command_line: bool = False) -> None:
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         EXTRA_SUBCOMMANDS[argv[0]](argv[1:])
         return
+    check_moved_paths(argv)
     RLHFCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -1,4 +1,4 @@
-"""The README's "what fits" table, from ``lightning_rlhf.training.memory.estimate_memory`` (an estimate, not a measurement).
+"""The "what fits" table, from ``lightning_rlhf.training.memory.estimate_memory`` (an estimate, not a measurement).
 
     python scripts/memory_table.py
 

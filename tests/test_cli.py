@@ -110,12 +110,12 @@ def test_help_points_to_the_extra_subcommands(capsys):
 
 
 def test_the_cli_loads_the_pipeline_only_for_the_pipeline_subcommand():
-    """``lightning-rlhf fit`` (and every other subcommand) starts without importing ``lightning_rlhf.commands.pipeline.loop`` and
-    the TensorBoard event reader it needs, in a fresh interpreter. Catches a top-level import of the pipeline in
-    cli.py, which would slow every command's start."""
+    """``lightning-rlhf fit`` (and every other subcommand) starts without importing the pipeline
+    (``lightning_rlhf.commands.pipeline.loop``) and the TensorBoard event reader it needs, in a fresh interpreter.
+    Catches a top-level import of the pipeline in cli.py, which would slow every command's start."""
     code = (
-        "import sys, lightning_rlhf.cli; print(sorted(m for m in sys.modules if m == 'lightning_rlhf.commands.pipeline.loop' or "
-        "m.startswith('tensorboard.backend.event_processing')))"
+        "import sys, lightning_rlhf.cli; print(sorted(m for m in sys.modules "
+        "if m == 'lightning_rlhf.commands.pipeline.loop' or m.startswith('tensorboard.backend.event_processing')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -269,3 +269,24 @@ def test_a_trainer_misconfiguration_is_one_line_too(tmp_path, monkeypatch, capsy
         main(["fit", "--config", str(REPO / "configs" / "sft.yaml"), "--trainer.enable_checkpointing=false"])
     (line,) = error_lines(capsys)
     assert "enable_checkpointing=False` but found `ModelCheckpoint`" in line
+
+
+@pytest.mark.parametrize("where", ["config", "command line"])
+def test_a_path_from_before_the_layered_layout_names_where_it_lives_now(tmp_path, monkeypatch, capsys, where):
+    """A user's YAML written for the flat package (``lightning_rlhf.callbacks.BestWeights``,
+    ``lightning_rlhf.datamodules...``): one line naming the file (or the command line), the old path and the new one,
+    before anything is built — not jsonargparse's page-long "does not validate". Catches: the check skipped for
+    ``--config`` files, a missing submodule taken for a missing optional extra (any import error counted as "it
+    exists"), the new home not found."""
+    monkeypatch.chdir(tmp_path)
+    old = "lightning_rlhf.callbacks.BestWeights"
+    config = tmp_path / "old.yaml"
+    config.write_text(f"trainer:\n  callbacks:\n    - class_path: {old}\n")
+    argv = ["--config", str(config)] if where == "config" else [f"--trainer.callbacks+={old}"]
+    with pytest.raises(SystemExit, match="1"):
+        main(["fit", *argv])
+    source = str(config) if where == "config" else "the command line"
+    assert error_lines(capsys) == [
+        f"error: {source}: {old} does not exist (lightning_rlhf is laid out in layers); it is "
+        "lightning_rlhf.training.callbacks.BestWeights now: update the path"
+    ]

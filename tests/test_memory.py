@@ -1,5 +1,5 @@
-"""The per-rank memory estimate (``lightning_rlhf.training.memory``): components worked out by hand, the options it offers,
-and the refusal of a run that cannot fit before its first step."""
+"""The per-rank memory estimate (``lightning_rlhf.training.memory``): components worked out by hand, the options it
+offers, and the refusal of a run that cannot fit before its first step."""
 
 import logging
 

@@ -228,8 +228,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not shards:
             raise ValueError(
                 "FSDP2Strategy(cpu_offload=True) found no fully_shard-ed parameter after configure_model: offload is "
-                "FSDP2's, so configure_model must shard the models (lightning_rlhf.training.strategies.fully_shard_models, as "
-                "every stage module does); or set cpu_offload: false"
+                "FSDP2's, so configure_model must shard the models (lightning_rlhf.training.strategies."
+                "fully_shard_models, as every stage module does); or set cpu_offload: false"
             )
         device = self.root_device
         self.model._apply(lambda tensor: tensor if isinstance(tensor, DTensor) else tensor.to(device))

@@ -1,6 +1,6 @@
-"""The pipeline's evaluation on held-out prompts (``lightning-rlhf pipeline``, ``lightning_rlhf.commands.pipeline.loop``): every
-policy scored by the judge, or by the reward model when there is no judge; the reward model's agreement with the
-judge; best-of-n; training curves read back from TensorBoard; the over-optimisation plot."""
+"""The pipeline's evaluation on held-out prompts (``lightning-rlhf pipeline``): every policy scored by the judge,
+or by the reward model when there is no judge; the reward model's agreement with the judge; best-of-n; training
+curves read back from TensorBoard; the over-optimisation plot."""
 
 from __future__ import annotations
 
