@@ -462,16 +462,20 @@ def test_exactly_one_reward_source_and_an_importable_reward_fn(exports):
 
 
 def test_ppo_with_a_reward_function_learns_what_it_rewards(exports, tmp_path):
-    """A rule instead of a reward model: the share of "a" in sampled responses on held-out prompts rises."""
+    """A rule instead of a reward model: the share of "a" in sampled responses on held-out prompts rises.
+
+    400 rollouts, not 200: at 200 the outcome hung on the sampling seed (PPOModule's ``seed`` 0-3 gave 0.18, 1.0,
+    0.70, 1.0 after 200; a change of float rounding in the scoring forwards moved seed 0 from 1.0 to 0.18), at 400
+    every one of them clears the bar: 0.97, 1.0, 0.88, 1.0."""
     data = PromptDataModule(tokenizer_name_or_path=exports[0], batch_size=16, max_length=32, val_fraction=0.1)
     data.setup("fit")
     held_out = next(iter(data.val_dataloader()))
     L.seed_everything(0)
     module = ppo((exports[0],), reward_fn="tests.test_ppo.share_of_a", max_new_tokens=8, kl_coef=0.0, value_head=True)
     before = mean_score(module, held_out)
-    fit(module, data, 200, tmp_path)
+    fit(module, data, 400, tmp_path)
     after = mean_score(module, held_out)
-    assert after > before + 0.5, (before, after)  # measured: 0.008 -> 1.0
+    assert after > before + 0.5, (before, after)  # measured: 0.008 -> 0.97
 
 
 def high_bytes(prompt: str, response: str) -> float:
