@@ -2,44 +2,30 @@
 
 Maximised: ``E_{x∼D, y∼π}[r_θ(x, y) − β log(π(y|x) / π_SFT(y|x))] + γ · E_{x∼D_pretrain}[log π(x)]``.
 
-Each ``training_step`` is one PPO iteration on its batch of prompts:
+Each ``training_step`` is one PPO iteration on its batch of prompts (manual optimisation):
 
-1. rollout, without gradients (``make_experience``): the policy samples one response per prompt (``rollout_engine``:
-   KV-cached ``generate``, or a colocated vLLM engine synced from the policy first); then, for every response token
-   ``t``, the policy's and the reference's log-probs, the value ``V_t`` of the state before the token (value model),
-   and the reward model's score of the whole sequence;
-2. per-token rewards ``-β · KL_t`` plus the score on the last token (``losses.ppo_rewards``); advantages by GAE,
-   whitened over the batch's response tokens; returns ``A + V``;
-3. ``ppo_epochs`` passes over the batch in ``num_mini_batches`` shuffled minibatches, one optimiser step each:
-   clipped surrogate + ``vf_coef`` · clipped value loss (+ ``ptx_coef`` · language-model loss on the minibatch's
-   pretraining text, PPO-ptx). Manual optimisation, so ``trainer.global_step`` counts these steps:
-   ``max_steps = rollouts · ppo_epochs · num_mini_batches``;
+1. rollout, without gradients (``make_experience``): the policy samples (``rollout_engine``), the policy, value
+   function, frozen reference and reward model score (``rl.rollouts``; the models: ``rl.actor_critic``);
+2. per-token rewards ``-β · KL_t`` plus the score on the last token; advantages by GAE (or a critic-free estimator:
+   ``num_generations`` responses per prompt are a group, each other's baseline), whitened (``rl.experience``);
+3. ``ppo_epochs`` passes in ``num_mini_batches`` shuffled minibatches of whole groups, one optimiser step each, on the
+   clipped surrogate, the clipped value loss and PPO-ptx (``rl.updates``): ``trainer.global_step`` counts these;
 4. with ``target_kl`` set, β follows Ziegler et al.'s adaptive controller (``losses.adaptive_kl_coef``).
 
-Critic-free (``advantage_estimator``: ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp``): no value function is built,
-trained or checkpointed; ``num_generations`` responses per prompt form a group whose rewards give each other's
-baseline (``rollout.build_experience`` is where every estimator's advantage is computed), minibatches keep groups
-whole, and the KL can move from the reward (``kl_in_reward``) to a k3 loss term on the policy (``kl_loss_coef``).
-
-Log-probs of policy and reference are taken under ``softmax(logits / temperature)``: the distribution sampled.
-The value model is its own network initialised from the reward model (its backbone and head, read at every
-position), or with ``value_head`` a linear head on the policy's last hidden state. Reference and reward model are
-frozen: eval mode, no grad, outside the optimiser and out of checkpoints (rebuilt from their paths). Dropout is off
-in policy and value model, so repeated forwards agree and the first minibatch's probability ratio is exactly 1.
+Reference and reward model are frozen: eval mode, no grad, outside the optimiser and out of checkpoints (rebuilt from
+their paths). The arguments are checked in ``ppo_options``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -47,60 +33,35 @@ from transformers import PreTrainedModel
 
 from lightning_rlhf.data.tokenizer import load_tokenizer
 from lightning_rlhf.evaluation.judges import import_reward_fn
-from lightning_rlhf.losses.policy import (
-    KL_ESTIMATORS,
-    adaptive_kl_coef,
-    aggregate_loss,
-    kl_penalty,
-    ppo_policy_loss,
-    ppo_value_loss,
-)
-from lightning_rlhf.losses.tokens import masked_mean
-from lightning_rlhf.models.causal_lm import (
-    disable_dropout,
-    forward_logits,
-    keep_out_of_checkpoints,
-    load_causal_lm,
-    shifted_logprobs,
-)
+from lightning_rlhf.losses.policy import adaptive_kl_coef
+from lightning_rlhf.models.causal_lm import keep_out_of_checkpoints
 from lightning_rlhf.models.lora import (
     LoraOptions,
-    apply_lora,
     check_fit_setup,
     drop_frozen_weights,
     export_trained,
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
-    unwrap,
 )
-from lightning_rlhf.models.reward import load_reward_model, reward_head
-from lightning_rlhf.rl.engines import build_engine, check_engine_options
-from lightning_rlhf.rl.experience import (
-    Experience,
-    build_experience,
-    check_critic_free_args,
-    correct_for_engine,
-    engine_mismatch,
-    group_minibatches,
-    group_statistics,
-)
-from lightning_rlhf.rl.generation import (
-    Rollout,
-    check_generation_options,
-    check_prompts_fit,
-    check_sampling_options,
-    decode_responses,
-)
+from lightning_rlhf.modules.ppo_options import check_last_batch, check_ppo_options, check_rollout_batch
+from lightning_rlhf.rl.actor_critic import MODEL_ROLES, ModelOptions, PPOModels, load_ppo_models, policy_outputs
+from lightning_rlhf.rl.engines import build_engine
+from lightning_rlhf.rl.experience import Experience, engine_mismatch
+from lightning_rlhf.rl.generation import Rollout, check_prompts_fit
 from lightning_rlhf.rl.layouts import PaddedRollouts, SharedRollouts
+from lightning_rlhf.rl.rollouts import (
+    RolloutOptions,
+    experience_from,
+    rollout_statistics,
+    sample_rollout,
+    samples_table,
+    sequence_statistics,
+    text_scores,
+)
+from lightning_rlhf.rl.updates import PPOUpdates, ptx_loss
 from lightning_rlhf.training.memory import check_memory, ppo_generation
 from lightning_rlhf.training.optim import clip_grad_norms, optimizer_config, trainable
-from lightning_rlhf.training.strategies import (
-    Rank0Load,
-    enable_activation_checkpointing,
-    fully_shard_models,
-    reset_float32,
-)
-from lightning_rlhf.validation import check_range
+from lightning_rlhf.training.strategies import Rank0Load, fully_shard_models, reset_float32
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
 VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
@@ -166,26 +127,21 @@ class PPOModule(L.LightningModule):
         Args:
             model_name_or_path: the SFT export (Hugging Face directory or hub name); policy and reference start here.
             reward_model_name_or_path: the reward model export (``RewardModule``); the value model starts here too.
-            reward_fn: instead of a reward model, the import path of a function ``(prompt, response) -> float`` on
-                text (e.g. ``lightning_rlhf.toy.gold_score``, a rule, a verifier); the prompt is as the policy saw it
-                (chat template rendered), both without special tokens. It imports and runs the code it names, as
-                ``class_path`` does: name only code you trust. The value model then starts from the SFT
-                export with a fresh head (or, with ``value_head``, a zero head).
-            judge_fn: the import path of a function ``(prompt, response) -> float`` (run like ``reward_fn``) that is
-                only watched, never optimised: its mean over each rollout and over validation is logged as
-                ``objective/judge`` beside the reward model's ``objective/scores`` (e.g. a gold judge, to see reward
-                over-optimisation: the reward model's score rising while the judge's falls; Gao et al. 2022).
-            ref_model_name_or_path: the frozen reference of the KL penalty, when it is not the policy's starting
-                point (``None``: ``model_name_or_path``); e.g. iterated RLHF continues from the last round's policy and
-                keeps the SFT model as reference. It must share the policy's tokenizer.
+            reward_fn: instead of a reward model, the import path of a function ``(prompt, response) -> float`` on the
+                texts as the policy saw them, without special tokens (e.g. ``lightning_rlhf.toy.gold_score``). It runs
+                the code it names, as ``class_path`` does: name only code you trust. The value model then starts from
+                the SFT export.
+            judge_fn: a function like ``reward_fn``, only watched: its mean is logged as ``objective/judge`` beside
+                ``objective/scores`` (e.g. a gold judge, to see reward over-optimisation; Gao et al. 2022).
+            ref_model_name_or_path: the frozen reference of the KL penalty, if not ``model_name_or_path`` (e.g. the SFT
+                model while iterated RLHF continues from the last round's policy); it must share the policy's tokenizer.
             dtype: parameter dtype of all four models, ``float32`` / ``bfloat16`` / ``float16``.
             max_new_tokens: longest response sampled.
             temperature: how responses are sampled (> 0); the log-probs are those of ``softmax(logits / temperature)``.
-            top_k, top_p: must stay 0 and 1: a truncated distribution is not the one the log-probs, the KL and the
-                probability ratios are computed under (kept as arguments so that a config setting them fails clearly).
-            cache_implementation, compile_generation: the hf engine's KV cache, ``dynamic`` or ``static`` (preallocated;
-                ``rollout.generate``), and whether to ``torch.compile`` its decode step (needs the static cache; no gain
-                at the embedded default's size on a CPU: README, Performance). Both sample the same distribution.
+            top_k, top_p: must stay 0 and 1: the log-probs, KL and ratios are those of the whole tempered distribution
+                (arguments only so that a config setting them fails clearly).
+            cache_implementation, compile_generation: the hf engine's KV cache, ``dynamic`` or ``static``, and whether
+                to ``torch.compile`` its decode step (static cache only; docs/performance.md). Same distribution.
             kl_coef: β, the weight of the per-token KL penalty to the reference (the initial β when adaptive).
             kl_estimator: ``k1`` (the log-ratio InstructGPT uses), ``k2`` or ``k3`` (see ``losses.kl_penalty``).
             target_kl: KL per sequence that the adaptive controller steers towards; ``None`` keeps β fixed.
@@ -197,109 +153,63 @@ class PPOModule(L.LightningModule):
             vf_coef: weight of the value loss.
             gamma, lam: GAE's discount and λ.
             whiten_advantages: normalise advantages over the batch's response tokens.
-            missing_eos_penalty: subtracted from the score of a response that did not end with EOS within
-                ``max_new_tokens`` (TRL's flag of the same name); ``None`` for none.
-            ptx_coef: γ, the weight of the language-model loss on pretraining text (PPO-ptx); needs
-                ``PromptDataModule(pretrain_path=…)``.
-            max_grad_norm: clip the gradient norm of the policy and, separately, of the value function to this
-                (``None`` for no clipping; the Trainer's ``gradient_clip_val`` does not apply to manual optimisation).
-                Separately, because the value error's gradient is often tens of times the policy's: one global norm
-                would shrink every policy step by a factor that changes with the value error. With ``value_head``
-                the policy's backbone carries both gradients and is clipped as the policy.
+            missing_eos_penalty: subtracted from the score of a response without EOS (as TRL's); ``None`` for none.
+            ptx_coef: γ, the weight of the language-model loss on pretraining text (PPO-ptx; ``pretrain_path``).
+            max_grad_norm: clip the gradient norm of the policy and, apart (its gradient is often tens of times the
+                policy's), of the value function to this; ``None``: no clipping (the Trainer's ``gradient_clip_val``
+                does not apply to manual optimisation). A ``value_head``'s backbone is clipped as the policy.
             value_lr: learning rate of the value function (its own parameter group); ``None``: the optimiser's.
-            optimizer: built over two parameter groups, the policy's and the value function's trainable parameters,
-                once they exist.
+            optimizer: built over two parameter groups, the policy's and the value function's trainable parameters.
             scheduler: stepped every optimiser step.
             export_dir: where the trained policy and tokenizer are saved (``save_pretrained``) when fit ends.
-            gradient_checkpointing: keep only each decoder block's input and recompute the block in backward, for
-                the trained models, policy and value model (``strategies.enable_activation_checkpointing``);
-                about one forward more per minibatch. Rollouts run without gradients and are unaffected.
-            value_head: the value function is a linear head on the policy's last hidden state (one model fewer in
-                memory, one forward fewer per step; initialised from the reward model's head), instead of a separate
-                network initialised from the whole reward model.
-            log_samples: how many prompts, responses and scores of the first rollout of each epoch and of the first
-                validation batch are logged as TensorBoard text (``train/samples``, ``val/samples``); 0 for none.
-            seed: rollout ``i`` on rank ``k`` samples (and shuffles its minibatches) from a generator seeded by
-                ``(seed, i, k)``, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew,
-                and every validation draws the same samples for the same prompts.
-            forward_batch_size: rows per scoring forward of a rollout (policy, value, reference and reward model);
-                ``None``: the whole rollout batch at once. Bounds the activations and logits held at once (at a 128k
-                vocabulary, 16 rows × 128 response tokens of float32 logits are 1 GiB).
+            gradient_checkpointing: recompute each decoder block of policy and value model in backward
+                (``strategies.enable_activation_checkpointing``): about one forward more per minibatch.
+            value_head: the value function is a linear head on the policy's last hidden state (from the reward model's
+                head; one model and one forward fewer), not a network initialised from the whole reward model.
+            log_samples: prompts, responses and scores of the first rollout of each epoch and of the first validation
+                batch logged as TensorBoard text (``train/samples``, ``val/samples``); 0 for none.
+            seed: rollout ``i`` on rank ``k`` samples and shuffles from a generator seeded by ``(seed, i, k)``: a
+                resumed run draws what the uninterrupted one drew, and every validation the same samples.
+            forward_batch_size: rows per scoring forward of a rollout, bounding the activations and logits held at once
+                (16 rows × 128 tokens of float32 logits at a 128k vocabulary are 1 GiB); ``None``: the whole batch.
             advantage_estimator: ``gae`` (PPO with a value function), or critic-free: ``grpo`` (reward minus its
                 group's mean, over the group's std), ``dr_grpo`` (minus the mean only), ``rloo`` (minus the mean of
-                the group's other responses), ``reinforce_pp`` (discounted returns of the per-token rewards, whitened
-                over the batch); see ``losses.group_advantages`` and ``losses.reinforce_pp_advantages``.
+                the others), ``reinforce_pp`` (discounted returns of the per-token rewards, whitened over the batch).
             num_generations: G, responses sampled per prompt in one rollout, kept together through minibatching (the
                 group estimators need G >= 2); a batch of n prompts gives n · G sequences.
             kl_in_reward: put ``-β · KL`` into the reward (InstructGPT); ``False`` leaves it out (β unused there).
-            kl_loss_coef: weight of GRPO's KL loss term on the policy, k3 of policy to reference per token, aggregated
-                like the policy loss (Shao et al. 2024); 0 for none.
-            loss_aggregation: how per-token losses make one: ``token_mean`` (every token of the minibatch alike),
-                ``seq_mean_token_sum`` (Dr. GRPO: each response's sum over ``max_new_tokens``),
-                ``seq_mean_token_mean`` (every response alike); see ``losses.aggregate_loss``.
-            reward_fns: several reward functions, ``{import path: weight}``: the reward is the weighted sum, and each
-                function's mean is logged as ``objective/reward/<function name>`` (e.g. format and correctness).
-            lora: train LoRA adapters (``peft``) on the frozen policy instead of every weight. The reference is then
-                the policy with its adapter switched off (no second copy), unless ``ref_model_name_or_path`` names
-                another model, which is loaded as before. A value model gets adapters of its own (same options) and
-                its head trains in full; a ``value_head`` trains in full on the adapted policy. Checkpoints hold only
-                the trainable parameters; the export holds the merged policy and, in ``export_dir/adapter``, the
-                adapter alone. One device, DDP or FSDP2 (not FSDP1).
-            rollout_engine: ``hf`` (``generate`` on the policy) or ``vllm`` (a colocated vLLM engine per process, synced
-                from the policy before every rollout; its log-probs of the sampled tokens are logged against the
-                policy's, ``train/rollout/logprob_diff_mean`` and ``_max``); see ``engines``.
+            kl_loss_coef: weight of GRPO's k3 KL loss term on the policy, aggregated as its loss (Shao et al. 2024).
+            loss_aggregation: how per-token losses make one: ``token_mean`` (every token alike), ``seq_mean_token_sum``
+                (Dr. GRPO: each response's sum over ``max_new_tokens``), ``seq_mean_token_mean`` (every response alike).
+            reward_fns: ``{import path: weight}``: the reward is the weighted sum; each function's mean is logged as
+                ``objective/reward/<function name>``.
+            lora: train LoRA adapters (``peft``) instead of every weight; the reference is then the policy with its
+                adapter off, unless ``ref_model_name_or_path`` names another. A value model gets adapters of its own;
+                heads train in full. Checkpoints hold the trainable parameters; the export the merged policy and, in
+                ``export_dir/adapter``, the adapter. One device, DDP or FSDP2 (not FSDP1); docs/lora.md.
+            rollout_engine: ``hf`` (``generate`` on the policy) or ``vllm`` (a colocated engine synced before every
+                rollout; its log-probs logged against the policy's, ``train/rollout/logprob_diff_mean``, ``_max``).
             engine_options: the engine's settings, e.g. ``{gpu_memory_utilization: 0.3, sleep: true}`` (``engines``).
             engine_is_correction, engine_is_cap: weight each token's policy loss by a truncated importance ratio of the
                 policy to the engine, per ``token`` or ``sequence`` (``losses.engine_importance_weights``); ``none``.
-            shared_prompt: forward consecutive rollout rows with the same prompt (the G responses of GRPO / RLOO) as
-                one row, the prompt once (``shared_rollout``): the padded rows' log-probs, values and rewards, for
-                fewer tokens. Each model is checked at its first use; one the layout is not exact for is refused.
+            shared_prompt: forward the rows of a prompt (the G responses of GRPO / RLOO) as one row, the prompt once
+                (``layouts.SharedRollouts``): the same outputs for fewer tokens; a model it is not exact for is refused.
         """
         super().__init__()
-        sources = [reward_model_name_or_path, reward_fn, reward_fns]
-        if sum(source is not None for source in sources) != 1:
-            raise ValueError("give PPOModule exactly one of reward_model_name_or_path, reward_fn and reward_fns")
-        check_critic_free_args(advantage_estimator, num_generations, loss_aggregation, value_head)
+        lora = lora_hparams(lora)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        check_ppo_options(self.hparams)
         # name -> (function, weight); reward_fn is one function of weight 1
         weighted = reward_fns or ({reward_fn: 1.0} if reward_fn is not None else {})
         self.reward_fns = {path.rpartition(".")[2]: (import_reward_fn(path), float(w)) for path, w in weighted.items()}
         self.judge_fn = import_reward_fn(judge_fn) if judge_fn is not None else None
-        check_sampling_options(temperature, top_k, top_p)
-        check_range("max_new_tokens", max_new_tokens, ">= 1", max_new_tokens >= 1)
-        check_generation_options(cache_implementation, compile_generation)
-        check_engine_options(rollout_engine, engine_is_correction, engine_is_cap)
-        check_range("kl_coef", kl_coef, ">= 0", kl_coef >= 0)
-        check_range("clip_range", clip_range, "> 0", clip_range > 0)
-        check_range("clip_range_value", clip_range_value, "> 0", clip_range_value > 0)
-        check_range("vf_coef", vf_coef, ">= 0", vf_coef >= 0)
-        check_range("gamma", gamma, "in [0, 1]", 0 <= gamma <= 1)
-        check_range("lam", lam, "in [0, 1]", 0 <= lam <= 1)
-        check_range("ptx_coef", ptx_coef, ">= 0", ptx_coef >= 0)
-        check_range("max_grad_norm", max_grad_norm, "> 0 or None", max_grad_norm is None or max_grad_norm > 0)
-        check_range("kl_horizon", kl_horizon, ">= 1", kl_horizon >= 1)
-        check_range("log_samples", log_samples, ">= 0", log_samples >= 0)
-        if kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
-        check_range("target_kl", target_kl, "> 0 (or None for a fixed kl_coef)", target_kl is None or target_kl > 0)
-        check_range(
-            "forward_batch_size",
-            forward_batch_size,
-            ">= 1 (or None for the whole batch)",
-            forward_batch_size is None or forward_batch_size >= 1,
-        )
-        check_range("ppo_epochs", ppo_epochs, ">= 1", ppo_epochs >= 1)
-        check_range("num_mini_batches", num_mini_batches, ">= 1", num_mini_batches >= 1)
-        lora = lora_hparams(lora)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.rollout_options = RolloutOptions.of(self.hparams)  # how rollouts are sampled and scored
+        self.updates = PPOUpdates.of(self.hparams)  # the loss and the minibatches of each rollout's updates
         self.tokenizer = load_tokenizer(model_name_or_path)
-        self.model: PreTrainedModel | None = None
-        self.value_model: PreTrainedModel | None = None
-        self.value_head: nn.Linear | None = None
-        self.ref_model: PreTrainedModel | None = None
-        self.reward_model: PreTrainedModel | None = None
+        # Built in configure_model (``actor_critic.PPOModels``); a value model or head only with ``gae``.
+        self.model = self.value_model = self.value_head = self.ref_model = self.reward_model = None
         # How the forwards over a rollout's rows lay them out: padded rows, or each prompt once (``shared_rollout``).
         self.rollout_layout = SharedRollouts(self.tokenizer.pad_token_id) if shared_prompt else PaddedRollouts()
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
@@ -315,66 +225,13 @@ class PPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp, load = self.hparams, Rank0Load(self)
-        self.model = load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, meta=load.meta)
-        reference = hp.ref_model_name_or_path or hp.model_name_or_path
-        self._check_tokenizer(reference, "reference model")
-        if hp.lora is not None:
-            self.model = apply_lora(self.model, hp.lora)
-        if hp.lora is None or reference != hp.model_name_or_path:  # else: the policy with its adapter off
-            self.ref_model = load_causal_lm(reference, self.tokenizer, hp.dtype, meta=load.meta)
-            self.ref_model.eval().requires_grad_(False)
-        if hp.reward_model_name_or_path is not None:
-            self._check_tokenizer(hp.reward_model_name_or_path, "reward model")
-            rewards = load_reward_model(hp.reward_model_name_or_path, self.tokenizer, hp.dtype, meta=load.meta)
-            self.reward_model = rewards.eval().requires_grad_(False)
-        value_start = hp.reward_model_name_or_path or hp.model_name_or_path  # an SFT export gets a fresh head
-        critic = hp.advantage_estimator == "gae"  # the critic-free estimators build no value function at all
-        if critic and hp.value_head:
-            self.value_head = self._value_head_from(reward_head(self.reward_model) if self.reward_model else None)
-        elif critic:
-            self.value_model = load_reward_model(value_start, self.tokenizer, hp.dtype, meta=load.meta)
-            if hp.lora is not None:
-                self.value_model = apply_lora(self.value_model, hp.lora, task_type="SEQ_CLS")
-        for trained in (self.model, self.value_model):
-            if trained is not None:
-                disable_dropout(trained)
-                if hp.gradient_checkpointing:
-                    enable_activation_checkpointing(trained)
-        models = (self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
+        load = Rank0Load(self)
+        models = load_ppo_models(self.tokenizer, ModelOptions.of(self.hparams), meta=load.meta)
+        # Registered in this order (the state dict's): policy, reference, reward model, value function.
+        self.model, self.ref_model, self.reward_model = models.policy, models.ref_model, models.reward_model
+        self.value_head, self.value_model = models.value_head, models.value_model
         fully_shard_models(self, *models, load=load)
-        names = ("policy", "value model", "value head", "reference", "reward model")
-        check_memory(self, dict(zip(names, models, strict=True)), ppo_generation(self))
-
-    def _check_tokenizer(self, path: str, role: str) -> None:
-        """The other model must read every policy token id as the policy does: the same vocabulary, or a superset
-        of it (a reward model trained with ``reward_token`` has that one token more)."""
-        if path == self.hparams.model_name_or_path:
-            return
-        theirs = load_tokenizer(path).get_vocab()
-        if any(theirs.get(token) != index for token, index in self.tokenizer.get_vocab().items()):
-            raise ValueError(
-                f"the {role} {path} and the policy {self.hparams.model_name_or_path} use different tokenizers: "
-                "token ids only mean the same to both when its vocabulary holds the policy's, id for id (train it "
-                "from the same SFT export)"
-            )
-
-    def _value_head_from(self, reward_head: nn.Linear | None) -> nn.Linear:
-        """A value head on the policy's hidden states: the reward model's head when there is one of the same width,
-        else zeros, with a bias (from 0) for the mean return."""
-        width = self.model.config.hidden_size
-        head = nn.Linear(width, 1, dtype=self.model.dtype, device=self.model.device)  # meta under Rank0Load
-        with torch.no_grad():
-            head.bias.zero_()
-            head.weight.zero_()
-            if reward_head is not None and reward_head.weight.shape == head.weight.shape:
-                head.weight.copy_(reward_head.weight)
-            elif reward_head is not None:
-                rank_zero_info(
-                    f"value head: the reward model is {reward_head.in_features} wide, the policy {width}; "
-                    "starting from zeros"
-                )
-        return head
+        check_memory(self, dict(zip(MODEL_ROLES, models, strict=True)), ppo_generation(self))
 
     def train(self, mode: bool = True) -> PPOModule:
         super().train(mode)
@@ -415,219 +272,85 @@ class PPOModule(L.LightningModule):
         with self.model.disable_adapter():
             return self.response_logprobs(self.model, sequences, attention_mask, start)
 
-    def policy_outputs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """``(b, r)`` policy log-probs of the response tokens and values of the states before them (the value at the
-        column before each token, like the logits that predict it); values ``None`` without a value function."""
-        if self.value_head is None and self.value_model is None:
-            return self.response_logprobs(self.model, sequences, attention_mask, start), None
-        if self.value_head is None:
-            logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
-            return logprobs, self.rollout_layout.values(self.value_model, sequences, attention_mask, start)
-        # The backbone's output, caught on its way to the LM head (``output_hidden_states`` comes back empty when
-        # FSDP2 has swapped the layers' classes).
-        caught: list[Tensor] = []
-        hook = unwrap(self.model).base_model.register_forward_hook(lambda module, args, out: caught.append(out[0]))
-        try:
-            logprobs = self.response_logprobs(self.model, sequences, attention_mask, start)
-        finally:
-            hook.remove()
-        states = self.rollout_layout.columns(caught[-1], sequences, attention_mask, start)
-        values = self.value_head(states).squeeze(-1).float()
-        return logprobs, values
+    def policy_outputs(self, sequences: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor | None]:
+        """``(b, r)`` policy log-probs of the response tokens and values before them (``actor_critic``)."""
+        models = PPOModels(self.model, self.value_model, self.value_head, self.ref_model, self.reward_model)
+        return policy_outputs(models, self.rollout_layout, self.hparams.temperature, sequences, attention_mask, start)
 
     @torch.no_grad()
     def make_experience(self, batch: dict[str, Tensor]) -> Experience:
-        """Sample ``num_generations`` responses per left-padded prompt of ``batch`` (a prompt's in consecutive rows)
-        and score them (``score_rollout``)."""
+        """Sample ``num_generations`` responses per prompt of ``batch`` (``rollouts.sample_rollout``) and score them
+        (``score_rollout``)."""
         hp = self.hparams
-        input_ids, attention_mask = (
-            batch[k].repeat_interleave(hp.num_generations, 0) for k in ("input_ids", "attention_mask")
-        )
         check_prompts_fit(self.model, batch["input_ids"].shape[1], hp.max_new_tokens)
         if self.engine is None:
             self.engine = build_engine(hp.rollout_engine, hp.model_name_or_path, hp.dtype, hp.engine_options)
-        self.engine.sync(self.model)  # never sample from stale weights
-        # Sharded ranks must keep stepping together (their forwards gather weights) until all have finished.
         sharded = self.device_mesh is not None and self.device_mesh.size() > 1
-        rollout = self.engine.generate(
-            self.model,
-            self.tokenizer,
-            input_ids,
-            attention_mask,
-            hp.max_new_tokens,
-            hp.temperature,
-            synced_gpus=sharded,
-            cache_implementation=hp.cache_implementation,
-            compile=hp.compile_generation,
-        )
+        rollout = sample_rollout(self.engine, self.model, self.tokenizer, batch, self.rollout_options, sharded)
         return self.score_rollout(rollout)
 
     @torch.no_grad()
     def score_rollout(self, rollout: Rollout) -> Experience:
-        """Policy and reference log-probs, values and scores of sampled responses, made into PPO experience.
+        """Policy and reference log-probs, values and scores of sampled responses, made into PPO experience
+        (``rollouts.experience_from``)."""
+        rewards = partial(self.rollout_layout.rewards, self.reward_model) if self.reward_model is not None else None
+        forwards = (self.policy_outputs, self.reference_logprobs, rewards)
+        return experience_from(rollout, forwards, self.reward_fns, self.tokenizer, self.kl_coef, self.rollout_options)
 
-        The forwards run ``forward_batch_size`` rows at a time (every rank the same number of forwards, as sharded
-        models need, when ranks hold rollouts of the same size).
-        """
-        hp = self.hparams
-        sequences, attention_mask, start = rollout.sequences, rollout.attention_mask, rollout.prompt_length
-        parts = []
-        for rows in torch.arange(len(sequences), device=sequences.device).split(
-            hp.forward_batch_size or len(sequences)
-        ):
-            ids, mask = sequences[rows], attention_mask[rows]
-            logprobs, values = self.policy_outputs(ids, mask, start)
-            ref_logprobs = self.reference_logprobs(ids, mask, start)
-            scores = None
-            if self.reward_model is not None:
-                scores = self.rollout_layout.rewards(self.reward_model, ids, mask, start)
-            parts.append((logprobs, values, ref_logprobs, scores))
-        logprobs, values, ref_logprobs, scores = (
-            torch.cat(column) if column[0] is not None else None for column in zip(*parts, strict=True)
+    def judge_scores(self, experience: Experience) -> Tensor | None:
+        """``(b,)`` the ``judge_fn``'s scores of the responses (``None`` without one)."""
+        if self.judge_fn is None:
+            return None
+        return text_scores({"judge": self.judge_fn}, self.tokenizer, experience.rollout)["judge"]
+
+    def _log_rollout(self, experience: Experience) -> dict[str, Tensor]:
+        """Log the rollout's statistics, averaged over every rank's sequences; returns this rank's."""
+        stats = rollout_statistics(
+            experience, self.kl_coef, self.hparams.num_generations, self.judge_scores(experience)
         )
-        parts = {name: self.text_scores(fn, rollout) for name, (fn, _) in self.reward_fns.items()}
-        if scores is None:
-            scores = sum(weight * parts[name] for name, (_, weight) in self.reward_fns.items())
-        experience = build_experience(
-            rollout,
-            logprobs,
-            ref_logprobs,
-            values,
-            scores,
-            self.tokenizer.eos_token_id,
-            self.kl_coef,
-            hp.kl_estimator,
-            hp.gamma,
-            hp.lam,
-            hp.whiten_advantages,
-            hp.missing_eos_penalty,
-            hp.advantage_estimator,
-            hp.num_generations,
-            hp.kl_in_reward,
-        )
-        experience = correct_for_engine(experience, hp.engine_is_correction, hp.engine_is_cap)
-        return experience._replace(reward_parts=parts)
-
-    def text_scores(self, fn: Callable[[str, str], float], rollout: Rollout) -> Tensor:
-        """``(b,)`` float32 ``fn(prompt, response)`` on the decoded texts, without special tokens."""
-        prompts = self.tokenizer.batch_decode(rollout.sequences[:, : rollout.prompt_length], skip_special_tokens=True)
-        responses = decode_responses(self.tokenizer, rollout)
-        scores = [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)]
-        return torch.tensor(scores, dtype=torch.float32, device=rollout.sequences.device)
-
-    def _log_rollout(self, experience: Experience) -> None:
-        """Rollout statistics, averaged over every rank's sequences."""
-        kl, scores, mask = experience.kl, experience.scores, experience.mask
-        stats = {
-            "objective/scores": scores.mean(),
-            "objective/kl": kl.mean(),
-            "objective/non_score_reward": -self.kl_coef * kl.mean(),
-            "objective/rlhf_reward": (scores - self.kl_coef * kl).mean(),
-            # -log π of sampled tokens: a Monte Carlo estimate of the (tempered) policy's entropy per token.
-            "objective/entropy": -masked_mean(experience.logprobs, mask),
-            "response_length": mask.sum(-1).float().mean(),
-            "eos_fraction": experience.ended.float().mean(),
-            "empty_fraction": experience.empty.float().mean(),
-        }
-        if self.judge_fn is not None:
-            stats["objective/judge"] = self.text_scores(self.judge_fn, experience.rollout).mean()
-        if experience.reward_parts:
-            stats.update({f"objective/reward/{name}": part.mean() for name, part in experience.reward_parts.items()})
-        if self.hparams.num_generations > 1:
-            stats.update(
-                {f"objective/{k}": v for k, v in group_statistics(scores, self.hparams.num_generations).items()}
-            )
         for name, value in stats.items():
             self.log(f"train/{name}", value, sync_dist=True, prog_bar=name == "objective/scores")
         if experience.rollout.logprobs is not None:  # the engine's log-probs against the policy's, per token
-            for name, value in engine_mismatch(experience.logprobs, experience.rollout.logprobs, mask).items():
+            mismatch = engine_mismatch(experience.logprobs, experience.rollout.logprobs, experience.mask)
+            for name, value in mismatch.items():
                 self.log(f"train/rollout/{name}", value, sync_dist=True, reduce_fx=name.rpartition("_")[2])
+        return stats
 
     # -- PPO --------------------------------------------------------------------------------------------
     def ptx_loss(self, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
-        """Mean next-token loss over the pretraining text of ``rows`` (PPO-ptx's ``-log π(x)``, per token); a prompt
-        carries one text, whatever its number of responses."""
-        rows = rows[:: self.hparams.num_generations] // self.hparams.num_generations  # minibatches hold whole groups
-        ids, attention, labels = (batch[f"ptx_{k}"][rows] for k in ("input_ids", "attention_mask", "labels"))
-        logprobs, scored = shifted_logprobs(forward_logits(self.model, ids, attention), labels)
-        return -masked_mean(logprobs, scored)
+        """PPO-ptx's language-model loss on the pretraining text of rollout ``rows`` (``updates.ptx_loss``)."""
+        return ptx_loss(self.model, batch, rows, self.hparams.num_generations)
+
+    def optimiser_step(self, loss: Tensor) -> list[Tensor]:
+        """One step on ``loss``; returns the gradient norms before clipping, the policy's and the value function's."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        norms = clip_grad_norms(optimizer.optimizer, self.hparams.max_grad_norm)  # the two groups clipped apart
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return norms
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams
-        if hp.ptx_coef and "ptx_input_ids" not in batch:
-            raise ValueError("ptx_coef > 0 needs pretraining text: set the PromptDataModule's pretrain_path")
-        if len(batch["input_ids"]) < hp.num_mini_batches:
-            raise ValueError(
-                f"a rollout batch of {len(batch['input_ids'])} prompts cannot make num_mini_batches="
-                f"{hp.num_mini_batches} minibatches: raise the data batch_size (or lower num_mini_batches)"
-            )
+        check_rollout_batch(batch, hp.ptx_coef, hp.num_mini_batches)
         with self.seeded(TRAIN_STREAM, self.rollouts):
             experience = self.make_experience(batch)
             n_groups = len(experience.scores) // hp.num_generations
-            order = [torch.randperm(n_groups) for _ in range(hp.ppo_epochs)]
+            orders = [torch.randperm(n_groups).to(self.device) for _ in range(hp.ppo_epochs)]
         self.rollouts += 1
-        self._log_rollout(experience)
+        rollout_stats = self._log_rollout(experience)
         if batch_idx == 0:  # the first rollout of every epoch
-            self._log_samples("train/samples", batch, experience)
+            self._log_samples("train/samples", experience)
         self.log("train/kl_coef", self.kl_coef)
-
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        rollout, size = experience.rollout, len(experience.scores)
-        stats: dict[str, list[Tensor]] = defaultdict(list)
-        for permutation in order:
-            # Exactly num_mini_batches near-even minibatches of whole groups (10 in 4: 3, 3, 2, 2; chunk would make
-            # 3, 3, 3, 1), so that max_steps = rollouts · ppo_epochs · num_mini_batches holds.
-            for rows in group_minibatches(permutation.to(self.device), hp.num_generations, hp.num_mini_batches):
-                mask = experience.mask[rows]
-                logprobs, values = self.policy_outputs(
-                    rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
-                )
-                policy_loss, policy_stats = ppo_policy_loss(
-                    logprobs,
-                    experience.logprobs[rows],
-                    experience.advantages[rows],
-                    mask,
-                    hp.clip_range,
-                    hp.loss_aggregation,
-                    hp.max_new_tokens,
-                )
-                loss = policy_loss
-                if values is not None:
-                    value_loss, value_stats = ppo_value_loss(
-                        values, experience.values[rows], experience.returns[rows], mask, hp.clip_range_value
-                    )
-                    loss = loss + hp.vf_coef * value_loss
-                    stats["loss/value"].append(value_loss.detach())
-                    stats["value/clipfrac"].append(value_stats["clipfrac"])
-                if hp.kl_loss_coef:
-                    kl = kl_penalty(logprobs, experience.ref_logprobs[rows], "k3")  # GRPO's, on the policy's graph
-                    kl_loss = aggregate_loss(kl, mask, hp.loss_aggregation, hp.max_new_tokens)
-                    loss = loss + hp.kl_loss_coef * kl_loss
-                    stats["loss/kl"].append(kl_loss.detach())
-                if hp.ptx_coef:
-                    ptx = self.ptx_loss(batch, rows)
-                    loss = loss + hp.ptx_coef * ptx
-                    stats["loss/ptx"].append(ptx.detach())
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                norms = clip_grad_norms(optimizer.optimizer, hp.max_grad_norm)  # policy's, value function's if any
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                stats["loss/policy"].append(policy_loss.detach())
-                stats["policy/clipfrac"].append(policy_stats["clipfrac"])
-                stats["policy/approxkl"].append(policy_stats["approx_kl"])
-                for name, norm in zip(("policy/grad_norm", "value/grad_norm"), norms, strict=False):
-                    stats[name].append(norm)
-        for name, values in stats.items():
-            self.log(f"train/{name}", torch.stack(values).mean(), sync_dist=True)
-
-        if hp.target_kl is not None:
-            kl = self.trainer.strategy.reduce(experience.kl.mean(), reduce_op="mean")  # every rank: the same β
-            self.kl_coef = adaptive_kl_coef(
-                self.kl_coef, float(kl), hp.target_kl, size * self.trainer.world_size, hp.kl_horizon
-            )
+        ptx = partial(self.ptx_loss, batch) if hp.ptx_coef else None
+        for name, value in self.updates.run(experience, orders, self.policy_outputs, self.optimiser_step, ptx).items():
+            self.log(f"train/{name}", value, sync_dist=True)
+        if hp.target_kl is not None:  # every rank the same β (``reduce`` works in place: on a copy)
+            kl = self.trainer.strategy.reduce(rollout_stats["objective/kl"].clone(), reduce_op="mean")
+            sequences = len(experience.scores) * self.trainer.world_size
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, float(kl), hp.target_kl, sequences, hp.kl_horizon)
 
     # -- validation -------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -638,34 +361,19 @@ class PPOModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with self.seeded(VAL_STREAM, batch_idx):
             experience = self.make_experience(batch)
-        kl, scores = experience.kl, experience.scores
-        values = {
-            "objective/scores": scores,
-            "objective/kl": kl,
-            "objective/rlhf_reward": scores - self.kl_coef * kl,
-            "response_length": experience.mask.sum(-1).float(),
-        }
-        if self.judge_fn is not None:
-            values["objective/judge"] = self.text_scores(self.judge_fn, experience.rollout)
+        values = sequence_statistics(experience, self.kl_coef, self.judge_scores(experience))  # (b,) each
         for name, metric in self.val_metrics.items():
             metric.update(values[name])
             self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "objective/scores")
         if batch_idx == 0:
-            self._log_samples("val/samples", batch, experience)
+            self._log_samples("val/samples", experience)
 
-    def _log_samples(self, tag: str, batch: dict[str, Tensor], experience: Experience) -> None:
+    def _log_samples(self, tag: str, experience: Experience) -> None:
         """The first ``log_samples`` prompts, responses and scores as a TensorBoard text table (global rank 0)."""
-        if not self.hparams.log_samples or not isinstance(self.logger, TensorBoardLogger):
+        n = self.hparams.log_samples
+        if not n or not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
             return
-        if not self.trainer.is_global_zero:
-            return
-        n, rollout = self.hparams.log_samples, experience.rollout
-        prompts = self.tokenizer.batch_decode(rollout.sequences[:n, : rollout.prompt_length], skip_special_tokens=True)
-        responses = self.tokenizer.batch_decode(experience.rollout.responses[:n], skip_special_tokens=True)
-        rows = ["| prompt | response | score |", "|---|---|---|"]
-        for prompt, response, score in zip(prompts, responses, experience.scores[:n].tolist(), strict=True):
-            rows.append(f"| {prompt!r} | {response!r} | {score:.3f} |")
-        self.logger.experiment.add_text(tag, "\n".join(rows), self.global_step)
+        self.logger.experiment.add_text(tag, samples_table(self.tokenizer, experience, n), self.global_step)
 
     # -- optimisation and export ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -681,19 +389,10 @@ class PPOModule(L.LightningModule):
         check_fit_setup(self, stage)
 
     def on_train_start(self) -> None:
-        """Refuse, before the first rollout, an epoch whose last (short) batch has fewer prompts than
-        ``num_mini_batches``: it would otherwise fail in the middle of the run."""
         loader = self.trainer.train_dataloader
-        if not isinstance(loader, DataLoader) or loader.batch_size is None:
-            return
-        prompts = len(loader.sampler)  # on each rank: Lightning's distributed sampler splits the prompts
-        last = prompts % loader.batch_size
-        if 0 < last < self.hparams.num_mini_batches:
-            raise ValueError(
-                f"the last batch of each epoch holds {last} prompts ({prompts} prompts per process, batch_size "
-                f"{loader.batch_size}), too few for num_mini_batches={self.hparams.num_mini_batches}: lower "
-                "num_mini_batches or choose a batch_size that leaves a fuller last batch"
-            )
+        if isinstance(loader, DataLoader) and loader.batch_size is not None:
+            # On each rank: Lightning's distributed sampler splits the prompts.
+            check_last_batch(len(loader.sampler), loader.batch_size, self.hparams.num_mini_batches)
 
     def on_train_end(self) -> None:
         export_trained(self)

@@ -1,0 +1,133 @@
+"""The PPO updates of one rollout: ``ppo_epochs`` passes over its experience in ``num_mini_batches`` shuffled
+minibatches of whole groups, one optimiser step each (Schulman et al. 2017; InstructGPT, Ouyang et al. 2022).
+
+Each minibatch's loss is the clipped surrogate + ``vf_coef`` · clipped value loss (+ ``kl_loss_coef`` · GRPO's k3 KL
+to the reference on the policy, Shao et al. 2024; + ``ptx_coef`` · PPO-ptx's language-model loss on the minibatch's
+pretraining text), ``PPOUpdates.loss``. Under manual optimisation ``trainer.global_step`` counts these steps:
+``max_steps = rollouts · ppo_epochs · num_mini_batches``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from lightning_rlhf.losses.policy import aggregate_loss, kl_penalty, ppo_policy_loss, ppo_value_loss
+from lightning_rlhf.losses.tokens import masked_mean
+from lightning_rlhf.models.causal_lm import forward_logits, shifted_logprobs
+from lightning_rlhf.rl.experience import Experience, group_minibatches
+from lightning_rlhf.rl.rollouts import PolicyForward
+
+
+@dataclass(frozen=True)
+class PPOUpdates:
+    """The updates of one rollout, tensors in, tensors out: PPOModule's arguments of the same names.
+
+    Attributes:
+        clip_range: ε of the clipped surrogate.
+        clip_range_value: how far a value may move from its rollout estimate before its loss is clipped.
+        vf_coef: weight of the value loss.
+        kl_loss_coef: weight of the k3 KL term on the policy; 0 for none.
+        ptx_coef: γ, the weight of the language-model loss on pretraining text (PPO-ptx).
+        loss_aggregation: how per-token losses make one (``losses.aggregate_loss``).
+        max_new_tokens: the constant ``seq_mean_token_sum`` divides by.
+        num_generations: rows per group, kept together in a minibatch.
+        num_mini_batches: minibatches (optimiser steps) per pass.
+    """
+
+    clip_range: float
+    clip_range_value: float
+    vf_coef: float
+    kl_loss_coef: float
+    ptx_coef: float
+    loss_aggregation: str
+    max_new_tokens: int
+    num_generations: int
+    num_mini_batches: int
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> PPOUpdates:
+        """The settings among ``arguments`` (PPOModule's hparams), by name."""
+        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
+
+    def loss(
+        self, experience: Experience, rows: Tensor, logprobs: Tensor, values: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss over ``rows`` of ``experience`` given the policy's ``(m, r)`` ``logprobs`` and ``values`` of those
+        rows (``None`` without a value function), and the statistics logged of it, detached."""
+        mask = experience.mask[rows]
+        policy_loss, policy_stats = ppo_policy_loss(
+            logprobs,
+            experience.logprobs[rows],
+            experience.advantages[rows],
+            mask,
+            self.clip_range,
+            self.loss_aggregation,
+            self.max_new_tokens,
+        )
+        loss, stats = policy_loss, {}
+        if values is not None:
+            value_loss, value_stats = ppo_value_loss(
+                values, experience.values[rows], experience.returns[rows], mask, self.clip_range_value
+            )
+            loss = loss + self.vf_coef * value_loss
+            stats["loss/value"], stats["value/clipfrac"] = value_loss.detach(), value_stats["clipfrac"]
+        if self.kl_loss_coef:
+            kl = kl_penalty(logprobs, experience.ref_logprobs[rows], "k3")  # GRPO's, on the policy's graph
+            kl_loss = aggregate_loss(kl, mask, self.loss_aggregation, self.max_new_tokens)
+            loss = loss + self.kl_loss_coef * kl_loss
+            stats["loss/kl"] = kl_loss.detach()
+        stats["loss/policy"] = policy_loss.detach()
+        stats["policy/clipfrac"], stats["policy/approxkl"] = policy_stats["clipfrac"], policy_stats["approx_kl"]
+        return loss, stats
+
+    def run(
+        self,
+        experience: Experience,
+        orders: Sequence[Tensor],
+        policy_outputs: PolicyForward,
+        optimise: Callable[[Tensor], Sequence[Tensor]],
+        ptx_loss: Callable[[Tensor], Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """One pass over ``experience`` per permutation of its groups in ``orders``, each cut into exactly
+        ``num_mini_batches`` near-even minibatches of whole groups (10 in 4: 3, 3, 2, 2; ``chunk`` would make 3, 3,
+        3, 1), so that ``max_steps = rollouts · ppo_epochs · num_mini_batches`` holds.
+
+        Per minibatch: ``policy_outputs`` of its rows with gradients (``(m, r)`` log-probs and values), its ``loss``
+        (plus ``ptx_coef`` · ``ptx_loss(rows)`` when given), and ``optimise(loss)``: one optimiser step, returning
+        the gradient norms, the policy's and the value function's if any. Returns each statistic's mean over the
+        steps, the norms as ``policy/grad_norm`` and ``value/grad_norm``."""
+        rollout = experience.rollout
+        stats: dict[str, list[Tensor]] = defaultdict(list)
+        for permutation in orders:
+            for rows in group_minibatches(permutation, self.num_generations, self.num_mini_batches):
+                logprobs, values = policy_outputs(
+                    rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
+                )
+                loss, step_stats = self.loss(experience, rows, logprobs, values)
+                if ptx_loss is not None:
+                    ptx = ptx_loss(rows)
+                    loss = loss + self.ptx_coef * ptx
+                    step_stats["loss/ptx"] = ptx.detach()
+                norms = optimise(loss)
+                for name, value in step_stats.items():
+                    stats[name].append(value)
+                for name, norm in zip(("policy/grad_norm", "value/grad_norm"), norms, strict=False):
+                    stats[name].append(norm)
+        return {name: torch.stack(values).mean() for name, values in stats.items()}
+
+
+def ptx_loss(model: PreTrainedModel, batch: dict[str, Tensor], rows: Tensor, group_size: int) -> Tensor:
+    """Mean next-token loss of ``model`` over the pretraining text (``batch["ptx_*"]``) of rollout ``rows``: PPO-ptx's
+    ``-log π(x)``, per token. A prompt carries one text, whatever its number of responses (minibatches hold whole
+    groups of ``group_size`` rows)."""
+    rows = rows[::group_size] // group_size
+    ids, attention, labels = (batch[f"ptx_{k}"][rows] for k in ("input_ids", "attention_mask", "labels"))
+    logprobs, scored = shifted_logprobs(forward_logits(model, ids, attention), labels)
+    return -masked_mean(logprobs, scored)
