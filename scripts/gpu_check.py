@@ -41,6 +41,11 @@ import torch
 
 from lightning_rlhf.io import atomic_file
 
+if __package__:  # imported as scripts.gpu_check (the tests)
+    from .benchmarks.common import export_random_llama
+else:  # run as a script: scripts/ is on the path
+    from benchmarks.common import export_random_llama
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden-size", "1024", "--layers", "24", "--vocab-size", "32000"]  # about 0.5B parameters
 LARGE = ["--hidden-size", "2048", "--layers", "16", "--vocab-size", "32000"]  # about 1.2B parameters
@@ -146,14 +151,11 @@ def run(name: str, command: list[str], timeout: int) -> dict:
 def tiny_exports(root: Path) -> tuple[str, str]:
     """A small random SFT export (tied embeddings, as Llama-3.2 and small Qwen2.5 have) and a reward model from it."""
     from lightning_rlhf.data.tokenizer import load_tokenizer
-    from lightning_rlhf.models.causal_lm import load_causal_lm
     from lightning_rlhf.models.export import export_pretrained
     from lightning_rlhf.models.reward import load_reward_model
 
-    torch.manual_seed(0)
+    sft = export_random_llama(root / "start" / "sft", {"tie_word_embeddings": True})
     tokenizer = load_tokenizer(None)
-    policy = load_causal_lm(None, tokenizer, "float32", {"tie_word_embeddings": True})
-    sft = str(export_pretrained(policy, tokenizer, root / "start" / "sft"))
     return sft, str(export_pretrained(load_reward_model(sft, tokenizer), tokenizer, root / "start" / "rm"))
 
 
@@ -241,12 +243,6 @@ def sharded_load_run(root: Path, devices: int) -> list[str]:
     """SFT loading a 1.2B-parameter float32 checkpoint under FSDP2 on every GPU (``tests/sharded_memory_script.py``):
     seconds and peak host RSS growth per rank while loading. Rank 0 reads the checkpoint and the others receive
     their shards (``strategies.Rank0Load``), so no rank but the first should grow by much more than its shard."""
-    from lightning_rlhf.data.tokenizer import load_tokenizer
-    from lightning_rlhf.models.causal_lm import load_causal_lm
-    from lightning_rlhf.models.export import export_pretrained
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(None)
     shape = {
         "hidden_size": 2048,
         "intermediate_size": 8192,
@@ -255,7 +251,7 @@ def sharded_load_run(root: Path, devices: int) -> list[str]:
         "num_key_value_heads": 16,
         "vocab_size": 32000,
     }
-    checkpoint = export_pretrained(load_causal_lm(None, tokenizer, "float32", shape), tokenizer, root / "load" / "1b")
+    checkpoint = export_random_llama(root / "load" / "1b", shape)
     script = str(REPO / "tests" / "sharded_memory_script.py")
     return [
         sys.executable,
@@ -272,12 +268,6 @@ def offload_run(root: Path, devices: int) -> list[str]:
     """SFT of a 0.5B float32 model in bf16 mixed precision on every GPU, two steps without and two with CPU offload
     (``tests/offload_gpu_script.py``): peak GPU memory over the steps, the model state per rank, where FSDP2 keeps
     it, seconds per step and the losses of each run."""
-    from lightning_rlhf.data.tokenizer import load_tokenizer
-    from lightning_rlhf.models.causal_lm import load_causal_lm
-    from lightning_rlhf.models.export import export_pretrained
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(None)
     shape = {
         "hidden_size": 1024,
         "intermediate_size": 4096,
@@ -286,8 +276,7 @@ def offload_run(root: Path, devices: int) -> list[str]:
         "num_key_value_heads": 16,
         "vocab_size": 32000,
     }
-    model = load_causal_lm(None, tokenizer, "float32", shape)
-    checkpoint = export_pretrained(model, tokenizer, root / "offload" / "sft")
+    checkpoint = export_random_llama(root / "offload" / "sft", shape)
     script = str(REPO / "tests" / "offload_gpu_script.py")
     return [
         sys.executable,

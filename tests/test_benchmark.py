@@ -141,3 +141,33 @@ def test_shared_prompt_benchmark_trains_both_layouts_on_the_same_batches(tmp_pat
     assert tokens[0] == pytest.approx(tokens[1])
     assert len(padded["losses"]) == len(shared["losses"]) == steps + 1
     assert padded["losses"] == pytest.approx(shared["losses"], abs=1e-5)
+
+
+def test_ppo_plan_names_each_row_by_explicit_flags_padded_then_shared_on_each_engine(monkeypatch):
+    """``ppo --estimators gae grpo --engine vllm --shared-prompt``: per estimator, hf padded, hf shared, vllm padded,
+    vllm shared (no TRL row beside shared runs), each passed to its process as explicit ``--row`` flags; without
+    ``--shared-prompt`` every hf row, then every vllm row, then TRL's GRPOTrainer beside our grpo."""
+    from scripts.benchmarks import cli
+    from scripts.benchmarks.common import Row
+
+    def rows(*argv: str) -> list[Row]:
+        monkeypatch.setattr("sys.argv", ["benchmark.py", *argv])
+        args = cli.parser("").parse_args()
+        return cli.STAGES[args.stage].plan(args)
+
+    shared = rows("ppo", "--estimators", "gae", "grpo", "--engine", "vllm", "--shared-prompt")
+    assert [(r.estimator, r.rollout_engine, r.layout) for r in shared] == [
+        (e, n, lay) for e in ("gae", "grpo") for n in ("hf", "vllm") for lay in ("padded", "shared")
+    ]
+    assert shared[-1].flags() == [
+        *("--row", "ours", "--estimator", "grpo", "--rollout-engine", "vllm"),
+        *("--layout", "shared", "--cache", "dynamic", "--adapter", "none"),
+    ]
+    padded = rows("ppo", "--estimators", "gae", "grpo", "--engine", "vllm")
+    assert [(r.impl, r.estimator, r.rollout_engine) for r in padded] == [
+        ("ours", "gae", "hf"),
+        ("ours", "grpo", "hf"),
+        ("ours", "gae", "vllm"),
+        ("ours", "grpo", "vllm"),
+        ("trl", "gae", "hf"),
+    ]
