@@ -14,7 +14,7 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
-from lightning_rlhf.commands.pipeline.loop import OWN_SFT_LR
+from lightning_rlhf.commands.pipeline.argv import OWN_SFT_LR
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -124,7 +124,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
 def test_seeds_are_aggregated_as_means_with_min_max_spreads():
     """Two seeds: SFT gold sampled 0.8 and 0.9 -> mean 0.85, spread [0.8, 0.9]; non-numbers (intervals, curves)
     stay in the per-seed runs only."""
-    from lightning_rlhf.commands.pipeline.loop import aggregate
+    from lightning_rlhf.commands.pipeline.report import aggregate
 
     common = {
         "held_out_prompts": 3,
@@ -235,7 +235,8 @@ def test_stages_are_checked_before_anything_runs(tmp_path):
     """An unknown stage is named with the known ones; PPO without a reward model to train against, SFT skipped with
     no SFT export to reuse, and rounds without PPO are refused; the default stages pass. Catches a typo in --stages
     silently running nothing (or the toy) and a missing stage failing only after minutes of training."""
-    from lightning_rlhf.commands.pipeline.loop import DEFAULT_STAGES, stage_error
+    from lightning_rlhf.commands.pipeline.argv import DEFAULT_STAGES
+    from lightning_rlhf.commands.pipeline.options import stage_error
 
     assert "unknown reward, sft2; choose among sft, rm, ppo, grpo" in stage_error(
         ["reward", "sft2"], 1, False, 1, tmp_path
@@ -426,7 +427,7 @@ def test_stages_that_need_nothing_of_each_other_run_side_by_side_on_their_share_
     other (no overlap), every stage given all the cores (oversubscribed; in a warm stage, torch's count left at the
     forked process's), output not sent to the log or to the caller's stdout, the forkserver's environment, and a
     failure lost or raised without its output."""
-    from lightning_rlhf.commands.pipeline import loop as pipeline
+    from lightning_rlhf.commands.pipeline import launch as pipeline
 
     monkeypatch.setattr(pipeline, "cores", lambda: 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
