@@ -14,7 +14,7 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
-from lightning_rlhf.commands.pipeline.loop import OWN_SFT_LR
+from lightning_rlhf.commands.pipeline.argv import OWN_SFT_LR
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -124,7 +124,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
 def test_seeds_are_aggregated_as_means_with_min_max_spreads():
     """Two seeds: SFT gold sampled 0.8 and 0.9 -> mean 0.85, spread [0.8, 0.9]; non-numbers (intervals, curves)
     stay in the per-seed runs only."""
-    from lightning_rlhf.commands.pipeline.loop import aggregate
+    from lightning_rlhf.commands.pipeline.report import aggregate
 
     common = {
         "held_out_prompts": 3,
@@ -231,11 +231,122 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     assert stage_callbacks(outputs, "ppo")["BestWeights"] == {"monitor": "val/objective/judge", "mode": "max"}
 
 
+def option(argv: list[str], name: str) -> list[str]:
+    """The values of every ``--name=value`` in ``argv``, in order."""
+    return [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"--{name}=")]
+
+
+def test_reward_model_and_dpo_argv_read_their_config_sfts_export_and_the_comparisons(tmp_path):
+    """The pure argv of the reward model and DPO, seed 3: each a ``fit`` of its own config under --configs, from SFT's
+    export, on the comparisons file, writing (logs and export) under its own stage directory, seeded alike; the
+    reward model's rewards centred on the toy's demonstrations when the user gave none. Catches a stage's config
+    swapped (rm.yaml / dpo.yaml), a stage reading another stage's export or another comparisons file, an export
+    written into another stage's directory (the next stage would read the wrong model), and the seed not reaching
+    the model or the data."""
+    from lightning_rlhf.commands.pipeline.argv import Run, dpo_argv, rm_argv
+
+    configs, outputs, comparisons = tmp_path / "configs", tmp_path / "out", tmp_path / "out" / "pipeline" / "c.jsonl"
+    run = Run(configs, outputs, seed=3)
+    for stage, argv in (
+        ("rm", rm_argv(run, outputs / "sft" / "hf", comparisons, None)),
+        ("dpo", dpo_argv(run, outputs / "sft" / "hf", comparisons)),
+    ):
+        assert argv[:3] == ["fit", "--config", str(configs / f"{stage}.yaml")]
+        assert option(argv, "model.init_args.model_name_or_path") == [str(outputs / "sft" / "hf")]
+        assert option(argv, "data.init_args.train_path") == [str(comparisons)]
+        assert option(argv, "model.init_args.export_dir") == [str(outputs / stage / "hf")]
+        assert option(argv, "trainer.default_root_dir") == [str(outputs / stage)]
+        assert option(argv, "seed_everything") == option(argv, "data.init_args.seed") == ["3"]
+        assert not option(argv, "trainer.max_steps")  # the toy run keeps its config's steps
+    assert option(rm_argv(run, outputs / "sft" / "hf", comparisons, None), "data.init_args.normalize_path") == [
+        "toy:demonstrations"
+    ]
+
+
+def test_asked_keeps_only_the_stages_of_stages_and_always_sampling_and_the_later_rounds():
+    """``--stages sft rm``: of SFT, the reward model, DPO and PPO only SFT and the reward model run; the sampling
+    stage (``comparisons``) and round 2's reward model, not names --stages takes, always run; the order is kept.
+    Catches --stages ignored (DPO trained though not asked) and a filter that drops what is not in --stages at all
+    (no samples to rank, no later rounds)."""
+    from lightning_rlhf.commands.pipeline.argv import asked
+
+    commands = {name: [name] for name in ("sft", "comparisons", "rm", "dpo", "ppo", "rm_round2")}
+    assert list(asked(commands, ["sft", "rm"])) == ["sft", "comparisons", "rm", "rm_round2"]
+
+
+def test_max_steps_wins_over_a_stages_own_steps_and_the_rl_stages_keep_their_schedule(tmp_path):
+    """--max_steps 8 over round 2's reward model (its own 1,200 steps): 8 steps, validated at the end (every 8), the
+    schedule 8 long. PPO with --max_steps 8: 8 steps, validated every 8 // 4 = 2 (a rollout is 4 optimiser steps), its
+    config's schedule untouched. Catches ``steps or max_steps`` (--max_steps ignored where a stage has its own steps:
+    a short test run trains for 1,200), a schedule override on the RL stages (their configs have no scheduler, fit
+    would fail), and PPO validated only once at the end of a short run (no validation curve)."""
+    from lightning_rlhf.commands.pipeline.argv import Run, ppo_round_argv, rm_round_argv
+
+    run = Run(tmp_path / "configs", tmp_path / "out", seed=0, max_steps=8)
+    rm = rm_round_argv(run, 2, tmp_path / "out" / "rm" / "hf", tmp_path / "all.jsonl", None)
+    assert option(rm, "trainer.max_steps") == ["8"] and option(rm, "trainer.val_check_interval") == ["8"]
+    assert option(rm, "model.init_args.scheduler.init_args.total_iters") == ["8"]
+    ppo = ppo_round_argv(run, 2, tmp_path / "out" / "ppo" / "hf", tmp_path / "out" / "sft" / "hf", None)
+    assert option(ppo, "trainer.max_steps") == ["8"] and option(ppo, "trainer.val_check_interval")[-1] == "2"
+    assert not option(ppo, "model.init_args.scheduler.init_args.total_iters")
+
+
+def test_a_later_rounds_ppo_continues_the_last_policy_against_its_rounds_reward_model_with_sft_as_reference(tmp_path):
+    """Round 3's PPO (the judge watched): the policy it trains is round 2's, its reference SFT, its reward model round
+    3's, ``judge_fn`` the judge; round 3's reward model starts from round 2's on every comparison so far, at
+    RM_ROUND_LR for RM_ROUND_STEPS. Catches the round's PPO restarting from SFT, its reference left unset (it defaults
+    to the policy it starts from: round 2's, not SFT), a stale reward model (round 1's), and the round's reward model
+    retrained from SFT (it fell from 0.885 to 0.756 against the gold judge that way)."""
+    from lightning_rlhf.commands.pipeline.argv import RM_ROUND_LR, RM_ROUND_STEPS, Run, ppo_round_argv, rm_round_argv
+
+    out = tmp_path / "out"
+    run = Run(tmp_path / "configs", out, seed=0)
+    ppo = ppo_round_argv(run, 3, out / "ppo_round2" / "hf", out / "sft" / "hf", "pkg.judge")
+    assert option(ppo, "model.init_args.model_name_or_path") == [str(out / "ppo_round2" / "hf")]
+    assert option(ppo, "model.init_args.ref_model_name_or_path") == [str(out / "sft" / "hf")]
+    assert option(ppo, "model.init_args.reward_model_name_or_path") == [str(out / "rm_round3" / "hf")]
+    assert option(ppo, "model.init_args.judge_fn") == ["pkg.judge"] and ppo[2] == str(tmp_path / "configs" / "ppo.yaml")
+    rm = rm_round_argv(run, 3, out / "rm_round2" / "hf", tmp_path / "all.jsonl", None)
+    assert option(rm, "model.init_args.model_name_or_path") == [str(out / "rm_round2" / "hf")]
+    assert option(rm, "data.init_args.train_path") == [str(tmp_path / "all.jsonl")]
+    assert option(rm, "model.init_args.optimizer.init_args.lr") == [str(RM_ROUND_LR)]
+    assert option(rm, "trainer.max_steps") == [str(RM_ROUND_STEPS)]
+
+
+def test_sample_argv_ranks_k_samples_of_the_policy_with_a_new_seed_each_round(tmp_path):
+    """Seed 2: round 1 samples with seed 1002, round 2 with 2002, both ranked by the toy's judge (named ``gold`` to
+    ``sample``) with the labeller's noise, K = 4, into the file asked, starting over (--restart). Catches each round
+    sampling with the same seed (round 2's policy would be judged on the samples' luck of round 1), the toy's gold
+    judge passed under its import path (``sample`` would not find it), and a killed earlier run's samples of an older
+    policy kept (no --restart)."""
+    from lightning_rlhf.commands.pipeline.argv import GOLD, ranking_argv, sample_argv
+
+    def argv(round_: int) -> list[str]:
+        ranking = ranking_argv(GOLD, 0.2)
+        return sample_argv(
+            tmp_path / "sft",
+            tmp_path / "p.jsonl",
+            tmp_path / "s.jsonl",
+            k=4,
+            temperature=1.0,
+            seed=2,
+            round_=round_,
+            ranking=ranking,
+        )
+
+    first, second = argv(1), argv(2)
+    assert first[first.index("--seed") + 1] == "1002" and second[second.index("--seed") + 1] == "2002"
+    for flag, value in (("--model", str(tmp_path / "sft")), ("--judge", "gold"), ("--noise", "0.2"), ("--k", "4")):
+        assert first[first.index(flag) + 1] == value
+    assert first[first.index("--output") + 1] == str(tmp_path / "s.jsonl") and first[-1] == "--restart"
+
+
 def test_stages_are_checked_before_anything_runs(tmp_path):
     """An unknown stage is named with the known ones; PPO without a reward model to train against, SFT skipped with
     no SFT export to reuse, and rounds without PPO are refused; the default stages pass. Catches a typo in --stages
     silently running nothing (or the toy) and a missing stage failing only after minutes of training."""
-    from lightning_rlhf.commands.pipeline.loop import DEFAULT_STAGES, stage_error
+    from lightning_rlhf.commands.pipeline.argv import DEFAULT_STAGES
+    from lightning_rlhf.commands.pipeline.options import stage_error
 
     assert "unknown reward, sft2; choose among sft, rm, ppo, grpo" in stage_error(
         ["reward", "sft2"], 1, False, 1, tmp_path
@@ -426,7 +537,7 @@ def test_stages_that_need_nothing_of_each_other_run_side_by_side_on_their_share_
     other (no overlap), every stage given all the cores (oversubscribed; in a warm stage, torch's count left at the
     forked process's), output not sent to the log or to the caller's stdout, the forkserver's environment, and a
     failure lost or raised without its output."""
-    from lightning_rlhf.commands.pipeline import loop as pipeline
+    from lightning_rlhf.commands.pipeline import launch as pipeline
 
     monkeypatch.setattr(pipeline, "cores", lambda: 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
