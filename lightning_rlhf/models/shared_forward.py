@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from lightning_rlhf.losses.tokens import token_logprobs
 from lightning_rlhf.models.causal_lm import sequence_logprobs
 from lightning_rlhf.models.lora import unwrap
+from lightning_rlhf.models.modes import evaluating
 from lightning_rlhf.models.reward import TOKEN_KEY, reward_head, reward_offset
 
 
@@ -118,20 +119,15 @@ def check_shared_prompt_attention(model: PreTrainedModel, device: torch.device, 
         "position_ids": torch.arange(5, device=device)[None],
         "attention_mask": torch.ones(1, 5, dtype=torch.long, device=device),
     }
-    training = model.training
-    model.eval()  # no dropout
-    try:
-        with torch.no_grad():
-            expected = token_outputs(model, alone, hidden)[0, 3:].float()
-            errors = {
-                name: float((token_outputs(model, batch, hidden)[0, 5:].float() - expected).abs().max())
-                for name, batch in (
-                    (name, {"input_ids": tokens, "position_ids": positions, "attention_mask": mask})
-                    for name, (positions, mask) in variants.items()
-                )
-            }
-    finally:
-        model.train(training)
+    with evaluating(model), torch.no_grad():  # no dropout
+        expected = token_outputs(model, alone, hidden)[0, 3:].float()
+        errors = {
+            name: float((token_outputs(model, batch, hidden)[0, 5:].float() - expected).abs().max())
+            for name, batch in (
+                (name, {"input_ids": tokens, "position_ids": positions, "attention_mask": mask})
+                for name, (positions, mask) in variants.items()
+            )
+        }
     if not errors["layout"] < 0.1 * min(errors["siblings_visible"], errors["positions_from_zero"]):
         raise ValueError(
             f"shared_prompt: {type(unwrap(model)).__name__} with attn_implementation="
