@@ -22,7 +22,7 @@ from lightning_rlhf.losses.tokens import token_logprobs
 from lightning_rlhf.models.causal_lm import sequence_logprobs
 from lightning_rlhf.models.lora import unwrap
 from lightning_rlhf.models.modes import evaluating
-from lightning_rlhf.models.reward import TOKEN_KEY, reward_head, reward_offset
+from lightning_rlhf.models.reward import TOKEN_KEY, read_rewards
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -83,9 +83,10 @@ def response_logprobs(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple
     return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
-def shared_rewards(model: PreTrainedModel, batch: dict[str, Tensor], subtract_offset: bool = False) -> Tensor:
+def shared_rewards(model: PreTrainedModel, batch: dict[str, Tensor], subtract_offset: bool = True) -> Tensor:
     """``(n,)`` float32 reward of each response of a shared-prompt batch, read at its last token: as
-    ``reward_model.sequence_rewards`` reads it in the padded layout."""
+    ``reward_model.sequence_rewards`` reads it in the padded layout, the offset subtracted unless ``subtract_offset``
+    is ``False`` (``reward_model.read_rewards``)."""
     model = unwrap(model)
     if getattr(model.config, TOKEN_KEY, None) is not None:
         raise ValueError(
@@ -93,8 +94,7 @@ def shared_rewards(model: PreTrainedModel, batch: dict[str, Tensor], subtract_of
             "the shared-prompt layout does not hold; set the DataModule's shared_prompt: false"
         )
     last = token_outputs(model, batch, hidden=True).flatten(0, 1)[batch["reward_index"]]  # (n, h)
-    rewards = reward_head(model)(last).squeeze(-1).float()
-    return rewards - reward_offset(model) if subtract_offset else rewards
+    return read_rewards(model, last, subtract_offset)
 
 
 def check_shared_prompt_attention(model: PreTrainedModel, device: torch.device, hidden: bool = False) -> None:

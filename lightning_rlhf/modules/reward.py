@@ -133,7 +133,7 @@ class RewardModule(L.LightningModule):
         if not self.shared_prompt_checked:
             check_shared_prompt_attention(self.model, batch["input_ids"].device, hidden=True)
             self.shared_prompt_checked = True
-        return shared_rewards(self.model, batch)
+        return shared_rewards(self.model, batch, subtract_offset=False)
 
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss and statistics of a batch: rewards ``(n,)`` over flat responses, margins ``(p,)`` over pairs."""
