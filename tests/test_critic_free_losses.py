@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_rlhf.losses.policy import (
+    advantages_and_returns,
     aggregate_loss,
     discounted_returns,
     group_advantages,
@@ -127,3 +128,54 @@ def test_k3_as_a_loss_term_pulls_the_policy_towards_the_reference():
     ref_logprobs = torch.tensor([[math.log(0.25), 0.0]])
     aggregate_loss(kl_penalty(logprobs, ref_logprobs, "k3"), torch.ones(1, 2)).backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([[0.25, -0.5]]))
+
+
+WHITENED = [[-0.755929, -0.377964, 0.0], [1.133893, 0.0, 0.0]]  # (0, 0.5, 2.5): mean 1, unbiased std √1.75
+
+
+@pytest.mark.parametrize(
+    ("estimator", "whiten", "advantages", "returns"),
+    [
+        ("gae", False, [[0.0, 0.5, 0.0], [2.5, 0.0, 0.0]], [[0.0, 0.5, 0.0], [2.5, 0.0, 0.0]]),
+        ("gae", True, WHITENED, [[0.0, 0.5, 0.0], [2.5, 0.0, 0.0]]),
+        ("reinforce_pp", False, WHITENED, None),
+        ("grpo", False, [[-0.707067, -0.707067, 0.0], [0.707067, 0.0, 0.0]], None),
+        ("dr_grpo", False, [[-1.25, -1.25, 0.0], [1.25, 0.0, 0.0]], None),
+        ("rloo", False, [[-2.5, -2.5, 0.0], [2.5, 0.0, 0.0]], None),
+    ],
+)
+def test_each_advantage_estimator_is_its_table_entry(estimator, whiten, advantages, returns):
+    """One group of two responses, 2 and 1 tokens, scores (1, 3), KL 0.5 on every token, β = 1, values 0,
+    γ = λ = 1. Per-token rewards (``gae``, ``reinforce_pp``): -0.5 per token plus the score on the last, rows
+    (-0.5, 0.5) and (2.5); returns to go (0, 0.5) and (2.5), which GAE with zero values gives as both advantages
+    and returns; whitened over the 3 real tokens (mean 1, unbiased std √1.75 = 1.322876): (-0.755929, -0.377964)
+    and (1.133893), which REINFORCE++ always gives and GAE with ``whiten``, its returns unwhitened. Group
+    estimators on the sequence rewards 1 - 1 = 0 and 3 - 0.5 = 2.5: ``rloo`` ∓2.5 (the other one's score),
+    ``dr_grpo`` ∓1.25 (the mean 1.25), ``grpo`` ∓1.25 / (1.767767 + 1e-4) = ∓0.707067, on every real token.
+    Catches an entry bound to the wrong estimator, ``whiten`` ignored or applied to the returns, a KL left out of
+    the group rewards, or returns given where there are none."""
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out_advantages, out_returns = advantages_and_returns(
+        estimator,
+        torch.tensor([1.0, 3.0]),
+        torch.full((2, 3), 0.5),
+        mask,
+        kl_coef=1.0,
+        values=torch.zeros(2, 3),
+        gamma=1.0,
+        lam=1.0,
+        whiten=whiten,
+        group_size=2,
+    )
+    torch.testing.assert_close(out_advantages, torch.tensor(advantages), atol=1e-5, rtol=0)
+    if returns is None:
+        assert out_returns is None
+    else:
+        torch.testing.assert_close(out_returns, torch.tensor(returns))
+
+
+def test_an_unknown_advantage_estimator_is_refused_with_the_choices():
+    with pytest.raises(
+        ValueError, match=r"advantage_estimator='a2c' is not one of \['gae', 'grpo', 'dr_grpo', 'rloo', "
+    ):
+        advantages_and_returns("a2c", torch.zeros(2), torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool), 0.1)

@@ -19,7 +19,7 @@ from lightning_rlhf.data.tokenization import Tokenizer
 from lightning_rlhf.data.tokenizer import load_tokenizer
 from lightning_rlhf.losses.preference import dpo_loss, ranking_loss
 from lightning_rlhf.models.causal_lm import load_causal_lm, sequence_logprobs
-from lightning_rlhf.models.reward import load_reward_model, sequence_rewards
+from lightning_rlhf.models.reward import OFFSET_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.models.shared_forward import (
     MASK_FORMS,
     check_shared_prompt_attention,
@@ -183,7 +183,7 @@ def test_rewards_ranking_loss_and_gradients_equal_the_padded_layout(exports, arc
         return loss.detach(), parameter_grads(model)
 
     padded_rewards = sequence_rewards(model, padded["input_ids"], padded["attention_mask"], subtract_offset=False)
-    shared_rewards_ = shared_rewards(model, shared)
+    shared_rewards_ = shared_rewards(model, shared, subtract_offset=False)
     torch.testing.assert_close(shared_rewards_, padded_rewards, atol=1e-5, rtol=0)
     padded_loss, padded_grads = loss_and_grads(padded_rewards, padded)
     shared_loss, shared_grads = loss_and_grads(shared_rewards_, shared)
@@ -191,8 +191,30 @@ def test_rewards_ranking_loss_and_gradients_equal_the_padded_layout(exports, arc
     torch.testing.assert_close(shared_grads, padded_grads, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         for name, mutate in MUTATIONS.items():
-            off = (shared_rewards(model, mutate(shared)) - padded_rewards).abs().max()
+            off = (shared_rewards(model, mutate(shared), subtract_offset=False) - padded_rewards).abs().max()
             assert off > 1e-4, name  # 10x the tolerance: the equality above would fail
+
+
+def test_both_layouts_subtract_the_offset_alike_and_the_reward_module_ranks_raw_rewards(tiny_model_dir):
+    """With ``reward_offset`` = 0.5 stored: read with no ``subtract_offset``, the padded and the shared-prompt
+    read-outs both give raw - 0.5 (one default); with ``subtract_offset=False`` both give the raw rewards, and so
+    does ``RewardModule._rewards`` (what the ranking loss sees) in either layout. Catches the two read-outs'
+    defaults drifting apart again (the shared one defaulted to raw) and a module that ranks offset rewards in one
+    layout only."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    module = RewardModule(tiny_model_dir)
+    module.configure_model()
+    module.model.eval()
+    setattr(module.model.config, OFFSET_KEY, 0.5)
+    padded, shared = batches(tokenizer)
+    with torch.no_grad():
+        raw = sequence_rewards(module.model, padded["input_ids"], padded["attention_mask"], subtract_offset=False)
+        torch.testing.assert_close(shared_rewards(module.model, shared, subtract_offset=False), raw, atol=1e-5, rtol=0)
+        by_default = sequence_rewards(module.model, padded["input_ids"], padded["attention_mask"])
+        torch.testing.assert_close(by_default, raw - 0.5, atol=1e-6, rtol=0)
+        torch.testing.assert_close(shared_rewards(module.model, shared), raw - 0.5, atol=1e-5, rtol=0)
+        torch.testing.assert_close(module._rewards(padded), raw, atol=1e-6, rtol=0)
+        torch.testing.assert_close(module._rewards(shared), raw, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

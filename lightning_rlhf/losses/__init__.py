@@ -5,16 +5,18 @@ hand-computed values in ``tests/test_losses.py`` and its siblings. Three files, 
 
 - ``tokens``: log-probs of tokens and masked reductions;
 - ``preference``: the reward model's ranking loss and the DPO family (a table of loss types);
-- ``policy``: PPO's clipped losses, KL estimators, GAE, group advantages, loss aggregations and engine importance
-  weights (each a table of pure functions chosen by name).
+- ``policy``: PPO's clipped losses, KL estimators, GAE, group advantages, advantage estimators, loss aggregations
+  and engine importance weights (each a table of pure functions chosen by name).
 """
 
 from lightning_rlhf.losses.policy import (
+    ADVANTAGE_ESTIMATORS,
     ENGINE_IS_LEVELS,
     GROUP_ESTIMATORS,
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     adaptive_kl_coef,
+    advantages_and_returns,
     aggregate_loss,
     discounted_returns,
     engine_importance_weights,
@@ -37,6 +39,7 @@ from lightning_rlhf.losses.tokens import (
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "DPO_LOSSES",
     "ENGINE_IS_LEVELS",
     "GROUP_ESTIMATORS",
@@ -44,6 +47,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "adaptive_kl_coef",
+    "advantages_and_returns",
     "aggregate_loss",
     "discounted_returns",
     "dpo_loss",

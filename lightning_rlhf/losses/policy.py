@@ -1,8 +1,8 @@
 """Losses and estimators of the policy-gradient stages (PPO, GRPO, RLOO, REINFORCE++), each variant an entry in a
-small table chosen by name: KL estimators (``KL_ESTIMATORS``), group advantages (``GROUP_ESTIMATORS``), loss
-aggregations (``LOSS_AGGREGATIONS``), engine importance-weight levels (``ENGINE_IS_LEVELS``); GAE, the clipped
-policy and value losses (Schulman et al. 2017), InstructGPT's per-token reward and the adaptive KL coefficient
-(Ziegler et al. 2019).
+small table chosen by name: KL estimators (``KL_ESTIMATORS``), group advantages (``GROUP_ESTIMATORS``), advantage
+estimators (``ADVANTAGE_ESTIMATORS``), loss aggregations (``LOSS_AGGREGATIONS``), engine importance-weight levels
+(``ENGINE_IS_LEVELS``); GAE, the clipped policy and value losses (Schulman et al. 2017), InstructGPT's per-token
+reward and the adaptive KL coefficient (Ziegler et al. 2019).
 
 Shapes: ``b`` batch, ``t`` time.
 """
@@ -199,6 +199,85 @@ def reinforce_pp_advantages(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: f
         ``(b, t)`` advantages, 0 past the mask.
     """
     return masked_whiten(discounted_returns(ppo_rewards(scores, kl, mask, kl_coef), mask, gamma), mask)
+
+
+def _gae_estimator(
+    scores: Tensor,
+    kl: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    *,
+    values: Tensor,
+    gamma: float,
+    lam: float,
+    whiten: bool,
+    **_,
+) -> tuple[Tensor, Tensor | None]:
+    advantages, returns = gae(ppo_rewards(scores, kl, mask, kl_coef), values, mask, gamma, lam)
+    return (masked_whiten(advantages, mask) if whiten else advantages), returns
+
+
+def _reinforce_pp_estimator(
+    scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float, *, gamma: float, **_
+) -> tuple[Tensor, Tensor | None]:
+    return reinforce_pp_advantages(scores, kl, mask, kl_coef, gamma), None
+
+
+def _group_estimator(name: str) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """``GROUP_ESTIMATORS[name]`` of each response's reward ``score - β · Σ_t KL_t``, on every one of its tokens."""
+
+    def estimator(
+        scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float, *, group_size: int, **_
+    ) -> tuple[Tensor, Tensor | None]:
+        rewards = scores - kl_coef * (kl * mask).sum(-1)  # (b,)
+        return group_advantages(rewards, group_size, name)[:, None] * mask, None
+
+    return estimator
+
+
+# Each maps ``(scores (b,), kl (b, t), mask (b, t), kl_coef)`` and the keywords it uses of ``values``, ``gamma``,
+# ``lam``, ``whiten``, ``group_size`` to ``(advantages (b, t), returns (b, t) or None)``. ``gae`` needs a value
+# function, the others none.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {
+    "gae": _gae_estimator,
+    **{name: _group_estimator(name) for name in GROUP_ESTIMATORS},
+    "reinforce_pp": _reinforce_pp_estimator,
+}
+
+
+def advantages_and_returns(
+    estimator: str,
+    scores: Tensor,
+    kl: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    values: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+    group_size: int = 1,
+) -> tuple[Tensor, Tensor | None]:
+    """Advantages ``(b, t)`` (0 past the mask) and, for ``gae``, its returns ``(b, t)`` (else ``None``), by the
+    estimator named in ``ADVANTAGE_ESTIMATORS``.
+
+    ``gae``: the InstructGPT reward per token, ``-β · KL_t`` plus the score on the last one (``ppo_rewards``), then
+    GAE advantages and returns (``gae``), the advantages whitened over the real tokens when ``whiten``.
+    ``reinforce_pp``: the same rewards, discounted returns whitened over the batch (``reinforce_pp_advantages``).
+    ``grpo``, ``dr_grpo``, ``rloo``: each response's reward ``score - β · Σ_t KL_t`` against its group of
+    ``group_size`` (``group_advantages``), on every one of its tokens.
+
+    Args:
+        scores: ``(b,)`` score of each whole response.
+        kl: ``(b, t)`` per-token KL estimate to the reference (``kl_penalty``).
+        mask: ``(b, t)`` real response tokens.
+        kl_coef: β.
+        values: ``(b, t)`` value estimates (``gae`` only).
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage_estimator={estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[estimator](
+        scores, kl, mask, kl_coef, values=values, gamma=gamma, lam=lam, whiten=whiten, group_size=group_size
+    )
 
 
 def _token_mean(losses: Tensor, mask: Tensor, max_length: int | None) -> Tensor:

@@ -24,6 +24,7 @@ from transformers import (
 
 from lightning_rlhf.data.tokenizer import check_model_path
 from lightning_rlhf.losses.tokens import IGNORE_INDEX, masked_sum, token_logprobs
+from lightning_rlhf.models.modes import evaluating
 
 # The embedded default: 2 layers, width 64 (about 115k parameters with the byte vocabulary).
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
@@ -190,15 +191,10 @@ def check_packed_attention(model: PreTrainedModel, device: torch.device) -> None
     """
     tokens = torch.arange(3, 11, device=device)[None]
     positions = torch.arange(4, device=device).repeat(2)[None]
-    training = model.training
-    model.eval()  # no dropout
-    try:
-        with torch.no_grad():
-            packed = packed_logits(model, tokens, positions)[0, 4:].float()
-            alone = packed_logits(model, tokens[:, 4:], positions[:, 4:])[0].float()
-            crossed = model(input_ids=tokens, use_cache=False).logits[0, 4:].float()
-    finally:
-        model.train(training)
+    with evaluating(model), torch.no_grad():  # no dropout
+        packed = packed_logits(model, tokens, positions)[0, 4:].float()
+        alone = packed_logits(model, tokens[:, 4:], positions[:, 4:])[0].float()
+        crossed = model(input_ids=tokens, use_cache=False).logits[0, 4:].float()
     leak, crossing = (packed - alone).abs().max(), (crossed - alone).abs().max()
     if not leak < 0.1 * crossing:
         raise ValueError(

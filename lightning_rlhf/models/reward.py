@@ -148,10 +148,19 @@ def reward_offset(model: PreTrainedModel) -> float:
     return float(getattr(model.config, OFFSET_KEY, 0.0) or 0.0)
 
 
+def read_rewards(model: PreTrainedModel, last: Tensor, subtract_offset: bool = True) -> Tensor:
+    """``(n,)`` float32 rewards from ``last``, the ``(n, h)`` backbone state at each sequence's last token: the
+    head's output, minus the stored ``reward_offset`` when ``subtract_offset`` (the default of every reward
+    read-out; training passes ``False``: the ranking loss ignores it). The one read-out of both layouts
+    (``sequence_rewards``, ``shared_forward.shared_rewards``)."""
+    rewards = reward_head(model)(last).squeeze(-1).float()
+    return rewards - reward_offset(model) if subtract_offset else rewards
+
+
 def sequence_rewards(
     model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, subtract_offset: bool = True
 ) -> Tensor:
-    """``(n,)`` float32 reward of each prompt ⊕ response ⊕ EOS row, read at its last real token.
+    """``(n,)`` float32 reward of each prompt ⊕ response ⊕ EOS row, read at its last real token (``read_rewards``).
 
     With ``reward_token_id`` in the config that token is appended first and its state is read instead.
     ``subtract_offset`` applies the stored normalisation (training leaves it off: the ranking loss ignores it).
@@ -163,8 +172,7 @@ def sequence_rewards(
         input_ids, attention_mask = append_token(input_ids, attention_mask, token_id)
     hidden = _hidden_states(model, input_ids, attention_mask)  # (n, t, h)
     last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_token_index(attention_mask)]  # (n, h)
-    rewards = reward_head(model)(last).squeeze(-1).float()
-    return rewards - reward_offset(model) if subtract_offset else rewards
+    return read_rewards(model, last, subtract_offset)
 
 
 def token_values(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -21,7 +21,8 @@ from transformers import PreTrainedModel
 from lightning_rlhf.losses.tokens import token_logprobs
 from lightning_rlhf.models.causal_lm import sequence_logprobs
 from lightning_rlhf.models.lora import unwrap
-from lightning_rlhf.models.reward import TOKEN_KEY, reward_head, reward_offset
+from lightning_rlhf.models.modes import evaluating
+from lightning_rlhf.models.reward import TOKEN_KEY, read_rewards
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -82,9 +83,10 @@ def response_logprobs(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple
     return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
-def shared_rewards(model: PreTrainedModel, batch: dict[str, Tensor], subtract_offset: bool = False) -> Tensor:
+def shared_rewards(model: PreTrainedModel, batch: dict[str, Tensor], subtract_offset: bool = True) -> Tensor:
     """``(n,)`` float32 reward of each response of a shared-prompt batch, read at its last token: as
-    ``reward_model.sequence_rewards`` reads it in the padded layout."""
+    ``reward_model.sequence_rewards`` reads it in the padded layout, the offset subtracted unless ``subtract_offset``
+    is ``False`` (``reward_model.read_rewards``)."""
     model = unwrap(model)
     if getattr(model.config, TOKEN_KEY, None) is not None:
         raise ValueError(
@@ -92,8 +94,7 @@ def shared_rewards(model: PreTrainedModel, batch: dict[str, Tensor], subtract_of
             "the shared-prompt layout does not hold; set the DataModule's shared_prompt: false"
         )
     last = token_outputs(model, batch, hidden=True).flatten(0, 1)[batch["reward_index"]]  # (n, h)
-    rewards = reward_head(model)(last).squeeze(-1).float()
-    return rewards - reward_offset(model) if subtract_offset else rewards
+    return read_rewards(model, last, subtract_offset)
 
 
 def check_shared_prompt_attention(model: PreTrainedModel, device: torch.device, hidden: bool = False) -> None:
@@ -118,20 +119,15 @@ def check_shared_prompt_attention(model: PreTrainedModel, device: torch.device, 
         "position_ids": torch.arange(5, device=device)[None],
         "attention_mask": torch.ones(1, 5, dtype=torch.long, device=device),
     }
-    training = model.training
-    model.eval()  # no dropout
-    try:
-        with torch.no_grad():
-            expected = token_outputs(model, alone, hidden)[0, 3:].float()
-            errors = {
-                name: float((token_outputs(model, batch, hidden)[0, 5:].float() - expected).abs().max())
-                for name, batch in (
-                    (name, {"input_ids": tokens, "position_ids": positions, "attention_mask": mask})
-                    for name, (positions, mask) in variants.items()
-                )
-            }
-    finally:
-        model.train(training)
+    with evaluating(model), torch.no_grad():  # no dropout
+        expected = token_outputs(model, alone, hidden)[0, 3:].float()
+        errors = {
+            name: float((token_outputs(model, batch, hidden)[0, 5:].float() - expected).abs().max())
+            for name, batch in (
+                (name, {"input_ids": tokens, "position_ids": positions, "attention_mask": mask})
+                for name, (positions, mask) in variants.items()
+            )
+        }
     if not errors["layout"] < 0.1 * min(errors["siblings_visible"], errors["positions_from_zero"]):
         raise ValueError(
             f"shared_prompt: {type(unwrap(model)).__name__} with attn_implementation="

@@ -32,6 +32,7 @@ from lightning_rlhf.models.lora import (
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
 )
+from lightning_rlhf.models.modes import evaluating
 from lightning_rlhf.models.reward import OFFSET_KEY, TOKEN_KEY, load_reward_model, sequence_rewards
 from lightning_rlhf.models.shared_forward import check_shared_prompt_attention, shared_rewards
 from lightning_rlhf.training.memory import check_memory
@@ -132,7 +133,7 @@ class RewardModule(L.LightningModule):
         if not self.shared_prompt_checked:
             check_shared_prompt_attention(self.model, batch["input_ids"].device, hidden=True)
             self.shared_prompt_checked = True
-        return shared_rewards(self.model, batch)
+        return shared_rewards(self.model, batch, subtract_offset=False)
 
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss and statistics of a batch: rewards ``(n,)`` over flat responses, margins ``(p,)`` over pairs."""
@@ -197,15 +198,13 @@ class RewardModule(L.LightningModule):
         Under a trainer the forwards go through the strategy's ``predict_step``: FSDP1 gathers the parameters
         outside its wrapped blocks (embedding, final norm, head) only inside the root module's forward.
         """
-        was_training = self.model.training
-        self.model.eval()
         predict = self.trainer.strategy.predict_step if self._trainer is not None else self.predict_step
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for index, batch in enumerate(batches):
-            batch = {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask")}
-            total += predict(batch, index).double().sum()
-            count += batch["input_ids"].size(0)
-        self.model.train(was_training)
+        with evaluating(self.model):
+            for index, batch in enumerate(batches):
+                batch = {key: batch[key].to(self.device) for key in ("input_ids", "attention_mask")}
+                total += predict(batch, index).double().sum()
+                count += batch["input_ids"].size(0)
         if count == 0:
             raise ValueError("reward normalisation got no sequences")
         offset = (total / count).item()

@@ -12,25 +12,21 @@ import torch
 from torch import Tensor
 
 from lightning_rlhf.losses.policy import (
+    ADVANTAGE_ESTIMATORS,
     GROUP_ESTIMATORS,
     LOSS_AGGREGATIONS,
+    advantages_and_returns,
     engine_importance_weights,
-    gae,
-    group_advantages,
     kl_penalty,
-    ppo_rewards,
-    reinforce_pp_advantages,
 )
-from lightning_rlhf.losses.tokens import masked_mean, masked_whiten
+from lightning_rlhf.losses.tokens import masked_mean
 from lightning_rlhf.rl.generation import Rollout
-
-ADVANTAGE_ESTIMATORS = ("gae", *GROUP_ESTIMATORS, "reinforce_pp")  # gae needs a value function, the others none
 
 
 def check_critic_free_args(estimator: str, num_generations: int, loss_aggregation: str, value_head: bool) -> None:
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantage_estimator={estimator!r} is not one of {list(ADVANTAGE_ESTIMATORS)}")
-    if num_generations < 1 or (estimator in ("grpo", "dr_grpo", "rloo") and num_generations < 2):
+    if num_generations < 1 or (estimator in GROUP_ESTIMATORS and num_generations < 2):
         raise ValueError(
             f"num_generations={num_generations}: advantage_estimator={estimator!r} needs "
             f"{'>= 2 responses per prompt to compare' if estimator != 'gae' else '>= 1'}"
@@ -98,11 +94,10 @@ def build_experience(
 ) -> Experience:
     """Where the advantage is computed; all ``(b, r)`` tensors are over the rollout's responses.
 
-    ``gae``: the InstructGPT reward per token, ``-β · KL_t`` plus the score on the last one (``losses.ppo_rewards``),
-    then GAE advantages and returns (``losses.gae``). ``reinforce_pp``: the same rewards, discounted returns whitened
-    over the batch (``losses.reinforce_pp_advantages``). ``grpo``, ``dr_grpo``, ``rloo``: each response's reward
-    ``score - β · Σ_t KL_t`` against its group of ``group_size`` (``losses.group_advantages``), on every one of its
-    tokens. ``kl_in_reward=False`` leaves the KL out of the reward (β = 0 there; e.g. GRPO's KL loss term instead).
+    ``estimator`` names an entry of ``losses.ADVANTAGE_ESTIMATORS`` (``losses.advantages_and_returns``): ``gae``
+    (the InstructGPT reward per token, then GAE; whitened when ``whiten_advantages``), ``reinforce_pp``, or the
+    group-relative ``grpo``, ``dr_grpo``, ``rloo`` over groups of ``group_size``. ``kl_in_reward=False`` leaves the
+    KL out of the reward (β = 0 there; e.g. GRPO's KL loss term instead).
     """
     mask = rollout.response_mask
     ended = ((rollout.responses == eos_token_id) & mask).any(-1)
@@ -110,16 +105,9 @@ def build_experience(
         scores = scores - missing_eos_penalty * (~ended).float()
     kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
     reward_kl_coef = kl_coef if kl_in_reward else 0.0
-    returns = None
-    if estimator == "gae":
-        advantages, returns = gae(ppo_rewards(scores, kl, mask, reward_kl_coef), values, mask, gamma, lam)
-        if whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-    elif estimator == "reinforce_pp":
-        advantages = reinforce_pp_advantages(scores, kl, mask, reward_kl_coef, gamma)
-    else:
-        rewards = scores - reward_kl_coef * (kl * mask).sum(-1)  # (b,)
-        advantages = group_advantages(rewards, group_size, estimator)[:, None] * mask
+    advantages, returns = advantages_and_returns(
+        estimator, scores, kl, mask, reward_kl_coef, values, gamma, lam, whiten_advantages, group_size
+    )
     kl_sums = (kl * mask).sum(-1)
     return Experience(rollout, logprobs, values, advantages, returns, scores, kl_sums, ended, ref_logprobs)
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from transformers import CompileConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_rlhf.models.modes import evaluating
 from lightning_rlhf.validation import check_range
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")  # transformers' names; the two tested here
@@ -165,24 +166,23 @@ def generate(
         output_scores=return_logprobs,
         **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if sampling else {}),
     )
-    was_training, checkpoint_defaults = model.training, model.generation_config
-    model.eval()
-    model.generation_config = GenerationConfig()  # generate fills unset values from here: the library defaults only
-    try:
-        cache = {}
-        if share_prompts and cache_implementation == "dynamic" and not (compile or synced_gpus):
-            cache = shared_prompt_cache(model, input_ids, attention_mask)
-        config.cache_implementation = None if cache else cache_implementation  # a cache given is one of its own
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            synced_gpus=synced_gpus,
-            **cache,
-        )
-    finally:
-        model.generation_config = checkpoint_defaults
-        model.train(was_training)
+    with evaluating(model):
+        checkpoint_defaults = model.generation_config
+        model.generation_config = GenerationConfig()  # generate fills unset values from here: the library defaults only
+        try:
+            cache = {}
+            if share_prompts and cache_implementation == "dynamic" and not (compile or synced_gpus):
+                cache = shared_prompt_cache(model, input_ids, attention_mask)
+            config.cache_implementation = None if cache else cache_implementation  # a cache given is one of its own
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                synced_gpus=synced_gpus,
+                **cache,
+            )
+        finally:
+            model.generation_config = checkpoint_defaults
     sequences = output.sequences if return_logprobs else output
     prompt_length = input_ids.shape[1]
     response_mask = mask_after_eos(sequences[:, prompt_length:], tokenizer.eos_token_id)
