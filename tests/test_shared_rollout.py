@@ -55,7 +55,7 @@ ARCHITECTURES = {"llama": make_tiny_export, "gpt2": make_tiny_gpt2_export}
 
 def rollout(tokenizer, groups=3, group_size=4, width=6, seed=0):
     """Left-padded prompts of 2-5 tokens, each with ``group_size`` random responses of ``width`` columns cut at a
-    random EOS (some never stop), as ``rollout.generate`` returns them."""
+    random EOS (some never stop), as ``generation.generate`` returns them."""
     generator = torch.Generator().manual_seed(seed)
     prompt_width = 5
     rows, masks = [], []

@@ -64,7 +64,7 @@ class SampleReport:
 def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise: float, seed: int):
     """Comparison records ranked by ``judge`` + N(0, noise²); returns the records and a ``SampleReport``.
 
-    ``judge`` scores a batch of (prompt, response) pairs (``scoring.make_scorer`` makes one of ``"gold"``, a
+    ``judge`` scores a batch of (prompt, response) pairs (``judges.make_scorer`` makes one of ``"gold"``, a
     reward-model directory or a function); all distinct responses go to it in one call.
     """
     rng = random.Random(seed)

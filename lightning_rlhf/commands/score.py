@@ -4,7 +4,7 @@
 
 Reads ``{"prompt", "response"}`` records (any source ``read_records`` reads; ``--columns`` remaps names; an empty
 response is one, scored as the prompt followed by EOS at once), scores each prompt ⊕ response ⊕ EOS with
-``reward_model.sequence_rewards`` (the stored ``reward_offset`` subtracted unless ``--raw``) and writes the records
+``reward.sequence_rewards`` (the stored ``reward_offset`` subtracted unless ``--raw``) and writes the records
 with a ``reward`` field as JSON Lines, in input order, as they are scored: to ``OUTPUT.partial``, renamed over the
 output when complete (``data.resumable``). An interrupted run keeps what it finished, and a rerun with the same
 arguments continues it (``--restart`` starts over).

@@ -73,7 +73,7 @@ class PackedDemonstrationCollator:
 
     Returns ``(r, t)`` tensors, ``r`` rows no more than the examples:
         ``input_ids``; ``position_ids``, restarting at 0 at each sequence (and at the padding that ends a short
-        row), from which transformers keeps attention inside each sequence (see ``models.packed_logits``);
+        row), from which transformers keeps attention inside each sequence (see ``causal_lm.packed_logits``);
         ``labels`` as ``DemonstrationCollator``'s, plus ``IGNORE_INDEX`` at each sequence's first token, so no
         sequence is predicted from the one before it in its row; ``attention_mask``: 1 on real tokens, for
         counting them only (the model is given no mask: a mask would turn off the per-sequence attention).

@@ -8,7 +8,7 @@ list of texts (prompts, responses), then each record is assembled, checked and c
 same ids, errors and counts as tokenizing it alone.
 
 Every response ends with its end-of-turn token, the tokenizer's EOS, exactly once, so that models learn to stop
-where generation stops (``rollout.generate`` ends a response at its first EOS): a chat response ends at the first
+where generation stops (``generation.generate`` ends a response at its first EOS): a chat response ends at the first
 EOS the template writes, and template text after it (ChatML's ``"<|im_end|>\n"`` newline) is no part of it; a
 response without one (plain text, or a template that closes turns with ordinary text) gets EOS appended.
 

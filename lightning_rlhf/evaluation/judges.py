@@ -95,7 +95,7 @@ def import_reward_fn(path: str) -> Callable[[str, str], float]:
 
 def _pointwise(judge: Callable[[str, str], float]) -> Scorer:
     def score(prompts: list, responses: list[str]) -> list[float]:
-        # A chat prompt reaches a text judge as JSON, as in ``sampling.judge_records``.
+        # A chat prompt reaches a text judge as JSON, as in ``sample.judge_records``.
         texts = [prompt if isinstance(prompt, str) else json.dumps(prompt) for prompt in prompts]
         return [float(judge(text, response)) for text, response in zip(texts, responses, strict=True)]
 

@@ -89,7 +89,7 @@ def check_fit_setup(module, stage: str) -> None:
 
 def export_trained(module, attribute: str = "model") -> None:
     """At the end of training, export ``module.<attribute>`` to ``module.hparams.export_dir`` (if set): merged and
-    adapter (``export_lora``) with LoRA, else the model as trained (``models.export_from_trainer``)."""
+    adapter (``export_lora``) with LoRA, else the model as trained (``export.export_from_trainer``)."""
     directory = module.hparams.export_dir
     if directory and module.hparams.lora is not None:
         export_lora(module.trainer, attribute, module.tokenizer, directory)

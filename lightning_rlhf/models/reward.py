@@ -14,7 +14,7 @@ TRL included, read the export too). For the others the same layout (backbone und
 
 Rewards come from ``sequence_rewards``: it takes positions from the attention mask, so left- and right-padded rows
 read the same. The HF classes' own pooling (the last token that is not the pad id) agrees with it on right-padded
-rows, because the tokenizer pads with a token of its own, never EOS (``models.load_tokenizer``); their ``logits``
+rows, because the tokenizer pads with a token of its own, never EOS (``tokenizer.load_tokenizer``); their ``logits``
 are the raw reward, before ``reward_offset``. PPO loads the reward model
 with ``load_reward_model(path).eval().requires_grad_(False)`` and a value function initialised from it with
 ``load_reward_model(path)`` + ``token_values``.
@@ -88,10 +88,10 @@ def load_reward_model(
             unembedding is dropped and a freshly initialised ``score`` head added) or a sequence-classification
             checkpoint with one label (its head is kept). ``None`` builds the embedded default from its config.
         tokenizer: needed for the embedded default (vocabulary size, special tokens); when given, the model takes
-            its pad id and grows its embeddings to special tokens added to it (``models.fit_to_tokenizer``).
+            its pad id and grows its embeddings to special tokens added to it (``causal_lm.fit_to_tokenizer``).
         dtype: parameter dtype.
         model_config: overrides of the embedded default's config.
-        meta: the architecture only, parameters on the meta device, no weight read (``models.load_causal_lm``).
+        meta: the architecture only, parameters on the meta device, no weight read (``causal_lm.load_causal_lm``).
     """
     torch_dtype = resolve_dtype(dtype)
     if name_or_path is None:

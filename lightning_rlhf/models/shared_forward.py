@@ -65,7 +65,7 @@ def token_outputs(model: PreTrainedModel, batch: dict[str, Tensor], hidden: bool
 
 
 def shared_sequence_logprobs(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Summed log-prob of each response's tokens, ``(n,)``, and their count, ``(n,)``: ``models.sequence_logprobs``
+    """Summed log-prob of each response's tokens, ``(n,)``, and their count, ``(n,)``: ``causal_lm.sequence_logprobs``
     of the padded layout. Only the ``m`` predicting columns' logits are gathered (``(m, v)``), each once per token it
     predicts: the prompt's last column predicts every response's first token."""
     logits = token_outputs(model, batch)
@@ -85,8 +85,8 @@ def response_logprobs(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple
 
 def shared_rewards(model: PreTrainedModel, batch: dict[str, Tensor], subtract_offset: bool = True) -> Tensor:
     """``(n,)`` float32 reward of each response of a shared-prompt batch, read at its last token: as
-    ``reward_model.sequence_rewards`` reads it in the padded layout, the offset subtracted unless ``subtract_offset``
-    is ``False`` (``reward_model.read_rewards``)."""
+    ``reward.sequence_rewards`` reads it in the padded layout, the offset subtracted unless ``subtract_offset``
+    is ``False`` (``reward.read_rewards``)."""
     model = unwrap(model)
     if getattr(model.config, TOKEN_KEY, None) is not None:
         raise ValueError(

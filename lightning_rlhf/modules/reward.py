@@ -1,7 +1,7 @@
 """Reward model trained on K-way rankings (InstructGPT step 2; Ouyang et al. 2022, section 3.5).
 
 The SFT model with its unembedding replaced by a freshly initialised linear layer to one scalar, read at the last
-real token of prompt ⊕ response ⊕ EOS (see ``reward_model.py``). A batch holds whole prompts with all their K
+real token of prompt ⊕ response ⊕ EOS (see ``models/reward.py``). A batch holds whole prompts with all their K
 responses, each scored once (with ``ComparisonDataModule(shared_prompt=True)`` the prompt is forwarded once for
 all of them, ``data.shared_prompt``); the loss averages, per prompt, ``-log σ(r_w - r_l)`` over its ordered pairs
 (``losses.ranking_loss``). After training, an optional offset makes the rewards of a reference set (the

@@ -3,7 +3,7 @@
 ``ENGINES`` maps a name to a class with ``sync(model)`` (make the engine sample from ``model``'s current weights) and
 ``generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, temperature, **options) -> Rollout``:
 
-- ``hf``: transformers' ``generate`` on the live policy (``rollout.generate``); nothing to sync.
+- ``hf``: transformers' ``generate`` on the live policy (``generation.generate``); nothing to sync.
 - ``vllm``: a colocated vLLM engine (TRL's colocate mode), one per training process, tensor parallel 1, built once
   from the policy's starting export and reloaded in place from the policy before every rollout
   (``reload_weights`` with an iterator of ``(name, tensor)``: one parameter at a time, gathered from its FSDP2
@@ -75,7 +75,7 @@ class HFEngine:
         temperature: float,
         **options: Any,
     ) -> Rollout:
-        """``rollout.generate`` on ``model`` (a LoRA policy through its transformers model, whose generation_config
+        """``generation.generate`` on ``model`` (a LoRA policy through its transformers model, whose generation_config
         counts); an FSDP2 policy stays gathered over the decode steps instead of all-gathering every block for every
         token."""
         from lightning_rlhf.models.lora import unwrap
@@ -218,7 +218,7 @@ class VLLMEngine:
 
 def rollout_from_outputs(outputs: list, input_ids: Tensor, attention_mask: Tensor, tokenizer) -> Rollout:
     """Our ``Rollout`` from vLLM's ``RequestOutput``s: the responses right-padded after the prompts' left padding,
-    as ``rollout.generate`` lays them out, with the engine's log-prob of each sampled token (0 past the mask)."""
+    as ``generation.generate`` lays them out, with the engine's log-prob of each sampled token (0 past the mask)."""
     completions = [output.outputs[0] for output in outputs]
     length = max(1, max(len(c.token_ids) for c in completions))
     responses = torch.full((len(completions), length), tokenizer.pad_token_id, dtype=input_ids.dtype)

@@ -1,6 +1,6 @@
 """The shared-prompt layout for rollouts: the RL module's forwards over several responses to one prompt.
 
-A rollout's rows are left-padded prompt ⊕ response (``rollout.Rollout``); GRPO / RLOO put the G responses of a
+A rollout's rows are left-padded prompt ⊕ response (``generation.Rollout``); GRPO / RLOO put the G responses of a
 prompt in consecutive rows. Consecutive rows with the same prompt become one row of the shared-prompt layout
 (``data.shared_prompt``): the prompt once, then each response, each seeing the prompt and itself only, positions
 continuing from the prompt's end. Outputs come back in the rollout's ``(b, r)`` response columns, so the log-probs,
@@ -83,13 +83,13 @@ def shared_rollout_hidden(model: PreTrainedModel, shared: dict[str, Tensor]) -> 
 
 
 def shared_rollout_values(model: PreTrainedModel, head: nn.Linear, shared: dict[str, Tensor]) -> Tensor:
-    """``(b, r)`` float32 values of the states before each response token (``reward_model.token_values`` of the
+    """``(b, r)`` float32 values of the states before each response token (``reward.token_values`` of the
     padded rows at columns ``start - 1 : -1``)."""
     return head(shared_rollout_hidden(model, shared)).squeeze(-1).float()
 
 
 def shared_rollout_rewards(model: PreTrainedModel, shared: dict[str, Tensor]) -> Tensor:
-    """``(b,)`` float32 rewards, offset subtracted (``reward_model.sequence_rewards`` of the padded rows)."""
+    """``(b,)`` float32 rewards, offset subtracted (``reward.sequence_rewards`` of the padded rows)."""
     return shared_rewards(model, shared, subtract_offset=True)
 
 
@@ -125,13 +125,13 @@ class SharedRollouts:
         return states.flatten(0, 1)[self.rows(sequences, attention_mask, start)["column_index"]]
 
     def values(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
-        """``(b, r)`` as ``reward_model.token_values(...)[:, start - 1 : -1]``."""
+        """``(b, r)`` as ``reward.token_values(...)[:, start - 1 : -1]``."""
         self.check(model, sequences.device, hidden=True)
         shared = self.rows(sequences, attention_mask, start)
         return shared_rollout_values(model, reward_head(unwrap(model)), shared)
 
     def rewards(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int) -> Tensor:
-        """``(b,)`` as ``reward_model.sequence_rewards``; padded rows for a model that reads an appended token."""
+        """``(b,)`` as ``reward.sequence_rewards``; padded rows for a model that reads an appended token."""
         if getattr(unwrap(model).config, TOKEN_KEY, None) is not None:
             return sequence_rewards(model, sequences, attention_mask)
         self.check(model, sequences.device, hidden=True)

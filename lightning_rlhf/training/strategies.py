@@ -57,7 +57,7 @@ def fully_shard_model(model: nn.Module, mesh, mp_policy=None, offload_policy=Non
     are units of their own, then the whole model.
 
     Backbone and head get their own units because reward and value models call them directly
-    (``reward_model.sequence_rewards``), bypassing the root module's forward that would gather its parameters.
+    (``reward.sequence_rewards``), bypassing the root module's forward that would gather its parameters.
     A causal LM whose ``lm_head`` is tied to the embedding (Llama-3.2 1B/3B, small Qwen2.5, Gemma) keeps its
     backbone in the root unit: one parameter cannot belong to two units, and a causal LM is only called whole.
     """
