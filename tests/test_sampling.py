@@ -3,16 +3,20 @@
 import json
 
 import pytest
+import torch
 
 from lightning_rlhf import ComparisonDataModule
 from lightning_rlhf.cli import main
 from lightning_rlhf.commands import sample
 from lightning_rlhf.commands.sample import judge_records, unranked_records
+from lightning_rlhf.data.tokenizer import load_tokenizer
 from lightning_rlhf.evaluation import judges
 from lightning_rlhf.evaluation.judges import make_scorer
 from lightning_rlhf.evaluation.ratings import rank
+from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.rl import engines
 from lightning_rlhf.rl.generation import generate
+from lightning_rlhf.rl.sampling import judge_samples, sample_and_judge, sample_responses
 
 GOLD = make_scorer("gold")
 
@@ -155,3 +159,37 @@ def test_sample_generates_with_the_cache_asked_for_and_refuses_compile_without_s
         main([*common, "--output", out, "--cache_implementation", "static", "--compile"])
     assert options == [("static", True)]
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_judge_samples_scores_every_sample_in_one_judge_call_in_order():
+    """Prompts "a" and "bb" with 2 and 1 samples, judged by 10 · len(prompt) + len(response): one call with the
+    three pairs in order, the scores cut back per prompt ([[11, 12], [23]]); no samples, no call. Catches a judge
+    called per prompt (a reward model would batch nothing), scores given to the wrong prompt or sample, and a
+    call with empty lists."""
+    calls = []
+
+    def judge(prompts, responses):
+        calls.append((list(prompts), list(responses)))
+        return [10 * len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+
+    assert judge_samples(["a", "bb"], [["x", "yy"], ["zzz"]], judge) == [[11, 12], [23]]
+    assert calls == [(["a", "a", "bb"], ["x", "yy", "zzz"])]
+    assert judge_samples(["a"], [[]], judge) == [[]] and len(calls) == 1
+
+
+def test_sample_and_judge_scores_what_sample_responses_draws(tiny_model_dir):
+    """Under the same seed, ``sample_and_judge`` returns exactly ``sample_responses``'s 2 samples per prompt and the
+    judge's score of each (here its length). Catches sampling arguments passed on in the wrong places (other
+    samples) and scores not aligned with the samples they belong to."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, tokenizer)
+    prompts = ["Reverse: abc\n", "Reverse: hello\n", "Reverse: xy\n"]
+    settings = {"max_new_tokens": 6, "temperature": 1.0}
+    torch.manual_seed(0)
+    samples, scores = sample_and_judge(
+        model, tokenizer, prompts, lambda ps, rs: [float(len(r)) for r in rs], 2, 64, 4, **settings
+    )
+    torch.manual_seed(0)
+    expected = sample_responses(model, tokenizer, prompts, 2, 64, 4, **settings)
+    assert samples == expected and len(samples) == 3
+    assert scores == [[float(len(r)) for r in responses] for responses in expected]

@@ -31,7 +31,7 @@ from lightning_rlhf.evaluation.ratings import format_table, plot_win_rates, rati
 from lightning_rlhf.io import save_figure_atomic, write_json_atomic
 from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.rl.engines import ENGINES, build_engine
-from lightning_rlhf.rl.sampling import sample_responses
+from lightning_rlhf.rl.sampling import sample_and_judge
 from lightning_rlhf.toy import make_prompts, toy_path
 
 
@@ -85,10 +85,11 @@ def evaluate_models(
         model = load_causal_lm(path, tokenizer).to(device)
         sampler = build_engine(engine, path, str(model.dtype).removeprefix("torch."))
         torch.manual_seed(seed)
-        samples = sample_responses(
+        _, judged = sample_and_judge(
             model,
             tokenizer,
             prompts,
+            score,
             1,
             512,
             batch_size,
@@ -99,7 +100,7 @@ def evaluate_models(
             temperature=temperature,
         )
         del model, sampler  # before loading the next one
-        scores.append(score(prompts, [responses[0] for responses in samples]))
+        scores.append([prompt_scores[0] for prompt_scores in judged])
     report = rating_report(list(named_models), scores, baseline, bootstrap, seed)
     judge_name = judge if isinstance(judge, str) else getattr(judge, "__qualname__", repr(judge))
     return {**report, "judge": judge_name, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}

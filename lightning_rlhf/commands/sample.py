@@ -36,7 +36,7 @@ from lightning_rlhf.io import check_output_file
 from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.rl.engines import ENGINES, build_engine
 from lightning_rlhf.rl.generation import CACHE_IMPLEMENTATIONS
-from lightning_rlhf.rl.sampling import batch_seed, sample_batches
+from lightning_rlhf.rl.sampling import batch_seed, judge_samples, sample_batches
 from lightning_rlhf.toy import make_prompts
 
 
@@ -65,7 +65,7 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise:
     """Comparison records ranked by ``judge`` + N(0, noise²); returns the records and a ``SampleReport``.
 
     ``judge`` scores a batch of (prompt, response) pairs (``judges.make_scorer`` makes one of ``"gold"``, a
-    reward-model directory or a function); all distinct responses go to it in one call.
+    reward-model directory or a function); all distinct responses go to it in one call (``sampling.judge_samples``).
     """
     rng = random.Random(seed)
     report = SampleReport(prompts=len(prompts))
@@ -73,12 +73,9 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise:
     unique = [list(dict.fromkeys(responses)) for responses in samples]
     report.empty = sum(not r for responses in samples for r in responses)
     report.merged_duplicates = sum(len(r) - len(u) for r, u in zip(samples, unique, strict=True))
-    pairs = [(prompt, r) for prompt, responses in zip(prompts, unique, strict=True) for r in responses]
-    flat_scores = iter(judge([p for p, _ in pairs], [r for _, r in pairs]) if pairs else [])
     records = []
-    for prompt, responses in zip(prompts, unique, strict=True):
-        scores = [next(flat_scores) + (rng.gauss(0, noise) if noise else 0.0) for _ in responses]
-        ranks = rank(scores)
+    for prompt, responses, judged in zip(prompts, unique, judge_samples(prompts, unique, judge), strict=True):
+        ranks = rank([score + (rng.gauss(0, noise) if noise else 0.0) for score in judged])
         if len(set(ranks)) < 2:
             report.all_tied += 1
             continue

@@ -1,6 +1,7 @@
 """Many responses per prompt from a model, by batches: the engine samples (``hf`` or ``vllm``), and each batch has
-its own seed so a resumed ``sample`` run draws what an uninterrupted one would. ``gold_scores`` is the judge's score
-of one response per prompt, greedy or sampled, as the pipeline's evaluation reports it."""
+its own seed so a resumed ``sample`` run draws what an uninterrupted one would. ``sample_and_judge`` samples and
+scores every response with a judge (``judge_samples``, one call for all); ``gold_scores`` is the judge's score of
+one response per prompt, greedy or sampled, as the pipeline's evaluation reports it."""
 
 from __future__ import annotations
 
@@ -13,9 +14,39 @@ from tqdm import tqdm
 from lightning_rlhf.data.collate import PromptCollator
 from lightning_rlhf.data.records import Record
 from lightning_rlhf.data.tokenization import Tokenizer
+from lightning_rlhf.evaluation.judges import Scorer
 from lightning_rlhf.rl.engines import HFEngine
 from lightning_rlhf.rl.generation import decode_responses
 from lightning_rlhf.toy.reverse import gold_score
+
+
+def judge_samples(prompts: list, samples: list[list[str]], judge: Scorer) -> list[list[float]]:
+    """``judge``'s score of every sample, ``scores[i][j]`` of ``samples[i][j]`` answering ``prompts[i]``: all the
+    (prompt, response) pairs in one ``judge`` call (none when there are no samples), so a reward model batches them."""
+    pairs = [(prompt, response) for prompt, responses in zip(prompts, samples, strict=True) for response in responses]
+    flat = iter(judge([p for p, _ in pairs], [r for _, r in pairs]) if pairs else [])
+    return [[next(flat) for _ in responses] for responses in samples]
+
+
+def sample_and_judge(
+    model,
+    tokenizer,
+    prompts: list,
+    judge: Scorer,
+    k: int = 1,
+    max_length: int = 512,
+    batch_size: int = 128,
+    progress: bool = False,
+    desc: str = "sampling",
+    engine=None,
+    **generation,
+) -> tuple[list[list[str]], list[list[float]]]:
+    """``k`` responses per prompt (``sample_responses``, same arguments) and ``judge``'s score of each
+    (``judge_samples``): ``(samples, scores)``, ``scores[i][j]`` of ``samples[i][j]`` answering ``prompts[i]``."""
+    samples = sample_responses(
+        model, tokenizer, prompts, k, max_length, batch_size, progress, desc, engine, **generation
+    )
+    return samples, judge_samples(prompts, samples, judge)
 
 
 def gold_scores(
@@ -29,12 +60,18 @@ def gold_scores(
     desc: str = "sampling",
     judge: Callable[[str, str], float] = gold_score,
 ) -> list[float]:
-    """Gold score (or ``judge``'s, a function ``(prompt, response) -> float``) of one response per prompt, in prompt
-    order: greedy when ``temperature == 0``, else sampled; ``progress`` shows a bar named ``desc`` on stderr."""
-    samples = sample_responses(
+    """Gold score (or ``judge``'s, a function ``(prompt, response) -> float``, given the prompt as it is) of one
+    response per prompt, in prompt order: greedy when ``temperature == 0``, else sampled; ``progress`` shows a bar
+    named ``desc`` on stderr."""
+
+    def score(prompts: list, responses: list[str]) -> list[float]:
+        return [judge(prompt, response) for prompt, response in zip(prompts, responses, strict=True)]
+
+    _, scores = sample_and_judge(
         model,
         tokenizer,
         prompts,
+        score,
         1,
         512,
         batch_size,
@@ -43,7 +80,7 @@ def gold_scores(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
     )
-    return [judge(prompt, responses[0]) for prompt, responses in zip(prompts, samples, strict=True)]
+    return [prompt_scores[0] for prompt_scores in scores]
 
 
 def tokenize_prompts(model, tokenizer, prompts: list, max_length: int, max_new_tokens: int, first: int = 0) -> list:

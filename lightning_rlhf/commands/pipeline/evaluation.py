@@ -21,7 +21,7 @@ from lightning_rlhf.evaluation.judges import make_scorer, reward_model_scorer
 from lightning_rlhf.evaluation.ratings import best_of_n, best_of_n_kl
 from lightning_rlhf.io import save_figure_atomic
 from lightning_rlhf.models.causal_lm import load_causal_lm
-from lightning_rlhf.rl.sampling import gold_scores, sample_responses
+from lightning_rlhf.rl.sampling import gold_scores, judge_samples, sample_and_judge, sample_responses
 
 
 def model_scores(model_dir: Path, prompts: list[str], temperature: float, judge=None) -> dict:
@@ -58,10 +58,20 @@ def reward_model_scores(model_dir: Path, prompts: list, temperature: float, rewa
     name = model_dir.parent.name  # outputs/<stage>/hf
     scores = {}
     for mode, temperature_ in (("greedy", 0.0), ("sampled", temperature)):
-        samples = sample_responses(
-            model, tokenizer, prompts, 1, 512, 128, True, f"{name} {mode}", max_new_tokens=16, temperature=temperature_
+        _, judged = sample_and_judge(
+            model,
+            tokenizer,
+            prompts,
+            reward_model,
+            1,
+            512,
+            128,
+            True,
+            f"{name} {mode}",
+            max_new_tokens=16,
+            temperature=temperature_,
         )
-        scores[mode] = reward_model(prompts, [responses[0] for responses in samples])
+        scores[mode] = [prompt_scores[0] for prompt_scores in judged]
     return {
         "rm_greedy": statistics.mean(scores["greedy"]),
         "rm_sampled": statistics.mean(scores["sampled"]),
@@ -78,9 +88,7 @@ def rm_validation_accuracy(run_dir: Path) -> dict[str, float]:
 
 def rm_scores(rm_dir: Path, prompts: list[str], samples: list[list[str]]) -> list[list[float]]:
     """The reward model's score of each sample, ``samples[i][j]`` answering ``prompts[i]``."""
-    pairs = [(p, r) for p, responses in zip(prompts, samples, strict=True) for r in responses]
-    flat = iter(reward_model_scorer(str(rm_dir), batch_size=256, progress=True)(*map(list, zip(*pairs, strict=True))))
-    return [[next(flat) for _ in responses] for responses in samples]
+    return judge_samples(prompts, samples, reward_model_scorer(str(rm_dir), batch_size=256, progress=True))
 
 
 def sft_samples(sft_dir: Path, prompts: list[str], k: int, temperature: float, seed: int) -> list[list[str]]:
