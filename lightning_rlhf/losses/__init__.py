@@ -5,8 +5,8 @@ hand-computed values in ``tests/test_losses.py`` and its siblings. Three files, 
 
 - ``tokens``: log-probs of tokens and masked reductions;
 - ``preference``: the reward model's ranking loss and the DPO family (a table of loss types);
-- ``policy``: PPO's clipped losses, KL estimators, GAE, group advantages, advantage estimators, loss aggregations
-  and engine importance weights (each a table of pure functions chosen by name).
+- ``policy``: PPO's clipped losses, KL estimators, GAE, group advantages and online DPO's pairs, advantage
+  estimators, loss aggregations and engine importance weights (each a table of pure functions chosen by name).
 """
 
 from lightning_rlhf.losses.policy import (
@@ -18,6 +18,7 @@ from lightning_rlhf.losses.policy import (
     adaptive_kl_coef,
     advantages_and_returns,
     aggregate_loss,
+    best_worst_pairs,
     discounted_returns,
     engine_importance_weights,
     gae,
@@ -49,6 +50,7 @@ __all__ = [
     "adaptive_kl_coef",
     "advantages_and_returns",
     "aggregate_loss",
+    "best_worst_pairs",
     "discounted_returns",
     "dpo_loss",
     "engine_importance_weights",

@@ -185,6 +185,32 @@ def group_advantages(scores: Tensor, group_size: int, estimator: str = "grpo", e
     return GROUP_ESTIMATORS[estimator](scores.view(-1, group_size), eps).reshape(scores.shape)
 
 
+def best_worst_pairs(scores: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Online DPO's pair of each group: its best-scored response chosen, its worst rejected (Guo et al. 2024).
+
+    Equal best scores go to the first of them, equal worst to the first of those; a group whose scores are all equal
+    makes no pair (nothing to prefer).
+
+    Args:
+        scores: ``(b,)`` with ``b = n_groups · G``, a prompt's G responses in consecutive rows.
+        group_size: G >= 2.
+
+    Returns:
+        ``(chosen, rejected, paired)``: ``(p,)`` rows of ``scores`` of each pair's better and worse response, one pair
+        per group with ``paired`` ``(n_groups,)`` true, in group order.
+    """
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(
+            f"group_size={group_size}: a pair needs >= 2 responses per prompt, and {scores.numel()} scores "
+            "must hold whole groups"
+        )
+    groups = scores.view(-1, group_size)
+    paired = groups.amax(-1) > groups.amin(-1)
+    offsets = torch.arange(len(groups), device=scores.device) * group_size
+    chosen, rejected = groups.argmax(-1) + offsets, groups.argmin(-1) + offsets
+    return chosen[paired], rejected[paired], paired
+
+
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     """``G_t = r_t + γ G_{t+1}`` over right-padded response tokens, ``(b, t)``: GAE with no values and λ = 1."""
     returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)

@@ -9,7 +9,8 @@ Each ``training_step`` is one PPO iteration on its batch of prompts (manual opti
 2. per-token rewards ``-β · KL_t`` plus the score on the last token; advantages by GAE (or a critic-free estimator:
    ``num_generations`` responses per prompt are a group, each other's baseline), whitened (``rl.experience``);
 3. ``ppo_epochs`` passes in ``num_mini_batches`` shuffled minibatches of whole groups, one optimiser step each, on the
-   clipped surrogate, the clipped value loss and PPO-ptx (``rl.updates``): ``trainer.global_step`` counts these;
+   ``objective`` (PPO's clipped surrogate and value loss, or online DPO on each group's best and worst response) and
+   PPO-ptx (``rl.updates``): ``trainer.global_step`` counts these;
 4. with ``target_kl`` set, β follows Ziegler et al.'s adaptive controller (``losses.adaptive_kl_coef``).
 
 Reference and reward model are frozen: eval mode, no grad, outside the optimiser and out of checkpoints (rebuilt from
@@ -18,7 +19,6 @@ their paths). The arguments are checked in ``ppo_options``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import partial
 from typing import Any, Literal
 
@@ -55,6 +55,7 @@ from lightning_rlhf.rl.rollouts import (
     rollout_statistics,
     sample_rollout,
     samples_table,
+    seeded,
     sequence_statistics,
     text_scores,
 )
@@ -115,6 +116,9 @@ class PPOModule(L.LightningModule):
         kl_in_reward: bool = True,
         kl_loss_coef: float = 0.0,
         loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean",
+        objective: Literal["clipped", "dpo"] = "clipped",
+        dpo_beta: float = 0.1,
+        dpo_loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid",
         reward_fns: dict[str, float] | None = None,
         lora: LoraOptions | None = None,
         rollout_engine: Literal["hf", "vllm"] = "hf",
@@ -181,6 +185,10 @@ class PPOModule(L.LightningModule):
             kl_loss_coef: weight of GRPO's k3 KL loss term on the policy, aggregated as its loss (Shao et al. 2024).
             loss_aggregation: how per-token losses make one: ``token_mean`` (every token alike), ``seq_mean_token_sum``
                 (Dr. GRPO: each response's sum over ``max_new_tokens``), ``seq_mean_token_mean`` (every response alike).
+            objective: each minibatch's loss (``updates.OBJECTIVES``): ``clipped`` (PPO's surrogate on the advantages
+                above), or ``dpo``: online DPO, each prompt's best- and worst-scored of its ``num_generations``
+                responses a pair (none where all score alike); no value function. ``dpo_beta``, ``dpo_loss_type``: its
+                β and ``losses.dpo_loss`` type, against the reference.
             reward_fns: ``{import path: weight}``: the reward is the weighted sum; each function's mean is logged as
                 ``objective/reward/<function name>``.
             lora: train LoRA adapters (``peft``) instead of every weight; the reference is then the policy with its
@@ -249,15 +257,10 @@ class PPOModule(L.LightningModule):
         self.kl_coef = checkpoint.get("kl_coef", self.kl_coef)
         self.rollouts = checkpoint.get("rollouts", self.rollouts)
 
-    @contextmanager
     def seeded(self, stream: int, index: int):
-        """Draw random numbers (sampling, shuffling) from a generator seeded by ``(seed, stream, index, rank)``,
-        leaving the global random state as it was."""
+        """Random numbers (sampling, shuffling) drawn as ``rollouts.seeded`` of ``(seed, stream, index, rank)``."""
         rank = self.global_rank if self._trainer is not None else 0
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(hash((self.hparams.seed, stream, index, rank)) % 2**63)
-            yield
+        return seeded((self.hparams.seed, stream, index, rank), self.device)
 
     # -- rollouts ---------------------------------------------------------------------------------------
     def response_logprobs(self, model: PreTrainedModel, sequences: Tensor, attention_mask: Tensor, start: int):
@@ -299,9 +302,8 @@ class PPOModule(L.LightningModule):
 
     def judge_scores(self, experience: Experience) -> Tensor | None:
         """``(b,)`` the ``judge_fn``'s scores of the responses (``None`` without one)."""
-        if self.judge_fn is None:
-            return None
-        return text_scores({"judge": self.judge_fn}, self.tokenizer, experience.rollout)["judge"]
+        judge = {"judge": self.judge_fn} if self.judge_fn is not None else {}
+        return text_scores(judge, self.tokenizer, experience.rollout).get("judge")
 
     def _log_rollout(self, experience: Experience) -> dict[str, Tensor]:
         """Log the rollout's statistics, averaged over every rank's sequences; returns this rank's."""

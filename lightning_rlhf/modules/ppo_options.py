@@ -13,6 +13,7 @@ from lightning_rlhf.losses.policy import KL_ESTIMATORS
 from lightning_rlhf.rl.engines import check_engine_options
 from lightning_rlhf.rl.experience import check_critic_free_args
 from lightning_rlhf.rl.generation import check_generation_options, check_sampling_options
+from lightning_rlhf.rl.updates import check_objective
 from lightning_rlhf.validation import check_range
 
 # (argument, allowed values as the error names them, test): "name=value: must be <allowed>" (``check_range``).
@@ -32,6 +33,7 @@ RANGES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
     ("forward_batch_size", ">= 1 (or None for the whole batch)", lambda rows: rows is None or rows >= 1),
     ("ppo_epochs", ">= 1", lambda epochs: epochs >= 1),
     ("num_mini_batches", ">= 1", lambda n: n >= 1),
+    ("dpo_beta", "> 0", lambda beta: beta > 0),
 )
 
 
@@ -43,6 +45,13 @@ def check_ppo_options(options: Mapping[str, Any]) -> None:
         raise ValueError("give PPOModule exactly one of reward_model_name_or_path, reward_fn and reward_fns")
     check_critic_free_args(
         options["advantage_estimator"], options["num_generations"], options["loss_aggregation"], options["value_head"]
+    )
+    check_objective(
+        options["objective"],
+        options["num_generations"],
+        options["advantage_estimator"],
+        options["value_head"],
+        options["dpo_loss_type"],
     )
     check_sampling_options(options["temperature"], options["top_k"], options["top_p"])
     check_generation_options(options["cache_implementation"], options["compile_generation"])

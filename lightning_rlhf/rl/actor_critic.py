@@ -47,6 +47,7 @@ class ModelOptions:
     reward_model_name_or_path: str | None = None
     dtype: str = "float32"
     advantage_estimator: str = "gae"  # ``gae`` needs a value function, the critic-free estimators build none
+    objective: str = "clipped"  # ``dpo`` (pairs, not advantages) builds none either
     value_head: bool = False
     lora: dict | None = None
     gradient_checkpointing: bool = False
@@ -59,15 +60,16 @@ class ModelOptions:
 
 def load_ppo_models(tokenizer: PreTrainedTokenizerBase, options: ModelOptions, meta: bool = False) -> PPOModels:
     """Load the policy (LoRA adapters on it with ``lora``), the reference (none with ``lora`` and no other reference:
-    the policy with its adapter off), the reward model, and with ``gae`` a value model or ``value_head``. The frozen
-    ones in eval mode without gradients; ``meta``: parameters on the meta device (``strategies.Rank0Load``)."""
+    the policy with its adapter off), the reward model, and with ``gae`` (``clipped`` objective) a value model or
+    ``value_head``. The frozen ones in eval mode without gradients; ``meta``: parameters on the meta device
+    (``strategies.Rank0Load``)."""
     sft, rewards, dtype, lora = (
         options.model_name_or_path,
         options.reward_model_name_or_path,
         options.dtype,
         options.lora,
     )
-    critic = options.advantage_estimator == "gae"
+    critic = options.advantage_estimator == "gae" and options.objective == "clipped"
     policy = load_causal_lm(sft, tokenizer, dtype, meta=meta)
     reference = options.ref_model_name_or_path or sft
     check_same_vocabulary(tokenizer, reference, sft, "reference model")

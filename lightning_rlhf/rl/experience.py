@@ -88,7 +88,7 @@ def build_experience(
     lam: float = 0.95,
     whiten_advantages: bool = True,
     missing_eos_penalty: float | None = None,
-    estimator: str = "gae",
+    estimator: str | None = "gae",
     group_size: int = 1,
     kl_in_reward: bool = True,
 ) -> Experience:
@@ -97,7 +97,8 @@ def build_experience(
     ``estimator`` names an entry of ``losses.ADVANTAGE_ESTIMATORS`` (``losses.advantages_and_returns``): ``gae``
     (the InstructGPT reward per token, then GAE; whitened when ``whiten_advantages``), ``reinforce_pp``, or the
     group-relative ``grpo``, ``dr_grpo``, ``rloo`` over groups of ``group_size``. ``kl_in_reward=False`` leaves the
-    KL out of the reward (β = 0 there; e.g. GRPO's KL loss term instead).
+    KL out of the reward (β = 0 there; e.g. GRPO's KL loss term instead). ``None``: no advantages (zeros) and no
+    returns, for an objective that learns from the scores themselves (online DPO).
     """
     mask = rollout.response_mask
     ended = ((rollout.responses == eos_token_id) & mask).any(-1)
@@ -105,9 +106,11 @@ def build_experience(
         scores = scores - missing_eos_penalty * (~ended).float()
     kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
     reward_kl_coef = kl_coef if kl_in_reward else 0.0
-    advantages, returns = advantages_and_returns(
-        estimator, scores, kl, mask, reward_kl_coef, values, gamma, lam, whiten_advantages, group_size
-    )
+    advantages, returns = torch.zeros_like(kl), None
+    if estimator is not None:
+        advantages, returns = advantages_and_returns(
+            estimator, scores, kl, mask, reward_kl_coef, values, gamma, lam, whiten_advantages, group_size
+        )
     kl_sums = (kl * mask).sum(-1)
     return Experience(rollout, logprobs, values, advantages, returns, scores, kl_sums, ended, ref_logprobs)
 

@@ -10,7 +10,8 @@ computed once per response (``sequence_statistics``): training logs their means 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -43,6 +44,7 @@ class RolloutOptions:
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = None
     advantage_estimator: str = "gae"
+    objective: str = "clipped"  # ``dpo`` learns from pairs of scores: no advantages
     kl_in_reward: bool = True
     engine_is_correction: str = "none"
     engine_is_cap: float = 2.0
@@ -51,6 +53,15 @@ class RolloutOptions:
     def of(cls, arguments: Mapping[str, Any]) -> RolloutOptions:
         """The options among ``arguments`` (PPOModule's hparams), by name."""
         return cls(**{field.name: arguments[field.name] for field in fields(cls)})
+
+
+@contextmanager
+def seeded(key: tuple, device: torch.device) -> Iterator[None]:
+    """Draw random numbers (sampling, shuffling) from a generator seeded by ``key`` (e.g. ``(seed, stream, index,
+    rank)``: a resumed run draws what the uninterrupted one drew), leaving the global random state as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(hash(key) % 2**63)
+        yield
 
 
 def sample_rollout(
@@ -112,7 +123,7 @@ def experience_from(
         options.lam,
         options.whiten_advantages,
         options.missing_eos_penalty,
-        options.advantage_estimator,
+        options.advantage_estimator if options.objective == "clipped" else None,
         options.num_generations,
         options.kl_in_reward,
     )

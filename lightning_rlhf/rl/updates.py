@@ -1,10 +1,17 @@
 """The PPO updates of one rollout: ``ppo_epochs`` passes over its experience in ``num_mini_batches`` shuffled
 minibatches of whole groups, one optimiser step each (Schulman et al. 2017; InstructGPT, Ouyang et al. 2022).
 
-Each minibatch's loss is the clipped surrogate + ``vf_coef`` · clipped value loss (+ ``kl_loss_coef`` · GRPO's k3 KL
-to the reference on the policy, Shao et al. 2024; + ``ptx_coef`` · PPO-ptx's language-model loss on the minibatch's
-pretraining text), ``PPOUpdates.loss``. Under manual optimisation ``trainer.global_step`` counts these steps:
-``max_steps = rollouts · ppo_epochs · num_mini_batches``.
+Each minibatch's loss is its ``objective``, an entry of ``OBJECTIVES`` (+ ``ptx_coef`` · PPO-ptx's language-model
+loss on the minibatch's pretraining text):
+
+- ``clipped``: the clipped surrogate + ``vf_coef`` · clipped value loss (+ ``kl_loss_coef`` · GRPO's k3 KL to the
+  reference on the policy, Shao et al. 2024);
+- ``dpo``: online DPO (Guo et al. 2024): each group's best- and worst-scored responses are a pair
+  (``losses.best_worst_pairs``), and ``losses.dpo_loss`` of the policy's sequence log-probs against the frozen
+  reference's, ``dpo_beta`` its β; groups scored all alike make no pair.
+
+Under manual optimisation ``trainer.global_step`` counts these steps: ``max_steps = rollouts · ppo_epochs ·
+num_mini_batches``.
 """
 
 from __future__ import annotations
@@ -18,8 +25,15 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from lightning_rlhf.losses.policy import aggregate_loss, kl_penalty, ppo_policy_loss, ppo_value_loss
-from lightning_rlhf.losses.tokens import masked_mean
+from lightning_rlhf.losses.policy import (
+    aggregate_loss,
+    best_worst_pairs,
+    kl_penalty,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from lightning_rlhf.losses.preference import DPO_LOSSES, dpo_loss
+from lightning_rlhf.losses.tokens import masked_mean, masked_sum
 from lightning_rlhf.models.causal_lm import forward_logits, shifted_logprobs
 from lightning_rlhf.rl.experience import Experience, group_minibatches
 from lightning_rlhf.rl.rollouts import PolicyForward
@@ -39,6 +53,8 @@ class PPOUpdates:
         max_new_tokens: the constant ``seq_mean_token_sum`` divides by.
         num_generations: rows per group, kept together in a minibatch.
         num_mini_batches: minibatches (optimiser steps) per pass.
+        objective: the loss of each minibatch, an entry of ``OBJECTIVES``.
+        dpo_beta, dpo_loss_type: β and the ``losses.DPO_LOSSES`` type of the ``dpo`` objective.
     """
 
     clip_range: float
@@ -50,6 +66,9 @@ class PPOUpdates:
     max_new_tokens: int
     num_generations: int
     num_mini_batches: int
+    objective: str = "clipped"
+    dpo_beta: float = 0.1
+    dpo_loss_type: str = "sigmoid"
 
     @classmethod
     def of(cls, arguments: Mapping[str, Any]) -> PPOUpdates:
@@ -59,8 +78,14 @@ class PPOUpdates:
     def loss(
         self, experience: Experience, rows: Tensor, logprobs: Tensor, values: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss over ``rows`` of ``experience`` given the policy's ``(m, r)`` ``logprobs`` and ``values`` of those
-        rows (``None`` without a value function), and the statistics logged of it, detached."""
+        """The ``objective``'s loss over ``rows`` of ``experience`` given the policy's ``(m, r)`` ``logprobs`` and
+        ``values`` of those rows (``None`` without a value function), and the statistics logged of it, detached."""
+        return OBJECTIVES[self.objective](self, experience, rows, logprobs, values)
+
+    def clipped_objective(
+        self, experience: Experience, rows: Tensor, logprobs: Tensor, values: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """PPO's clipped surrogate (with the value loss and GRPO's KL term where set)."""
         mask = experience.mask[rows]
         policy_loss, policy_stats = ppo_policy_loss(
             logprobs,
@@ -85,6 +110,37 @@ class PPOUpdates:
             stats["loss/kl"] = kl_loss.detach()
         stats["loss/policy"] = policy_loss.detach()
         stats["policy/clipfrac"], stats["policy/approxkl"] = policy_stats["clipfrac"], policy_stats["approx_kl"]
+        return loss, stats
+
+    def dpo_objective(
+        self, experience: Experience, rows: Tensor, logprobs: Tensor, values: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Online DPO over the pairs of the minibatch's groups (``rows`` hold whole groups), each pair weighing the
+        same. Logged: the DPO loss, the implicit rewards ``β · (log π − log π_ref)`` of the chosen and the rejected
+        response, their margin and how often it is positive (``dpo/rewards/*``), the scores' margin between the pair
+        (``dpo/score_margin``) and the share of the minibatch's prompts with no pair (``dpo/no_pair``)."""
+        mask, scores = experience.mask[rows], experience.scores[rows]
+        chosen, rejected, paired = best_worst_pairs(scores, self.num_generations)
+        policy, ref = masked_sum(logprobs, mask, -1), masked_sum(experience.ref_logprobs[rows], mask, -1)  # (m,)
+        if self.dpo_loss_type == "ipo":  # IPO is stated on per-token averaged log-probs (Azar et al. 2023)
+            lengths = mask.sum(-1).clamp(min=1)
+            policy, ref = policy / lengths, ref / lengths
+        stats = {"dpo/no_pair": 1 - paired.float().mean()}
+        if not len(chosen):  # every group scored alike: nothing to learn, but a graph to step through
+            return logprobs.sum() * 0, {"loss/policy": torch.zeros((), device=logprobs.device), **stats}
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy[chosen], policy[rejected], ref[chosen], ref[rejected], self.dpo_beta, self.dpo_loss_type
+        )
+        loss = losses.mean()
+        margins = chosen_rewards - rejected_rewards
+        stats |= {
+            "loss/policy": loss.detach(),
+            "dpo/rewards/chosen": chosen_rewards.mean(),
+            "dpo/rewards/rejected": rejected_rewards.mean(),
+            "dpo/rewards/margins": margins.mean(),
+            "dpo/rewards/accuracies": (margins > 0).float().mean(),
+            "dpo/score_margin": (scores[chosen] - scores[rejected]).mean(),
+        }
         return loss, stats
 
     def run(
@@ -121,6 +177,32 @@ class PPOUpdates:
                 for name, norm in zip(("policy/grad_norm", "value/grad_norm"), norms, strict=False):
                     stats[name].append(norm)
         return {name: torch.stack(values).mean() for name, values in stats.items()}
+
+
+# The loss of a minibatch, by PPOModule's ``objective`` (``PPOUpdates.loss``).
+OBJECTIVES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
+    "clipped": PPOUpdates.clipped_objective,
+    "dpo": PPOUpdates.dpo_objective,
+}
+
+
+def check_objective(
+    objective: str, num_generations: int, advantage_estimator: str, value_head: bool, dpo_loss_type: str
+) -> None:
+    """Refuse an ``objective`` that is not one of ``OBJECTIVES``, or settings the ``dpo`` objective cannot use."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {list(OBJECTIVES)}")
+    if dpo_loss_type not in DPO_LOSSES:
+        raise ValueError(f"dpo_loss_type={dpo_loss_type!r} is not one of {sorted(DPO_LOSSES)}")
+    if objective != "dpo":
+        return
+    if num_generations < 2:
+        raise ValueError(f"num_generations={num_generations}: objective='dpo' pairs >= 2 responses per prompt")
+    if advantage_estimator != "gae" or value_head:
+        raise ValueError(
+            "objective='dpo' learns from pairs, not advantages: leave advantage_estimator and value_head unset "
+            f"(got advantage_estimator={advantage_estimator!r}, value_head={value_head})"
+        )
 
 
 def ptx_loss(model: PreTrainedModel, batch: dict[str, Tensor], rows: Tensor, group_size: int) -> Tensor:

@@ -58,7 +58,10 @@ PATIENCE = {"sft": 10, "rm": 3}
 RL_WATCHED = {True: ("val/objective/judge", "max"), False: ("val/objective/rlhf_reward", "max")}  # by: a judge?
 
 
-RL_CONFIGS = {"ppo": "ppo.yaml", "grpo": "grpo.yaml", "rloo": "rloo.yaml"}
+# The RL module's stages against the reward model: PPO, GRPO, RLOO and online DPO (its ``dpo`` objective, Guo et al.
+# 2024: pairs of the current policy's samples ranked by the reward model, where offline ``dpo`` learns from the SFT
+# model's ranked samples).
+RL_CONFIGS = {"ppo": "ppo.yaml", "grpo": "grpo.yaml", "rloo": "rloo.yaml", "dpo_online": "dpo_online.yaml"}
 
 
 STAGE_CONFIGS = {"sft": "sft.yaml", "rm": "rm.yaml", **RL_CONFIGS, "ppo_gold_reward": "ppo.yaml", "dpo": "dpo.yaml"}
@@ -251,7 +254,7 @@ def gold_reward_argv(run: Run, sft: Path, judge: str | None) -> list[str]:
 
 
 def against_rm_argv(run: Run, sft: Path, judge: str | None) -> dict[str, list[str]]:
-    """Every RL stage of ``RL_CONFIGS`` (PPO, GRPO, RLOO) from ``sft`` against the reward model ``rm``."""
+    """Every RL stage of ``RL_CONFIGS`` (PPO, GRPO, RLOO, online DPO) from ``sft`` against the reward model ``rm``."""
     reward = (f"--model.init_args.reward_model_name_or_path={export(run, 'rm')}", *watching(judge))
     return {name: rl_argv(run, name, sft, *reward, config=config) for name, config in RL_CONFIGS.items()}
 
