@@ -29,7 +29,7 @@ from lightning_rlhf.losses.policy import (
     ppo_value_loss,
     reinforce_pp_advantages,
 )
-from lightning_rlhf.losses.preference import DPO_LOSSES, dpo_loss, ranking_loss
+from lightning_rlhf.losses.preference import DPO_LOSSES, LENGTH_NORMALISED, REFERENCE_FREE, dpo_loss, ranking_loss
 from lightning_rlhf.losses.tokens import (
     IGNORE_INDEX,
     masked_mean,
@@ -46,7 +46,9 @@ __all__ = [
     "GROUP_ESTIMATORS",
     "IGNORE_INDEX",
     "KL_ESTIMATORS",
+    "LENGTH_NORMALISED",
     "LOSS_AGGREGATIONS",
+    "REFERENCE_FREE",
     "adaptive_kl_coef",
     "advantages_and_returns",
     "aggregate_loss",

@@ -1,5 +1,6 @@
 """Losses on preferences: the reward model's ranking loss over K ranked responses (InstructGPT, Ouyang et al.
-2022, eq. 1) and the DPO family (Rafailov et al. 2023), each DPO variant an entry of ``DPO_LOSSES``.
+2022, eq. 1) and the DPO family (Rafailov et al. 2023), each DPO variant an entry of ``DPO_LOSSES``,
+the reference-free SimPO and ORPO among them.
 
 Shapes: ``b`` batch, ``k`` responses per prompt.
 """
@@ -44,65 +45,108 @@ def ranking_loss(rewards: Tensor, ranks: Tensor, margin: float = 0.0, center_coe
     return loss
 
 
-def _dpo_sigmoid(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
+# Each entry maps (chosen, rejected, beta, label_smoothing, gamma) to per-example losses. ``chosen`` / ``rejected``
+# are the log-ratios policy - reference for the reference-based types, the policy's own (per-token averaged)
+# log-probs for the ``REFERENCE_FREE`` ones.
+
+
+def _dpo_sigmoid(chosen: Tensor, rejected: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
     # DPO (Rafailov et al. 2023, eq. 7); label_smoothing > 0 is conservative DPO (cDPO).
-    return -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
+    logits = beta * (chosen - rejected)
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-def _dpo_hinge(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
+def _dpo_hinge(chosen: Tensor, rejected: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
     # SLiC-style hinge (Zhao et al. 2023) on the DPO log-ratio.
-    return torch.relu(1 - beta * logits)
+    return torch.relu(1 - beta * (chosen - rejected))
 
 
-def _dpo_ipo(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
+def _dpo_ipo(chosen: Tensor, rejected: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
     # IPO (Azar et al. 2023, eq. 17), beta playing the role of tau; pass per-token averaged log-probs.
-    return (logits - 1 / (2 * beta)) ** 2
+    return (chosen - rejected - 1 / (2 * beta)) ** 2
 
 
-def _dpo_robust(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
+def _dpo_robust(chosen: Tensor, rejected: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
     # Robust DPO (Chowdhury et al. 2024, eq. 6): unbiased under label-flip rate epsilon = label_smoothing.
-    eps = label_smoothing
-    return (-(1 - eps) * F.logsigmoid(beta * logits) + eps * F.logsigmoid(-beta * logits)) / (1 - 2 * eps)
+    eps, logits = label_smoothing, beta * (chosen - rejected)
+    return (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
 
 
-DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+def _simpo(chosen: Tensor, rejected: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
+    # SimPO (Meng et al. 2024, eq. 6): the length-normalised log-prob is the reward, gamma a target margin; no
+    # reference. label_smoothing as in cDPO.
+    logits = beta * (chosen - rejected) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def log_odds(avg_logps: Tensor) -> Tensor:
+    """``log(p / (1 - p))`` from ``log p < 0`` (per-token averaged): ``log p - log(-expm1(log p))``, exact near
+    ``p = 1`` where ``log(1 - exp(log p))`` would round ``1 - p`` to 0."""
+    avg_logps = avg_logps.clamp(max=-1e-7)  # p = 1 exactly would make the odds infinite
+    return avg_logps - torch.log(-torch.expm1(avg_logps))
+
+
+def _orpo(chosen: Tensor, rejected: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
+    # ORPO (Hong et al. 2024, eq. 6-7): the chosen response's per-token NLL plus beta (their lambda) times the
+    # odds-ratio loss -log σ(log odds_w - log odds_l); no reference.
+    return -chosen - beta * F.logsigmoid(log_odds(chosen) - log_odds(rejected))
+
+
+DPO_LOSSES: dict[str, Callable[[Tensor, Tensor, float, float, float], Tensor]] = {
     "sigmoid": _dpo_sigmoid,
     "hinge": _dpo_hinge,
     "ipo": _dpo_ipo,
     "robust": _dpo_robust,
+    "simpo": _simpo,
+    "orpo": _orpo,
 }
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
+"""Loss types on the policy's log-probs alone: no reference model is needed."""
+LENGTH_NORMALISED = frozenset({"ipo", "simpo", "orpo"})
+"""Loss types stated on log-probs averaged over each response's tokens (the caller divides by the token count)."""
 
 
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    *,
+    simpo_gamma: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Direct preference optimisation losses, per example.
 
     With ``d = (π_c - ref_c) - (π_r - ref_r)`` (sequence log-probs):
     ``sigmoid`` -log σ(βd); ``hinge`` relu(1 - βd); ``ipo`` (d - 1/(2β))²;
     ``robust`` [-(1-ε) log σ(βd) + ε log σ(-βd)] / (1 - 2ε).
+    Reference-free (``REFERENCE_FREE``; the ref arguments are ignored and may be ``None``), on per-token averaged
+    log-probs ``π``: ``simpo`` -log σ(β(π_c - π_r) - γ) (Meng et al. 2024); ``orpo`` -π_c - β log σ(lo_c - lo_r)
+    with ``lo = π - log(1 - e^π)`` the log odds (Hong et al. 2024, β their λ).
 
     Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``(b,)``.
-        beta: strength of the implicit KL constraint to the reference.
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``(b,)``; averaged per
+            response token for the ``LENGTH_NORMALISED`` types.
+        beta: strength of the implicit KL constraint to the reference (SimPO: the reward scale; ORPO: λ).
         loss_type: one of ``DPO_LOSSES``.
-        label_smoothing: assumed rate ε of flipped labels (``sigmoid``: cDPO, ``robust``: rDPO).
+        label_smoothing: assumed rate ε of flipped labels (``sigmoid``, ``simpo``: cDPO, ``robust``: rDPO).
+        simpo_gamma: SimPO's target reward margin γ.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``(b,)``; the implicit rewards are
-        ``beta * (policy_logps - ref_logps)``, detached.
+        ``beta * (policy_logps - ref_logps)``, for the reference-free types ``beta * policy_logps``, detached.
     """
     if loss_type not in DPO_LOSSES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {sorted(DPO_LOSSES)}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 0.5)")
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses = DPO_LOSSES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    if loss_type in REFERENCE_FREE:
+        chosen, rejected = policy_chosen_logps, policy_rejected_logps
+    elif ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError(f"loss_type={loss_type!r} needs the reference log-probs (only {sorted(REFERENCE_FREE)} don't)")
+    else:
+        chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+    losses = DPO_LOSSES[loss_type](chosen, rejected, beta, label_smoothing, simpo_gamma)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
