@@ -33,7 +33,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lightning_rlhf.data.tokenizer import load_tokenizer
-from lightning_rlhf.losses.preference import DPO_LOSSES, dpo_loss
+from lightning_rlhf.losses.preference import DPO_LOSSES, LENGTH_NORMALISED, REFERENCE_FREE, dpo_loss
 from lightning_rlhf.models.causal_lm import disable_dropout, keep_out_of_checkpoints, load_causal_lm
 from lightning_rlhf.models.lora import (
     LoraOptions,
@@ -109,8 +109,9 @@ class DPOModule(L.LightningModule):
         model_name_or_path: str,
         dtype: str = "float32",
         beta: float = 0.1,
-        loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid",
+        loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid",
         label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
         nll_weight: float = 0.0,
         precompute_ref_logprobs: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
@@ -124,8 +125,11 @@ class DPOModule(L.LightningModule):
             model_name_or_path: the SFT export (Hugging Face directory or hub name); policy and reference start here.
             dtype: parameter dtype, ``float32`` / ``bfloat16`` / ``float16``.
             beta: strength of the implicit KL constraint to the reference (IPO: its τ).
-            loss_type: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averaged log-probs), ``robust``.
+            loss_type: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averaged log-probs), ``robust``, or
+                reference-free, on per-token averaged log-probs, with no reference model built or loaded: ``simpo``
+                (SimPO), ``orpo`` (ORPO: the chosen response's NLL plus β · the odds-ratio loss).
             label_smoothing: assumed rate of flipped labels (``sigmoid``: cDPO, ``robust``: rDPO).
+            simpo_gamma: SimPO's target margin γ between the chosen and the rejected response's β-scaled log-probs.
             nll_weight: weight of a negative log-likelihood term on each prompt's best responses (RPO; 0 for none).
             precompute_ref_logprobs: compute the reference log-probs once when fit starts (needs a DataModule)
                 and keep no reference model during training.
@@ -145,6 +149,9 @@ class DPOModule(L.LightningModule):
         check_range("beta", beta, "> 0", beta > 0)
         check_range("label_smoothing", label_smoothing, "in [0, 0.5)", 0 <= label_smoothing < 0.5)
         check_range("nll_weight", nll_weight, ">= 0", nll_weight >= 0)
+        check_range("simpo_gamma", simpo_gamma, ">= 0", simpo_gamma >= 0)
+        if precompute_ref_logprobs and loss_type in REFERENCE_FREE:
+            raise ValueError(f"precompute_ref_logprobs=True: loss_type={loss_type!r} uses no reference; leave it False")
         lora = lora_hparams(lora)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
@@ -176,7 +183,7 @@ class DPOModule(L.LightningModule):
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
         disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0
-        if not hp.precompute_ref_logprobs and hp.lora is None:
+        if not hp.precompute_ref_logprobs and hp.lora is None and hp.loss_type not in REFERENCE_FREE:
             self.ref_model = self._load_reference(load.meta)
         fully_shard_models(self, self.model, self.ref_model, load=load)
         check_memory(self, {"policy": self.model, "reference": self.ref_model})
@@ -258,19 +265,21 @@ class DPOModule(L.LightningModule):
             batch = self.on_before_batch_transfer(dict(batch), 0)
         self._check_layout(self.model, batch)
         logps, counts = response_logprobs(self.model, batch)
-        ref_logps = self.reference_logprobs(batch)  # (n,) summed over response tokens, like logps
-        policy_scores, ref_scores = logps, ref_logps
-        if hp.loss_type == "ipo":  # IPO is stated on per-token averaged log-probs (Azar et al. 2023)
-            policy_scores, ref_scores = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
+        free = hp.loss_type in REFERENCE_FREE
+        policy_scores = logps  # (n,) summed over response tokens
+        ref_scores = torch.zeros_like(logps) if free else self.reference_logprobs(batch)  # unused when free
+        if hp.loss_type in LENGTH_NORMALISED:  # IPO, SimPO, ORPO are stated on per-token averaged log-probs
+            policy_scores, ref_scores = logps / counts.clamp(min=1), ref_scores / counts.clamp(min=1)
         chosen, rejected = batch["pairs"].unbind(-1)  # (p,) flat rows of the better and the worse response
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_scores[chosen],
             policy_scores[rejected],
-            ref_scores[chosen],
-            ref_scores[rejected],
+            None if free else ref_scores[chosen],
+            None if free else ref_scores[rejected],
             hp.beta,
             hp.loss_type,
             hp.label_smoothing,
+            simpo_gamma=hp.simpo_gamma,
         )
         loss = (losses * batch["pair_weights"]).sum()
 

@@ -118,7 +118,7 @@ class PPOModule(L.LightningModule):
         loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean",
         objective: Literal["clipped", "dpo"] = "clipped",
         dpo_beta: float = 0.1,
-        dpo_loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid",
+        dpo_loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid",
         reward_fns: dict[str, float] | None = None,
         lora: LoraOptions | None = None,
         rollout_engine: Literal["hf", "vllm"] = "hf",

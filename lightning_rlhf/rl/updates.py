@@ -32,7 +32,7 @@ from lightning_rlhf.losses.policy import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from lightning_rlhf.losses.preference import DPO_LOSSES, dpo_loss
+from lightning_rlhf.losses.preference import DPO_LOSSES, LENGTH_NORMALISED, dpo_loss
 from lightning_rlhf.losses.tokens import masked_mean, masked_sum
 from lightning_rlhf.models.causal_lm import forward_logits, shifted_logprobs
 from lightning_rlhf.rl.experience import Experience, group_minibatches
@@ -122,7 +122,7 @@ class PPOUpdates:
         mask, scores = experience.mask[rows], experience.scores[rows]
         chosen, rejected, paired = best_worst_pairs(scores, self.num_generations)
         policy, ref = masked_sum(logprobs, mask, -1), masked_sum(experience.ref_logprobs[rows], mask, -1)  # (m,)
-        if self.dpo_loss_type == "ipo":  # IPO is stated on per-token averaged log-probs (Azar et al. 2023)
+        if self.dpo_loss_type in LENGTH_NORMALISED:  # IPO, SimPO, ORPO: stated on per-token averaged log-probs
             lengths = mask.sum(-1).clamp(min=1)
             policy, ref = policy / lengths, ref / lengths
         stats = {"dpo/no_pair": 1 - paired.float().mean()}
