@@ -1,4 +1,5 @@
-"""Reading and validating records: demonstrations, comparisons, prompts and pretraining text.
+"""Reading and validating records: demonstrations, comparisons, unpaired (KTO) feedback, prompts and pretraining
+text.
 
 A source is a ``.jsonl`` / ``.json`` / ``.parquet`` file, a directory written by ``datasets.save_to_disk``, or a
 ``datasets`` name. Every record keeps where it came from (``file line N`` / ``file row N``) so that any error
@@ -154,12 +155,55 @@ def validate_comparison(record: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "responses": checked, "ranks": ranks}
 
 
+def unpaired_from_comparison(fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """KTO records from a validated comparison (``validate_comparison``'s fields): every response ranked best is
+    desirable, every response ranked worst undesirable; the responses ranked in between are left out.
+
+    ``{"prompt": p, "responses": [a, b, c], "ranks": [1, 0, 2]}`` gives ``{"prompt": p, "completion": b,
+    "label": True}`` then ``{"prompt": p, "completion": c, "label": False}``, in the order of the responses.
+    """
+    best, worst = min(fields["ranks"]), max(fields["ranks"])
+    return [
+        {"prompt": fields["prompt"], "completion": response, "label": rank == best}
+        for response, rank in zip(fields["responses"], fields["ranks"], strict=True)
+        if rank in (best, worst)
+    ]
+
+
+def validate_unpaired(record: Mapping[str, Any]) -> dict[str, Any]:
+    """KTO's unpaired feedback (TRL's format): ``{"prompt", "completion", "label": true|false}``, true for a
+    desirable completion. A comparison record (``validate_comparison``'s shapes) is read as the records
+    ``unpaired_from_comparison`` makes of it. Either way the fields are ``{"prompt", "responses", "desirable"}``:
+    the prompt's completions and, for each, 1 (desirable) or 0."""
+    if not any(name in record for name in ("completion", "label")):
+        if any(name in record for name in ("responses", "ranks", "chosen", "rejected")):
+            unpaired = unpaired_from_comparison(validate_comparison(record))
+            return {
+                "prompt": unpaired[0]["prompt"],
+                "responses": [r["completion"] for r in unpaired],
+                "desirable": [int(r["label"]) for r in unpaired],
+            }
+        raise RecordError(
+            "fields 'completion' and 'label' are missing: an unpaired record is {'prompt', 'completion', 'label': "
+            "true|false} (or a comparison, read as its best response desirable and its worst undesirable)"
+        )
+    prompt = _check_text_or_messages(record, "prompt", EMPTY_PROMPT)
+    completion = _check_text_or_messages(record, "completion")
+    label = record.get("label")
+    if not isinstance(label, bool):
+        raise RecordError(
+            f"field 'label' must be true (a desirable completion) or false (an undesirable one), got {label!r}"
+        )
+    return {"prompt": prompt, "responses": [completion], "desirable": [int(label)]}
+
+
 VALIDATORS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "demonstration": validate_demonstration,
     "comparison": validate_comparison,
     "prompt": validate_prompt,
     "text": validate_text,
     "scored": validate_scored,
+    "unpaired": validate_unpaired,
 }
 
 
@@ -294,8 +338,8 @@ def read_records(
     Args:
         source: file, saved dataset directory or ``datasets`` name; ``toy:NAME`` for the toy data shipped in the
             package (``toy.resolve_source``).
-        kind: ``demonstration``, ``comparison``, ``prompt``, ``text`` or ``scored`` (a prompt and a response to score,
-            which may be empty).
+        kind: ``demonstration``, ``comparison``, ``prompt``, ``text``, ``scored`` (a prompt and a response to score,
+            which may be empty) or ``unpaired`` (KTO's labelled completions, ``validate_unpaired``).
         columns: our field name -> the source's column name, e.g. ``{"prompt": "question"}``.
         skip_invalid: count and skip invalid records instead of raising.
         split: the split to read from a dataset with several.
