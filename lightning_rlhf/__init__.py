@@ -4,7 +4,12 @@ Every name a user imports is here: the stage modules, the DataModules that feed 
 for models and tokenizers (a local Hugging Face directory, or the embedded default when the path is ``None``).
 """
 
-from lightning_rlhf.data.datamodules import ComparisonDataModule, DemonstrationDataModule, PromptDataModule
+from lightning_rlhf.data.datamodules import (
+    ComparisonDataModule,
+    DemonstrationDataModule,
+    PromptDataModule,
+    UnpairedDataModule,
+)
 from lightning_rlhf.data.tokenizer import byte_level_tokenizer, load_tokenizer
 from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.models.export import export_pretrained
@@ -22,6 +27,7 @@ __all__ = [
     "PromptDataModule",
     "RewardModule",
     "SFTModule",
+    "UnpairedDataModule",
     "byte_level_tokenizer",
     "export_pretrained",
     "load_causal_lm",

@@ -347,7 +347,7 @@ def test_pair_layout_weighs_each_prompt_the_same_hand_computed():
     """Three prompts: A with K = 3 ranked 0, 1, 2 (rows 0-2: pairs 0>1, 0>2, 1>2), B with a tie (rows 3-4: no pair),
     C with K = 2 ranked 1, 0 (rows 5-6: pair 6>5). Two prompts have pairs, so A's three pairs weigh 1/(3·2) = 1/6
     each and C's one pair 1/(1·2) = 1/2; the best rows (better in a pair, worse in none) are 0 and 6."""
-    from lightning_rlhf.modules.dpo import pair_layout
+    from lightning_rlhf.modules.preference_batches import pair_layout
 
     batch = {
         "input_ids": torch.zeros(7, 3, dtype=torch.long),

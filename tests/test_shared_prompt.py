@@ -27,7 +27,7 @@ from lightning_rlhf.models.shared_forward import (
     shared_rewards,
     shared_sequence_logprobs,
 )
-from lightning_rlhf.modules.dpo import row_keys
+from lightning_rlhf.modules.preference_batches import row_keys
 from lightning_rlhf.toy.reverse import make_comparisons
 from tests.helpers import StepRecorder, make_tiny_export, make_tiny_gpt2_export
 

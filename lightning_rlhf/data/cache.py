@@ -127,6 +127,7 @@ def prompt_key(fields: Mapping[str, Any]) -> int:
 EMPTY: dict[str, dict[str, Any]] = {
     "demonstration": {"input_ids": [], "labels": []},
     "comparison": {"prompt_ids": [], "response_ids": [], "ranks": []},
+    "unpaired": {"prompt_ids": [], "response_ids": [], "desirable": []},
     "prompt": {"input_ids": []},
     "text": {"input_ids": [], "labels": []},
 }
@@ -134,6 +135,7 @@ ids = datasets.Sequence(datasets.Value("int32"))
 FEATURES: dict[str, dict[str, Any]] = {
     "demonstration": {"input_ids": ids, "labels": ids},
     "comparison": {"prompt_ids": ids, "response_ids": datasets.Sequence(ids), "ranks": ids},
+    "unpaired": {"prompt_ids": ids, "response_ids": datasets.Sequence(ids), "desirable": ids},
     "prompt": {"input_ids": ids},
     "text": {"input_ids": ids, "labels": ids},
 }

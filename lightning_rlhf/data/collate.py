@@ -176,3 +176,29 @@ class PromptCollator:
             texts = self.texts([ex["ptx"] for ex in examples])
             batch.update({f"ptx_{name}": value for name, value in texts.items()})
         return batch
+
+
+class UnpairedCollator:
+    """KTO batches: each record's prompt with its labelled completions, then, for KTO's reference point, the prompt
+    once more with a completion of another prompt: the first completion of the batch's next record (the last
+    record's prompt takes the first record's), its end cut to fit ``max_length``. Ethayarajh et al. (2024) estimate
+    ``KL(π ‖ π_ref)`` from such mismatched pairs. A batch of one record pairs its prompt with its own completion.
+
+    Returns the batch ``comparisons`` (a ``ComparisonCollator`` or ``SharedPromptCollator``) makes of the rows (each
+    record's completions, then its mismatched row; all tied, so no pairs), plus ``desirable``: ``(n,)`` long, 1 for
+    a desirable completion, 0 for an undesirable one, -1 for a mismatched row.
+    """
+
+    def __init__(self, comparisons: Any, max_length: int):
+        self.comparisons, self.max_length = comparisons, max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        rows, desirable = [], []
+        for i, ex in enumerate(examples):
+            prompt, completions = list(ex["prompt_ids"]), list(ex["response_ids"])
+            other = list(examples[(i + 1) % len(examples)]["response_ids"][0])[: self.max_length - len(prompt)]
+            rows.append(
+                {"prompt_ids": prompt, "response_ids": [*completions, other], "ranks": [0] * (len(completions) + 1)}
+            )
+            desirable += [*ex["desirable"], -1]
+        return {**self.comparisons(rows), "desirable": torch.tensor(desirable, dtype=torch.long)}

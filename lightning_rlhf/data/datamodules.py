@@ -1,4 +1,5 @@
-"""DataModules for demonstrations (SFT), comparisons (reward model, DPO) and prompts (PPO, sampling).
+"""DataModules for demonstrations (SFT), comparisons (reward model, DPO), unpaired feedback (KTO) and prompts (PPO,
+sampling).
 
 Each reads records (``records.py``), tokenizes them under one truncation policy (``tokenization.py``) into a
 memory-mapped Arrow dataset cached on disk (``cache.py``; ``prepare_data`` builds it on local rank 0, ``setup`` on
@@ -24,6 +25,7 @@ from lightning_rlhf.data.collate import (
     DemonstrationCollator,
     PackedDemonstrationCollator,
     PromptCollator,
+    UnpairedCollator,
 )
 from lightning_rlhf.data.loader import EpochShuffleSampler, ResumableDataLoader
 from lightning_rlhf.data.records import ReadReport
@@ -314,6 +316,35 @@ class ComparisonDataModule(RecordDataModule):
             collate_fn=DemonstrationCollator(self.tokenizer.pad_token_id),
             num_workers=hp.num_workers,
         )
+
+
+class UnpairedDataModule(RecordDataModule):
+    """KTO's unpaired feedback, ``{"prompt", "completion", "label": true|false}`` records, or comparisons read as
+    their best response desirable and their worst undesirable (``records.validate_unpaired``); batched by prompt
+    (``batch_size`` records), each prompt with one mismatched row more for KTO's reference point
+    (``UnpairedCollator``). Without ``train_path``, the toy task's comparisons."""
+
+    kind = "unpaired"
+    default_train_path = "toy:comparisons"
+
+    def __init__(self, *args, shared_prompt: bool = False, row_length: int | None = None, **kwargs):
+        """
+        Args:
+            shared_prompt: each prompt once, then its completions (``ComparisonDataModule``'s layout).
+            row_length: most tokens of a shared-prompt row; ``None``: ``max_length``.
+            *args, **kwargs: as ``RecordDataModule``.
+        """
+        super().__init__(*args, **kwargs)
+        check_range("row_length", row_length, ">= 1 or None", row_length is None or row_length >= 1)
+        self.shared_prompt, self.row_length = shared_prompt, row_length
+
+    def collator(self) -> UnpairedCollator:
+        hp = self.hparams
+        if self.shared_prompt:
+            comparisons = SharedPromptCollator(self.tokenizer.pad_token_id, self.row_length or hp.max_length)
+        else:
+            comparisons = ComparisonCollator(self.tokenizer.pad_token_id)
+        return UnpairedCollator(comparisons, hp.max_length)
 
 
 class WithPretraining(Dataset):

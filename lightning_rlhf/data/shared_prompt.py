@@ -82,7 +82,7 @@ def shared_attention_mask(segment: Tensor, branch: Tensor) -> Tensor:
 
 def sequence_key(input_ids: list[int], labels: list[int]) -> bytes:
     """A digest of one prompt ⊕ response sequence (its token ids and labels): the same bytes as
-    ``modules.dpo.row_keys`` gives its padded row, so cached reference log-probs serve either layout."""
+    ``modules.preference_batches.row_keys`` gives its padded row, so cached reference log-probs serve either layout."""
     return hashlib.blake2b(np.array([input_ids, labels], dtype=np.int64).tobytes(), digest_size=16).digest()
 
 

@@ -242,10 +242,12 @@ class Tokenizer:
         prompt_ids = self._fitting(_ok(prompt_ids))
         room, chat = self.max_length - len(prompt_ids), not isinstance(record.fields["prompt"], str)
         ended = [self._end_response(_ok(ids), room, chat) for ids in response_ids]
+        # A comparison's ranks, or an unpaired record's desirable flags (``records.validate_unpaired``).
+        marks = "ranks" if "ranks" in record.fields else "desirable"
         example = {
             "prompt_ids": prompt_ids,
             "response_ids": [ids for ids, _ in ended],
-            "ranks": list(record.fields["ranks"]),
+            marks: list(record.fields[marks]),
         }
         return example, TokenizeReport(truncated=sum(cut for _, cut in ended))
 
@@ -268,11 +270,13 @@ class Tokenizer:
         return {"input_ids": ids, "labels": list(ids)}, TokenizeReport(texts_truncated=cut)
 
     def examples(self, kind: str, records: list[Record]) -> list[tuple[dict[str, Any] | None, TokenizeReport]]:
-        """Each of ``records`` of ``kind`` (``demonstration``, ``comparison``, ``prompt``, ``text``) tokenized, in
-        order: its example, or ``None`` when it is skipped, and its own counts (added to ``report`` as well)."""
+        """Each of ``records`` of ``kind`` (``demonstration``, ``comparison``, ``unpaired``, ``prompt``, ``text``)
+        tokenized, in order: its example, or ``None`` when it is skipped, and its own counts (added to ``report``
+        as well)."""
         build = {
             "demonstration": self._demonstrations,
             "comparison": self._comparisons,
+            "unpaired": self._comparisons,  # a prompt and its labelled completions, tokenized as a comparison's
             "prompt": self._prompts,
             "text": self._texts,
         }[kind]

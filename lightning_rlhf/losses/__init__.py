@@ -4,7 +4,7 @@ Shapes: ``b`` batch, ``t`` time, ``v`` vocabulary, ``k`` responses per prompt. E
 hand-computed values in ``tests/test_losses.py`` and its siblings. Three files, one import path:
 
 - ``tokens``: log-probs of tokens and masked reductions;
-- ``preference``: the reward model's ranking loss and the DPO family (a table of loss types);
+- ``preference``: the reward model's ranking loss, the DPO family (a table of loss types) and KTO;
 - ``policy``: PPO's clipped losses, KL estimators, GAE, group advantages and online DPO's pairs, advantage
   estimators, loss aggregations and engine importance weights (each a table of pure functions chosen by name).
 """
@@ -29,7 +29,15 @@ from lightning_rlhf.losses.policy import (
     ppo_value_loss,
     reinforce_pp_advantages,
 )
-from lightning_rlhf.losses.preference import DPO_LOSSES, LENGTH_NORMALISED, REFERENCE_FREE, dpo_loss, ranking_loss
+from lightning_rlhf.losses.preference import (
+    DPO_LOSSES,
+    LENGTH_NORMALISED,
+    REFERENCE_FREE,
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    ranking_loss,
+)
 from lightning_rlhf.losses.tokens import (
     IGNORE_INDEX,
     masked_mean,
@@ -59,6 +67,8 @@ __all__ = [
     "gae",
     "group_advantages",
     "kl_penalty",
+    "kto_loss",
+    "kto_reference_point",
     "masked_mean",
     "masked_sum",
     "masked_var",

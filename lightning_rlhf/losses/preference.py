@@ -1,6 +1,6 @@
 """Losses on preferences: the reward model's ranking loss over K ranked responses (InstructGPT, Ouyang et al.
-2022, eq. 1) and the DPO family (Rafailov et al. 2023), each DPO variant an entry of ``DPO_LOSSES``,
-the reference-free SimPO and ORPO among them.
+2022, eq. 1), the DPO family (Rafailov et al. 2023), each DPO variant an entry of ``DPO_LOSSES``, the
+reference-free SimPO and ORPO among them, and KTO on unpaired feedback (Ethayarajh et al. 2024).
 
 Shapes: ``b`` batch, ``k`` responses per prompt.
 """
@@ -150,3 +150,54 @@ def dpo_loss(
         chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
     losses = DPO_LOSSES[loss_type](chosen, rejected, beta, label_smoothing, simpo_gamma)
     return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def kto_reference_point(
+    policy_logps: Tensor, ref_logps: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """KTO's reference point ``z_0 = max(0, mean(log π(y'|x) - log π_ref(y'|x)))`` (Ethayarajh et al. 2024, §4.1):
+    an estimate of ``KL(π ‖ π_ref)`` from completions ``y'`` of *other* prompts paired with each prompt ``x``, so it
+    says how far the policy has moved overall rather than on the batch's own completions. Detached: no gradient
+    passes through it, as in the paper.
+
+    Args:
+        policy_logps, ref_logps: ``(m,)`` summed log-probs of the mismatched completions.
+        reduce: averages the batch's mean over processes (e.g. a strategy's all-reduce) before the clamp.
+    """
+    mean = (policy_logps - ref_logps).detach().mean()
+    return (reduce(mean) if reduce else mean).clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    reference_point: Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Kahneman–Tversky optimisation on unpaired feedback (Ethayarajh et al. 2024, eq. 8), per completion.
+
+    With ``r = log π(y|x) - log π_ref(y|x)`` and ``z_0`` the reference point (``kto_reference_point``):
+    ``loss = λ_D (1 - σ(β(r - z_0)))`` for a desirable completion, ``λ_U (1 - σ(β(z_0 - r)))`` for an undesirable
+    one, i.e. ``λ_y - v(x, y)``. The paper advises ``λ_D n_D / (λ_U n_U)`` in ``[1, 4/3]`` for ``n_D`` desirable and
+    ``n_U`` undesirable examples.
+
+    Args:
+        policy_logps, ref_logps: ``(n,)`` summed log-probs of each completion.
+        desirable: ``(n,)`` bool (or 0/1): the completion is desirable.
+        reference_point: ``z_0``, a scalar.
+        beta: the value function's steepness, as DPO's β.
+        desirable_weight, undesirable_weight: ``λ_D`` and ``λ_U``.
+
+    Returns:
+        ``(losses, rewards)``, each ``(n,)``; the implicit rewards ``β r`` are detached.
+    """
+    if desirable_weight <= 0 or undesirable_weight <= 0:
+        raise ValueError(f"desirable_weight={desirable_weight}, undesirable_weight={undesirable_weight}: both > 0")
+    desirable = desirable.bool()
+    log_ratios = policy_logps - ref_logps
+    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(log_ratios.dtype)
+    signed = torch.where(desirable, log_ratios - reference_point, reference_point - log_ratios)
+    return weights * (1 - torch.sigmoid(beta * signed)), beta * log_ratios.detach()

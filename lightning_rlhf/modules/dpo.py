@@ -8,7 +8,9 @@ through the policy in one forward pass (the collator has already concatenated th
 ``ComparisonDataModule(shared_prompt=True)`` each prompt is forwarded once for all its responses, policy and
 reference alike, ``data.shared_prompt``). ``nll_weight`` adds RPO's
 likelihood term on each prompt's best responses (Pang et al. 2024), which keeps DPO on off-policy comparisons
-from pushing probability onto tokens seen in neither response.
+from pushing probability onto tokens seen in neither response. ``loss_type="kto"`` learns instead from unpaired
+feedback (``UnpairedDataModule``): each completion labelled desirable or not, against KTO's reference point
+(``losses.kto_loss``), each labelled completion weighing the same.
 
 The reference is either a live frozen copy (eval mode, no grad, outside the optimiser and out of checkpoints,
 rebuilt from ``model_name_or_path`` in ``configure_model``), or, with ``lora``, the policy with its adapter switched
@@ -20,7 +22,6 @@ so they are right whatever the shuffling, the batch composition, the padding or 
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -33,7 +34,14 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lightning_rlhf.data.tokenizer import load_tokenizer
-from lightning_rlhf.losses.preference import DPO_LOSSES, LENGTH_NORMALISED, REFERENCE_FREE, dpo_loss
+from lightning_rlhf.losses.preference import (
+    DPO_LOSSES,
+    LENGTH_NORMALISED,
+    REFERENCE_FREE,
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+)
 from lightning_rlhf.models.causal_lm import disable_dropout, keep_out_of_checkpoints, load_causal_lm
 from lightning_rlhf.models.lora import (
     LoraOptions,
@@ -45,6 +53,7 @@ from lightning_rlhf.models.lora import (
     lora_hparams,
 )
 from lightning_rlhf.models.shared_forward import check_shared_prompt_attention, response_logprobs
+from lightning_rlhf.modules.preference_batches import pair_layout, row_keys
 from lightning_rlhf.training.memory import check_memory
 from lightning_rlhf.training.optim import optimizer_config
 from lightning_rlhf.training.strategies import (
@@ -64,43 +73,18 @@ METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
+KTO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "logps/chosen", "logps/rejected")
+LOSS_TYPES = (*DPO_LOSSES, "kto")
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5)
 
 
-def row_keys(batch: dict[str, Any]) -> list[bytes]:
-    """A digest of each response's real tokens and labels: the same response after the same prompt, wherever it is;
-    a shared-prompt batch carries the same digests (``data.shared_prompt.sequence_key``)."""
-    if "sequence_keys" in batch:
-        return [key.tobytes() for key in batch["sequence_keys"].cpu().numpy()]
-    input_ids, labels, mask = (batch[k].cpu() for k in ("input_ids", "labels", "attention_mask"))
-    return [
-        hashlib.blake2b(torch.stack([ids[m], lab[m]]).numpy().tobytes(), digest_size=16).digest()
-        for ids, lab, m in zip(input_ids, labels, mask.bool(), strict=True)
-    ]
-
-
-def pair_layout(batch: dict[str, Tensor]) -> dict[str, Any]:
-    """How a comparison batch's pairs weigh, worked out on the CPU before the batch moves to the device (on a GPU,
-    ``nonzero``, ``bincount``, ``unique`` and ``int()`` would each wait for the device).
-
-    Returns:
-        ``pair_weights``: ``(p,)`` ``1 / (pairs of the pair's prompt · prompts with pairs in the batch)``, so each
-            prompt with pairs weighs the same and its pairs share its weight;
-        ``best``: ``(m,)`` rows better in some pair and worse in none (RPO's NLL term);
-        ``n_prompts``: the number of prompts with pairs, an ``int``.
-    """
-    rows, present = batch["response_index"], batch["response_index"] >= 0  # (b, k) flat row of each response
-    prompt_of_row = torch.zeros(int(present.sum()), dtype=torch.long)  # (n,)
-    prompt_of_row[rows[present]] = torch.arange(len(rows))[:, None].expand_as(rows)[present]
-    chosen, rejected = batch["pairs"].unbind(-1)  # (p,)
-    pairs_per_prompt = torch.bincount(prompt_of_row[chosen], minlength=len(rows))  # (b,)
-    n_prompts = int((pairs_per_prompt > 0).sum())
-    weights = 1.0 / (pairs_per_prompt[prompt_of_row[chosen]] * max(n_prompts, 1)).float()
-    best = torch.unique(chosen[~torch.isin(chosen, rejected)])
-    return {"pair_weights": weights, "best": best, "n_prompts": n_prompts}
+def mean_token_nll(logps: Tensor, counts: Tensor, rows: Tensor) -> Tensor:
+    """The per-token negative log-likelihood of the responses the boolean ``(n,)`` ``rows`` marks, of ``(n,)`` summed
+    ``logps`` over ``counts`` tokens, averaged over those responses; 0 (still in the graph) when none is marked."""
+    return -(logps / counts.clamp(min=1) * rows).sum() / rows.sum().clamp(min=1)
 
 
 class DPOModule(L.LightningModule):
@@ -109,9 +93,11 @@ class DPOModule(L.LightningModule):
         model_name_or_path: str,
         dtype: str = "float32",
         beta: float = 0.1,
-        loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid",
+        loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto"] = "sigmoid",
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
         nll_weight: float = 0.0,
         precompute_ref_logprobs: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
@@ -127,10 +113,14 @@ class DPOModule(L.LightningModule):
             beta: strength of the implicit KL constraint to the reference (IPO: its τ).
             loss_type: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averaged log-probs), ``robust``, or
                 reference-free, on per-token averaged log-probs, with no reference model built or loaded: ``simpo``
-                (SimPO), ``orpo`` (ORPO: the chosen response's NLL plus β · the odds-ratio loss).
+                (SimPO), ``orpo`` (ORPO: the chosen response's NLL plus β · the odds-ratio loss); or ``kto`` (KTO), on
+                unpaired feedback (``UnpairedDataModule``), against the reference.
             label_smoothing: assumed rate of flipped labels (``sigmoid``: cDPO, ``robust``: rDPO).
             simpo_gamma: SimPO's target margin γ between the chosen and the rejected response's β-scaled log-probs.
-            nll_weight: weight of a negative log-likelihood term on each prompt's best responses (RPO; 0 for none).
+            desirable_weight, undesirable_weight: KTO's λ_D and λ_U (the paper: λ_D n_D / (λ_U n_U) in [1, 4/3] for
+                n_D desirable and n_U undesirable completions).
+            nll_weight: weight of a negative log-likelihood term on each prompt's best responses (RPO; 0 for none);
+                for ``kto``, on the desirable completions.
             precompute_ref_logprobs: compute the reference log-probs once when fit starts (needs a DataModule)
                 and keep no reference model during training.
             optimizer: built over the policy's parameters once the model exists.
@@ -144,12 +134,19 @@ class DPOModule(L.LightningModule):
                 ``export_dir/adapter``, the adapter alone. One device, DDP or FSDP2 (not FSDP1).
         """
         super().__init__()
-        if loss_type not in DPO_LOSSES:
-            raise ValueError(f"loss_type={loss_type!r} is not one of {sorted(DPO_LOSSES)}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={loss_type!r} is not one of {sorted(LOSS_TYPES)}")
         check_range("beta", beta, "> 0", beta > 0)
         check_range("label_smoothing", label_smoothing, "in [0, 0.5)", 0 <= label_smoothing < 0.5)
         check_range("nll_weight", nll_weight, ">= 0", nll_weight >= 0)
         check_range("simpo_gamma", simpo_gamma, ">= 0", simpo_gamma >= 0)
+        check_range("desirable_weight", desirable_weight, "> 0", desirable_weight > 0)
+        check_range("undesirable_weight", undesirable_weight, "> 0", undesirable_weight > 0)
+        if precompute_ref_logprobs and loss_type == "kto":
+            raise ValueError(
+                "precompute_ref_logprobs=True: KTO's mismatched rows pair each prompt with another record's "
+                "completion, a different one each epoch, so their reference log-probs cannot be cached; leave it False"
+            )
         if precompute_ref_logprobs and loss_type in REFERENCE_FREE:
             raise ValueError(f"precompute_ref_logprobs=True: loss_type={loss_type!r} uses no reference; leave it False")
         lora = lora_hparams(lora)
@@ -161,7 +158,7 @@ class DPOModule(L.LightningModule):
         self.ref_model: PreTrainedModel | None = None
         self.ref_cache: dict[bytes, float] = {}
         self.shared_prompt_checked = False
-        val_names = ["loss", *METRICS, *(["nll"] if nll_weight else [])]
+        val_names = ["loss", *(KTO_METRICS if loss_type == "kto" else METRICS), *(["nll"] if nll_weight else [])]
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in val_names})
         keep_out_of_checkpoints(self, "ref_model")  # rebuilt from model_name_or_path
         # With LoRA, checkpoints hold the adapters only: the frozen base is rebuilt from model_name_or_path.
@@ -261,15 +258,24 @@ class DPOModule(L.LightningModule):
     def _step(self, batch: dict[str, Tensor]) -> tuple[Tensor, int, dict[str, Tensor]]:
         """Loss (each prompt with pairs weighing the same), its number of prompts, and per-pair statistics."""
         hp = self.hparams
-        if "pair_weights" not in batch:  # a CPU batch handed over directly, not through the trainer
+        if ("desirable" in batch) != (hp.loss_type == "kto"):
+            raise ValueError(
+                "loss_type='kto' learns from unpaired feedback: give it an UnpairedDataModule"
+                if hp.loss_type == "kto"
+                else f"loss_type={hp.loss_type!r} learns from pairs: give it a ComparisonDataModule (or use 'kto')"
+            )
+        if "pair_weights" not in batch and "desirable" not in batch:  # a CPU batch handed over directly
             batch = self.on_before_batch_transfer(dict(batch), 0)
         self._check_layout(self.model, batch)
+        if hp.loss_type == "kto":
+            return self._kto_step(batch)
         logps, counts = response_logprobs(self.model, batch)
         free = hp.loss_type in REFERENCE_FREE
         policy_scores = logps  # (n,) summed over response tokens
-        ref_scores = torch.zeros_like(logps) if free else self.reference_logprobs(batch)  # unused when free
+        ref_scores = None if free else self.reference_logprobs(batch)
         if hp.loss_type in LENGTH_NORMALISED:  # IPO, SimPO, ORPO are stated on per-token averaged log-probs
-            policy_scores, ref_scores = logps / counts.clamp(min=1), ref_scores / counts.clamp(min=1)
+            policy_scores = logps / counts.clamp(min=1)
+            ref_scores = None if free else ref_scores / counts.clamp(min=1)
         chosen, rejected = batch["pairs"].unbind(-1)  # (p,) flat rows of the better and the worse response
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_scores[chosen],
@@ -294,23 +300,60 @@ class DPOModule(L.LightningModule):
         if hp.nll_weight:
             # RPO (Pang et al. 2024): per-token NLL of each prompt's best responses (better in a pair, worse in
             # none) keeps their likelihood from falling with the rejected ones'.
-            best = batch["best"]
-            nll = -(logps[best] / counts[best].clamp(min=1)).mean() if len(best) else logps.sum() * 0
+            best = torch.zeros_like(logps, dtype=torch.bool).index_fill_(0, batch["best"], True)
+            nll = mean_token_nll(logps, counts, best)
             loss = loss + hp.nll_weight * nll
             stats["nll"] = nll.detach().expand(len(chosen))
         return loss, batch["n_prompts"], stats
+
+    def _kto_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, int, dict[str, Tensor]]:
+        """KTO's loss, a mean over the labelled completions; their number; and statistics (``rewards/margins``: the
+        desirable completions' mean implicit reward minus the undesirable ones'; ``kl``: the reference point)."""
+        hp = self.hparams
+        logps, counts = response_logprobs(self.model, batch)
+        ref_logps = self.reference_logprobs(batch)
+        mismatched, desirable = batch["desirable"] < 0, batch["desirable"] > 0
+        several = self._trainer is not None and self.trainer.world_size > 1
+        reduce = (lambda mean: self.trainer.strategy.reduce(mean, reduce_op="mean")) if several else None
+        point = kto_reference_point(logps[mismatched], ref_logps[mismatched], reduce)
+        labelled = ~mismatched
+        losses, rewards = kto_loss(
+            logps[labelled],
+            ref_logps[labelled],
+            desirable[labelled],
+            point,
+            hp.beta,
+            hp.desirable_weight,
+            hp.undesirable_weight,
+        )
+        good, scored = desirable[labelled], logps[labelled].detach()
+        stats = {
+            "rewards/chosen": rewards[good],
+            "rewards/rejected": rewards[~good],
+            "kl": point.expand(1),
+            "logps/chosen": scored[good],
+            "logps/rejected": scored[~good],
+        }
+        if good.any() and not good.all():
+            stats["rewards/margins"] = (rewards[good].mean() - rewards[~good].mean()).expand(1)
+        loss = losses.mean()
+        if hp.nll_weight:  # RPO's term on the desirable completions
+            nll = mean_token_nll(logps, counts, desirable)
+            loss = loss + hp.nll_weight * nll
+            stats["nll"] = nll.detach().expand(1)
+        return loss, len(losses), stats
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Pair weights, RPO's best rows and any cached reference log-probs, from the batch on the CPU."""
         if self.hparams.precompute_ref_logprobs:
             batch = {**batch, "ref_logprobs": self.cached_reference_logprobs(batch)}
-        return {**batch, **pair_layout(batch)}
+        return batch if "desirable" in batch else {**batch, **pair_layout(batch)}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, n_prompts, stats = self._step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=max(n_prompts, 1))
-        if len(batch["pairs"]):
-            for name, values in stats.items():
+        for name, values in stats.items():
+            if len(values):  # none when the batch has no pair (or, for KTO, no completion of that label)
                 self.log(f"train/{name}", values.mean(), batch_size=len(values))
         return loss
 
@@ -323,8 +366,8 @@ class DPOModule(L.LightningModule):
         loss, n_prompts, stats = self._step(batch)
         # Metric objects: reduced over the whole validation set (and over ranks) at epoch end.
         self.val_metrics["loss"].update(loss, weight=n_prompts)
-        if len(batch["pairs"]):
-            for name, values in stats.items():
+        for name, values in stats.items():
+            if len(values):
                 self.val_metrics[name].update(values)
         for name, metric in self.val_metrics.items():
             self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "rewards/accuracies")
