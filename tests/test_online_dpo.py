@@ -100,6 +100,16 @@ def test_dpo_objective_ipo_averages_per_token_and_beta_scales():
     torch.testing.assert_close(sigmoid, torch.tensor(math.log1p(math.exp(-1.0))))
 
 
+def test_dpo_objective_adds_rpo_nll_of_the_chosen_response_per_token():
+    """dpo_nll_weight 0.5: the chosen row 0 has log-probs −1, −1, so a per-token NLL of 1; loss = 0.474077 + 0.5 · 1
+    = 0.974077, dpo/nll 1. Catches: the NLL of the rejected row (0.5 → 0.724077), summed rather than averaged over
+    tokens (2 → 1.474077), the weight ignored (0.474077)."""
+    experience, logprobs = two_group_experience()
+    loss, stats = updates(dpo_nll_weight=0.5).loss(experience, torch.arange(4), logprobs, None)
+    torch.testing.assert_close(loss, torch.tensor(math.log1p(math.exp(-0.5)) + 0.5))
+    torch.testing.assert_close(stats["dpo/nll"], torch.tensor(1.0))
+
+
 def test_a_minibatch_without_a_pair_gives_zero_loss_with_a_graph():
     """Only group 1 (rows 2, 3, scored alike): no pair, loss 0 that backward can still run through."""
     experience, logprobs = two_group_experience()
@@ -121,6 +131,10 @@ def test_dpo_objective_builds_no_value_function_and_refuses_what_it_cannot_use(e
         PPOModule(*exports, objective="kto")
     with pytest.raises(ValueError, match="dpo_beta=0"):
         PPOModule(*exports, objective="dpo", num_generations=2, dpo_beta=0)
+    with pytest.raises(ValueError, match="dpo_nll_weight=1.0: RPO's term belongs to objective='dpo'"):
+        PPOModule(*exports, dpo_nll_weight=1.0)
+    with pytest.raises(ValueError, match="dpo_nll_weight=-1.0: must be >= 0"):
+        PPOModule(*exports, objective="dpo", num_generations=2, dpo_nll_weight=-1.0)
 
 
 def test_online_dpo_with_a_reward_function_learns_what_it_rewards(exports, tmp_path):

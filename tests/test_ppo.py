@@ -19,6 +19,7 @@ from lightning_rlhf.models.causal_lm import load_causal_lm, position_ids_from_ma
 from lightning_rlhf.models.export import export_pretrained
 from lightning_rlhf.models.reward import load_reward_model, sequence_rewards, token_values
 from lightning_rlhf.rl.generation import Rollout, generate
+from lightning_rlhf.rl.updates import ptx_loss
 from tests.helpers import TINY_CONFIG, caches_seen, fit_config, make_tiny_export, straight_and_resumed
 
 
@@ -582,13 +583,13 @@ def test_ptx_lowers_the_language_model_loss_on_pretraining_text(exports, tmp_pat
     batch = next(iter(data.train_dataloader()))
     module = ppo(exports, max_new_tokens=4, kl_coef=0.0, ptx_coef=1.0)
 
-    def ptx_loss() -> float:
+    def text_loss() -> float:
         with torch.no_grad():
-            return module.ptx_loss(batch, torch.arange(len(batch["input_ids"]))).item()
+            return ptx_loss(module.model, batch, torch.arange(len(batch["input_ids"])), group_size=1).item()
 
-    before = ptx_loss()
+    before = text_loss()
     fit(module, data, 40, tmp_path)
-    assert ptx_loss() < before - 1.0, (before, ptx_loss())
+    assert text_loss() < before - 1.0, (before, text_loss())
 
 
 def test_prompts_carry_pretraining_text_and_an_epoch_meets_all_of_both(exports, tmp_path):

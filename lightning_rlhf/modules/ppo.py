@@ -119,6 +119,7 @@ class PPOModule(L.LightningModule):
         objective: Literal["clipped", "dpo"] = "clipped",
         dpo_beta: float = 0.1,
         dpo_loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid",
+        dpo_nll_weight: float = 0.0,
         reward_fns: dict[str, float] | None = None,
         lora: LoraOptions | None = None,
         rollout_engine: Literal["hf", "vllm"] = "hf",
@@ -188,7 +189,7 @@ class PPOModule(L.LightningModule):
             objective: each minibatch's loss (``updates.OBJECTIVES``): ``clipped`` (PPO's surrogate on the advantages
                 above), or ``dpo``: online DPO, each prompt's best- and worst-scored of its ``num_generations``
                 responses a pair (none where all score alike); no value function. ``dpo_beta``, ``dpo_loss_type``: its
-                β and ``losses.dpo_loss`` type, against the reference.
+                β and ``losses.dpo_loss`` type, against the reference; ``dpo_nll_weight``: RPO's NLL term on the chosen.
             reward_fns: ``{import path: weight}``: the reward is the weighted sum; each function's mean is logged as
                 ``objective/reward/<function name>``.
             lora: train LoRA adapters (``peft``) instead of every weight; the reference is then the policy with its
@@ -319,10 +320,6 @@ class PPOModule(L.LightningModule):
         return stats
 
     # -- PPO --------------------------------------------------------------------------------------------
-    def ptx_loss(self, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
-        """PPO-ptx's language-model loss on the pretraining text of rollout ``rows`` (``updates.ptx_loss``)."""
-        return ptx_loss(self.model, batch, rows, self.hparams.num_generations)
-
     def optimiser_step(self, loss: Tensor) -> list[Tensor]:
         """One step on ``loss``; returns the gradient norms before clipping, the policy's and the value function's."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -346,7 +343,7 @@ class PPOModule(L.LightningModule):
         if batch_idx == 0:  # the first rollout of every epoch
             self._log_samples("train/samples", experience)
         self.log("train/kl_coef", self.kl_coef)
-        ptx = partial(self.ptx_loss, batch) if hp.ptx_coef else None
+        ptx = partial(ptx_loss, self.model, batch, group_size=hp.num_generations) if hp.ptx_coef else None
         for name, value in self.updates.run(experience, orders, self.policy_outputs, self.optimiser_step, ptx).items():
             self.log(f"train/{name}", value, sync_dist=True)
         if hp.target_kl is not None:  # every rank the same β (``reduce`` works in place: on a copy)

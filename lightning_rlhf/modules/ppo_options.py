@@ -34,6 +34,7 @@ RANGES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
     ("ppo_epochs", ">= 1", lambda epochs: epochs >= 1),
     ("num_mini_batches", ">= 1", lambda n: n >= 1),
     ("dpo_beta", "> 0", lambda beta: beta > 0),
+    ("dpo_nll_weight", ">= 0", lambda weight: weight >= 0),
 )
 
 
@@ -52,6 +53,7 @@ def check_ppo_options(options: Mapping[str, Any]) -> None:
         options["advantage_estimator"],
         options["value_head"],
         options["dpo_loss_type"],
+        options["dpo_nll_weight"],
     )
     check_sampling_options(options["temperature"], options["top_k"], options["top_p"])
     check_generation_options(options["cache_implementation"], options["compile_generation"])

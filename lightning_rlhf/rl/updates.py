@@ -55,6 +55,7 @@ class PPOUpdates:
         num_mini_batches: minibatches (optimiser steps) per pass.
         objective: the loss of each minibatch, an entry of ``OBJECTIVES``.
         dpo_beta, dpo_loss_type: β and the ``losses.DPO_LOSSES`` type of the ``dpo`` objective.
+        dpo_nll_weight: weight of RPO's per-token NLL of each pair's chosen response in the ``dpo`` objective.
     """
 
     clip_range: float
@@ -69,6 +70,7 @@ class PPOUpdates:
     objective: str = "clipped"
     dpo_beta: float = 0.1
     dpo_loss_type: str = "sigmoid"
+    dpo_nll_weight: float = 0.0
 
     @classmethod
     def of(cls, arguments: Mapping[str, Any]) -> PPOUpdates:
@@ -118,12 +120,14 @@ class PPOUpdates:
         """Online DPO over the pairs of the minibatch's groups (``rows`` hold whole groups), each pair weighing the
         same. Logged: the DPO loss, the implicit rewards ``β · (log π − log π_ref)`` of the chosen and the rejected
         response, their margin and how often it is positive (``dpo/rewards/*``), the scores' margin between the pair
-        (``dpo/score_margin``) and the share of the minibatch's prompts with no pair (``dpo/no_pair``)."""
+        (``dpo/score_margin``) and the share of the minibatch's prompts with no pair (``dpo/no_pair``). With
+        ``dpo_nll_weight``, RPO's term (Pang et al. 2024): that weight times the chosen responses' mean per-token
+        negative log-likelihood (``dpo/nll``)."""
         mask, scores = experience.mask[rows], experience.scores[rows]
         chosen, rejected, paired = best_worst_pairs(scores, self.num_generations)
         policy, ref = masked_sum(logprobs, mask, -1), masked_sum(experience.ref_logprobs[rows], mask, -1)  # (m,)
+        lengths = mask.sum(-1).clamp(min=1)
         if self.dpo_loss_type in LENGTH_NORMALISED:  # IPO, SimPO, ORPO: stated on per-token averaged log-probs
-            lengths = mask.sum(-1).clamp(min=1)
             policy, ref = policy / lengths, ref / lengths
         stats = {"dpo/no_pair": 1 - paired.float().mean()}
         if not len(chosen):  # every group scored alike: nothing to learn, but a graph to step through
@@ -131,7 +135,8 @@ class PPOUpdates:
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy[chosen], policy[rejected], ref[chosen], ref[rejected], self.dpo_beta, self.dpo_loss_type
         )
-        loss = losses.mean()
+        nll = -(masked_sum(logprobs[chosen], mask[chosen], -1) / lengths[chosen]).mean()
+        loss = losses.mean() + self.dpo_nll_weight * nll
         margins = chosen_rewards - rejected_rewards
         stats |= {
             "loss/policy": loss.detach(),
@@ -140,6 +145,7 @@ class PPOUpdates:
             "dpo/rewards/margins": margins.mean(),
             "dpo/rewards/accuracies": (margins > 0).float().mean(),
             "dpo/score_margin": (scores[chosen] - scores[rejected]).mean(),
+            "dpo/nll": nll.detach(),
         }
         return loss, stats
 
@@ -187,7 +193,12 @@ OBJECTIVES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
 
 
 def check_objective(
-    objective: str, num_generations: int, advantage_estimator: str, value_head: bool, dpo_loss_type: str
+    objective: str,
+    num_generations: int,
+    advantage_estimator: str,
+    value_head: bool,
+    dpo_loss_type: str,
+    dpo_nll_weight: float = 0.0,
 ) -> None:
     """Refuse an ``objective`` that is not one of ``OBJECTIVES``, or settings the ``dpo`` objective cannot use."""
     if objective not in OBJECTIVES:
@@ -195,6 +206,8 @@ def check_objective(
     if dpo_loss_type not in DPO_LOSSES:
         raise ValueError(f"dpo_loss_type={dpo_loss_type!r} is not one of {sorted(DPO_LOSSES)}")
     if objective != "dpo":
+        if dpo_nll_weight:
+            raise ValueError(f"dpo_nll_weight={dpo_nll_weight}: RPO's term belongs to objective='dpo'; leave it 0")
         return
     if num_generations < 2:
         raise ValueError(f"num_generations={num_generations}: objective='dpo' pairs >= 2 responses per prompt")
