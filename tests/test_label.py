@@ -355,11 +355,12 @@ def test_labels_and_their_aggregate_feed_the_reward_models_datamodule(samples, t
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")), reason="needs chromium")
 def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
-    """Headless Chromium, keyboard only where a person would use it: alice ranks item 0 with a tie (1, 2, 1) and
-    flags response 2, submitting with Enter; sees item 1's XSS response as its literal text (no <img>, no script
-    run) and ranks it (2, 1), submitting with Ctrl+Enter; ranks the chat item (3, 1, 2) with a better answer,
-    clicking Submit (its empty response shown as "(empty response)"); then is told nothing is left. The file holds
-    exactly those three records."""
+    """Headless Chromium, keyboard only where a person would use it: alice ranks item 0 with a tie (1, 2, 1), rates
+    responses 1 and 3 at 6 and 2 (response 2 left unrated: null) and flags response 2, submitting with Enter; sees
+    item 1's XSS response as its literal text (no <img>, no script run) and ranks it (2, 1) tabbing past the
+    rating and flag, submitting with Ctrl+Enter; ranks the chat item (3, 1, 2) with a better answer, clicking
+    Submit (its empty response shown as "(empty response)"); then is told nothing is left. The file holds exactly
+    those three records. Catches the page not sending its ratings, or sending an unset one as other than null."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -385,6 +386,8 @@ def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
             on_item(0)
             assert element(By.ID, "progress").text == "Done 0 / 3 labels (yours: 0). Item 0."
             Select(element(By.ID, "flag-1")).select_by_visible_text("not an answer")
+            Select(element(By.ID, "rating-0")).select_by_visible_text("6")
+            Select(element(By.ID, "rating-2")).select_by_visible_text("2")
             element(By.ID, "rank-1").send_keys("2")
             element(By.ID, "rank-2").send_keys("1")
             element(By.ID, "rank-0").send_keys("1", Keys.ENTER)
@@ -394,7 +397,7 @@ def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
             assert texts == ["yx", XSS]
             assert browser.find_elements(By.CSS_SELECTOR, "#responses img, #responses script") == []
             assert browser.title != "pwned"
-            element(By.ID, "rank-0").send_keys("2", Keys.TAB, Keys.TAB, "1", Keys.CONTROL, Keys.ENTER)
+            element(By.ID, "rank-0").send_keys("2", Keys.TAB, Keys.TAB, Keys.TAB, "1", Keys.CONTROL, Keys.ENTER)
 
             on_item(2)
             assert element(By.ID, "prompt").text == "user: Reverse: hi"
@@ -414,6 +417,7 @@ def test_a_labeller_ranks_three_items_in_headless_chromium(samples, tmp_path):
             "ranks": [0, 1, 0],
             "labeller": "alice",
             "item": 0,
+            "ratings": [6, None, 2],
             "flags": [{"response": 1, "reason": "not an answer"}],
         },
         {**SAMPLES[1], "ranks": [1, 0], "labeller": "alice", "item": 1},

@@ -1,12 +1,13 @@
 """The `label` step: people rank the sampled responses in a web page; agreement and consensus from their labels.
 
     lightning-rlhf label --input samples.jsonl --output labels.jsonl [--labellers-per-item 3] [--port 8000]
-    lightning-rlhf label --aggregate labels.jsonl --output comparisons.jsonl [--consensus borda]
+    lightning-rlhf label --aggregate labels.jsonl --output comparisons.jsonl [--consensus borda] [--kto kto.jsonl]
 
 Serving: open http://127.0.0.1:8000, enter a name, rank. Every label is appended to ``--output`` (a comparison
 record with ``labeller``, ``item``, ``time`` and any ``flags`` / ``demonstration``) before it is acknowledged;
 stop and start again with the same files to carry on. Aggregating: one comparison record per label (default), or
-per item a consensus ranking; the agreement between labellers is printed and written beside the output.
+per item a consensus ranking; the agreement between labellers is printed and written beside the output. ``--kto``
+also writes KTO's unpaired records, from the labellers' 1..7 ratings where an item has them, else from the rankings.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ from tqdm import tqdm
 
 from lightning_rlhf.commands.label.agreement import CONSENSUS, agreement_report
 from lightning_rlhf.commands.label.store import LabelStore, read_items, read_labels
+from lightning_rlhf.data.records import unpaired_from_comparison
 from lightning_rlhf.io import atomic_file, write_jsonl_atomic
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+DESIRABLE, UNDESIRABLE = 5, 3  # a response's mean 1..7 rating at least / at most this is a KTO true / false
 
 
 def aggregate(
@@ -70,6 +73,44 @@ def aggregate(
         if label.get("demonstration")
     ]
     return comparisons, demonstrations, all_tied
+
+
+def unpaired(labels: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter]:
+    """KTO's unpaired records ``{"prompt", "completion", "label"}`` and their ``Counter`` of ``ratings``,
+    ``rankings`` (records made from each), ``neutral`` and ``unrated`` (responses left out).
+
+    An item that any labeller rated: each response's mean rating over the labellers who rated it, ``DESIRABLE`` (5)
+    or more desirable, ``UNDESIRABLE`` (3) or less undesirable, in between neutral; a response nobody rated is
+    unrated. An item nobody rated: ``unpaired_from_comparison`` of each of its ``comparisons`` (the labels
+    themselves, or the item's consensus: none for an item whose consensus ties everything).
+    """
+    by_item: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for label in labels:
+        by_item[label["item"]].append(label)
+    ranked: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for comparison in comparisons:
+        ranked[comparison["item"]].append(comparison)
+    records, counts = [], Counter()
+    for item in sorted(by_item):
+        group = by_item[item]
+        rated = [label["ratings"] for label in group if any(r is not None for r in label.get("ratings") or [])]
+        if not rated:
+            from_ranks = [record for comparison in ranked[item] for record in unpaired_from_comparison(comparison)]
+            records += from_ranks
+            counts["rankings"] += len(from_ranks)
+            continue
+        for i, response in enumerate(group[0]["responses"]):
+            given = [ratings[i] for ratings in rated if ratings[i] is not None]
+            if not given:
+                counts["unrated"] += 1
+                continue
+            mean = sum(given) / len(given)
+            if UNDESIRABLE < mean < DESIRABLE:
+                counts["neutral"] += 1
+                continue
+            records.append({"prompt": group[0]["prompt"], "completion": response, "label": mean >= DESIRABLE})
+            counts["ratings"] += 1
+    return records, counts
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -126,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--token", help="shared token for the API (made up and printed when another host is given)")
     parser.add_argument("--consensus", choices=sorted(CONSENSUS), help="one consensus ranking per item")
     parser.add_argument("--demonstrations", help="with --aggregate: write the better answers labellers wrote here")
+    parser.add_argument("--kto", help="with --aggregate: write KTO's {prompt, completion, label} records here")
     parser.add_argument("--report", help="with --aggregate: agreement JSON (default: OUTPUT with .agreement.json)")
     args = parser.parse_args(argv)
     if args.labellers_per_item < 1:
@@ -147,4 +189,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         f"{len(comparisons)} comparison records written to {args.output}"
         + (f", {all_tied} items left out because their consensus ties every response" if all_tied else "")
     )
+    if args.kto:
+        records, counts = unpaired(labels, comparisons)
+        write_jsonl_atomic(records, args.kto)
+        print(
+            f"{len(records)} KTO records written to {args.kto} ({counts['ratings']} from ratings, "
+            f"{counts['rankings']} from rankings); left out: {counts['neutral']} neutral (mean rating between 3 and "
+            f"5) and {counts['unrated']} unrated responses of rated items"
+        )
     return report

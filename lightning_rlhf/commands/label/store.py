@@ -26,7 +26,8 @@ from lightning_rlhf.data.records import (
     validate_comparison,
 )
 
-LABEL_FIELDS = {"labeller", "item", "ranks", "flags", "demonstration"}
+LABEL_FIELDS = {"labeller", "item", "ranks", "ratings", "flags", "demonstration"}
+RATINGS = range(1, 8)  # a Likert scale of overall quality, 1 worst, 7 best, as in InstructGPT's labelling interface
 
 
 class LabelError(ValueError):
@@ -65,11 +66,33 @@ def read_items(path: str) -> list[dict[str, Any]]:
     return items
 
 
+def check_ratings(ratings: Any, size: int) -> list[int | None] | None:
+    """``ratings`` of a label with ``size`` responses: ``None`` (none given) or one entry per response, each an
+    integer 1..7 (7 best) or ``None`` (not rated); ``RecordError`` naming the field otherwise."""
+    if ratings is None:
+        return None
+    if not isinstance(ratings, list) or len(ratings) != size:
+        got = f"{len(ratings)} entries" if isinstance(ratings, list) else f"a {type(ratings).__name__}"
+        raise RecordError(
+            f"field 'ratings' must be a list of {size} entries, one per response (1..7 or null), got {got}"
+        )
+    for i, rating in enumerate(ratings):
+        if rating is None:
+            continue
+        if not isinstance(rating, int) or isinstance(rating, bool):
+            raise RecordError(
+                f"field 'ratings[{i}]' = {json.dumps(rating, default=repr)} is not an integer: rate 1..7, or null"
+            )
+        if rating not in RATINGS:
+            raise RecordError(f"field 'ratings[{i}]' = {rating} is out of range: 1 (worst) to 7 (best), or null")
+    return ratings
+
+
 def check_label(body: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
     """The output record for a label posted as ``body``; ``LabelError`` (naming the field) if it is not one.
 
-    ``body``: ``{"labeller": name, "item": index, "ranks": [...], "flags"?: [{"response": index, "reason": text}],
-    "demonstration"?: text}``; ranks are 0 best, ties equal, one per response.
+    ``body``: ``{"labeller": name, "item": index, "ranks": [...], "ratings"?: [1..7 or null, ...], "flags"?:
+    [{"response": index, "reason": text}], "demonstration"?: text}``; ranks are 0 best, ties equal, one per response.
     """
     if not isinstance(body, Mapping):
         raise LabelError(f"the body must be a JSON object, got {type(body).__name__}")
@@ -82,11 +105,12 @@ def check_label(body: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
     if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < len(items):
         raise LabelError(f"field 'item' = {item!r}: no such item (there are {len(items)}, 0 to {len(items) - 1})", 404)
     record = {**items[item], "ranks": body.get("ranks")}
+    size = len(record["responses"])
     try:
         validate_comparison(record)
+        ratings = check_ratings(body.get("ratings"), size)
     except RecordError as err:
         raise LabelError(str(err), 422) from None
-    size = len(record["responses"])
     flags = body.get("flags") or []
     if not isinstance(flags, list) or not all(
         isinstance(f, Mapping)
@@ -102,6 +126,8 @@ def check_label(body: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
     if demonstration is not None and not isinstance(demonstration, str):
         raise LabelError("field 'demonstration' must be text", 422)
     record.update(labeller=labeller.strip(), item=item, time=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    if ratings and any(rating is not None for rating in ratings):
+        record["ratings"] = ratings
     if flags:
         record["flags"] = [{"response": f["response"], "reason": f["reason"].strip()} for f in flags]
     if demonstration and demonstration.strip():
@@ -120,6 +146,7 @@ def read_labels(path: str | os.PathLike, items: list[dict[str, Any]] | None = No
             if not isinstance(row, Mapping):
                 raise RecordError(f"expected a JSON object, got {type(row).__name__}")
             validate_comparison(row)
+            check_ratings(row.get("ratings"), len(row["responses"]))
             if not isinstance(row.get("labeller"), str) or not isinstance(row.get("item"), int) or row["item"] < 0:
                 raise RecordError("fields 'labeller' (text) and 'item' (an integer from 0) are required in a label")
             if items is not None and (

@@ -44,13 +44,21 @@ function show(item) {
     const rank = document.createElement("input");
     Object.assign(rank, { type: "number", min: 1, max: item.responses.length, id: "rank-" + i, required: true });
     rankLabel.append(rank);
+    // Optional, as in InstructGPT's interface: the response's overall quality on a 1-7 scale; unset is sent as null.
+    const ratingLabel = document.createElement("label");
+    ratingLabel.textContent = " Quality (1-7) ";
+    const rating = document.createElement("select");
+    rating.id = "rating-" + i;
+    rating.add(new Option("not rated", ""));
+    for (let score = 1; score <= 7; score++) rating.add(new Option(String(score), score));
+    ratingLabel.append(rating);
     const flagLabel = document.createElement("label");
     flagLabel.textContent = " Flag ";
     const flag = document.createElement("select");
     flag.id = "flag-" + i;
     for (const reason of FLAGS) flag.add(new Option(reason || "none", reason));
     flagLabel.append(flag);
-    box.append(title, text, rankLabel, flagLabel);
+    box.append(title, text, rankLabel, ratingLabel, flagLabel);
     list.append(box);
   });
   $("demonstration").value = "";
@@ -86,7 +94,8 @@ async function submit(event) {
   const flags = current.responses
     .map((_, i) => ({ response: i, reason: $("flag-" + i).value }))
     .filter((f) => f.reason);
-  const label = { labeller, item: current.item, ranks: denseRanks(entered), flags };
+  const ratings = current.responses.map((_, i) => ($("rating-" + i).value ? Number($("rating-" + i).value) : null));
+  const label = { labeller, item: current.item, ranks: denseRanks(entered), ratings, flags };
   const demonstration = $("demonstration").value;
   if (demonstration.trim()) label.demonstration = demonstration;
   $("submit").disabled = true;
