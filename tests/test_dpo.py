@@ -424,3 +424,19 @@ def test_dropout_is_off_in_the_policy_so_step_0_is_exactly_log_2(tmp_path):
     loss, _, stats = module._step(make_batch(planted_records(WORDS[:4])))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["rewards/chosen"].abs().max() == 0 and stats["rewards/rejected"].abs().max() == 0
+
+
+def test_reference_can_be_another_model_than_the_policys_start(sft_export, tmp_path):
+    """Iterated DPO continues from the last round's policy against the SFT reference: with
+    ``ref_model_name_or_path`` the frozen reference holds that model's weights, the policy its start's (catches the
+    path ignored, or given to the policy); a reference-free loss refuses it."""
+    from tests.helpers import make_tiny_export
+
+    other = make_tiny_export(tmp_path / "other", seed=1)
+    module = dpo(sft_export, ref_model_name_or_path=other)
+    start, reference = (AutoModelForCausalLM.from_pretrained(path) for path in (sft_export, other))
+    assert torch.equal(module.ref_model.lm_head.weight, reference.lm_head.weight)
+    assert torch.equal(module.model.lm_head.weight, start.lm_head.weight)
+    assert not torch.equal(start.lm_head.weight, reference.lm_head.weight)
+    with pytest.raises(ValueError, match="ref_model_name_or_path: loss_type='simpo' uses no reference"):
+        DPOModule(sft_export, ref_model_name_or_path=other, loss_type="simpo")

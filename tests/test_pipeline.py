@@ -44,7 +44,8 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     """A short run (20 steps a stage, 64 ranked prompts a round; labeller noise breaks the ties of a barely trained
     model's samples) with two rounds and the over-optimised run, seed 1 (every stage's model and data seeded
     alike): each stage must read the previous stage's export (round 2's reward model starts from the first round's,
-    round 2's PPO from the first round's policy, with SFT as reference), and the summary must hold the evaluation of
+    round 2's PPO from the first round's policy, with SFT as reference; round 2's DPO from the first round's DPO
+    policy, on its samples, with SFT as reference), and the summary must hold the evaluation of
     every model, the win rates and Elo against SFT, both reward models' accuracy and the best-of-n curve."""
     result = subprocess.run(
         [
@@ -76,7 +77,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "pipeline" / "summary.json").read_text())
-    models = ("sft", "ppo", "ppo_round2", "ppo_gold_reward", "dpo", "ppo_overoptimized")
+    models = ("sft", "ppo", "ppo_round2", "ppo_gold_reward", "dpo", "dpo_round2", "ppo_overoptimized")
     for stage in models:
         entry = summary[stage]
         assert 0 <= entry["gold_greedy"] <= 1 and 0 <= entry["gold_sampled"] <= 1
@@ -98,6 +99,8 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
         "comparisons_round2",
         "rm_round2",
         "ppo_round2",
+        "dpo_comparisons_round2",
+        "dpo_round2",
         "evaluation",
     }
     assert AutoConfig.from_pretrained(tmp_path / "rm" / "hf").architectures == ["LlamaForSequenceClassification"]
@@ -107,6 +110,11 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     assert round2["model_name_or_path"] == str(tmp_path / "ppo" / "hf")
     assert round2["ref_model_name_or_path"] == str(tmp_path / "sft" / "hf")
     assert round2["reward_model_name_or_path"] == str(tmp_path / "rm_round2" / "hf")
+    dpo_round2 = yaml.safe_load((tmp_path / "dpo_round2" / "tensorboard" / "version_0" / "hparams.yaml").read_text())
+    assert dpo_round2["model_name_or_path"] == str(tmp_path / "dpo" / "hf")
+    assert dpo_round2["ref_model_name_or_path"] == str(tmp_path / "sft" / "hf")
+    dpo_data = yaml.safe_load((tmp_path / "dpo_round2" / "tensorboard" / "version_0" / "config.yaml").read_text())
+    assert dpo_data["data"]["init_args"]["train_path"] == str(tmp_path / "pipeline" / "dpo_comparisons_round2.jsonl")
     rm_round2 = yaml.safe_load((tmp_path / "rm_round2" / "tensorboard" / "version_0" / "hparams.yaml").read_text())
     assert rm_round2["model_name_or_path"] == str(tmp_path / "rm" / "hf")  # warm start from round 1's reward model
     rounds = (tmp_path / "pipeline").glob("comparisons*.jsonl")
@@ -353,7 +361,8 @@ def test_stages_are_checked_before_anything_runs(tmp_path):
     )
     assert "add rm to --stages" in stage_error(["sft", "grpo"], 1, False, 1, tmp_path)
     assert "add sft to --stages" in stage_error(["rm"], 1, False, 1, tmp_path)
-    assert "needs rm and ppo" in stage_error(["sft", "rm", "dpo"], 2, False, 1, tmp_path)
+    assert "needs rm and ppo (iterated RLHF) or dpo" in stage_error(["sft", "rm", "grpo"], 2, False, 1, tmp_path)
+    assert stage_error(["sft", "dpo"], 2, False, 1, tmp_path) is None  # iterated DPO alone
     assert stage_error(list(DEFAULT_STAGES), 2, True, 3, tmp_path) is None
     (tmp_path / "sft" / "hf").mkdir(parents=True)
     (tmp_path / "rm" / "hf").mkdir(parents=True)

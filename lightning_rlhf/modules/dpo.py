@@ -91,6 +91,7 @@ class DPOModule(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str,
+        ref_model_name_or_path: str | None = None,
         dtype: str = "float32",
         beta: float = 0.1,
         loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto"] = "sigmoid",
@@ -109,6 +110,8 @@ class DPOModule(L.LightningModule):
         """
         Args:
             model_name_or_path: the SFT export (Hugging Face directory or hub name); policy and reference start here.
+            ref_model_name_or_path: the frozen reference, if not ``model_name_or_path`` (iterated DPO: the SFT model
+                while the policy continues from the last round's); it must share the policy's tokenizer.
             dtype: parameter dtype, ``float32`` / ``bfloat16`` / ``float16``.
             beta: strength of the implicit KL constraint to the reference (IPO: its τ).
             loss_type: ``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (on per-token averaged log-probs), ``robust``, or
@@ -147,8 +150,9 @@ class DPOModule(L.LightningModule):
                 "precompute_ref_logprobs=True: KTO's mismatched rows pair each prompt with another record's "
                 "completion, a different one each epoch, so their reference log-probs cannot be cached; leave it False"
             )
-        if precompute_ref_logprobs and loss_type in REFERENCE_FREE:
-            raise ValueError(f"precompute_ref_logprobs=True: loss_type={loss_type!r} uses no reference; leave it False")
+        if (precompute_ref_logprobs or ref_model_name_or_path) and loss_type in REFERENCE_FREE:
+            given = "precompute_ref_logprobs=True" if precompute_ref_logprobs else "ref_model_name_or_path"
+            raise ValueError(f"{given}: loss_type={loss_type!r} uses no reference; leave it unset")
         lora = lora_hparams(lora)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
@@ -168,7 +172,8 @@ class DPOModule(L.LightningModule):
 
     def _load_reference(self, meta: bool = False) -> PreTrainedModel:
         hp = self.hparams
-        return load_causal_lm(hp.model_name_or_path, self.tokenizer, hp.dtype, meta=meta).eval().requires_grad_(False)
+        path = hp.ref_model_name_or_path or hp.model_name_or_path
+        return load_causal_lm(path, self.tokenizer, hp.dtype, meta=meta).eval().requires_grad_(False)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -180,7 +185,8 @@ class DPOModule(L.LightningModule):
         if hp.lora is not None:
             self.model = apply_lora(self.model, hp.lora)
         disable_dropout(self.model)  # as TRL: policy and reference then score the same tokens alike at step 0
-        if not hp.precompute_ref_logprobs and hp.lora is None and hp.loss_type not in REFERENCE_FREE:
+        adapter_off = hp.lora is not None and hp.ref_model_name_or_path is None  # the reference: LoRA switched off
+        if not hp.precompute_ref_logprobs and not adapter_off and hp.loss_type not in REFERENCE_FREE:
             self.ref_model = self._load_reference(load.meta)
         fully_shard_models(self, self.model, self.ref_model, load=load)
         check_memory(self, {"policy": self.model, "reference": self.ref_model})

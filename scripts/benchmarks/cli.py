@@ -76,6 +76,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     )
     rows.add_argument("--lora-rank", type=int, default=8)
     rows.add_argument(
+        "--reference-free",
+        action="store_true",
+        help="dpo: also our SimPO and ORPO (no reference model), in the same run, with their peak memory",
+    )
+    rows.add_argument(
         "--shared-prompt",
         action="store_true",
         help="rm, dpo, ppo, generate: ours padded and in the shared-prompt layout (rows named `shared`)",
@@ -124,8 +129,8 @@ def measure_row(args: argparse.Namespace, stage: Stage) -> None:
 def main(description: str) -> None:
     p = parser(description)
     args = p.parse_args()
-    if args.lora and args.stage != "dpo":
-        p.error("--lora is for the dpo benchmark")
+    if (args.lora or args.reference_free) and args.stage != "dpo":
+        p.error("--lora and --reference-free are for the dpo benchmark")
     if args.shared_prompt and args.stage not in SHARED_PROMPT_STAGES:
         p.error(f"--shared-prompt is for the {', '.join(SHARED_PROMPT_STAGES)} benchmarks")
     stage = STAGES[args.stage]

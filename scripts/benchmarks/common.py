@@ -36,20 +36,22 @@ class Row:
     layout: str = "padded"  # sft: padded | packed; rm, dpo, ppo, generate: padded | shared
     cache: str = "dynamic"  # generate on hf: dynamic | static | static+compile
     adapter: str = "none"  # dpo: none | lora
+    loss_type: str = "sigmoid"  # dpo: a DPOModule loss_type (simpo, orpo: no reference model)
 
     def flags(self) -> list[str]:
         """The command-line flags that measure this row (``add_row_flags``)."""
         return [
             *("--row", self.impl, "--estimator", self.estimator, "--rollout-engine", self.rollout_engine),
             *("--layout", self.layout, "--cache", self.cache, "--adapter", self.adapter),
+            *("--loss-type", self.loss_type),
         ]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Row:
-        return cls(args.row, args.estimator, args.rollout_engine, args.layout, args.cache, args.adapter)
+        return cls(args.row, args.estimator, args.rollout_engine, args.layout, args.cache, args.adapter, args.loss_type)
 
 
-ROW_FIELDS = ("row", "estimator", "rollout_engine", "layout", "cache", "adapter", "model_dir")
+ROW_FIELDS = ("row", "estimator", "rollout_engine", "layout", "cache", "adapter", "loss_type", "model_dir")
 
 
 def add_row_flags(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +63,7 @@ def add_row_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--row", choices=["ours", "trl", "naive"], help="the implementation: ours, TRL's, naive")
     group.add_argument("--estimator", default="gae", help="ppo: this row's advantage estimator")
+    group.add_argument("--loss-type", default="sigmoid", help="dpo: this row's DPOModule loss_type")
     group.add_argument("--rollout-engine", default="hf", choices=["hf", "vllm"], help="ppo, generate: who samples")
     group.add_argument(
         "--layout",

@@ -1,6 +1,7 @@
 """``dpo``: our ``DPOModule`` vs TRL's ``DPOTrainer`` (a live frozen reference, β 0.1, sigmoid loss) on the same
-initial weights and pairs; ``--lora`` adds ours with LoRA and the adapter-off reference; with ``--shared-prompt`` ours
-padded vs shared prompt on K-way comparisons."""
+initial weights and pairs; ``--lora`` adds ours with LoRA and the adapter-off reference, ``--reference-free`` ours with
+SimPO and ORPO (no reference model: the peak memory shows it); with ``--shared-prompt`` ours padded vs shared prompt on
+K-way comparisons."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from .pairs import pair_work, run_pairs_ours, run_shared_prompt_ours
 def plan(args: argparse.Namespace) -> list[Row]:
     if args.shared_prompt:
         return [Row(layout="padded"), Row(layout="shared")]
-    return [Row(), *([Row(adapter="lora")] if args.lora else []), Row(impl="trl")]
+    lora = [Row(adapter="lora")] if args.lora else []
+    free = [Row(loss_type="simpo"), Row(loss_type="orpo")] if args.reference_free else []
+    return [Row(), *lora, *free, Row(impl="trl")]
 
 
 def measure(args: argparse.Namespace, row: Row, model_dir: str) -> dict:
@@ -26,19 +29,21 @@ def measure(args: argparse.Namespace, row: Row, model_dir: str) -> dict:
     from lightning_rlhf.models.lora import LoraOptions
 
     lora = LoraOptions(r=args.lora_rank, alpha=2 * args.lora_rank) if row.adapter == "lora" else None
-    module = DPOModule(model_dir, dtype=args.dtype, beta=0.1, optimizer=adamw(1e-5), lora=lora)
+    module = DPOModule(model_dir, dtype=args.dtype, beta=0.1, loss_type=row.loss_type, optimizer=adamw(1e-5), lora=lora)
     if args.shared_prompt:
         return run_shared_prompt_ours(args, row, model_dir, module, "dpo")
     measured = run_pairs_ours(args, model_dir, module, "dpo")
     if lora is not None:
         measured["impl"] = f"lightning_rlhf lora r={args.lora_rank} (adapter-off reference)"
+    if row.loss_type != "sigmoid":
+        measured["impl"] = f"lightning_rlhf {row.loss_type} (no reference)"
     return measured
 
 
 def report(args: argparse.Namespace, rows: list[dict]) -> None:
     if args.shared_prompt:
         print_loss_difference(rows, "shared vs padded")
-    if args.lora:
+    if args.lora or args.reference_free:
         print_table(rows, "peak_mem_mib")
 
 

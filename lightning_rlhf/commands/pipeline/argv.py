@@ -279,6 +279,19 @@ def dpo_argv(run: Run, sft: Path, comparisons: Path) -> list[str]:
     )
 
 
+def dpo_round_argv(run: Run, round_: int, last: Path, reference: Path, comparisons: Path) -> list[str]:
+    """Round ``round_``'s DPO: the last round's policy ``last`` trained on this round's ``comparisons`` (samples of
+    ``last``) against ``reference``."""
+    return fit_argv(
+        run,
+        f"dpo_round{round_}",
+        "dpo.yaml",
+        f"--model.init_args.model_name_or_path={last}",
+        f"--model.init_args.ref_model_name_or_path={reference}",
+        f"--data.init_args.train_path={comparisons}",
+    )
+
+
 def rm_round_argv(run: Run, round_: int, last_rm: Path, comparisons: Path, demonstrations: str | None) -> list[str]:
     """Round ``round_``'s reward model: ``last_rm`` fine-tuned on every comparison so far (``comparisons``) for
     ``RM_ROUND_STEPS`` at ``RM_ROUND_LR``."""

@@ -5,7 +5,7 @@ task with your judge; with ``--label people``, people rank the samples instead o
 
     lightning-rlhf pipeline                     # one seed, one round: about 3.7 minutes on 2 CPU cores
     lightning-rlhf pipeline --seeds 0 1 2       # three seeds: the README's means and spreads
-    lightning-rlhf pipeline --rounds 2          # iterated RLHF
+    lightning-rlhf pipeline --rounds 2          # iterated RLHF (and iterated DPO)
     lightning-rlhf pipeline --demonstrations demos.jsonl --prompts prompts.jsonl --judge mypkg.judge.score \\
         [--held_out held_out.jsonl] [--model path/to/hf_base_model] [--stages sft rm ppo grpo dpo]
 
@@ -37,6 +37,7 @@ from lightning_rlhf.commands.pipeline.argv import (
     against_rm_argv,
     asked,
     dpo_argv,
+    dpo_round_argv,
     export,
     gold_reward_argv,
     overoptimized_argv,
@@ -138,9 +139,12 @@ def run(
 
     policies = {"sft": sft} | {name: export(inputs, name) for name in RL_CONFIGS if name in stages}
     reward_models = {"reward_model": export(inputs, "rm")} if export(inputs, "rm").is_dir() else {}
-    round_policies, round_reward_models = later_rounds(args, inputs, runner, comparisons, train_prompts, held_out)
-    policies |= round_policies
-    reward_models |= round_reward_models
+    if {"rm", "ppo"} <= set(stages):
+        round_policies, round_reward_models = later_rounds(args, inputs, runner, comparisons, train_prompts, held_out)
+        policies |= round_policies
+        reward_models |= round_reward_models
+    if "dpo" in stages:
+        policies |= dpo_rounds(args, inputs, runner, train_prompts, held_out)
     policies |= {name: export(inputs, name) for name in ("ppo_gold_reward", "dpo") if name in stages}
     if args.overoptimization:
         policies["ppo_overoptimized"] = export(inputs, "ppo_overoptimized")
@@ -179,6 +183,24 @@ def later_rounds(
         last, last_rm = export(inputs, f"ppo_round{round_}"), export(inputs, f"rm_round{round_}")
         policies[f"ppo_round{round_}"], reward_models[f"reward_model_round{round_}"] = last, last_rm
     return policies, reward_models
+
+
+def dpo_rounds(
+    args: argparse.Namespace, inputs: Run, runner: StageRunner, train_prompts: list | None, held_out: list
+) -> dict[str, Path]:
+    """Rounds 2 … ``--rounds`` of iterated DPO (Xiong et al. 2024): K samples of fresh prompts from the last round's
+    DPO policy are ranked, and DPO continues from that policy on them, against the SFT model (``--dpo_reference
+    sft``) or the last round's policy (``last``). Returns the rounds' policies by name."""
+    sft, last, policies = export(inputs, "sft"), export(inputs, "dpo"), {}
+    for round_ in range(2, args.rounds + 1):
+        comparisons, sampling = samples(
+            args, inputs, f"dpo_comparisons_round{round_}", last, round_, train_prompts, held_out
+        )
+        runner.together(sampling)
+        reference = sft if args.dpo_reference == "sft" else last
+        runner.together({f"dpo_round{round_}": dpo_round_argv(inputs, round_, last, reference, comparisons)})
+        last = policies[f"dpo_round{round_}"] = export(inputs, f"dpo_round{round_}")
+    return policies
 
 
 def main(argv: list[str] | None = None, entry: Callable[[list[str]], None] | None = None) -> dict | None:

@@ -31,8 +31,8 @@ def stage_error(stages: list[str], rounds: int, overoptimization: bool, seeds: i
     needs_rm = [stage for stage in RL_CONFIGS if stage in stages] + (["--overoptimization"] if overoptimization else [])
     if needs_rm and "rm" not in stages and (seeds > 1 or not (outputs / "rm" / "hf").is_dir()):
         return f"{', '.join(needs_rm)} train against the reward model: add rm to --stages"
-    if rounds > 1 and not {"rm", "ppo"} <= set(stages):
-        return "--rounds above 1 needs rm and ppo in --stages"
+    if rounds > 1 and not ({"rm", "ppo"} <= set(stages) or "dpo" in stages):
+        return "--rounds above 1 needs rm and ppo (iterated RLHF) or dpo (iterated DPO) in --stages"
     return None
 
 
@@ -82,7 +82,19 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run the whole pipeline for each seed")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of iterated RLHF (sample, rank, RM, PPO)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of iterated RLHF (sample, rank, RM, PPO) and, with dpo in --stages, of iterated DPO (sample the "
+        "last DPO policy, rank, DPO from it)",
+    )
+    parser.add_argument(
+        "--dpo_reference",
+        choices=["sft", "last"],
+        default="sft",
+        help="iterated DPO's reference: the SFT model, or the last round's policy",
+    )
     parser.add_argument(
         "--rank_prompts",
         type=int,
