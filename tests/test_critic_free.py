@@ -19,6 +19,24 @@ def exports(tmp_path_factory) -> tuple[str, str]:
     return make_exports(tmp_path_factory.mktemp("critic_free"))
 
 
+def fit_rl_config(config: str, exports: tuple[str, str], tmp_path) -> list[str]:
+    """The scalar tags of a shipped RL ``config`` fitted 4 steps through the CLI on the tiny SFT model and reward
+    model ``exports``, 4 prompts of 4 new tokens a rollout, validated after every step."""
+    sft, rm = exports
+    events = fit_config(
+        config,
+        tmp_path,
+        f"--model.init_args.model_name_or_path={sft}",
+        f"--model.init_args.reward_model_name_or_path={rm}",
+        "--model.init_args.max_new_tokens=4",
+        "--data.init_args.batch_size=4",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=1",
+        "--trainer.limit_val_batches=1",
+    )
+    return events.Tags()["scalars"]
+
+
 def test_group_minibatches_keep_each_prompts_responses_together():
     """Groups ordered (2, 0, 1), G = 2, 2 minibatches: chunks (2, 0) and (1), i.e. rows (4, 5, 0, 1) and (2, 3).
     With G = 1 the rows are the permutation's own chunks (PPO's minibatches as before)."""
@@ -180,19 +198,7 @@ def test_grpo_with_a_reward_function_learns_what_it_rewards(exports, tmp_path):
 
 @pytest.mark.parametrize("config", ["grpo.yaml", pytest.param("rloo.yaml", marks=pytest.mark.slow)])
 def test_critic_free_configs_run_through_the_cli_and_log_score_kl_and_group_statistics(exports, tmp_path, config):
-    sft, rm = exports
-    events = fit_config(
-        config,
-        tmp_path,
-        f"--model.init_args.model_name_or_path={sft}",
-        f"--model.init_args.reward_model_name_or_path={rm}",
-        "--model.init_args.max_new_tokens=4",
-        "--data.init_args.batch_size=4",
-        "--trainer.max_steps=4",
-        "--trainer.val_check_interval=1",
-        "--trainer.limit_val_batches=1",
-    )
-    scalars = events.Tags()["scalars"]
+    scalars = fit_rl_config(config, exports, tmp_path)
     for name in (
         "objective/scores",
         "objective/kl",

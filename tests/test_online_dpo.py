@@ -12,7 +12,7 @@ from lightning_rlhf.losses import best_worst_pairs
 from lightning_rlhf.rl.experience import Experience
 from lightning_rlhf.rl.generation import Rollout
 from lightning_rlhf.rl.updates import PPOUpdates
-from tests.helpers import fit_config
+from tests.test_critic_free import fit_rl_config
 from tests.test_ppo import fit, make_exports, mean_score, ppo
 
 
@@ -154,19 +154,7 @@ def test_online_dpo_with_a_reward_function_learns_what_it_rewards(exports, tmp_p
 
 
 def test_dpo_online_config_runs_through_the_cli_and_logs_pairs_and_validation(exports, tmp_path):
-    sft, rm = exports
-    events = fit_config(
-        "dpo_online.yaml",
-        tmp_path,
-        f"--model.init_args.model_name_or_path={sft}",
-        f"--model.init_args.reward_model_name_or_path={rm}",
-        "--model.init_args.max_new_tokens=4",
-        "--data.init_args.batch_size=4",
-        "--trainer.max_steps=4",
-        "--trainer.val_check_interval=1",
-        "--trainer.limit_val_batches=1",
-    )
-    scalars = events.Tags()["scalars"]
+    scalars = fit_rl_config("dpo_online.yaml", exports, tmp_path)
     for name in ("loss/policy", "dpo/rewards/margins", "dpo/rewards/accuracies", "dpo/score_margin", "dpo/no_pair"):
         assert f"train/{name}" in scalars, scalars
     assert "val/objective/scores" in scalars and "train/loss/value" not in scalars
