@@ -48,7 +48,7 @@ from lightning_rlhf.commands.pipeline.argv import (
     sft_argv,
 )
 from lightning_rlhf.commands.pipeline.inputs import held_out_and_train, prompts_to_rank, steps_per_pass
-from lightning_rlhf.commands.pipeline.launch import Launcher, in_new_process, side_by_side, warm
+from lightning_rlhf.commands.pipeline.launch import Launcher, in_new_process, side_by_side, stop_on_signals, warm
 from lightning_rlhf.commands.pipeline.options import build_parser, configs_error, labelling_error, stage_error
 from lightning_rlhf.commands.pipeline.report import aggregate, people_instructions, report, summarise
 from lightning_rlhf.data.records import read_records
@@ -224,14 +224,15 @@ def main(argv: list[str] | None = None, entry: Callable[[list[str]], None] | Non
     outputs = args.outputs
     held_out, train_prompts = held_out_and_train(args.prompts, args.held_out, args.eval_prompts)
     start = time.perf_counter()
-    if len(args.seeds) == 1:
-        summary = run(args, args.seeds[0], outputs, held_out, train_prompts, launch)
-        if summary is None:
-            print(people_instructions(argv, outputs))
-            return None
-    else:
-        runs = [run(args, seed, outputs / f"seed{seed}", held_out, train_prompts, launch) for seed in args.seeds]
-        summary = aggregate(runs)
+    with stop_on_signals(["lightning-rlhf", "pipeline", *argv]):  # Ctrl-C: the line to resume, no stage left running
+        if len(args.seeds) == 1:
+            summary = run(args, args.seeds[0], outputs, held_out, train_prompts, launch)
+        else:
+            runs = [run(args, seed, outputs / f"seed{seed}", held_out, train_prompts, launch) for seed in args.seeds]
+            summary = aggregate(runs)
+    if summary is None:
+        print(people_instructions(argv, outputs))
+        return None
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(summary, outputs / "pipeline" / "summary.json")
     report(summary, args, outputs)
