@@ -175,11 +175,17 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def side_by_side(commands: dict[str, list[str]], jobs: int, logs: Path, launch: Launcher) -> dict[str, float]:
+def side_by_side(
+    commands: dict[str, list[str]],
+    jobs: int,
+    logs: Path,
+    launch: Launcher,
+    finished: Callable[[str], None] = lambda stage: None,
+) -> dict[str, float]:
     """Run the ``lightning-rlhf`` commands of stages that need none of each other's outputs, at most ``jobs`` at once,
-    each with its share of the cores; returns each stage's wall time. One command at a time writes to this terminal;
-    several write to ``logs/<stage>.log``, and a failure names its log and shows its end, once the others have
-    finished.
+    each with its share of the cores, calling ``finished(stage)`` as each exits 0; returns each stage's wall time.
+    One command at a time writes to this terminal; several write to ``logs/<stage>.log``, and a failure names its
+    log and shows its end, once the others have finished.
 
     On 2 CPU cores the toy's stages are small kernels that a second thread speeds up by only 1.1-1.25x (sampling
     1.2 s vs 1.4 s per 4,096 responses, DPO 13.4 s vs 15.2 s, 600 reward-model steps 43 s vs 54 s), so two stages
@@ -202,6 +208,7 @@ def side_by_side(commands: dict[str, list[str]], jobs: int, logs: Path, launch: 
         if status:
             tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
             raise SystemExit(f"error: stage {stage} failed (exit status {status}); {log} ends:\n{tail}")
+        finished(stage)
         return time.perf_counter() - start
 
     if alone:

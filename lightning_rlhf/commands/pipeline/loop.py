@@ -51,6 +51,7 @@ from lightning_rlhf.commands.pipeline.inputs import held_out_and_train, prompts_
 from lightning_rlhf.commands.pipeline.launch import Launcher, in_new_process, side_by_side, stop_on_signals, warm
 from lightning_rlhf.commands.pipeline.options import build_parser, configs_error, labelling_error, stage_error
 from lightning_rlhf.commands.pipeline.report import aggregate, people_instructions, report, summarise
+from lightning_rlhf.commands.pipeline.resume import Manifests
 from lightning_rlhf.data.records import read_records
 from lightning_rlhf.evaluation.judges import import_reward_fn
 from lightning_rlhf.io import write_json_atomic, write_jsonl_atomic
@@ -59,16 +60,19 @@ from lightning_rlhf.io import write_json_atomic, write_jsonl_atomic
 @dataclass
 class StageRunner:
     """Runs groups of stage commands, the groups one after the other, a group's stages side by side (``--jobs``), and
-    keeps each stage's wall time."""
+    keeps each stage's wall time; a stage that ``manifests`` says is done is skipped, one stopped part-way resumes
+    (``resume``)."""
 
     jobs: int
     logs: Path
     launch: Launcher
+    manifests: Manifests
     seconds: dict[str, float] = field(default_factory=dict)
 
     def together(self, *groups: dict[str, list[str]]) -> None:
         commands = {stage: argv for group in groups for stage, argv in group.items()}
-        self.seconds.update(side_by_side(commands, self.jobs, self.logs, self.launch))
+        commands = {stage: now for stage, argv in commands.items() if (now := self.manifests.to_run(stage, argv))}
+        self.seconds.update(side_by_side(commands, self.jobs, self.logs, self.launch, self.manifests.finished))
 
 
 def samples(
@@ -104,7 +108,7 @@ def run(
         train_path = write_jsonl_atomic([{"prompt": p} for p in train_prompts], pipeline / "prompts.jsonl")
     best_by = RL_WATCHED[judge is not None] if own_task else None  # the toy run keeps its configs' last policy
     inputs = Run(args.configs, outputs, seed, max_steps=args.max_steps, train_prompts=train_path, best_by=best_by)
-    runner = StageRunner(args.jobs, pipeline / "logs", launch)
+    runner = StageRunner(args.jobs, pipeline / "logs", launch, Manifests(pipeline / "stages", args.restart))
     sft = export(inputs, "sft")
 
     # SFT on the demonstrations (on your task for passes over them, stopped early).
