@@ -70,7 +70,7 @@ def recorded_fits(argv: list[str], monkeypatch, tmp_path: Path) -> dict[str, lis
 
     commands: dict[str, list[str]] = {}
 
-    def record(stage_commands: dict[str, list[str]], jobs: int, logs: Path, launch) -> dict[str, float]:
+    def record(stage_commands: dict[str, list[str]], jobs: int, logs: Path, launch, finished) -> dict[str, float]:
         commands.update(stage_commands)
         if "comparisons" in stage_commands:
             output = Path(stage_commands["comparisons"][stage_commands["comparisons"].index("--output") + 1])

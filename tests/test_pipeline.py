@@ -471,7 +471,9 @@ def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_an
     printed = capfd.readouterr()
     assert "lightning-rlhf sample" not in printed.out and "lightning-rlhf fit --config" in printed.out
     assert not (out / "sft" / "tensorboard").exists()  # reused, not retrained
-    assert {path.name for path in (out / "pipeline").iterdir()} == {"prompts.jsonl", "summary.json", "win_rates.png"}
+    written = {path.name for path in (out / "pipeline").iterdir()}
+    assert written == {"prompts.jsonl", "summary.json", "win_rates.png", "stages"}  # stages: the stages' manifests
+    assert {path.name for path in (out / "pipeline" / "stages").iterdir()} == {"rm.json", "ppo.json"}
     rm_config = yaml.safe_load((out / "rm" / "tensorboard" / "version_0" / "config.yaml").read_text())
     assert rm_config["data"]["init_args"]["train_path"] == str(comparisons)
     reports = [line for line in printed.err.splitlines() if line.startswith("ComparisonDataModule: ")]

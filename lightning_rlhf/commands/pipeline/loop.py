@@ -49,9 +49,10 @@ from lightning_rlhf.commands.pipeline.argv import (
     sft_argv,
 )
 from lightning_rlhf.commands.pipeline.inputs import held_out_and_train, prompts_to_rank, steps_per_pass
-from lightning_rlhf.commands.pipeline.launch import Launcher, in_new_process, side_by_side, warm
+from lightning_rlhf.commands.pipeline.launch import Launcher, in_new_process, side_by_side, stop_on_signals, warm
 from lightning_rlhf.commands.pipeline.options import build_parser, configs_error, labelling_error, stage_error
 from lightning_rlhf.commands.pipeline.report import aggregate, people_instructions, report, summarise
+from lightning_rlhf.commands.pipeline.resume import Manifests
 from lightning_rlhf.data.records import read_records
 from lightning_rlhf.evaluation.judges import import_reward_fn
 from lightning_rlhf.io import write_json_atomic, write_jsonl_atomic
@@ -60,16 +61,19 @@ from lightning_rlhf.io import write_json_atomic, write_jsonl_atomic
 @dataclass
 class StageRunner:
     """Runs groups of stage commands, the groups one after the other, a group's stages side by side (``--jobs``), and
-    keeps each stage's wall time."""
+    keeps each stage's wall time; a stage that ``manifests`` says is done is skipped, one stopped part-way resumes
+    (``resume``)."""
 
     jobs: int
     logs: Path
     launch: Launcher
+    manifests: Manifests
     seconds: dict[str, float] = field(default_factory=dict)
 
     def together(self, *groups: dict[str, list[str]]) -> None:
         commands = {stage: argv for group in groups for stage, argv in group.items()}
-        self.seconds.update(side_by_side(commands, self.jobs, self.logs, self.launch))
+        commands = {stage: now for stage, argv in commands.items() if (now := self.manifests.to_run(stage, argv))}
+        self.seconds.update(side_by_side(commands, self.jobs, self.logs, self.launch, self.manifests.finished))
 
 
 def samples(
@@ -105,7 +109,7 @@ def run(
         train_path = write_jsonl_atomic([{"prompt": p} for p in train_prompts], pipeline / "prompts.jsonl")
     best_by = RL_WATCHED[judge is not None] if own_task else None  # the toy run keeps its configs' last policy
     inputs = Run(args.configs, outputs, seed, max_steps=args.max_steps, train_prompts=train_path, best_by=best_by)
-    runner = StageRunner(args.jobs, pipeline / "logs", launch)
+    runner = StageRunner(args.jobs, pipeline / "logs", launch, Manifests(pipeline / "stages", args.restart))
     sft = export(inputs, "sft")
 
     # SFT on the demonstrations (on your task for passes over them, stopped early).
@@ -246,14 +250,15 @@ def main(argv: list[str] | None = None, entry: Callable[[list[str]], None] | Non
     outputs = args.outputs
     held_out, train_prompts = held_out_and_train(args.prompts, args.held_out, args.eval_prompts)
     start = time.perf_counter()
-    if len(args.seeds) == 1:
-        summary = run(args, args.seeds[0], outputs, held_out, train_prompts, launch)
-        if summary is None:
-            print(people_instructions(argv, outputs))
-            return None
-    else:
-        runs = [run(args, seed, outputs / f"seed{seed}", held_out, train_prompts, launch) for seed in args.seeds]
-        summary = aggregate(runs)
+    with stop_on_signals(["lightning-rlhf", "pipeline", *argv]):  # Ctrl-C: the line to resume, no stage left running
+        if len(args.seeds) == 1:
+            summary = run(args, args.seeds[0], outputs, held_out, train_prompts, launch)
+        else:
+            runs = [run(args, seed, outputs / f"seed{seed}", held_out, train_prompts, launch) for seed in args.seeds]
+            summary = aggregate(runs)
+    if summary is None:
+        print(people_instructions(argv, outputs))
+        return None
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(summary, outputs / "pipeline" / "summary.json")
     report(summary, args, outputs)

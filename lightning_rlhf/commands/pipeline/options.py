@@ -121,6 +121,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--max_steps", type=int, default=None, help="override every stage's optimiser steps")
     parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over: run every stage again (by default the same command run again skips the stages that "
+        "finished with the same settings and inputs, and resumes a stopped one from its last checkpoint)",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=None,
