@@ -104,7 +104,8 @@ def summarise(
     else:
         for name, directory in reward_models.items():
             summary[name] = rm_validation_accuracy(directory.parent)
-    summary["curves"] = {name: ppo_curve(outputs / name) for name in policies if name not in ("sft", "dpo")}
+    offline = ("sft", "dpo", *(f"dpo_round{round_}" for round_ in range(2, args.rounds + 1)))  # no RL curves
+    summary["curves"] = {name: ppo_curve(outputs / name) for name in policies if name not in offline}
     if "sft" in stages:
         summary["curves"]["sft"] = sft_curve(outputs / "sft")
     seconds = seconds | {"evaluation": time.perf_counter() - start}
