@@ -161,8 +161,16 @@ def test_ppo_plan_names_each_row_by_explicit_flags_padded_then_shared_on_each_en
     ]
     assert shared[-1].flags() == [
         *("--row", "ours", "--estimator", "grpo", "--rollout-engine", "vllm"),
-        *("--layout", "shared", "--cache", "dynamic", "--adapter", "none"),
+        *("--layout", "shared", "--cache", "dynamic", "--adapter", "none", "--loss-type", "sigmoid"),
     ]
+    free = rows("dpo", "--reference-free")  # DPO with its reference, SimPO and ORPO without, then TRL's DPO
+    assert [(r.impl, r.loss_type) for r in free] == [
+        ("ours", "sigmoid"),
+        ("ours", "simpo"),
+        ("ours", "orpo"),
+        ("trl", "sigmoid"),
+    ]
+    assert free[1].flags()[-2:] == ["--loss-type", "simpo"]
     padded = rows("ppo", "--estimators", "gae", "grpo", "--engine", "vllm")
     assert [(r.impl, r.estimator, r.rollout_engine) for r in padded] == [
         ("ours", "gae", "hf"),
