@@ -195,6 +195,17 @@ def adamw(lr):
     return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
+def learning_run(module, datamodule, tmp_path, preference, max_steps=36) -> tuple[dict, dict, float, float]:
+    """What the planted-preference learning tests compare: the validation metrics and ``preference(module)``
+    before and after ``max_steps`` of fit."""
+    fit = trainer(tmp_path, max_steps=max_steps, enable_checkpointing=False, num_sanity_val_steps=0)
+    before = fit.validate(module, datamodule, verbose=False)[0]
+    prefers_before = preference(module)
+    fit.fit(module, datamodule)
+    after = fit.validate(module, datamodule, verbose=False)[0]
+    return before, after, prefers_before, preference(module)
+
+
 def test_precomputed_and_live_reference_give_the_same_losses(sft_export, tmp_path):
     """Same seed, same shuffled data, 8 steps: live reference and cached log-probs give the same losses step by
     step (the policy moves, so they are not all log 2), and the same validation metrics."""
@@ -261,12 +272,9 @@ def test_dpo_learns_a_planted_preference_on_held_out_prompts(sft_export, tmp_pat
     L.seed_everything(0)
     module = DPOModule(sft_export, beta=0.1, optimizer=adamw(3e-3))
     datamodule = planted_datamodule(tmp_path, n_train=96, n_val=32, batch_size=8)
-    fit = trainer(tmp_path, max_steps=36, enable_checkpointing=False, num_sanity_val_steps=0)
-    before = fit.validate(module, datamodule, verbose=False)[0]
-    policy_prefers_before = policy_preference(module, datamodule)
-    fit.fit(module, datamodule)
-    after = fit.validate(module, datamodule, verbose=False)[0]
-    policy_prefers_after = policy_preference(module, datamodule)
+    before, after, policy_prefers_before, policy_prefers_after = learning_run(
+        module, datamodule, tmp_path, lambda m: policy_preference(m, datamodule)
+    )
     print(f"held-out before: {before}, policy prefers chosen {policy_prefers_before:.2f}")
     print(f"held-out after: {after}, policy prefers chosen {policy_prefers_after:.2f}")
     assert before["val/rewards/margins"] == 0 and before["val/loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -203,17 +203,14 @@ def test_kto_learns_a_planted_preference_from_unpaired_labels(sft_export, tmp_pa
     import lightning as L
 
     from lightning_rlhf.modules.dpo import DPOModule
-    from tests.test_dpo import adamw, trainer
+    from tests.test_dpo import adamw, learning_run
 
     L.seed_everything(0)
     module = DPOModule(sft_export, loss_type="kto", beta=0.5, optimizer=adamw(3e-3))
     datamodule = planted_unpaired(tmp_path, n_train=96, n_val=32)
-    fit = trainer(tmp_path, max_steps=36, enable_checkpointing=False, num_sanity_val_steps=0)
-    before = fit.validate(module, datamodule, verbose=False)[0]
-    prefers_before = lowercase_preference(module, tmp_path)
-    fit.fit(module, datamodule)
-    after = fit.validate(module, datamodule, verbose=False)[0]
-    prefers_after = lowercase_preference(module, tmp_path)
+    before, after, prefers_before, prefers_after = learning_run(
+        module, datamodule, tmp_path, lambda m: lowercase_preference(m, tmp_path)
+    )
     # measured: val/loss 0.500 -> 0.213, val/rewards/margins 0 -> 5.73, lowercase ranked first 0.375 -> 1.0
     assert after["val/loss"] < 0.8 * before["val/loss"], (before, after)
     assert after["val/rewards/margins"] > 0.5, after

@@ -7,7 +7,7 @@ import pytest
 from lightning_rlhf.modules.dpo import DPOModule
 from lightning_rlhf.training import memory
 from tests import test_dpo
-from tests.test_dpo import adamw, planted_datamodule, policy_preference, trainer
+from tests.test_dpo import adamw, learning_run, planted_datamodule, policy_preference
 
 sft_export = test_dpo.sft_export  # the fixture: a tiny SFT export
 
@@ -49,12 +49,9 @@ def test_reference_free_losses_learn_a_planted_preference(sft_export, tmp_path, 
     L.seed_everything(0)
     module = DPOModule(sft_export, loss_type=loss_type, beta=beta, optimizer=adamw(3e-3))
     datamodule = planted_datamodule(tmp_path, n_train=96, n_val=32, batch_size=8)
-    fit = trainer(tmp_path, max_steps=36, enable_checkpointing=False, num_sanity_val_steps=0)
-    before = fit.validate(module, datamodule, verbose=False)[0]
-    prefers_before = policy_preference(module, datamodule)
-    fit.fit(module, datamodule)
-    after = fit.validate(module, datamodule, verbose=False)[0]
-    prefers_after = policy_preference(module, datamodule)
+    before, after, prefers_before, prefers_after = learning_run(
+        module, datamodule, tmp_path, lambda m: policy_preference(m, datamodule)
+    )
     # measured: simpo val/loss 0.950 -> 0.072, orpo 5.62 -> 3.29; the policy prefers the lowercase 0.55 -> 1.0 (both)
     assert after["val/loss"] < 0.8 * before["val/loss"], (before, after)
     assert prefers_after >= 0.9 > prefers_before, (prefers_before, prefers_after)
