@@ -11,12 +11,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_rlhf.losses.off_policy import engine_importance_weights
 from lightning_rlhf.losses.policy import (
     ADVANTAGE_ESTIMATORS,
     GROUP_ESTIMATORS,
     LOSS_AGGREGATIONS,
     advantages_and_returns,
-    engine_importance_weights,
     kl_penalty,
 )
 from lightning_rlhf.losses.tokens import masked_mean
