@@ -89,10 +89,12 @@ def mismatched_builds() -> str | None:
 
 
 def started_as_command() -> bool:
-    """Whether this process is ``lightning-rlhf`` or ``python -m lightning_rlhf`` (not a user's own import)."""
-    argv = getattr(sys, "orig_argv", sys.argv)
-    as_module = any(argv[i : i + 2] == ["-m", "lightning_rlhf"] for i in range(len(argv) - 1))
-    return as_module or Path(sys.argv[0]).name == "lightning-rlhf"
+    """Whether this process is ``lightning-rlhf`` or ``python -m lightning_rlhf`` (not a user's own import). While
+    ``-m`` imports the package, ``sys.argv[0]`` is ``"-m"`` and the interpreter's own arguments name the module."""
+    if sys.argv[0] == "-m":
+        interpreter_argv = getattr(sys, "orig_argv", [])
+        return any(interpreter_argv[i : i + 2] == ["-m", "lightning_rlhf"] for i in range(len(interpreter_argv) - 1))
+    return Path(sys.argv[0]).name == "lightning-rlhf"
 
 
 def refuse_mismatched_builds() -> None:

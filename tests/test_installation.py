@@ -114,3 +114,23 @@ def test_the_command_stops_with_one_line_before_importing_a_companion_and_an_imp
     imported = run_lightning_rlhf(tmp_path / "import", "-c", "import lightning_rlhf")
     assert imported.returncode == 1
     assert imported.stderr.strip().splitlines()[-1].startswith("ImportError: torchvision 0.28.0 is a CUDA build")
+
+
+@pytest.mark.parametrize(
+    ("argv", "orig_argv", "command"),
+    [
+        (["/venv/bin/lightning-rlhf", "fit"], ["/venv/bin/python", "/venv/bin/lightning-rlhf", "fit"], True),
+        (["-m", "fit"], ["python", "-X", "utf8", "-m", "lightning_rlhf", "fit"], True),
+        (["train.py", "-m", "lightning_rlhf"], ["python", "train.py", "-m", "lightning_rlhf"], False),  # a user's
+        (["-m"], ["python", "-m", "their_package"], False),  # their package, importing ours
+        (["-c"], ["python", "-c", "import lightning_rlhf"], False),
+    ],
+)
+def test_the_command_is_told_from_a_users_import(monkeypatch, argv, orig_argv, command):
+    """The console script (``argv[0]`` named ``lightning-rlhf``) and ``python -m lightning_rlhf`` (the package is
+    imported while ``argv[0]`` is still ``-m``, so the interpreter's own arguments tell) exit; anything else raises.
+    Catches: ``-m lightning_rlhf`` taken from a script's own arguments, another package run with ``-m`` that imports
+    ours made to exit."""
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert installation.started_as_command() is command
