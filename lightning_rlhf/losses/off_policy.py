@@ -78,9 +78,11 @@ def decoupled_ppo_loss(
 
         loss_t = w_t · max(-A_t · ρ_t, -A_t · clip(ρ_t, 1 - ε, 1 + ε))
 
-    aggregated over the real tokens by ``aggregation`` (``aggregate_loss``). The weight truncated at C, as TIS does
-    (AReaL's code instead drops the tokens whose weight exceeds its cap). With ``behaviour_logprobs ==
-    proximal_logprobs`` and C >= 1 every weight is exactly 1 and this is ``ppo_policy_loss`` of the same tensors.
+    aggregated over the real tokens by ``aggregation`` (``aggregate_loss``). The weight is truncated at C, as TIS
+    does (AReaL's code instead drops the tokens whose weight exceeds its cap). With ``behaviour_logprobs ==
+    proximal_logprobs`` and C >= 1 every weight is exactly 1 and this is ``ppo_policy_loss`` of the same tensors:
+    synchronous rollouts from the trainer's own ``generate``. Clipping against π_prox rather than π_behav keeps each
+    update's step bounded however stale the rollout, while the weight corrects for the staleness itself.
 
     Args:
         logprobs: ``(b, t)`` log-probs of the sampled tokens under the policy being trained, π_θ (with gradient).
