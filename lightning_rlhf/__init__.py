@@ -4,6 +4,11 @@ Every name a user imports is here: the stage modules, the DataModules that feed 
 for models and tokenizers (a local Hugging Face directory, or the embedded default when the path is ``None``).
 """
 
+# ruff: noqa: E402  (the check below runs before the imports after it)
+from lightning_rlhf.installation import refuse_mismatched_builds
+
+refuse_mismatched_builds()  # before Lightning imports torchmetrics, which imports a torchvision that cannot load
+
 from lightning_rlhf.data.datamodules import (
     ComparisonDataModule,
     DemonstrationDataModule,

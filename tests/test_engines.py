@@ -1,5 +1,6 @@
 """The rollout-engine seam without vLLM (``lightning_rlhf.rl.engines``): the weights a vLLM engine is loaded with (LoRA
-merged, names of the export), the guard around engine calls, and option checks. The engine itself: test_vllm.py."""
+merged, names of the export), the guard around engine calls, option checks, and the engine correction of today's
+(synchronous) path as the decoupled PPO loss. The engine itself: test_vllm.py."""
 
 import copy
 import random
@@ -9,9 +10,13 @@ import pytest
 import torch
 
 from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.losses import decoupled_ppo_loss
 from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.models.lora import apply_lora
 from lightning_rlhf.rl.engines import build_engine, check_engine_options, named_weights, process_state_kept
+from lightning_rlhf.rl.experience import Experience, correct_for_engine
+from lightning_rlhf.rl.generation import Rollout
+from lightning_rlhf.rl.updates import PPOUpdates
 
 
 def test_named_weights_of_a_lora_policy_are_its_merged_weights_under_the_exports_names(tiny_model_dir):
@@ -83,3 +88,29 @@ def test_bad_engine_options_are_refused_with_what_to_do(args, message):
 def test_the_hf_engine_takes_no_engine_options():
     with pytest.raises(ValueError, match="engine_options \\['sleep'\\] are for rollout_engine='vllm'"):
         build_engine("hf", "unused", "float32", {"sleep": True})
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_the_sync_engine_correction_is_the_decoupled_loss_with_the_trainers_rollout_logprobs_as_proximal(level):
+    """A rollout holds the engine's log-probs of what it sampled (the behaviour policy); its experience the trainer's,
+    recomputed before the updates (the proximal policy); the update's ratio is taken against the latter. So
+    ``correct_for_engine``'s weighted advantages through ``PPOUpdates.clipped_objective`` are exactly
+    ``decoupled_ppo_loss(π_θ, π_prox = experience.logprobs, π_behav = rollout.logprobs)``, and an asynchronous worker
+    that records its engine's log-probs gets the decoupled objective from the same path. Random log-probs of three
+    responses (one padded), C = 1.2 so some weights are truncated at either level.
+
+    Catches: ``correct_for_engine`` weighting by engine over trainer, the update's ratio taken against the engine's
+    log-probs, the cap or the level not passed through."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    engine, trainer, policy, advantages = (torch.randn(3, 3, generator=generator) * 0.5 for _ in range(4))
+    rollout = Rollout(torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), mask, 1, engine)
+    zeros = torch.zeros(3)
+    experience = Experience(rollout, trainer, None, advantages, None, zeros, zeros, zeros.bool())
+    updates = PPOUpdates(0.2, 0.2, 0.1, 0.0, 0.0, "token_mean", 3, 1, 1)
+    loss, _ = updates.clipped_objective(correct_for_engine(experience, level, 1.2), torch.arange(3), policy, None)
+    expected, stats = decoupled_ppo_loss(policy, trainer, engine, advantages, mask, 0.2, 1.2, level)
+    torch.testing.assert_close(loss, expected, atol=1e-7, rtol=0)
+    assert 0 < stats["is_clipped"] < 1  # the cap is exercised
+    plain, _ = updates.clipped_objective(correct_for_engine(experience, "none", 1.2), torch.arange(3), policy, None)
+    assert not torch.allclose(plain, expected)

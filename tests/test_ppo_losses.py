@@ -1,11 +1,13 @@
 """PPO's pure functions against hand-computed values: KL estimators, per-token rewards, GAE, clipped policy and
-value losses, the adaptive KL controller."""
+value losses, the adaptive KL controller, the engine's importance weights and the decoupled (asynchronous) loss."""
 
 import math
 
 import pytest
 import torch
+from torch import Tensor
 
+from lightning_rlhf.losses.off_policy import decoupled_ppo_loss, engine_importance_weights
 from lightning_rlhf.losses.policy import adaptive_kl_coef, gae, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss
 
 
@@ -110,8 +112,6 @@ def test_engine_importance_weights_truncate_per_token_and_per_sequence():
     Catches: the ratio inverted (engine over trainer: 0.6065 ↔ 1.6487), no cap, the padding counted in the sum
     (row 1 would be e^2, capped), a mean instead of a sum per sequence (e^-0.25), weights left on padding.
     """
-    from lightning_rlhf.losses.policy import engine_importance_weights
-
     trainer = torch.tensor([[-1.0, -2.0], [-0.5, 9.0]])
     engine = torch.tensor([[-1.5, -1.0], [-0.5, 7.0]])
     mask = torch.tensor([[True, True], [True, False]])
@@ -123,3 +123,73 @@ def test_engine_importance_weights_truncate_per_token_and_per_sequence():
     torch.testing.assert_close(capped, torch.tensor([[0.5, 0.5], [0.5, 0.0]]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="engine_is_correction"):
         engine_importance_weights(trainer, engine, mask, "tokens")
+
+
+def decoupled_case() -> tuple[Tensor, ...]:
+    """π_prox = 1 on every token, so ``logprobs = log ρ`` and ``behaviour = -log w_raw``: ρ = π_θ/π_prox = (1.1, 1.5,
+    0.9 | 2.0), raw weights π_prox/π_behav = (1.5, 0.5, 3.0 | 5.0), A = (2, 1, -1 | 100), the last token padding."""
+    logprobs = torch.log(torch.tensor([[1.1, 1.5, 0.9, 2.0]])).requires_grad_()
+    proximal = torch.zeros(1, 4)
+    behaviour = -torch.log(torch.tensor([[1.5, 0.5, 3.0, 5.0]]))
+    advantages = torch.tensor([[2.0, 1.0, -1.0, 100.0]])
+    return logprobs, proximal, behaviour, advantages, torch.tensor([[True, True, True, False]])
+
+
+def test_decoupled_ppo_loss_clips_against_the_proximal_policy_and_weights_by_the_truncated_behaviour_ratio():
+    """ε = 0.2, C = 2 (``decoupled_case``); loss_t = w_t · max(-A ρ, -A clip(ρ, 0.8, 1.2)):
+    t1: w = 1.5 (under C), ρ = 1.1 inside the clip: 1.5 · -2.2 = -3.3;
+    t2: w = 0.5, ρ = 1.5, A > 0, clipped: 0.5 · max(-1.5, -1.2) = -0.6;
+    t3: w = min(3, 2) = 2, ρ = 0.9 inside: 2 · 0.9 = 1.8;  t4 padding.
+    loss = (-3.3 - 0.6 + 1.8) / 3 = -0.7; clipfrac 1/3 (t2); approx_kl = ½(ln²1.1 + ln²1.5 + ln²0.9) / 3 = 0.0307645;
+    is_weight_mean = (1.5 + 0.5 + 2) / 3 = 4/3; is_clipped = 1/3 (t3).
+    ∂loss/∂logprobs = -A·w·ρ / 3 where unclipped, 0 where clipped: (-2·1.5·1.1, 0, 1·2·0.9, 0) / 3 = (-1.1, 0, 0.6, 0).
+
+    Catches: clipping against the behaviour ratio with no weight (ρ_behav = ρ·w_raw = (1.65, 0.75, 2.7): (-2.4 - 0.75
+    + 2.7) / 3 = -0.15), the weight inverted (π_behav/π_prox: (-1.4667 - 2.4 + 0.3) / 3 = -1.189), the cap not
+    applied (t3 2.7: -0.4), the mask ignored (/4: -0.525; the padding's w·A = 2·100 would swamp it), the weight left
+    out of the gradient (∂ at t1 -0.7333), the clip range not applied (t2 -0.75: -0.75)."""
+    logprobs, proximal, behaviour, advantages, mask = decoupled_case()
+    loss, stats = decoupled_ppo_loss(logprobs, proximal, behaviour, advantages, mask, clip_range=0.2, cap=2.0)
+    torch.testing.assert_close(loss, torch.tensor(-0.7))
+    torch.testing.assert_close(stats["clipfrac"], torch.tensor(1 / 3))
+    torch.testing.assert_close(stats["approx_kl"], torch.tensor(0.0307645), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats["is_weight_mean"], torch.tensor(4 / 3))
+    torch.testing.assert_close(stats["is_clipped"], torch.tensor(1 / 3))
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1.1, 0.0, 0.6, 0.0]]))
+
+
+def test_decoupled_ppo_loss_sends_no_gradient_through_the_importance_weight():
+    """The weight π_prox/π_behav is data: with the proximal and behaviour log-probs requiring gradient, none reaches
+    the behaviour's (it appears only in the weight), and the proximal's is the ratio's alone: ρ = exp(log π_θ -
+    log π_prox), so ∂loss_t/∂log π_prox = +A·w·ρ / 3 where unclipped: (3.3, 0, -1.8, 0) / 3 = (1.1, 0, -0.6, 0).
+
+    Catches: the weight differentiated (the behaviour gets a gradient; through w = exp(log π_prox - log π_behav) the
+    proximal's would cancel to 0 on t1 and t3)."""
+    logprobs, proximal, behaviour, advantages, mask = decoupled_case()
+    proximal.requires_grad_(), behaviour.requires_grad_()
+    loss, _ = decoupled_ppo_loss(logprobs, proximal, behaviour, advantages, mask, clip_range=0.2, cap=2.0)
+    loss.backward()
+    assert behaviour.grad is None
+    torch.testing.assert_close(proximal.grad, torch.tensor([[1.1, 0.0, -0.6, 0.0]]))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_decoupled_ppo_loss_with_behaviour_equal_to_proximal_is_ppo_policy_loss_exactly(aggregation, level):
+    """π_behav == π_prox: every weight is e^0 = 1 (C = 2 >= 1), so the loss, its statistics and its gradient are
+    ``ppo_policy_loss``'s, bit for bit, whatever the aggregation. Catches: any drift of the composed path (a weight
+    not exactly 1, the ratio taken against anything but π_prox, the padding's advantages leaking)."""
+    generator = torch.Generator().manual_seed(0)
+    proximal, advantages = torch.randn(3, 5, generator=generator), torch.randn(3, 5, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    logprobs = (proximal + 0.3 * torch.randn(3, 5, generator=generator)).requires_grad_()
+    loss, stats = decoupled_ppo_loss(
+        logprobs, proximal, proximal.clone(), advantages, mask, 0.2, 2.0, level, aggregation, max_length=5
+    )
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    expected, expected_stats = ppo_policy_loss(logprobs, proximal, advantages, mask, 0.2, aggregation, max_length=5)
+    (expected_grad,) = torch.autograd.grad(expected, logprobs)
+    assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+    assert all(torch.equal(stats[name], value) for name, value in expected_stats.items())
+    assert stats["is_weight_mean"] == 1 and stats["is_clipped"] == 0

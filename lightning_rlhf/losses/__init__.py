@@ -1,17 +1,19 @@
 """Pure tensor functions for the RLHF objectives: no Lightning, no models.
 
 Shapes: ``b`` batch, ``t`` time, ``v`` vocabulary, ``k`` responses per prompt. Every function is pinned by
-hand-computed values in ``tests/test_losses.py`` and its siblings. Three files, one import path:
+hand-computed values in ``tests/test_losses.py`` and its siblings. Four files, one import path:
 
 - ``tokens``: log-probs of tokens and masked reductions;
 - ``preference``: the reward model's ranking loss, the DPO family (a table of loss types) and KTO;
 - ``policy``: PPO's clipped losses, KL estimators, GAE, group advantages and online DPO's pairs, advantage
-  estimators, loss aggregations and engine importance weights (each a table of pure functions chosen by name).
+  estimators and loss aggregations (each a table of pure functions chosen by name);
+- ``off_policy``: corrections for a sampler other than the trained policy: the engine's truncated importance weights
+  (a table of levels) and AReaL's decoupled PPO loss for rollouts some policy versions old.
 """
 
+from lightning_rlhf.losses.off_policy import ENGINE_IS_LEVELS, decoupled_ppo_loss, engine_importance_weights
 from lightning_rlhf.losses.policy import (
     ADVANTAGE_ESTIMATORS,
-    ENGINE_IS_LEVELS,
     GROUP_ESTIMATORS,
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
@@ -20,7 +22,6 @@ from lightning_rlhf.losses.policy import (
     aggregate_loss,
     best_worst_pairs,
     discounted_returns,
-    engine_importance_weights,
     gae,
     group_advantages,
     kl_penalty,
@@ -61,6 +62,7 @@ __all__ = [
     "advantages_and_returns",
     "aggregate_loss",
     "best_worst_pairs",
+    "decoupled_ppo_loss",
     "discounted_returns",
     "dpo_loss",
     "engine_importance_weights",

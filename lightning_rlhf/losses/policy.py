@@ -1,15 +1,14 @@
 """Losses and estimators of the policy-gradient stages (PPO, GRPO, RLOO, REINFORCE++), each variant an entry in a
 small table chosen by name: KL estimators (``KL_ESTIMATORS``), group advantages (``GROUP_ESTIMATORS``), advantage
-estimators (``ADVANTAGE_ESTIMATORS``), loss aggregations (``LOSS_AGGREGATIONS``), engine importance-weight levels
-(``ENGINE_IS_LEVELS``); GAE, the clipped policy and value losses (Schulman et al. 2017), InstructGPT's per-token
-reward and the adaptive KL coefficient (Ziegler et al. 2019).
+estimators (``ADVANTAGE_ESTIMATORS``), loss aggregations (``LOSS_AGGREGATIONS``); GAE, the clipped policy and value
+losses (Schulman et al. 2017), InstructGPT's per-token reward and the adaptive KL coefficient (Ziegler et al. 2019).
+Corrections for a sampler other than the trained policy are in ``off_policy``.
 
 Shapes: ``b`` batch, ``t`` time.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -341,35 +340,3 @@ def aggregate_loss(
     if aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_aggregation={aggregation!r} is not one of {sorted(LOSS_AGGREGATIONS)}")
     return LOSS_AGGREGATIONS[aggregation](losses, mask, max_length)
-
-
-def _is_token(log_ratio: Tensor, mask: Tensor) -> Tensor:
-    return log_ratio
-
-
-def _is_sequence(log_ratio: Tensor, mask: Tensor) -> Tensor:
-    return masked_sum(log_ratio, mask, dim=-1)[:, None].expand_as(log_ratio)
-
-
-ENGINE_IS_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"token": _is_token, "sequence": _is_sequence}
-
-
-def engine_importance_weights(
-    logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, level: str = "token", cap: float = 2.0
-) -> Tensor:
-    """Truncated importance weights that correct for sampling with an engine whose distribution differs slightly
-    from the trainer's (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training";
-    TRL's ``vllm_importance_sampling_correction``, verl's TIS). All ``(b, t)``; with ``δ_t = logprobs_t -
-    engine_logprobs_t`` (trainer minus engine, of the sampled token):
-
-    - ``token``: ``w_t = min(exp(δ_t), C)``;
-    - ``sequence``: ``w_t = min(exp(Σ_s mask_s δ_s), C)``, one weight for every token of a response.
-
-    Weights are 0 past the mask and carry no gradient; multiplying the (non-negative-weighted) advantages by them
-    multiplies the clipped surrogate's per-token term by them, as the references weight the per-token loss.
-    """
-    if level not in ENGINE_IS_LEVELS:
-        raise ValueError(f"engine_is_correction={level!r} is not one of {['none', *ENGINE_IS_LEVELS]}")
-    log_ratio = (logprobs - engine_logprobs).detach().float().masked_fill(~mask.bool(), 0.0)
-    log_weights = ENGINE_IS_LEVELS[level](log_ratio, mask)
-    return torch.exp(log_weights.clamp(max=math.log(cap))) * mask  # clamp in log space: no overflow on long sequences

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_rlhf.losses.policy import ENGINE_IS_LEVELS
+from lightning_rlhf.losses.off_policy import ENGINE_IS_LEVELS
 from lightning_rlhf.rl.generation import Rollout, generate, mask_after_eos
 from lightning_rlhf.validation import check_range
 

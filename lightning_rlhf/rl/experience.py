@@ -11,12 +11,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_rlhf.losses.off_policy import engine_importance_weights
 from lightning_rlhf.losses.policy import (
     ADVANTAGE_ESTIMATORS,
     GROUP_ESTIMATORS,
     LOSS_AGGREGATIONS,
     advantages_and_returns,
-    engine_importance_weights,
     kl_penalty,
 )
 from lightning_rlhf.losses.tokens import masked_mean
@@ -42,7 +42,8 @@ class Experience(NamedTuple):
 
     Attributes:
         rollout: the sampled sequences and their masks.
-        logprobs: ``(b, r)`` log-probs of the response tokens under the policy that sampled them.
+        logprobs: ``(b, r)`` log-probs of the response tokens under the trainer's policy before this rollout's
+            updates (the proximal policy; the sampler's own are ``rollout.logprobs``).
         values: ``(b, r)`` value of the state before each response token (``None`` without a value function).
         advantages: ``(b, r)`` advantages of the chosen estimator, 0 past the mask.
         returns: ``(b, r)`` value targets, ``advantages + values`` before whitening (``None`` without GAE).
@@ -143,7 +144,10 @@ def engine_mismatch(logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor) -> 
 def correct_for_engine(experience: Experience, level: str, cap: float) -> Experience:
     """Advantages weighted by truncated importance ratios of the policy to the engine that sampled
     (``losses.engine_importance_weights``; ``level`` ``none``: as they are). A weight ``w >= 0`` scales both terms of
-    the clipped surrogate alike, so this weights each token's policy loss, as TRL and verl do."""
+    the clipped surrogate alike, so this weights each token's policy loss, as TRL and verl do. With the updates'
+    ratio taken against ``experience.logprobs`` (the trainer's, before the updates: the proximal policy) and
+    ``rollout.logprobs`` the engine's (the behaviour policy, however many versions old), the updates minimise
+    ``losses.decoupled_ppo_loss`` (AReaL's decoupled objective; tested in ``test_engines.py``)."""
     if level == "none":
         return experience
     rollout = experience.rollout
