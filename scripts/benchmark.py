@@ -5,6 +5,7 @@ is measured: docs/performance_method.md. Every row runs in its own process, so p
     python scripts/benchmark.py sft --packing --mixed-lengths --max-length 512 --steps 10    # ours padded vs packed
     python scripts/benchmark.py rm --steps 20 --batch-size 8 --max-length 128
     python scripts/benchmark.py dpo --lora --steps 5 --warmup 2 --hidden-size 512 --vocab-size 32000
+    python scripts/benchmark.py dpo --reference-free --kto --steps 10   # DPO, SimPO, ORPO, KTO: their peak memory
     python scripts/benchmark.py dpo --shared-prompt --num-generations 8 --batch-size 16   # padded vs `shared` rows
     python scripts/benchmark.py ppo --estimators gae grpo rloo --steps 10 --max-new-tokens 64
     python scripts/benchmark.py ppo --estimators grpo --engine vllm --shared-prompt --steps 5   # (pip: vllm)

@@ -143,6 +143,29 @@ def test_shared_prompt_benchmark_trains_both_layouts_on_the_same_batches(tmp_pat
     assert padded["losses"] == pytest.approx(shared["losses"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_kto_benchmark_row_trains_kto_on_the_pairs_and_is_credited_their_tokens(tmp_path):
+    """``dpo --kto``: our DPO row, then a KTO row named so, both with a peak memory, credited the same tokens (the
+    pairs' chosen and rejected completions; KTO's mismatched rows, forwarded only for its reference point, are not
+    credited). Catches the KTO row left out of the run or measured as DPO (its name), or credited other work than the
+    DPO row."""
+    out = tmp_path / "dpo.json"
+    steps = 2
+    run_python(
+        str(REPO / "scripts" / "benchmark.py"),
+        "dpo",
+        "--kto",
+        *("--hidden-size", "32", "--layers", "1", "--batch-size", "4", "--max-length", "32"),
+        *("--warmup", "1", "--steps", str(steps), "--json", str(out)),
+        cwd=tmp_path,
+    )
+    rows = json.loads(out.read_text())
+    assert [row["impl"] for row in rows][:2] == ["lightning_rlhf", "lightning_rlhf kto (unpaired)"]
+    dpo, kto = rows[:2]
+    assert dpo["tokens_per_s"] * dpo["step_s"] == pytest.approx(kto["tokens_per_s"] * kto["step_s"])
+    assert dpo["peak_mem_mib"] > 0 and kto["peak_mem_mib"] > 0
+
+
 def test_ppo_plan_names_each_row_by_explicit_flags_padded_then_shared_on_each_engine(monkeypatch):
     """``ppo --estimators gae grpo --engine vllm --shared-prompt``: per estimator, hf padded, hf shared, vllm padded,
     vllm shared (no TRL row beside shared runs), each passed to its process as explicit ``--row`` flags; without
@@ -171,6 +194,8 @@ def test_ppo_plan_names_each_row_by_explicit_flags_padded_then_shared_on_each_en
         ("trl", "sigmoid"),
     ]
     assert free[1].flags()[-2:] == ["--loss-type", "simpo"]
+    kto = rows("dpo", "--kto")  # DPO, then KTO on the same pairs read as unpaired records, then TRL's DPO
+    assert [(r.impl, r.loss_type) for r in kto] == [("ours", "sigmoid"), ("ours", "kto"), ("trl", "sigmoid")]
     padded = rows("ppo", "--estimators", "gae", "grpo", "--engine", "vllm")
     assert [(r.impl, r.estimator, r.rollout_engine) for r in padded] == [
         ("ours", "gae", "hf"),

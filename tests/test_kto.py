@@ -94,11 +94,11 @@ def test_unpaired_records_and_comparisons_read_as_kto_records(tmp_path):
 
 def test_unpaired_collator_adds_one_mismatched_row_per_prompt_by_hand():
     """Record 0: prompt [1, 2], completion [3, 9] (desirable); record 1: prompt [4], completions [5, 6, 9]
-    (desirable) and [7, 9] (undesirable); EOS 9, pad 0, max_length 4. Rows, in order: record 0's completion, its
-    mismatched row (its prompt with record 1's first completion, cut to 4 tokens: [1, 2, 5, 6]), record 1's two
-    completions, its mismatched row (prompt [4] with record 0's completion). Labels mask the prompts.
-    Catches: the mismatched row taking the record's own completion, a shift of the wrong record, no cut to
-    max_length, the flags out of order with the rows."""
+    (desirable) and [7, 9] (undesirable); EOS 9, pad 0, max_length 4. Labelled rows, in order: record 0's
+    completion, record 1's two. Mismatched rows, a batch of their own: record 0's prompt with record 1's first
+    completion, cut to 4 tokens ([1, 2, 5, 6]), record 1's prompt [4] with record 0's completion. Labels mask the
+    prompts. Catches: the mismatched row taking the record's own completion, a shift of the wrong record, no cut to
+    max_length, the flags out of order with the rows, a mismatched row left among the labelled ones."""
     from lightning_rlhf.data.collate import ComparisonCollator, UnpairedCollator
 
     examples = [
@@ -107,10 +107,14 @@ def test_unpaired_collator_adds_one_mismatched_row_per_prompt_by_hand():
     ]
     batch = UnpairedCollator(ComparisonCollator(0), max_length=4)(examples)
     I = -100  # noqa: E741 - IGNORE_INDEX
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 9], [1, 2, 5, 6], [4, 5, 6, 9], [4, 7, 9, 0], [4, 3, 9, 0]]
-    assert batch["labels"].tolist() == [[I, I, 3, 9], [I, I, 5, 6], [I, 5, 6, 9], [I, 7, 9, I], [I, 3, 9, I]]
-    assert batch["desirable"].tolist() == [1, -1, 1, 0, -1]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 9], [4, 5, 6, 9], [4, 7, 9, 0]]
+    assert batch["labels"].tolist() == [[I, I, 3, 9], [I, 5, 6, 9], [I, 7, 9, I]]
+    assert batch["desirable"].tolist() == [1, 1, 0]
     assert batch["pairs"].shape == (0, 2)  # all tied: no pairs
+    mismatched = batch["mismatched"]
+    assert mismatched["input_ids"].tolist() == [[1, 2, 5, 6], [4, 3, 9, 0]]
+    assert mismatched["labels"].tolist() == [[I, I, 5, 6], [I, 3, 9, I]]
+    assert mismatched["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +171,101 @@ def test_kto_step_is_the_same_in_the_shared_prompt_layout_and_refuses_pairs(sft_
     sigmoid = DPOModule(sft_export)
     with pytest.raises(ValueError, match="loss_type='sigmoid' learns from pairs: give it a ComparisonDataModule"):
         sigmoid._step(next(iter(data.train_dataloader())))
+
+
+def summed_logprobs(model, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """By hand: ``(n,)`` summed log-probs of each padded row's labelled tokens (logits at t score token t + 1), and
+    their counts."""
+    logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits[:, :-1].float()
+    targets, scored = rows["labels"][:, 1:], rows["labels"][:, 1:] != -100
+    logps = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (logps * scored).sum(-1), scored.sum(-1)
+
+
+def one_forward_kto_loss(module, batch, beta, desirable_weight, undesirable_weight, nll_weight) -> torch.Tensor:
+    """KTO's loss as it was computed before the mismatched rows got a no-grad forward of their own: the labelled and
+    the mismatched rows of a padded batch in one forward, with autograd, policy and reference (the adapter-off
+    policy under LoRA); z_0 = max(0, mean log-ratio of the mismatched rows), detached; per completion
+    λ_D (1 - σ(β(r - z_0))) or λ_U (1 - σ(β(z_0 - r))), averaged, plus nll_weight · the desirable completions' mean
+    per-token NLL."""
+    from lightning_rlhf.data.collate import pad
+
+    n, mismatched = len(batch["input_ids"]), batch["mismatched"]
+    together = {  # (n + m, t): the labelled rows, then the mismatched ones, right-padded to the longer width
+        key: pad([*batch[key].tolist(), *mismatched[key].tolist()], fill)
+        for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
+    }
+    logps, counts = summed_logprobs(module.model, together)
+    if module.ref_model is None:  # LoRA: the reference is the policy with its adapter off
+        with torch.no_grad(), module.model.disable_adapter():
+            ref_logps, _ = summed_logprobs(module.model, together)
+    else:
+        with torch.no_grad():
+            ref_logps, _ = summed_logprobs(module.ref_model, together)
+    ratios = logps - ref_logps
+    point = ratios[n:].detach().mean().clamp(min=0)
+    good = batch["desirable"].bool()
+    value = torch.sigmoid(beta * torch.where(good, ratios[:n] - point, point - ratios[:n]))
+    losses = torch.where(good, desirable_weight, undesirable_weight) * (1 - value)
+    nll = -(logps[:n] / counts[:n])[good].mean()
+    return losses.mean() + nll_weight * nll
+
+
+@pytest.mark.parametrize("variant", ["padded", "shared", "lora"])
+def test_kto_forwards_the_mismatched_rows_without_autograd_and_keeps_loss_and_gradient(
+    sft_export, tmp_path, monkeypatch, variant
+):
+    """On 4 planted records (12 labelled completions, 4 mismatched rows), with π ≠ π_ref and z_0 > 0 (so the
+    mismatched rows decide the loss): the module's loss and its gradient with respect to every trained parameter
+    equal ``one_forward_kto_loss``'s (everything through autograd in one forward), padded, in the shared-prompt
+    layout (the hand computation on the padded batch of the same records), and under LoRA (the reference the
+    adapter-off policy); and the mismatched rows' log-probs, policy and reference, carry no ``grad_fn``, while the
+    labelled rows' policy log-probs do. Catches: the no-grad forward of the mismatched rows dropped (their
+    activations kept for backward again), z_0 taken over the wrong rows or the labelled rows scored without autograd
+    (loss or gradient), a mismatched row left among the labelled ones."""
+    from lightning_rlhf.data.collate import ComparisonCollator, UnpairedCollator
+    from lightning_rlhf.models import shared_forward
+    from lightning_rlhf.models.lora import LoraOptions
+    from lightning_rlhf.modules import dpo
+    from lightning_rlhf.modules.dpo import DPOModule
+
+    options = dict(beta=0.5, desirable_weight=1.0, undesirable_weight=1.5, nll_weight=0.5)
+    lora = LoraOptions(r=4, alpha=8) if variant == "lora" else None
+    module = DPOModule(sft_export, loss_type="kto", lora=lora, **options)
+    module.configure_model()
+    data = planted_unpaired(tmp_path, shared_prompt=variant == "shared", n_train=8, n_val=4)
+    data.setup("fit")
+    examples = [data.train_examples[i] for i in range(4)]
+    padded = UnpairedCollator(ComparisonCollator(data.tokenizer.pad_token_id), data.hparams.max_length)(examples)
+    batch = data.collator()(examples)
+    trained = [p for p in module.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=1e-2)
+    for _ in range(3):  # π moved towards the mismatched completions: π ≠ π_ref and z_0 > 0
+        optimizer.zero_grad()
+        (-summed_logprobs(module.model, padded["mismatched"])[0].mean()).backward()
+        optimizer.step()
+
+    forwards = []  # per forward the step makes: (of the mismatched rows, its log-probs carry a grad_fn)
+    forward = shared_forward.response_logprobs
+
+    def spy(model, rows):
+        logps, counts = forward(model, rows)
+        forwards.append((rows is batch["mismatched"], logps.grad_fn is not None))
+        return logps, counts
+
+    monkeypatch.setattr(dpo, "response_logprobs", spy)
+    loss, n, stats = module._step(batch)
+    monkeypatch.undo()
+    grads = torch.autograd.grad(loss, trained)
+    expected = one_forward_kto_loss(module, padded, **options)
+    expected_grads = torch.autograd.grad(expected, trained)
+
+    # policy and reference on the mismatched rows without autograd, then on the labelled rows the policy with it
+    assert forwards == [(True, False), (True, False), (False, True), (False, False)]
+    assert n == 12 and stats["kl"].item() > 0.01, stats["kl"]  # z_0 > 0: the mismatched rows decide the loss
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
 def test_kto_refuses_precomputed_reference_log_probs():

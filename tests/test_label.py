@@ -306,6 +306,39 @@ def test_another_host_requires_a_token(samples, tmp_path, monkeypatch, capsys):
     assert authorised.status_code == 200 and client.get("/").status_code == 200
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--kto", "kto.jsonl"],
+        ["--demonstrations", "better.jsonl"],
+        ["--report", "agree.json"],
+        ["--consensus", "borda"],
+    ],
+    ids=["kto", "demonstrations", "report", "consensus"],
+)
+def test_aggregation_options_without_aggregate_are_refused_naming_the_option(
+    samples, tmp_path, monkeypatch, capsys, option
+):
+    """``--input … --kto FILE`` (or ``--demonstrations``, ``--report``, ``--consensus``) is a usage error naming the
+    option and saying to add ``--aggregate``, before anything is served; the same option with ``--aggregate`` is
+    taken, its file written. Catches: the option silently ignored while serving (the server would start and FILE
+    never be written), one of the four left out of the check, the check refusing them with ``--aggregate`` too."""
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["label", "--input", samples, "--output", "labels.jsonl", *option])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{option[0]} only means something with --aggregate" in error, error
+    assert "add --aggregate LABELS" in error and not served and not (tmp_path / "labels.jsonl").exists()
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({**SAMPLES[0], "ranks": [0, 1, 2], "labeller": "a", "item": 0, "demonstration": "x"}))
+    main(["label", "--aggregate", str(labels), "--output", "comparisons.jsonl", *option])
+    assert (tmp_path / "comparisons.jsonl").exists()
+    if option[0] != "--consensus":
+        assert (tmp_path / option[1]).exists()
+
+
 # --- from labels to training data -------------------------------------------------------------------------------
 
 

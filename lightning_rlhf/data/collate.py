@@ -179,26 +179,31 @@ class PromptCollator:
 
 
 class UnpairedCollator:
-    """KTO batches: each record's prompt with its labelled completions, then, for KTO's reference point, the prompt
-    once more with a completion of another prompt: the first completion of the batch's next record (the last
+    """KTO batches: each record's prompt with its labelled completions and, apart, for KTO's reference point, the
+    prompt once more with a completion of another prompt: the first completion of the batch's next record (the last
     record's prompt takes the first record's), its end cut to fit ``max_length``. Ethayarajh et al. (2024) estimate
     ``KL(π ‖ π_ref)`` from such mismatched pairs. A batch of one record pairs its prompt with its own completion.
 
-    Returns the batch ``comparisons`` (a ``ComparisonCollator`` or ``SharedPromptCollator``) makes of the rows (each
-    record's completions, then its mismatched row; all tied, so no pairs), plus ``desirable``: ``(n,)`` long, 1 for
-    a desirable completion, 0 for an undesirable one, -1 for a mismatched row.
+    Returns the batch ``comparisons`` (a ``ComparisonCollator`` or ``SharedPromptCollator``) makes of the labelled
+    completions (all tied, so no pairs), plus ``desirable``: ``(n,)`` long, 1 for a desirable completion, 0 for an
+    undesirable one; and ``mismatched``: the batch ``comparisons`` makes of the mismatched rows, one per record. Two
+    batches, not one, so the module can forward the mismatched rows without autograd: no gradient flows from the
+    reference point, and their activations need not be kept for the backward pass.
     """
 
     def __init__(self, comparisons: Any, max_length: int):
         self.comparisons, self.max_length = comparisons, max_length
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-        rows, desirable = [], []
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        labelled, mismatched, desirable = [], [], []
         for i, ex in enumerate(examples):
             prompt, completions = list(ex["prompt_ids"]), list(ex["response_ids"])
             other = list(examples[(i + 1) % len(examples)]["response_ids"][0])[: self.max_length - len(prompt)]
-            rows.append(
-                {"prompt_ids": prompt, "response_ids": [*completions, other], "ranks": [0] * (len(completions) + 1)}
-            )
-            desirable += [*ex["desirable"], -1]
-        return {**self.comparisons(rows), "desirable": torch.tensor(desirable, dtype=torch.long)}
+            labelled.append({"prompt_ids": prompt, "response_ids": completions, "ranks": [0] * len(completions)})
+            mismatched.append({"prompt_ids": prompt, "response_ids": [other], "ranks": [0]})
+            desirable += ex["desirable"]
+        return {
+            **self.comparisons(labelled),
+            "desirable": torch.tensor(desirable, dtype=torch.long),
+            "mismatched": self.comparisons(mismatched),
+        }

@@ -10,7 +10,8 @@ reference alike, ``data.shared_prompt``). ``nll_weight`` adds RPO's
 likelihood term on each prompt's best responses (Pang et al. 2024), which keeps DPO on off-policy comparisons
 from pushing probability onto tokens seen in neither response. ``loss_type="kto"`` learns instead from unpaired
 feedback (``UnpairedDataModule``): each completion labelled desirable or not, against KTO's reference point
-(``losses.kto_loss``), each labelled completion weighing the same.
+(``losses.kto_loss``), each labelled completion weighing the same; the rows that estimate the reference point go
+through policy and reference without autograd.
 
 The reference is either a live frozen copy (eval mode, no grad, outside the optimiser and out of checkpoints,
 rebuilt from ``model_name_or_path`` in ``configure_model``), or, with ``lora``, the policy with its adapter switched
@@ -316,23 +317,12 @@ class DPOModule(L.LightningModule):
         """KTO's loss, a mean over the labelled completions; their number; and statistics (``rewards/margins``: the
         desirable completions' mean implicit reward minus the undesirable ones'; ``kl``: the reference point)."""
         hp = self.hparams
+        point = self.mismatched_reference_point(batch["mismatched"])  # first: nothing is held for backward yet
         logps, counts = response_logprobs(self.model, batch)
         ref_logps = self.reference_logprobs(batch)
-        mismatched, desirable = batch["desirable"] < 0, batch["desirable"] > 0
-        several = self._trainer is not None and self.trainer.world_size > 1
-        reduce = (lambda mean: self.trainer.strategy.reduce(mean, reduce_op="mean")) if several else None
-        point = kto_reference_point(logps[mismatched], ref_logps[mismatched], reduce)
-        labelled = ~mismatched
-        losses, rewards = kto_loss(
-            logps[labelled],
-            ref_logps[labelled],
-            desirable[labelled],
-            point,
-            hp.beta,
-            hp.desirable_weight,
-            hp.undesirable_weight,
-        )
-        good, scored = desirable[labelled], logps[labelled].detach()
+        good = batch["desirable"].bool()
+        losses, rewards = kto_loss(logps, ref_logps, good, point, hp.beta, hp.desirable_weight, hp.undesirable_weight)
+        scored = logps.detach()
         stats = {
             "rewards/chosen": rewards[good],
             "rewards/rejected": rewards[~good],
@@ -344,10 +334,20 @@ class DPOModule(L.LightningModule):
             stats["rewards/margins"] = (rewards[good].mean() - rewards[~good].mean()).expand(1)
         loss = losses.mean()
         if hp.nll_weight:  # RPO's term on the desirable completions
-            nll = mean_token_nll(logps, counts, desirable)
+            nll = mean_token_nll(logps, counts, good)
             loss = loss + hp.nll_weight * nll
             stats["nll"] = nll.detach().expand(1)
         return loss, len(losses), stats
+
+    @torch.no_grad()
+    def mismatched_reference_point(self, mismatched: dict[str, Tensor]) -> Tensor:
+        """KTO's ``z_0`` from the batch's mismatched rows (``UnpairedCollator``), averaged over processes. Policy and
+        reference forward them without autograd: ``z_0`` is detached, so no gradient would flow from them, and their
+        activations need not be kept for the backward pass (with one completion a prompt, half of a batch's rows)."""
+        policy_logps, _ = response_logprobs(self.model, mismatched)
+        several = self._trainer is not None and self.trainer.world_size > 1
+        reduce = (lambda mean: self.trainer.strategy.reduce(mean, reduce_op="mean")) if several else None
+        return kto_reference_point(policy_logps, self.reference_logprobs(mismatched), reduce)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Pair weights, RPO's best rows and any cached reference log-probs, from the batch on the CPU."""

@@ -81,6 +81,11 @@ def parser(description: str) -> argparse.ArgumentParser:
         help="dpo: also our SimPO and ORPO (no reference model), in the same run, with their peak memory",
     )
     rows.add_argument(
+        "--kto",
+        action="store_true",
+        help="dpo: also our KTO on the same pairs read as unpaired records, in the same run, with its peak memory",
+    )
+    rows.add_argument(
         "--shared-prompt",
         action="store_true",
         help="rm, dpo, ppo, generate: ours padded and in the shared-prompt layout (rows named `shared`)",
@@ -129,8 +134,8 @@ def measure_row(args: argparse.Namespace, stage: Stage) -> None:
 def main(description: str) -> None:
     p = parser(description)
     args = p.parse_args()
-    if (args.lora or args.reference_free) and args.stage != "dpo":
-        p.error("--lora and --reference-free are for the dpo benchmark")
+    if (args.lora or args.reference_free or args.kto) and args.stage != "dpo":
+        p.error("--lora, --reference-free and --kto are for the dpo benchmark")
     if args.shared_prompt and args.stage not in SHARED_PROMPT_STAGES:
         p.error(f"--shared-prompt is for the {', '.join(SHARED_PROMPT_STAGES)} benchmarks")
     stage = STAGES[args.stage]

@@ -36,7 +36,7 @@ class Row:
     layout: str = "padded"  # sft: padded | packed; rm, dpo, ppo, generate: padded | shared
     cache: str = "dynamic"  # generate on hf: dynamic | static | static+compile
     adapter: str = "none"  # dpo: none | lora
-    loss_type: str = "sigmoid"  # dpo: a DPOModule loss_type (simpo, orpo: no reference model)
+    loss_type: str = "sigmoid"  # dpo: a DPOModule loss_type (simpo, orpo: no reference; kto: unpaired)
 
     def flags(self) -> list[str]:
         """The command-line flags that measure this row (``add_row_flags``)."""

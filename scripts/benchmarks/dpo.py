@@ -1,6 +1,8 @@
 """``dpo``: our ``DPOModule`` vs TRL's ``DPOTrainer`` (a live frozen reference, β 0.1, sigmoid loss) on the same
 initial weights and pairs; ``--lora`` adds ours with LoRA and the adapter-off reference, ``--reference-free`` ours with
-SimPO and ORPO (no reference model: the peak memory shows it); with ``--shared-prompt`` ours padded vs shared prompt on
+SimPO and ORPO (no reference model: the peak memory shows it), ``--kto`` ours with KTO on the same pairs read as
+unpaired records (the chosen response desirable, the rejected one undesirable; credited their tokens, not those of
+the mismatched rows that estimate its reference point); with ``--shared-prompt`` ours padded vs shared prompt on
 K-way comparisons."""
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ def plan(args: argparse.Namespace) -> list[Row]:
         return [Row(layout="padded"), Row(layout="shared")]
     lora = [Row(adapter="lora")] if args.lora else []
     free = [Row(loss_type="simpo"), Row(loss_type="orpo")] if args.reference_free else []
-    return [Row(), *lora, *free, Row(impl="trl")]
+    kto = [Row(loss_type="kto")] if args.kto else []
+    return [Row(), *lora, *free, *kto, Row(impl="trl")]
 
 
 def measure(args: argparse.Namespace, row: Row, model_dir: str) -> dict:
@@ -32,10 +35,12 @@ def measure(args: argparse.Namespace, row: Row, model_dir: str) -> dict:
     module = DPOModule(model_dir, dtype=args.dtype, beta=0.1, loss_type=row.loss_type, optimizer=adamw(1e-5), lora=lora)
     if args.shared_prompt:
         return run_shared_prompt_ours(args, row, model_dir, module, "dpo")
-    measured = run_pairs_ours(args, model_dir, module, "dpo")
+    measured = run_pairs_ours(args, model_dir, module, "dpo", unpaired=row.loss_type == "kto")
     if lora is not None:
         measured["impl"] = f"lightning_rlhf lora r={args.lora_rank} (adapter-off reference)"
-    if row.loss_type != "sigmoid":
+    if row.loss_type == "kto":
+        measured["impl"] = "lightning_rlhf kto (unpaired)"
+    elif row.loss_type != "sigmoid":
         measured["impl"] = f"lightning_rlhf {row.loss_type} (no reference)"
     return measured
 
@@ -43,7 +48,7 @@ def measure(args: argparse.Namespace, row: Row, model_dir: str) -> dict:
 def report(args: argparse.Namespace, rows: list[dict]) -> None:
     if args.shared_prompt:
         print_loss_difference(rows, "shared vs padded")
-    if args.lora or args.reference_free:
+    if args.lora or args.reference_free or args.kto:
         print_table(rows, "peak_mem_mib")
 
 

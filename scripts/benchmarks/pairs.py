@@ -34,12 +34,14 @@ def pair_work(args: argparse.Namespace, model, stage: str) -> tuple[int, float]:
     return int(tokens), flops
 
 
-def pairs_datamodule(args: argparse.Namespace, model_dir: str):
-    from lightning_rlhf import ComparisonDataModule
+def pairs_datamodule(args: argparse.Namespace, model_dir: str, unpaired: bool = False):
+    """The preference pairs as comparisons, or (``unpaired``, for KTO) as their chosen response desirable and their
+    rejected one undesirable: the same completions, so the same trained tokens."""
+    from lightning_rlhf import ComparisonDataModule, UnpairedDataModule
 
     path = Path(tempfile.mkdtemp()) / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(args)))
-    return ComparisonDataModule(
+    return (UnpairedDataModule if unpaired else ComparisonDataModule)(
         train_path=str(path),
         tokenizer_name_or_path=model_dir,
         val_fraction=0,
@@ -48,9 +50,9 @@ def pairs_datamodule(args: argparse.Namespace, model_dir: str):
     )
 
 
-def run_pairs_ours(args: argparse.Namespace, model_dir: str, module, stage: str) -> dict:
-    """``module`` (reward model or DPO) trained on the preference pairs."""
-    seconds, _ = fit_lightning(args, module, pairs_datamodule(args, model_dir))
+def run_pairs_ours(args: argparse.Namespace, model_dir: str, module, stage: str, unpaired: bool = False) -> dict:
+    """``module`` (reward model or DPO) trained on the preference pairs (``unpaired``: read as KTO's records)."""
+    seconds, _ = fit_lightning(args, module, pairs_datamodule(args, model_dir, unpaired))
     tokens, flops = pair_work(args, module.model, stage)
     return result(args, "lightning_rlhf", tokens, seconds, flops)
 

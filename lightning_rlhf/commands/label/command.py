@@ -27,6 +27,7 @@ from lightning_rlhf.data.records import unpaired_from_comparison
 from lightning_rlhf.io import atomic_file, write_jsonl_atomic
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+AGGREGATE_ONLY = ("--demonstrations", "--kto", "--report", "--consensus")  # options of aggregating, none of serving
 DESIRABLE, UNDESIRABLE = 5, 3  # a response's mean 1..7 rating at least / at most this is a KTO true / false
 
 
@@ -165,13 +166,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--labellers-per-item", type=int, default=1, help="serve each item until N have ranked it")
     parser.add_argument("--token", help="shared token for the API (made up and printed when another host is given)")
-    parser.add_argument("--consensus", choices=sorted(CONSENSUS), help="one consensus ranking per item")
+    parser.add_argument("--consensus", choices=sorted(CONSENSUS), help="with --aggregate: one ranking per item")
     parser.add_argument("--demonstrations", help="with --aggregate: write the better answers labellers wrote here")
     parser.add_argument("--kto", help="with --aggregate: write KTO's {prompt, completion, label} records here")
     parser.add_argument("--report", help="with --aggregate: agreement JSON (default: OUTPUT with .agreement.json)")
     args = parser.parse_args(argv)
     if args.labellers_per_item < 1:
         parser.error("--labellers-per-item must be at least 1")
+    given = [flag for flag in AGGREGATE_ONLY if getattr(args, flag.removeprefix("--")) is not None]
+    if args.input and given:  # refused, not ignored: whoever gave --kto FILE expects FILE
+        parser.error(f"{given[0]} only means something with --aggregate: add --aggregate LABELS (or serve without it)")
     if args.input:
         serve(args)
         return None
