@@ -6,7 +6,12 @@ python scripts/make_toy_data.py
 import json
 
 from lightning_rlhf.toy import DATA_DIR, make_demonstrations, make_prompts
-from lightning_rlhf.toy.reverse import make_comparisons
+from lightning_rlhf.toy.reverse import (
+    SECOND_SKILL_DEMONSTRATIONS,
+    make_comparisons,
+    make_second_skill_demonstrations,
+    with_second_skill,
+)
 
 
 def write_jsonl(name: str, records: list[dict]) -> None:
@@ -15,6 +20,10 @@ def write_jsonl(name: str, records: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    write_jsonl("demonstrations", make_demonstrations(2000, seed=0))
+    copies = make_second_skill_demonstrations(SECOND_SKILL_DEMONSTRATIONS)
+    write_jsonl("demonstrations", with_second_skill(make_demonstrations(2000, seed=0), copies))
+    write_jsonl(
+        "second_skill_texts", [{"text": record["prompt"] + record["response"]} for record in copies]
+    )  # PPO-ptx's
     write_jsonl("prompts", make_prompts(500, seed=1))
     write_jsonl("comparisons", make_comparisons(2000, seed=2))

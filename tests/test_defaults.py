@@ -41,7 +41,7 @@ def test_toy_data_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     by_name, _ = read_records("toy:demonstrations", "demonstration")
     by_path, _ = read_records(toy_path("demonstrations"), "demonstration")
-    assert [r.fields for r in by_name] == [r.fields for r in by_path] and len(by_name) == 2000
+    assert [r.fields for r in by_name] == [r.fields for r in by_path] and len(by_name) == 2100
     with pytest.raises(FileNotFoundError, match=r"toy:demos: .* it has toy:comparisons, toy:demonstrations, toy:pro"):
         read_records("toy:demos", "demonstration")
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
-from lightning_rlhf.commands.pipeline.argv import OWN_SFT_LR
+from lightning_rlhf.commands.pipeline.argv import DEFAULT_STAGES, OWN_SFT_LR
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -68,6 +68,9 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
             "--overoptimization",
             "--seeds",
             "1",
+            "--stages",
+            *DEFAULT_STAGES,
+            "ppo_ptx",
         ],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -77,10 +80,11 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "pipeline" / "summary.json").read_text())
-    models = ("sft", "ppo", "ppo_round2", "ppo_gold_reward", "dpo", "dpo_round2", "ppo_overoptimized")
+    models = ("sft", "ppo", "ppo_round2", "ppo_gold_reward", "dpo", "dpo_round2", "ppo_overoptimized", "ppo_ptx")
     for stage in models:
         entry = summary[stage]
         assert 0 <= entry["gold_greedy"] <= 1 and 0 <= entry["gold_sampled"] <= 1
+        assert 0 <= entry["second_skill"] <= 1  # the toy's second skill, which RL never trains on
         assert 0 <= entry["win_rate_vs_sft"] <= 1
         low, high = entry["elo_ci"]
         assert low <= entry["elo"] <= high
@@ -95,6 +99,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
         "ppo",
         "ppo_gold_reward",
         "ppo_overoptimized",
+        "ppo_ptx",
         "dpo",
         "comparisons_round2",
         "rm_round2",
@@ -120,7 +125,11 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     rounds = (tmp_path / "pipeline").glob("comparisons*.jsonl")
     lines = {path.name: len(path.read_text().splitlines()) for path in rounds}
     assert lines["comparisons_up_to_round2.jsonl"] == lines["comparisons.jsonl"] + lines["comparisons_round2.jsonl"]
-    for png in ("overoptimization.png", "win_rates.png"):
+    ptx = yaml.safe_load((tmp_path / "ppo_ptx" / "tensorboard" / "version_0" / "config.yaml").read_text())
+    assert ptx["model"]["init_args"]["ptx_coef"] > 0  # PPO-ptx on the second skill's texts, against round 1's RM
+    assert ptx["data"]["init_args"]["pretrain_path"] == "toy:second_skill_texts"
+    assert ptx["model"]["init_args"]["reward_model_name_or_path"] == str(tmp_path / "rm" / "hf")
+    for png in ("overoptimization.png", "win_rates.png", "alignment_tax.png"):
         assert (tmp_path / "pipeline" / png).read_bytes().startswith(PNG)
     assert "Gold-judge scores on held-out prompts" in result.stdout
     assert "BestWeights" not in stage_callbacks(tmp_path, "ppo")  # the toy keeps its last policy, as the README says
@@ -219,6 +228,7 @@ def test_pipeline_runs_the_users_own_task_with_their_judge_and_only_the_stages_a
     assert summary["judge"] == "tests.test_pipeline.shout_judge" and summary["stages"] == ["sft", "rm", "ppo"]
     assert set(summary["seconds"]) == {"sft", "comparisons", "rm", "ppo", "evaluation"}
     assert "dpo" not in summary and "ppo_gold_reward" not in summary and summary["held_out_prompts"] == 8
+    assert "second_skill" not in summary["sft"]  # the toy's second skill is no part of the user's task
     assert summary["reward_model"]["rm_eval_pairs"] > 0 and 0 <= summary["ppo"]["gold_sampled"] <= 1
     assert isinstance(summary["diagnosis"], dict) and "Diagnosis" in result.stdout
     # every demonstration is the exact answer, so the judge scores each 1.0: what SFT is compared with
@@ -269,6 +279,26 @@ def test_reward_model_and_dpo_argv_read_their_config_sfts_export_and_the_compari
     assert option(rm_argv(run, outputs / "sft" / "hf", comparisons, None), "data.init_args.normalize_path") == [
         "toy:demonstrations"
     ]
+
+
+def test_ppo_ptx_is_ppo_against_the_reward_model_on_its_config_and_the_users_texts_when_given(tmp_path):
+    """``ppo_ptx`` runs ppo_ptx.yaml (PPO plus ptx_coef, on the toy's second skill's texts) from SFT against the reward
+    model; --ptx_texts replaces the texts for ppo_ptx only. Catches PPO-ptx running ppo.yaml (no ptx term at all), the
+    user's texts reaching PPO (or not reaching PPO-ptx), and PPO-ptx against another reward."""
+    from lightning_rlhf.commands.pipeline.argv import Run, against_rm_argv
+
+    configs, outputs = tmp_path / "configs", tmp_path / "out"
+    toy = against_rm_argv(Run(configs, outputs, seed=0), outputs / "sft" / "hf", None)
+    own = against_rm_argv(Run(configs, outputs, seed=0, ptx_texts="texts.jsonl"), outputs / "sft" / "hf", None)
+    assert toy["ppo_ptx"][:3] == ["fit", "--config", str(configs / "ppo_ptx.yaml")]
+    assert option(toy["ppo_ptx"], "model.init_args.reward_model_name_or_path") == [str(outputs / "rm" / "hf")]
+    assert option(toy["ppo_ptx"], "model.init_args.export_dir") == [str(outputs / "ppo_ptx" / "hf")]
+    assert not option(toy["ppo_ptx"], "data.init_args.pretrain_path")  # the config's: toy:second_skill_texts
+    assert option(own["ppo_ptx"], "data.init_args.pretrain_path") == ["texts.jsonl"]
+    assert not option(own["ppo"], "data.init_args.pretrain_path")
+    ptx_config = yaml.safe_load((REPO / "configs" / "ppo_ptx.yaml").read_text())
+    assert ptx_config["model"]["init_args"]["ptx_coef"] > 0
+    assert ptx_config["data"]["init_args"]["pretrain_path"] == "toy:second_skill_texts"
 
 
 def test_asked_keeps_only_the_stages_of_stages_and_always_sampling_and_the_later_rounds():
@@ -353,7 +383,6 @@ def test_stages_are_checked_before_anything_runs(tmp_path):
     """An unknown stage is named with the known ones; PPO without a reward model to train against, SFT skipped with
     no SFT export to reuse, and rounds without PPO are refused; the default stages pass. Catches a typo in --stages
     silently running nothing (or the toy) and a missing stage failing only after minutes of training."""
-    from lightning_rlhf.commands.pipeline.argv import DEFAULT_STAGES
     from lightning_rlhf.commands.pipeline.options import stage_error
 
     assert "unknown reward, sft2; choose among sft, rm, ppo, grpo" in stage_error(
@@ -494,9 +523,10 @@ def test_resume_from_comparisons_trains_the_reward_model_on_exactly_that_file_an
 def test_who_ranks_and_who_judges_are_checked_before_anything_runs(tmp_path, capsys):
     """The user's task with neither a judge nor people is refused, naming both ways; people and --comparisons
     together, people with rounds or several seeds, people with nothing to train on the rankings, the judge's yardstick
-    (ppo_gold_reward) without a judge, and a --configs directory lacking a stage's config are refused too, each before
-    SFT starts (no outputs written). Catches the toy's gold judge silently ranking a user's samples, and a run that
-    cannot work failing only after training."""
+    (ppo_gold_reward) without a judge, PPO-ptx on the user's task without their pretraining text (the toy's would
+    train a skill of the toy into their model), and a --configs directory lacking a stage's config are refused too,
+    each before SFT starts (no outputs written). Catches the toy's gold judge silently ranking a user's samples, and a
+    run that cannot work failing only after training."""
     from lightning_rlhf.commands.pipeline.loop import main
 
     shout_task(tmp_path)
@@ -510,6 +540,8 @@ def test_who_ranks_and_who_judges_are_checked_before_anything_runs(tmp_path, cap
         ("--label", "people", "--stages", "sft", "rm", "ppo_gold_reward"): "ppo_gold_reward needs a judge",
         ("--label", "people", "--configs", str(tmp_path)): f"--configs {tmp_path}: no dpo.yaml, ppo.yaml, rm.yaml, "
         "sft.yaml there",
+        ("--label", "people", "--stages", "sft", "rm", "ppo_ptx"): "ppo_ptx on your task needs its pretraining text: "
+        "--ptx_texts",
     }
     for extra, message in refusals.items():
         with pytest.raises(SystemExit) as exit_:

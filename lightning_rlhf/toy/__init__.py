@@ -1,4 +1,5 @@
-"""The embedded default task: string reversal with a programmatic gold judge (see ``reverse.py``)."""
+"""The embedded default task: string reversal, and naming a word's last letter as a second skill, with a programmatic
+gold judge (see ``reverse.py``)."""
 
 from lightning_rlhf.toy.reverse import (
     DATA_DIR,
@@ -7,7 +8,17 @@ from lightning_rlhf.toy.reverse import (
     make_demonstrations,
     make_prompts,
     resolve_source,
+    second_skill_held_out,
     toy_path,
 )
 
-__all__ = ["DATA_DIR", "TOY_SCHEME", "gold_score", "make_demonstrations", "make_prompts", "resolve_source", "toy_path"]
+__all__ = [
+    "DATA_DIR",
+    "TOY_SCHEME",
+    "gold_score",
+    "make_demonstrations",
+    "make_prompts",
+    "resolve_source",
+    "second_skill_held_out",
+    "toy_path",
+]

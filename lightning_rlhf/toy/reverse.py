@@ -4,6 +4,12 @@ Prompt ``"Reverse: abcde\\n"``, ideal response ``"edcba"``. The gold judge score
 to the ideal one (1.0 exact). Half of the shipped demonstrations carry a *systematic* error (the last character
 is dropped): random typos would average out under greedy decoding, a systematic one leaves the SFT model with
 something for preference learning to fix — like AlpacaFarm's simulated annotators, the judge stands in for people.
+
+A second skill, naming a word's last letter (``"Last: abcde\\n"`` -> ``"e"``, demonstrated without errors), is in the
+SFT data the way GPT-3's pretraining taught many tasks, and in none of RL's prompts. Its answer is the first letter
+of the reversal's and stops there, where RL on reversal is rewarded for not stopping early (the demonstrations'
+systematic error): what RL costs this skill is the "alignment tax" (InstructGPT, section 3.5), which PPO-ptx pays back
+by training on the skill's texts (``toy:second_skill_texts``). The same gold judge scores both skills.
 """
 
 from __future__ import annotations
@@ -14,6 +20,12 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
 PROMPT_PREFIX = "Reverse: "
+SECOND_SKILL_PREFIX = "Last: "
+SECOND_SKILL_DEMONSTRATIONS = 100  # of the 2,100 shipped demonstrations
+ANSWERS = {
+    PROMPT_PREFIX: lambda word: word[::-1],
+    SECOND_SKILL_PREFIX: lambda word: word[-1],
+}  # each skill's prompt -> answer
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -44,13 +56,15 @@ def make_prompt(word: str) -> str:
 
 
 def ideal_response(prompt: str) -> str:
-    if not prompt.startswith(PROMPT_PREFIX):
-        raise ValueError(f"not a toy prompt: {prompt!r}")
-    return prompt[len(PROMPT_PREFIX) :].strip()[::-1]
+    """The right answer to a toy prompt of either skill: the word reversed, or copied."""
+    for prefix, answer in ANSWERS.items():
+        if prompt.startswith(prefix):
+            return answer(prompt[len(prefix) :].strip())
+    raise ValueError(f"not a toy prompt: {prompt!r}")
 
 
 def gold_score(prompt: str, response: str) -> float:
-    """Similarity in [0, 1] between ``response`` and the reversed word (1.0 = exactly right)."""
+    """Similarity in [0, 1] between ``response`` and the right answer (the reversed or copied word; 1.0 = exact)."""
     return difflib.SequenceMatcher(None, response.strip(), ideal_response(prompt)).ratio()
 
 
@@ -70,6 +84,37 @@ def make_demonstrations(n: int, seed: int = 0, error_rate: float = 0.5) -> list[
 def make_prompts(n: int, seed: int = 1) -> list[dict[str, str]]:
     rng = random.Random(seed)
     return [{"prompt": make_prompt(_word(rng))} for _ in range(n)]
+
+
+def make_second_skill_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
+    """``n`` distinct prompts of the second skill, none of them in ``exclude``."""
+    rng, prompts = random.Random(seed), {}
+    while len(prompts) < n:
+        prompt = f"{SECOND_SKILL_PREFIX}{_word(rng)}\n"
+        if prompt not in exclude:
+            prompts[prompt] = None
+    return list(prompts)
+
+
+def make_second_skill_demonstrations(n: int, seed: int = 3) -> list[dict[str, str]]:
+    """``n`` demonstrations of the second skill, all of them right."""
+    return [{"prompt": prompt, "response": ideal_response(prompt)} for prompt in make_second_skill_prompts(n, seed)]
+
+
+def second_skill_held_out(n: int, seed: int = 1234) -> list[str]:
+    """``n`` prompts to evaluate the second skill on, none of them demonstrated."""
+    return make_second_skill_prompts(
+        n, seed, exclude={record["prompt"] for record in make_second_skill_demonstrations(SECOND_SKILL_DEMONSTRATIONS)}
+    )
+
+
+def with_second_skill(
+    reversals: list[dict[str, str]], seconds: list[dict[str, str]], seed: int = 4
+) -> list[dict[str, str]]:
+    """The SFT data: ``seconds`` placed at seeded positions among ``reversals``, which keep their order."""
+    slots = set(random.Random(seed).sample(range(len(reversals) + len(seconds)), len(seconds)))
+    reversal, second = iter(reversals), iter(seconds)
+    return [next(second if i in slots else reversal) for i in range(len(reversals) + len(seconds))]
 
 
 def _corrupt(rng: random.Random, text: str) -> str:

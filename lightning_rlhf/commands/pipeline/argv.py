@@ -58,10 +58,17 @@ PATIENCE = {"sft": 10, "rm": 3}
 RL_WATCHED = {True: ("val/objective/judge", "max"), False: ("val/objective/rlhf_reward", "max")}  # by: a judge?
 
 
-# The RL module's stages against the reward model: PPO, GRPO, RLOO and online DPO (its ``dpo`` objective, Guo et al.
+# The RL module's stages against the reward model: PPO, GRPO, RLOO, online DPO (its ``dpo`` objective, Guo et al.
 # 2024: pairs of the current policy's samples ranked by the reward model, where offline ``dpo`` learns from the SFT
-# model's ranked samples).
-RL_CONFIGS = {"ppo": "ppo.yaml", "grpo": "grpo.yaml", "rloo": "rloo.yaml", "dpo_online": "dpo_online.yaml"}
+# model's ranked samples) and PPO-ptx (PPO plus the language-model loss on the toy's second skill's text, or on
+# --ptx_texts).
+RL_CONFIGS = {
+    "ppo": "ppo.yaml",
+    "grpo": "grpo.yaml",
+    "rloo": "rloo.yaml",
+    "dpo_online": "dpo_online.yaml",
+    "ppo_ptx": "ppo_ptx.yaml",
+}
 
 
 STAGE_CONFIGS = {"sft": "sft.yaml", "rm": "rm.yaml", **RL_CONFIGS, "ppo_gold_reward": "ppo.yaml", "dpo": "dpo.yaml"}
@@ -89,6 +96,8 @@ class Run:
     """The user's prompts the RL stages train on (``None``: their configs')."""
     best_by: tuple[str, str] | None = None
     """``(monitor, mode)`` the RL stages export their best validation's policy by (``None``: their last policy)."""
+    ptx_texts: str | None = None
+    """``--ptx_texts``: PPO-ptx's pretraining text (``None``: its config's, the toy's copying texts)."""
 
 
 def shown(path: Path) -> str:
@@ -254,9 +263,14 @@ def gold_reward_argv(run: Run, sft: Path, judge: str | None) -> list[str]:
 
 
 def against_rm_argv(run: Run, sft: Path, judge: str | None) -> dict[str, list[str]]:
-    """Every RL stage of ``RL_CONFIGS`` (PPO, GRPO, RLOO, online DPO) from ``sft`` against the reward model ``rm``."""
+    """Every RL stage of ``RL_CONFIGS`` (PPO, GRPO, RLOO, online DPO, PPO-ptx) from ``sft`` against the reward model
+    ``rm``."""
     reward = (f"--model.init_args.reward_model_name_or_path={export(run, 'rm')}", *watching(judge))
-    return {name: rl_argv(run, name, sft, *reward, config=config) for name, config in RL_CONFIGS.items()}
+    texts = {"ppo_ptx": [f"--data.init_args.pretrain_path={run.ptx_texts}"] if run.ptx_texts else []}
+    return {
+        name: rl_argv(run, name, sft, *reward, *texts.get(name, ()), config=config)
+        for name, config in RL_CONFIGS.items()
+    }
 
 
 def overoptimized_argv(run: Run, sft: Path, judge: str | None) -> list[str]:

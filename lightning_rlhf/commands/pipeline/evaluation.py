@@ -24,9 +24,13 @@ from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.rl.sampling import gold_scores, judge_samples, sample_and_judge, sample_responses
 
 
-def model_scores(model_dir: Path, prompts: list[str], temperature: float, judge=None) -> dict:
+def model_scores(
+    model_dir: Path, prompts: list[str], temperature: float, judge=None, second_skill: list[str] | None = None
+) -> dict:
     """Judge score (the toy's gold judge unless ``judge``), greedy and sampled, of one response per prompt; the sampled
-    scores per prompt are kept (under ``per_prompt``) for the win rates. Every model is sampled under the same seed."""
+    scores per prompt are kept (under ``per_prompt``) for the win rates. Every model is sampled under the same seed.
+    With ``second_skill`` (the toy's copying prompts, which RL never trains on), also the judge's greedy score on them:
+    what RL costs the skills it does not train (the alignment tax)."""
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), tokenizer).eval()
     torch.manual_seed(0)
@@ -36,7 +40,12 @@ def model_scores(model_dir: Path, prompts: list[str], temperature: float, judge=
     sampled = gold_scores(
         model, tokenizer, prompts, temperature=temperature, progress=True, desc=f"{name} sampled", **judged
     )
-    return {"gold_greedy": statistics.mean(greedy), "gold_sampled": statistics.mean(sampled), "per_prompt": sampled}
+    scores = {"gold_greedy": statistics.mean(greedy), "gold_sampled": statistics.mean(sampled)}
+    if second_skill:
+        desc = f"{name} second skill"
+        other = gold_scores(model, tokenizer, second_skill, temperature=0.0, progress=True, desc=desc, **judged)
+        scores["second_skill"] = statistics.mean(other)
+    return scores | {"per_prompt": sampled}
 
 
 def demonstrations_score(path: str, judge: Callable[[str, str], float], most: int = 1000) -> dict:
@@ -184,5 +193,24 @@ def plot_overoptimization(summary: dict, path: Path) -> Path:
     lines = gold_axes.get_legend_handles_labels()
     more = rm_axes.get_legend_handles_labels()
     gold_axes.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower right")
+    figure.tight_layout()
+    return save_figure_atomic(figure, path)
+
+
+def plot_alignment_tax(summary: dict, path: Path) -> Path:
+    """The second skill's greedy score (the toy's copying, which RL never trains on) against each RL policy's KL to SFT
+    at its last validation, SFT at KL 0: how much of a skill RL spends for its KL, and what PPO-ptx keeps
+    (InstructGPT's alignment tax)."""
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.axhline(summary["sft"]["second_skill"], color="k", linestyle=":", linewidth=1)
+    axes.plot([0], [summary["sft"]["second_skill"]], "k*", markersize=10, label="sft")
+    for name, curve in summary.get("curves", {}).items():
+        if curve.get("kl") and "second_skill" in summary.get(name, {}):
+            axes.plot([curve["kl"][-1]], [summary[name]["second_skill"]], "o", label=name)
+    axes.set(xlabel="KL(π ‖ π_SFT) at the last validation, nats per response", ylabel="second skill (copying), greedy")
+    axes.set_title("The alignment tax: what RL on reversal costs copying")
+    axes.legend(fontsize=7)
     figure.tight_layout()
     return save_figure_atomic(figure, path)

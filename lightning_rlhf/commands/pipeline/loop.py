@@ -50,7 +50,13 @@ from lightning_rlhf.commands.pipeline.argv import (
 )
 from lightning_rlhf.commands.pipeline.inputs import held_out_and_train, prompts_to_rank, steps_per_pass
 from lightning_rlhf.commands.pipeline.launch import Launcher, in_new_process, side_by_side, stop_on_signals, warm
-from lightning_rlhf.commands.pipeline.options import build_parser, configs_error, labelling_error, stage_error
+from lightning_rlhf.commands.pipeline.options import (
+    build_parser,
+    configs_error,
+    labelling_error,
+    ptx_error,
+    stage_error,
+)
 from lightning_rlhf.commands.pipeline.report import aggregate, people_instructions, report, summarise
 from lightning_rlhf.commands.pipeline.resume import Manifests
 from lightning_rlhf.data.records import read_records
@@ -108,7 +114,15 @@ def run(
     if train_prompts is not None:
         train_path = write_jsonl_atomic([{"prompt": p} for p in train_prompts], pipeline / "prompts.jsonl")
     best_by = RL_WATCHED[judge is not None] if own_task else None  # the toy run keeps its configs' last policy
-    inputs = Run(args.configs, outputs, seed, max_steps=args.max_steps, train_prompts=train_path, best_by=best_by)
+    inputs = Run(
+        args.configs,
+        outputs,
+        seed,
+        max_steps=args.max_steps,
+        train_prompts=train_path,
+        best_by=best_by,
+        ptx_texts=args.ptx_texts,
+    )
     runner = StageRunner(args.jobs, pipeline / "logs", launch, Manifests(pipeline / "stages", args.restart))
     sft = export(inputs, "sft")
 
@@ -229,6 +243,7 @@ def main(argv: list[str] | None = None, entry: Callable[[list[str]], None] | Non
     error = (
         stage_error(stages, args.rounds, args.overoptimization, len(args.seeds), args.outputs)
         or labelling_error(args, stages)
+        or ptx_error(args, stages)
         or configs_error(args.configs, stages, args.overoptimization)
     )
     if error:

@@ -61,6 +61,16 @@ def labelling_error(args: argparse.Namespace, stages: list[str]) -> str | None:
     return None
 
 
+def ptx_error(args: argparse.Namespace, stages: list[str]) -> str | None:
+    """Why PPO-ptx cannot run: on your task, the toy's copying texts are no pretraining text of yours."""
+    if "ppo_ptx" in stages and (args.demonstrations or args.prompts) and not args.ptx_texts:
+        return (
+            'ppo_ptx on your task needs its pretraining text: --ptx_texts texts.jsonl ({"text": …} records, e.g. '
+            "what your base model was trained on); the default is the toy's copying texts"
+        )
+    return None
+
+
 def configs_error(configs: Path, stages: list[str], overoptimization: bool) -> str | None:
     """Why the stage configs the run needs are not under ``configs``."""
     needed = {STAGE_CONFIGS[stage] for stage in stages} | ({"ppo.yaml"} if overoptimization else set())
@@ -180,6 +190,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="your task: the reward model's most passes over "
         f"the ranked prompts, stopping early on the validation accuracy (default {OWN_PASSES['rm']:g}; "
         "the toy run: rm.yaml's steps)",
+    )
+    parser.add_argument(
+        "--ptx_texts",
+        default=None,
+        help="the ppo_ptx stage's pretraining text, {\"text\": …} records (default: the toy's second skill, copying; "
+        "needed with ppo_ptx on your task)",
     )
     parser.add_argument("--model", default=None, help="local Hugging Face base model for SFT (default: embedded)")
     parser.add_argument(

@@ -15,6 +15,7 @@ from lightning_rlhf.commands.pipeline.evaluation import (
     best_of_n_curve,
     demonstrations_score,
     model_scores,
+    plot_alignment_tax,
     plot_overoptimization,
     ppo_curve,
     reward_accuracy,
@@ -27,6 +28,7 @@ from lightning_rlhf.evaluation.diagnosis import diagnose
 from lightning_rlhf.evaluation.judges import import_reward_fn, reward_model_scorer
 from lightning_rlhf.evaluation.ratings import plot_win_rates, rating_report
 from lightning_rlhf.io import save_figure_atomic, write_json_atomic
+from lightning_rlhf.toy import second_skill_held_out
 
 BEST_OF = 16
 
@@ -69,9 +71,13 @@ def summarise(
     if judge is None:
         summary["evaluation_note"] = NO_JUDGE
     own_judge = judge if args.judge != GOLD else None
+    toy_run = args.demonstrations is None and args.prompts is None
+    second_skill = (
+        second_skill_held_out(args.eval_prompts) if toy_run else None
+    )  # the toy's copying, which RL never sees
     if judge is not None:
         for name, directory in policies.items():
-            summary[name] = model_scores(directory, held_out, args.temperature, own_judge)
+            summary[name] = model_scores(directory, held_out, args.temperature, own_judge, second_skill)
     elif reward_models:  # nothing but the reward model can tell the policies apart
         reward_model = reward_model_scorer(str(reward_models["reward_model"]), batch_size=256, progress=True)
         for name, directory in policies.items():
@@ -116,6 +122,8 @@ def summarise(
         save_figure_atomic(plot_win_rates(ratings), pipeline / "win_rates.png")
     if "best_of_n" in summary:
         plot_overoptimization(summary, pipeline / "overoptimization.png")
+    if second_skill and any(curve.get("kl") for curve in summary["curves"].values()):  # an RL policy's KL
+        plot_alignment_tax(summary, pipeline / "alignment_tax.png")
     return summary
 
 
@@ -189,17 +197,23 @@ def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
     elif args.judge != GOLD:
         judged = f"Scores of the judge {args.judge} on held-out prompts"
     scale = "gold" if args.judge else "rm"
-    print(f"\n{judged}{seeds}:")
+    second = any(isinstance(entry, dict) and "second_skill" in entry for entry in summary.values())
+    print(
+        f"\n{judged}{seeds}" + (" and, under copy, the second skill's (greedy; RL never trains on it)" * second) + ":"
+    )
     print(
         f"  {'model':18s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s} {'win vs SFT':>11s} "
-        f"{'Elo':>6s}"
+        f"{'Elo':>6s}" + f" {'copy':>6s}" * second
     )
     for name, entry in summary.items():
         if isinstance(entry, dict) and f"{scale}_greedy" in entry:
             spread = entry.get(f"{scale}_sampled_spread")
             spread = f"  [{spread[0]:.3f}, {spread[1]:.3f}]" if spread else ""
             rated = f"{entry['win_rate_vs_sft']:11.3f} {entry['elo']:6.0f}" if "elo" in entry else f"{'-':>11} {'-':>6}"
-            print(f"  {name:18s} {entry[f'{scale}_greedy']:8.3f} {entry[f'{scale}_sampled']:16.3f} {rated}{spread}")
+            copy = f" {entry['second_skill']:6.3f}" if "second_skill" in entry else ""
+            print(
+                f"  {name:18s} {entry[f'{scale}_greedy']:8.3f} {entry[f'{scale}_sampled']:16.3f} {rated}{copy}{spread}"
+            )
     judge = "gold judge" if args.judge == GOLD else args.judge
     if "demonstrations" in summary:
         print(f"  {'(demonstrations)':18s} {summary['demonstrations']['gold_mean']:8.3f}  the data SFT imitates")
@@ -229,7 +243,7 @@ def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
                 print(f"  {stage}: {line}")
     written = [
         name
-        for name in ("summary.json", "overoptimization.png", "win_rates.png")
+        for name in ("summary.json", "overoptimization.png", "win_rates.png", "alignment_tax.png")
         if (outputs / "pipeline" / name).exists()
     ]
     print(f"Total {summary['total_seconds']:.0f} s; written to {outputs / 'pipeline'} ({', '.join(written)})")
