@@ -97,7 +97,7 @@ class Run:
     best_by: tuple[str, str] | None = None
     """``(monitor, mode)`` the RL stages export their best validation's policy by (``None``: their last policy)."""
     ptx_texts: str | None = None
-    """``--ptx_texts``: PPO-ptx's pretraining text (``None``: its config's, the toy's copying texts)."""
+    """``--ptx_texts``: PPO-ptx's pretraining text (``None``: its config's, the toy's second skill's texts)."""
 
 
 def shown(path: Path) -> str:

@@ -29,8 +29,8 @@ def model_scores(
 ) -> dict:
     """Judge score (the toy's gold judge unless ``judge``), greedy and sampled, of one response per prompt; the sampled
     scores per prompt are kept (under ``per_prompt``) for the win rates. Every model is sampled under the same seed.
-    With ``second_skill`` (the toy's copying prompts, which RL never trains on), also the judge's greedy score on them:
-    what RL costs the skills it does not train (the alignment tax)."""
+    With ``second_skill`` (the toy's prompts of its second skill, which RL never trains on), also the judge's greedy
+    score on them: what RL costs the skills it does not train (the alignment tax)."""
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), tokenizer).eval()
     torch.manual_seed(0)
@@ -198,7 +198,8 @@ def plot_overoptimization(summary: dict, path: Path) -> Path:
 
 
 def plot_alignment_tax(summary: dict, path: Path) -> Path:
-    """The second skill's greedy score (the toy's copying, which RL never trains on) against each RL policy's KL to SFT
+    """The second skill's greedy score (the toy's naming of a word's last letter, which RL never trains
+    on) against each RL policy's KL to SFT
     at its last validation, SFT at KL 0: how much of a skill RL spends for its KL, and what PPO-ptx keeps
     (InstructGPT's alignment tax)."""
     figure = Figure(figsize=(6, 4))
@@ -209,8 +210,10 @@ def plot_alignment_tax(summary: dict, path: Path) -> Path:
     for name, curve in summary.get("curves", {}).items():
         if curve.get("kl") and "second_skill" in summary.get(name, {}):
             axes.plot([curve["kl"][-1]], [summary[name]["second_skill"]], "o", label=name)
-    axes.set(xlabel="KL(π ‖ π_SFT) at the last validation, nats per response", ylabel="second skill (copying), greedy")
-    axes.set_title("The alignment tax: what RL on reversal costs copying")
+    axes.set(
+        xlabel="KL(π ‖ π_SFT) at the last validation, nats per response", ylabel="second skill (last letter), greedy"
+    )
+    axes.set_title("The alignment tax: what RL on reversal costs the second skill")
     axes.legend(fontsize=7)
     figure.tight_layout()
     return save_figure_atomic(figure, path)

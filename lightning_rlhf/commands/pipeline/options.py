@@ -62,11 +62,11 @@ def labelling_error(args: argparse.Namespace, stages: list[str]) -> str | None:
 
 
 def ptx_error(args: argparse.Namespace, stages: list[str]) -> str | None:
-    """Why PPO-ptx cannot run: on your task, the toy's copying texts are no pretraining text of yours."""
+    """Why PPO-ptx cannot run: on your task, the toy's second skill's texts are no pretraining text of yours."""
     if "ppo_ptx" in stages and (args.demonstrations or args.prompts) and not args.ptx_texts:
         return (
             'ppo_ptx on your task needs its pretraining text: --ptx_texts texts.jsonl ({"text": …} records, e.g. '
-            "what your base model was trained on); the default is the toy's copying texts"
+            "what your base model was trained on); the default is the toy's second skill's texts"
         )
     return None
 
@@ -194,8 +194,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ptx_texts",
         default=None,
-        help="the ppo_ptx stage's pretraining text, {\"text\": …} records (default: the toy's second skill, copying; "
-        "needed with ppo_ptx on your task)",
+        help="the ppo_ptx stage's pretraining text, {\"text\": …} records (default: the toy's second skill's, "
+        "naming a word's last letter; needed with ppo_ptx on your task)",
     )
     parser.add_argument("--model", default=None, help="local Hugging Face base model for SFT (default: embedded)")
     parser.add_argument(

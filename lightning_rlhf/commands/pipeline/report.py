@@ -74,7 +74,7 @@ def summarise(
     toy_run = args.demonstrations is None and args.prompts is None
     second_skill = (
         second_skill_held_out(args.eval_prompts) if toy_run else None
-    )  # the toy's copying, which RL never sees
+    )  # the toy's second skill, which RL never sees
     if judge is not None:
         for name, directory in policies.items():
             summary[name] = model_scores(directory, held_out, args.temperature, own_judge, second_skill)
@@ -199,20 +199,22 @@ def report(summary: dict, args: argparse.Namespace, outputs: Path) -> None:
     scale = "gold" if args.judge else "rm"
     second = any(isinstance(entry, dict) and "second_skill" in entry for entry in summary.values())
     print(
-        f"\n{judged}{seeds}" + (" and, under copy, the second skill's (greedy; RL never trains on it)" * second) + ":"
+        f"\n{judged}{seeds}"
+        + (" and, under skill 2, the second skill's (the last letter, greedy; RL never trains on it)" * second)
+        + ":"
     )
     print(
         f"  {'model':18s} {'greedy':>8s} {'sampled (T=' + str(args.temperature) + ')':>16s} {'win vs SFT':>11s} "
-        f"{'Elo':>6s}" + f" {'copy':>6s}" * second
+        f"{'Elo':>6s}" + f" {'skill 2':>7s}" * second
     )
     for name, entry in summary.items():
         if isinstance(entry, dict) and f"{scale}_greedy" in entry:
             spread = entry.get(f"{scale}_sampled_spread")
             spread = f"  [{spread[0]:.3f}, {spread[1]:.3f}]" if spread else ""
             rated = f"{entry['win_rate_vs_sft']:11.3f} {entry['elo']:6.0f}" if "elo" in entry else f"{'-':>11} {'-':>6}"
-            copy = f" {entry['second_skill']:6.3f}" if "second_skill" in entry else ""
+            skill = f" {entry['second_skill']:7.3f}" if "second_skill" in entry else ""
             print(
-                f"  {name:18s} {entry[f'{scale}_greedy']:8.3f} {entry[f'{scale}_sampled']:16.3f} {rated}{copy}{spread}"
+                f"  {name:18s} {entry[f'{scale}_greedy']:8.3f} {entry[f'{scale}_sampled']:16.3f} {rated}{skill}{spread}"
             )
     judge = "gold judge" if args.judge == GOLD else args.judge
     if "demonstrations" in summary:
