@@ -26,6 +26,7 @@ from tests.test_engines import engine_sampled_experience
 from tests.test_ppo import fit, make_exports, ppo
 
 GRPO = {"advantage_estimator": "grpo", "num_generations": 2, "max_new_tokens": 4, "ppo_epochs": 2}
+STEPS = GRPO["ppo_epochs"]  # optimiser steps per rollout (one minibatch)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,9 @@ def test_max_staleness_0_samples_exactly_the_sync_runs_rollouts(exports, tmp_pat
     shuffles drawn elsewhere (the policies part after the first update), a pipeline that never waits."""
     rollouts, policies = {}, {}
     for mode in ("sync", "async"):
-        module = ppo(exports, **GRPO, rollout_mode=mode, max_staleness=0)
+        module = ppo(exports, **GRPO, rollout_mode=mode, max_staleness=0, num_mini_batches=2)  # the shuffles count
         rollouts[mode] = recording(module)
-        fit(module, prompts(exports), 3 * GRPO["ppo_epochs"], tmp_path / mode)
+        fit(module, prompts(exports), 3 * 2 * STEPS, tmp_path / mode)
         policies[mode] = dict(module.model.named_parameters())
     assert len(rollouts["sync"]) == len(rollouts["async"]) == 3
     for synchronous, asynchronous in zip(rollouts["sync"], rollouts["async"], strict=True):
@@ -85,7 +86,7 @@ def test_no_rollout_is_trained_on_more_than_max_staleness_versions_old(exports, 
     watch = Watch()
     module = ppo(exports, **GRPO, rollout_mode="async", max_staleness=1, sync_every=sync_every)
     trained = recording(module)
-    fit(module, prompts(exports), 5 * GRPO["ppo_epochs"], tmp_path, callbacks=[watch])
+    fit(module, prompts(exports), 5 * STEPS, tmp_path, callbacks=[watch])
     staleness = watch.async_rollouts.staleness
     assert len(staleness) == len(trained) == 5
     assert max(staleness) <= 1
@@ -112,7 +113,7 @@ def test_the_worker_samples_with_the_trainers_weights_and_every_async_value_logg
 
     watch = Watch(same_weights)
     module = ppo(exports, **GRPO, rollout_mode="async", max_staleness=1)
-    trainer = fit(module, prompts(exports), 3 * GRPO["ppo_epochs"], tmp_path, callbacks=[watch])
+    trainer = fit(module, prompts(exports), 3 * STEPS, tmp_path, callbacks=[watch])
     assert len(checked) >= 3
     logged = trainer.logged_metrics
     for key in (
@@ -148,7 +149,7 @@ def test_a_killed_worker_stops_fit_within_seconds_with_one_line(exports, tmp_pat
     try:
         module = ppo(exports, **GRPO, rollout_mode="async", max_staleness=1)
         with pytest.raises(RolloutWorkerDied) as raised:
-            fit(module, prompts(exports), 20 * GRPO["ppo_epochs"], tmp_path, callbacks=[Watch(kill)])
+            fit(module, prompts(exports), 20 * STEPS, tmp_path, callbacks=[Watch(kill)])
     finally:
         faulthandler.cancel_dump_traceback_later()
     assert time.monotonic() - killed["at"] < 10
@@ -189,14 +190,18 @@ def test_a_trainer_killed_takes_its_worker_with_it(exports, tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER_KILLED)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, str(script), exports[0]]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    pid = int(done.stdout.split()[0])
+    with (tmp_path / "out").open("w+") as out:  # a file: a pipe would stay open as long as an orphan holds it
+        done = subprocess.run([sys.executable, str(script), exports[0]], stdout=out, env=env, timeout=120)
+        out.seek(0)
+        pid = int(out.read().split()[0])
+    assert done.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and alive(pid):
         time.sleep(0.1)
-    assert not alive(pid)
+    orphaned = alive(pid)
+    if orphaned:
+        os.kill(pid, signal.SIGKILL)  # not left behind by a failing test
+    assert not orphaned
 
 
 def alive(pid: int) -> bool:
