@@ -18,7 +18,7 @@ from lightning_rlhf.losses import decoupled_ppo_loss
 from lightning_rlhf.rl.async_rollouts import decoupled, fresh
 from lightning_rlhf.rl.engines import named_weights
 from lightning_rlhf.rl.generation import Rollout
-from lightning_rlhf.rl.rollout_worker import RolloutWorkerDied
+from lightning_rlhf.rl.rollout_worker import RolloutWorker, RolloutWorkerDied
 from lightning_rlhf.rl.rollouts import RolloutOptions
 from lightning_rlhf.rl.updates import PPOUpdates
 from tests.test_critic_free import fit_rl_config
@@ -171,6 +171,20 @@ def test_a_failing_fit_ends_its_worker(exports, tmp_path):
     with pytest.raises(RuntimeError, match="a callback fails"):
         fit(module, prompts(exports), 4, tmp_path, callbacks=[Watch(fail)])
     assert not processes[0].is_alive()
+
+
+def test_a_worker_that_cannot_start_says_so_in_one_line_and_gives_the_threads_back(tmp_path):
+    """A policy export that is not there: the worker dies loading it, and the trainer hears so at once, in one line
+    naming the stage, with its own thread count back (2 here: 1 for each side while the worker runs). Catches: a
+    trainer waiting out the start timeout, a failed start that leaves the trainer on half its threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RolloutWorkerDied, match=r"died with exit code 1 while starting; its output above"):
+            RolloutWorker(str(tmp_path / "missing"), "float32", RolloutOptions(), 1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 TRAINER_KILLED = """

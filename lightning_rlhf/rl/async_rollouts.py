@@ -106,8 +106,9 @@ class AsyncRollouts:
     def step(
         self, key: tuple, batch: dict[str, Tensor], model: nn.Module
     ) -> tuple[Rollout, list[Tensor], dict[str, Tensor]] | None:
-        """Ask for the rollout of ``batch``, drawn from the stream ``key``, then ``take`` one: its rollout and
-        epochs' group orders on ``model``'s device, and its batch; ``None`` while the pipeline fills."""
+        """Ask for the rollout of ``batch``, drawn from the stream ``key`` (``(seed, stream, index, rank)``), then
+        ``take`` one: its rollout and epochs' group orders on ``model``'s device, and its batch; ``None`` while the
+        pipeline fills."""
         self.ask(key[2], key, batch)
         if (taken := self.take(model)) is None:
             return None
