@@ -149,8 +149,12 @@ class RolloutWorker:
         self.requests, self.results = SPAWN.Queue(), SPAWN.Queue()
         self.process = SPAWN.Process(target=worker_main, args=(setup, self.requests, self.results), daemon=True)
         self.process.start()
-        self.receive("starting", START_TIMEOUT_S)
-        self.group = ProcessGroupGloo(store, 0, 2, SYNC_TIMEOUT)
+        try:
+            self.receive("starting", START_TIMEOUT_S)
+            self.group = ProcessGroupGloo(store, 0, 2, SYNC_TIMEOUT)
+        except BaseException:
+            self.close()  # the threads back, the worker gone
+            raise
         self.store, self.version, self.synced = store, None, []
 
     def died(self, doing: str) -> RolloutWorkerDied:
@@ -173,8 +177,9 @@ class RolloutWorker:
                 waited += POLL_S
             except (OSError, EOFError) as error:  # a result's tensors come from the sender's memory: it died
                 raise self.died(doing) from error
-        self.close()
-        raise RolloutWorkerDied(f"the rollout worker (process {self.process.pid}) gave nothing for {timeout_s:.0f} s")
+        raise RolloutWorkerDied(
+            f"the rollout worker (process {self.process.pid}) gave nothing for {timeout_s:.0f} s while {doing}"
+        )
 
     def sample(self, index: int, key: tuple, input_ids: Tensor, attention_mask: Tensor) -> None:
         """Ask for rollout ``index`` of the prompts, sampled with the last weights sent."""
