@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_rlhf import PPOModule, PromptDataModule
 from lightning_rlhf.losses import decoupled_ppo_loss
+from lightning_rlhf.models.lora import LoraOptions
 from lightning_rlhf.rl.async_rollouts import decoupled, fresh
 from lightning_rlhf.rl.engines import named_weights
 from lightning_rlhf.rl.generation import Rollout
@@ -96,11 +97,23 @@ def test_no_rollout_is_trained_on_more_than_max_staleness_versions_old(exports, 
         assert watch.async_rollouts.dropped >= 1
 
 
-def test_the_worker_samples_with_the_trainers_weights_and_every_async_value_logged_is_finite(exports, tmp_path):
-    """After every update's sync the worker's copy is the policy, parameter for parameter and exactly; the keys the
-    async path adds (staleness, drops, the importance weights' mean and clipped share) and the engine mismatch are
-    logged, finite; a clean end of fit stops the worker (exit status 0, not killed). Catches: a sync that skips or
-    misnames a parameter, one the worker does not apply, a version that never reaches the worker, a missing key."""
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"advantage_estimator": "gae", "num_generations": 1},  # PPO with a value model
+        {"lora": LoraOptions(r=4, alpha=8)},  # the worker's copy gets the merged weights
+    ],
+    ids=["grpo", "gae", "lora"],
+)
+def test_the_worker_samples_with_the_trainers_weights_and_every_async_value_logged_is_finite(
+    exports, tmp_path, variant
+):
+    """After every update's sync the worker's copy is the policy (with LoRA, merged), parameter for parameter and
+    exactly; the keys the async path adds (staleness, drops, the importance weights' mean and clipped share) and the
+    engine mismatch are logged, finite; a clean end of fit stops the worker (exit status 0, not killed). GRPO, PPO
+    with a value model, LoRA. Catches: a sync that skips or misnames a parameter, one the worker does not apply, a
+    version that never reaches the worker, a missing key."""
     checked = []
 
     def same_weights(module, batch_idx):
@@ -112,7 +125,7 @@ def test_the_worker_samples_with_the_trainers_weights_and_every_async_value_logg
             checked.append(batch_idx)
 
     watch = Watch(same_weights)
-    module = ppo(exports, **GRPO, rollout_mode="async", max_staleness=1)
+    module = ppo(exports, **{**GRPO, **variant}, rollout_mode="async", max_staleness=1)
     trainer = fit(module, prompts(exports), 3 * STEPS, tmp_path, callbacks=[watch])
     assert len(checked) >= 3
     logged = trainer.logged_metrics
