@@ -172,18 +172,26 @@ def test_a_killed_worker_stops_fit_within_seconds_with_one_line(exports, tmp_pat
     assert "--ckpt_path last" in message and isinstance(raised.value, OSError)
 
 
-def test_a_failing_fit_ends_its_worker(exports, tmp_path):
-    """An error in the middle of fit (here a callback's): the worker is gone when the error reaches the caller.
-    Catches: teardown only at a clean end of fit (the module's own hooks are not called on an exception)."""
+@pytest.mark.parametrize(
+    ("error", "raised"), [(RuntimeError("a callback fails"), RuntimeError), (KeyboardInterrupt(), SystemExit)]
+)
+def test_a_fit_that_fails_or_is_interrupted_ends_its_worker(exports, tmp_path, error, raised):
+    """An error in the middle of fit (here a callback's), or Ctrl-C (a ``KeyboardInterrupt``, after which Lightning
+    exits with status 1): the worker is gone when fit returns control. Catches: teardown only at a clean end of fit
+    (the module's own hooks are not called on an exception)."""
     processes = []
 
     def fail(module, batch_idx):
         processes.append(module.async_rollouts.worker.process)
-        raise RuntimeError("a callback fails")
+        raise error
 
     module = ppo(exports, **GRPO, rollout_mode="async", max_staleness=1)
-    with pytest.raises(RuntimeError, match="a callback fails"):
-        fit(module, prompts(exports), 4, tmp_path, callbacks=[Watch(fail)])
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from its first one on
+    try:
+        with pytest.raises(raised):
+            fit(module, prompts(exports), 4, tmp_path, callbacks=[Watch(fail)])
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert not processes[0].is_alive()
 
 
