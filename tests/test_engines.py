@@ -90,6 +90,17 @@ def test_the_hf_engine_takes_no_engine_options():
         build_engine("hf", "unused", "float32", {"sleep": True})
 
 
+def engine_sampled_experience() -> tuple[Experience, torch.Tensor]:
+    """Experience of three responses of 3 tokens (one padded) with random engine log-probs (``rollout.logprobs``),
+    trainer log-probs, advantages, and the policy's log-probs to update with, all ``(3, 3)``."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    engine, trainer, policy, advantages = (torch.randn(3, 3, generator=generator) * 0.5 for _ in range(4))
+    rollout = Rollout(torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), mask, 1, engine)
+    zeros = torch.zeros(3)
+    return Experience(rollout, trainer, None, advantages, None, zeros, zeros, zeros.bool()), policy
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_the_sync_engine_correction_is_the_decoupled_loss_with_the_trainers_rollout_logprobs_as_proximal(level):
     """A rollout holds the engine's log-probs of what it sampled (the behaviour policy); its experience the trainer's,
@@ -101,12 +112,13 @@ def test_the_sync_engine_correction_is_the_decoupled_loss_with_the_trainers_roll
 
     Catches: ``correct_for_engine`` weighting by engine over trainer, the update's ratio taken against the engine's
     log-probs, the cap or the level not passed through."""
-    generator = torch.Generator().manual_seed(0)
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    engine, trainer, policy, advantages = (torch.randn(3, 3, generator=generator) * 0.5 for _ in range(4))
-    rollout = Rollout(torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), mask, 1, engine)
-    zeros = torch.zeros(3)
-    experience = Experience(rollout, trainer, None, advantages, None, zeros, zeros, zeros.bool())
+    experience, policy = engine_sampled_experience()
+    engine, trainer, advantages, mask = (
+        experience.rollout.logprobs,
+        experience.logprobs,
+        experience.advantages,
+        experience.rollout.response_mask,
+    )
     updates = PPOUpdates(0.2, 0.2, 0.1, 0.0, 0.0, "token_mean", 3, 1, 1)
     loss, _ = updates.clipped_objective(correct_for_engine(experience, level, 1.2), torch.arange(3), policy, None)
     expected, stats = decoupled_ppo_loss(policy, trainer, engine, advantages, mask, 0.2, 1.2, level)

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -43,18 +43,18 @@ from lightning_rlhf.models.lora import (
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
 )
+from lightning_rlhf.modules.ppo_logs import log_rollout, log_samples
 from lightning_rlhf.modules.ppo_options import check_last_batch, check_ppo_options, check_rollout_batch
 from lightning_rlhf.rl.actor_critic import MODEL_ROLES, ModelOptions, PPOModels, load_ppo_models, policy_outputs
+from lightning_rlhf.rl.async_rollouts import AsyncRolloutsLifetime, decoupled
 from lightning_rlhf.rl.engines import build_engine
-from lightning_rlhf.rl.experience import Experience, engine_mismatch
+from lightning_rlhf.rl.experience import Experience
 from lightning_rlhf.rl.generation import Rollout, check_prompts_fit
 from lightning_rlhf.rl.layouts import PaddedRollouts, SharedRollouts
 from lightning_rlhf.rl.rollouts import (
     RolloutOptions,
     experience_from,
-    rollout_statistics,
     sample_rollout,
-    samples_table,
     seeded,
     sequence_statistics,
     text_scores,
@@ -127,6 +127,9 @@ class PPOModule(L.LightningModule):
         engine_is_correction: Literal["none", "token", "sequence"] = "none",
         engine_is_cap: float = 2.0,
         shared_prompt: bool = False,
+        rollout_mode: Literal["sync", "async"] = "sync",
+        max_staleness: int = 1,
+        sync_every: int = 1,
     ):
         """
         Args:
@@ -203,6 +206,10 @@ class PPOModule(L.LightningModule):
                 policy to the engine, per ``token`` or ``sequence`` (``losses.engine_importance_weights``); ``none``.
             shared_prompt: forward the rows of a prompt (the G responses of GRPO / RLOO) as one row, the prompt once
                 (``layouts.SharedRollouts``): the same outputs for fewer tokens; a model it is not exact for is refused.
+            rollout_mode, max_staleness, sync_every: ``sync``: each step samples its own rollout; ``async``: a worker
+                process samples the next ``max_staleness`` while the trainer trains, none used more than that many
+                policy versions old, its weights sent every ``sync_every`` updates; the loss is AReaL's decoupled one
+                at ``engine_is_correction``'s level (``none``: ``token``) and cap (``rl.async_rollouts``).
         """
         super().__init__()
         lora = lora_hparams(lora)
@@ -224,6 +231,9 @@ class PPOModule(L.LightningModule):
         self.kl_coef = float(kl_coef)  # β; saved in checkpoints (on_save_checkpoint) since it adapts
         self.rollouts = 0  # training rollouts so far, saved in checkpoints: it seeds the next one
         self.engine = None  # built at the first rollout, from the policy's export
+        self.async_rollouts = None  # async: the worker and its staleness bound, from on_train_start to fit's end
+        if rollout_mode == "async":  # the engine correction moves from the advantages into the updates' loss
+            self.rollout_options, self.updates = decoupled(self.rollout_options, self.updates, self.hparams)
         watched = VAL_METRICS + (("objective/judge",) if judge_fn is not None else ())
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in watched})
         keep_out_of_checkpoints(self, "ref_model", "reward_model")  # rebuilt from their paths
@@ -306,19 +316,6 @@ class PPOModule(L.LightningModule):
         judge = {"judge": self.judge_fn} if self.judge_fn is not None else {}
         return text_scores(judge, self.tokenizer, experience.rollout).get("judge")
 
-    def _log_rollout(self, experience: Experience) -> dict[str, Tensor]:
-        """Log the rollout's statistics, averaged over every rank's sequences; returns this rank's."""
-        stats = rollout_statistics(
-            experience, self.kl_coef, self.hparams.num_generations, self.judge_scores(experience)
-        )
-        for name, value in stats.items():
-            self.log(f"train/{name}", value, sync_dist=True, prog_bar=name == "objective/scores")
-        if experience.rollout.logprobs is not None:  # the engine's log-probs against the policy's, per token
-            mismatch = engine_mismatch(experience.logprobs, experience.rollout.logprobs, experience.mask)
-            for name, value in mismatch.items():
-                self.log(f"train/rollout/{name}", value, sync_dist=True, reduce_fx=name.rpartition("_")[2])
-        return stats
-
     # -- PPO --------------------------------------------------------------------------------------------
     def optimiser_step(self, loss: Tensor) -> list[Tensor]:
         """One step on ``loss``; returns the gradient norms before clipping, the policy's and the value function's."""
@@ -334,14 +331,22 @@ class PPOModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams
         check_rollout_batch(batch, hp.ptx_coef, hp.num_mini_batches)
-        with self.seeded(TRAIN_STREAM, self.rollouts):
-            experience = self.make_experience(batch)
-            n_groups = len(experience.scores) // hp.num_generations
-            orders = [torch.randperm(n_groups).to(self.device) for _ in range(hp.ppo_epochs)]
-        self.rollouts += 1
-        rollout_stats = self._log_rollout(experience)
+        if self.async_rollouts is not None:  # this batch's rollout asked for; the oldest fresh one in flight taken
+            key, self.rollouts = (hp.seed, TRAIN_STREAM, self.rollouts, self.global_rank), self.rollouts + 1  # seeded's
+            if (taken := self.async_rollouts.step(key, batch, self.model)) is None:
+                return  # the pipeline fills
+            rollout, orders, batch = taken
+            self.log_dict(self.async_rollouts.statistics())
+            experience = self.score_rollout(rollout)
+        else:
+            with self.seeded(TRAIN_STREAM, self.rollouts):
+                experience = self.make_experience(batch)
+                n_groups = len(experience.scores) // hp.num_generations
+                orders = [torch.randperm(n_groups).to(self.device) for _ in range(hp.ppo_epochs)]
+            self.rollouts += 1
+        rollout_stats = log_rollout(self, experience, self.judge_scores(experience))
         if batch_idx == 0:  # the first rollout of every epoch
-            self._log_samples("train/samples", experience)
+            log_samples(self, "train/samples", experience)
         self.log("train/kl_coef", self.kl_coef)
         ptx = partial(ptx_loss, self.model, batch, group_size=hp.num_generations) if hp.ptx_coef else None
         for name, value in self.updates.run(experience, orders, self.policy_outputs, self.optimiser_step, ptx).items():
@@ -350,6 +355,8 @@ class PPOModule(L.LightningModule):
             kl = self.trainer.strategy.reduce(rollout_stats["objective/kl"].clone(), reduce_op="mean")
             sequences = len(experience.scores) * self.trainer.world_size
             self.kl_coef = adaptive_kl_coef(self.kl_coef, float(kl), hp.target_kl, sequences, hp.kl_horizon)
+        if self.async_rollouts is not None:
+            self.async_rollouts.updated(self.model)  # a new policy version
 
     # -- validation -------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -365,14 +372,7 @@ class PPOModule(L.LightningModule):
             metric.update(values[name])
             self.log(f"val/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "objective/scores")
         if batch_idx == 0:
-            self._log_samples("val/samples", experience)
-
-    def _log_samples(self, tag: str, experience: Experience) -> None:
-        """The first ``log_samples`` prompts, responses and scores as a TensorBoard text table (global rank 0)."""
-        n = self.hparams.log_samples
-        if not n or not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
-            return
-        self.logger.experiment.add_text(tag, samples_table(self.tokenizer, experience, n), self.global_step)
+            log_samples(self, "val/samples", experience)
 
     # -- optimisation and export ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -392,6 +392,9 @@ class PPOModule(L.LightningModule):
         if isinstance(loader, DataLoader) and loader.batch_size is not None:
             # On each rank: Lightning's distributed sampler splits the prompts.
             check_last_batch(len(loader.sampler), loader.batch_size, self.hparams.num_mini_batches)
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [AsyncRolloutsLifetime()] if self.hparams.rollout_mode == "async" else []  # starts and ends the worker
 
     def on_train_end(self) -> None:
         export_trained(self)

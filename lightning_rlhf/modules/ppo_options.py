@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_rlhf.losses.policy import KL_ESTIMATORS
+from lightning_rlhf.rl.async_rollouts import ROLLOUT_MODES
 from lightning_rlhf.rl.engines import check_engine_options
 from lightning_rlhf.rl.experience import check_critic_free_args
 from lightning_rlhf.rl.generation import check_generation_options, check_sampling_options
@@ -35,6 +36,8 @@ RANGES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
     ("num_mini_batches", ">= 1", lambda n: n >= 1),
     ("dpo_beta", "> 0", lambda beta: beta > 0),
     ("dpo_nll_weight", ">= 0", lambda weight: weight >= 0),
+    ("max_staleness", ">= 0", lambda versions: versions >= 0),
+    ("sync_every", ">= 1", lambda updates: updates >= 1),
 )
 
 
@@ -57,11 +60,26 @@ def check_ppo_options(options: Mapping[str, Any]) -> None:
     )
     check_sampling_options(options["temperature"], options["top_k"], options["top_p"])
     check_generation_options(options["cache_implementation"], options["compile_generation"])
-    check_engine_options(options["rollout_engine"], options["engine_is_correction"], options["engine_is_cap"])
+    check_engine_options(
+        options["rollout_engine"], options["engine_is_correction"], options["engine_is_cap"], options["rollout_mode"]
+    )
+    check_rollout_mode(options["rollout_mode"], options["rollout_engine"], options["objective"])
     if options["kl_estimator"] not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator={options['kl_estimator']!r} is not one of {sorted(KL_ESTIMATORS)}")
     for name, allowed, ok in RANGES:
         check_range(name, options[name], allowed, ok(options[name]))
+
+
+def check_rollout_mode(rollout_mode: str, rollout_engine: str, objective: str) -> None:
+    """``sync``, or ``async`` (``rl.async_rollouts``) with what it corrects for so far: the hf engine in the rollout
+    worker, the clipped objective (which the decoupled loss replaces)."""
+    if rollout_mode not in ROLLOUT_MODES:
+        raise ValueError(f"rollout_mode={rollout_mode!r} is not one of {list(ROLLOUT_MODES)}")
+    if rollout_mode == "async" and (rollout_engine, objective) != ("hf", "clipped"):
+        raise ValueError(
+            f"rollout_mode='async' runs rollout_engine='hf' with objective='clipped' (got {rollout_engine!r}, "
+            f"{objective!r}): use rollout_mode='sync' for the others"
+        )
 
 
 def check_rollout_batch(batch: dict[str, Tensor], ptx_coef: float, num_mini_batches: int) -> None:

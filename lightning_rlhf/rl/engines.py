@@ -276,15 +276,17 @@ def build_engine(name: str, model_name_or_path: str, dtype: str, options: dict[s
     return ENGINES[name](model_name_or_path, dtype, **(options or {}))
 
 
-def check_engine_options(rollout_engine: str, is_correction: str, is_cap: float) -> None:
-    """An engine that exists; an importance-sampling correction only where the engine reports its own log-probs."""
+def check_engine_options(rollout_engine: str, is_correction: str, is_cap: float, rollout_mode: str = "sync") -> None:
+    """An engine that exists; an importance-sampling correction only where the engine reports its own log-probs of a
+    policy other than the trainer's: vLLM's, or (``rollout_mode="async"``) the rollout worker's hf engine, some policy
+    versions behind."""
     if rollout_engine not in ENGINES:
         raise ValueError(f"rollout_engine={rollout_engine!r} is not one of {list(ENGINES)}")
     if is_correction not in ("none", *ENGINE_IS_LEVELS):
         raise ValueError(f"engine_is_correction={is_correction!r} is not one of {['none', *ENGINE_IS_LEVELS]}")
-    if is_correction != "none" and rollout_engine == "hf":
+    if is_correction != "none" and rollout_engine == "hf" and rollout_mode == "sync":
         raise ValueError(
             "engine_is_correction corrects for a rollout engine other than the policy itself: it needs "
-            "rollout_engine='vllm' (the hf engine samples from the policy's own distribution)"
+            "rollout_engine='vllm' or rollout_mode='async' (the hf engine samples from the policy's own distribution)"
         )
     check_range("engine_is_cap", is_cap, "> 0", is_cap > 0)

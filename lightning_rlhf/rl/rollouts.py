@@ -71,10 +71,12 @@ def sample_rollout(
     batch: dict[str, Tensor],
     options: RolloutOptions,
     synced_gpus: bool = False,
+    return_logprobs: bool = False,
 ) -> Rollout:
     """``num_generations`` responses per left-padded prompt of ``batch`` (a prompt's in consecutive rows), sampled by
     ``engine`` (``engines``) from ``model``'s current weights; ``synced_gpus`` for sharded ranks, which must keep
-    stepping together (their forwards gather weights) until all have finished."""
+    stepping together (their forwards gather weights) until all have finished. ``return_logprobs``: the hf engine
+    records its log-probs of the sampled tokens too (the rollout worker's behaviour policy)."""
     input_ids, attention_mask = (
         batch[k].repeat_interleave(options.num_generations, 0) for k in ("input_ids", "attention_mask")
     )
@@ -89,6 +91,7 @@ def sample_rollout(
         synced_gpus=synced_gpus,
         cache_implementation=options.cache_implementation,
         compile=options.compile_generation,
+        **({"return_logprobs": True} if return_logprobs else {}),
     )
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from lightning_rlhf.losses.off_policy import decoupled_ppo_loss
 from lightning_rlhf.losses.policy import (
     aggregate_loss,
     best_worst_pairs,
@@ -37,6 +38,8 @@ from lightning_rlhf.losses.tokens import masked_mean, masked_sum
 from lightning_rlhf.models.causal_lm import forward_logits, shifted_logprobs
 from lightning_rlhf.rl.experience import Experience, group_minibatches
 from lightning_rlhf.rl.rollouts import PolicyForward
+
+IS_STATISTICS = ("is_weight_mean", "is_clipped")  # the decoupled loss's importance weights, logged as policy/*
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class PPOUpdates:
         objective: the loss of each minibatch, an entry of ``OBJECTIVES``.
         dpo_beta, dpo_loss_type: β and the ``losses.DPO_LOSSES`` type of the ``dpo`` objective.
         dpo_nll_weight: weight of RPO's per-token NLL of each pair's chosen response in the ``dpo`` objective.
+        behaviour_level, behaviour_cap: ``none``: the surrogate's ratio against the experience's log-probs (the
+            sync path); a level of ``losses.ENGINE_IS_LEVELS``: ``losses.decoupled_ppo_loss`` with those as the
+            proximal policy and the rollout's own (``Rollout.logprobs``, the sampler's) as the behaviour policy,
+            weights up to the cap (``async_rollouts``).
     """
 
     clip_range: float
@@ -71,11 +78,13 @@ class PPOUpdates:
     dpo_beta: float = 0.1
     dpo_loss_type: str = "sigmoid"
     dpo_nll_weight: float = 0.0
+    behaviour_level: str = "none"
+    behaviour_cap: float = 2.0
 
     @classmethod
     def of(cls, arguments: Mapping[str, Any]) -> PPOUpdates:
-        """The settings among ``arguments`` (PPOModule's hparams), by name."""
-        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
+        """The settings among ``arguments`` (PPOModule's hparams), by name (those it lacks at their defaults)."""
+        return cls(**{field.name: arguments[field.name] for field in fields(cls) if field.name in arguments})
 
     def loss(
         self, experience: Experience, rows: Tensor, logprobs: Tensor, values: Tensor | None
@@ -89,16 +98,31 @@ class PPOUpdates:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """PPO's clipped surrogate (with the value loss and GRPO's KL term where set)."""
         mask = experience.mask[rows]
-        policy_loss, policy_stats = ppo_policy_loss(
-            logprobs,
-            experience.logprobs[rows],
-            experience.advantages[rows],
-            mask,
-            self.clip_range,
-            self.loss_aggregation,
-            self.max_new_tokens,
-        )
-        loss, stats = policy_loss, {}
+        if self.behaviour_level == "none":
+            policy_loss, policy_stats = ppo_policy_loss(
+                logprobs,
+                experience.logprobs[rows],
+                experience.advantages[rows],
+                mask,
+                self.clip_range,
+                self.loss_aggregation,
+                self.max_new_tokens,
+            )
+        else:
+            policy_loss, policy_stats = decoupled_ppo_loss(
+                logprobs,
+                experience.logprobs[rows],
+                experience.rollout.logprobs[rows],
+                experience.advantages[rows],
+                mask,
+                self.clip_range,
+                self.behaviour_cap,
+                self.behaviour_level,
+                self.loss_aggregation,
+                self.max_new_tokens,
+            )
+        loss = policy_loss
+        stats = {f"policy/{name}": policy_stats[name] for name in IS_STATISTICS if name in policy_stats}
         if values is not None:
             value_loss, value_stats = ppo_value_loss(
                 values, experience.values[rows], experience.returns[rows], mask, self.clip_range_value
