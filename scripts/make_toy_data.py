@@ -8,8 +8,10 @@ import json
 from lightning_rlhf.toy import DATA_DIR, make_demonstrations, make_prompts
 from lightning_rlhf.toy.reverse import (
     SECOND_SKILL_DEMONSTRATIONS,
+    SECOND_SKILL_TEXTS,
     make_comparisons,
     make_second_skill_demonstrations,
+    second_skill_texts,
     with_second_skill,
 )
 
@@ -20,10 +22,8 @@ def write_jsonl(name: str, records: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    copies = make_second_skill_demonstrations(SECOND_SKILL_DEMONSTRATIONS)
-    write_jsonl("demonstrations", with_second_skill(make_demonstrations(2000, seed=0), copies))
-    write_jsonl(
-        "second_skill_texts", [{"text": record["prompt"] + record["response"]} for record in copies]
-    )  # PPO-ptx's
+    second_skill = make_second_skill_demonstrations(SECOND_SKILL_DEMONSTRATIONS)
+    write_jsonl("demonstrations", with_second_skill(make_demonstrations(2000, seed=0), second_skill))
+    write_jsonl("second_skill_texts", second_skill_texts(SECOND_SKILL_TEXTS))  # PPO-ptx's
     write_jsonl("prompts", make_prompts(500, seed=1))
     write_jsonl("comparisons", make_comparisons(2000, seed=2))

@@ -2,7 +2,7 @@
 says what it runs; docs/pipeline_internals.md, each stage), writing under this clone's ``outputs/`` unless
 ``--outputs`` says otherwise.
 
-    python scripts/pipeline.py                     # the toy task: one seed, one round, about 3.7 minutes on 2 CPU cores
+    python scripts/pipeline.py                     # the toy task: one seed, one round, about 5 minutes on 2 CPU cores
     python scripts/pipeline.py --seeds 0 1 2       # three seeds: the README's means and spreads
 """
 

@@ -131,7 +131,7 @@ def test_pipeline_chains_every_stage_and_round_and_reports_gold_scores_win_rates
     assert ptx["model"]["init_args"]["reward_model_name_or_path"] == str(tmp_path / "rm" / "hf")
     for png in ("overoptimization.png", "win_rates.png", "alignment_tax.png"):
         assert (tmp_path / "pipeline" / png).read_bytes().startswith(PNG)
-    assert "Gold-judge scores on held-out prompts" in result.stdout
+    assert "Gold-judge scores on held-out prompts" in result.stdout and "skill 2" in result.stdout
     assert "BestWeights" not in stage_callbacks(tmp_path, "ppo")  # the toy keeps its last policy, as the README says
     assert "demonstrations" not in summary  # nor does its summary change
     sft_config = yaml.safe_load((tmp_path / "sft" / "tensorboard" / "version_0" / "config.yaml").read_text())

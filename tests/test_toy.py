@@ -12,6 +12,7 @@ from lightning_rlhf.toy import gold_score, second_skill_held_out, toy_path
 from lightning_rlhf.toy.reverse import (
     PROMPT_PREFIX,
     SECOND_SKILL_DEMONSTRATIONS,
+    SECOND_SKILL_HELD_OUT,
     SECOND_SKILL_PREFIX,
     make_demonstrations,
     make_second_skill_demonstrations,
@@ -46,19 +47,25 @@ def test_the_second_skill_is_placed_among_the_reversals_which_keep_their_order()
     )  # the second skill is never demonstrated wrong
 
 
-def test_the_second_skills_held_out_prompts_are_distinct_and_never_demonstrated():
-    """Catches evaluating the second skill on prompts SFT was trained on, or on a prompt twice."""
+def test_the_second_skills_held_out_prompts_are_distinct_and_never_trained_on():
+    """Held out: distinct, never demonstrated, never among PPO-ptx's texts; a prefix of one fixed list (300 of them are
+    the first 300 of 1,000), and no more than that list. Catches evaluating the second skill on prompts SFT or PPO-ptx
+    trained on, a prompt counted twice, and --eval_prompts above 1,000 quietly reaching prompts the texts may hold."""
     demonstrated = {r["prompt"] for r in make_second_skill_demonstrations(SECOND_SKILL_DEMONSTRATIONS)}
-    held_out = second_skill_held_out(300)
-    assert len(held_out) == len(set(held_out)) == 300
+    texts = {json.loads(line)["text"] for line in open(toy_path("second_skill_texts"))}
+    held_out = second_skill_held_out(SECOND_SKILL_HELD_OUT)
+    assert len(held_out) == len(set(held_out)) == 1000 and second_skill_held_out(300) == held_out[:300]
     assert not demonstrated & set(held_out)
+    assert not {prompt + prompt.strip()[-1] for prompt in held_out} & texts
     assert all(prompt.startswith(SECOND_SKILL_PREFIX) for prompt in held_out)
+    with pytest.raises(ValueError, match="holds out 1000 prompts, not 1001"):
+        second_skill_held_out(1001)
 
 
 def test_the_shipped_toy_data_is_what_make_toy_data_writes(tmp_path, monkeypatch):
     """scripts/make_toy_data.py run into a scratch directory writes the shipped files byte for byte: 2,000 reversals
-    with 100 demonstrations of the second skill among them, and PPO-ptx's texts of them (prompt then answer, as SFT
-    renders a demonstration).
+    with 100 demonstrations of the second skill among them, and 1,000 fresh examples of it as PPO-ptx's texts
+    (prompt then answer, as SFT renders a demonstration).
     Catches shipped data edited by hand, or a generator change not followed by regenerating the data."""
     import lightning_rlhf.toy as toy
 
@@ -70,4 +77,5 @@ def test_the_shipped_toy_data_is_what_make_toy_data_writes(tmp_path, monkeypatch
     seconds = [r.fields for r in demonstrations if r.fields["prompt"].startswith(SECOND_SKILL_PREFIX)]
     assert (len(demonstrations), len(seconds)) == (2100, SECOND_SKILL_DEMONSTRATIONS)
     texts = [json.loads(line)["text"] for line in open(toy_path("second_skill_texts"))]
-    assert texts == [r["prompt"] + r["response"] for r in seconds]
+    assert len(set(texts)) == 1000 and not {r["prompt"] + r["response"] for r in seconds} & set(texts)  # fresh ones
+    assert all(text.startswith(SECOND_SKILL_PREFIX) and text[-1] == text[:-2][-1] for text in texts)  # right answers

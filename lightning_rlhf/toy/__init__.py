@@ -3,6 +3,7 @@ gold judge (see ``reverse.py``)."""
 
 from lightning_rlhf.toy.reverse import (
     DATA_DIR,
+    SECOND_SKILL_HELD_OUT,
     TOY_SCHEME,
     gold_score,
     make_demonstrations,
@@ -14,6 +15,7 @@ from lightning_rlhf.toy.reverse import (
 
 __all__ = [
     "DATA_DIR",
+    "SECOND_SKILL_HELD_OUT",
     "TOY_SCHEME",
     "gold_score",
     "make_demonstrations",

@@ -22,6 +22,8 @@ DATA_DIR = Path(__file__).parent / "data"
 PROMPT_PREFIX = "Reverse: "
 SECOND_SKILL_PREFIX = "Last: "
 SECOND_SKILL_DEMONSTRATIONS = 100  # of the 2,100 shipped demonstrations
+SECOND_SKILL_HELD_OUT = 1000  # prompts kept out of the demonstrations and PPO-ptx's texts
+SECOND_SKILL_TEXTS = 1000
 ANSWERS = {
     PROMPT_PREFIX: lambda word: word[::-1],
     SECOND_SKILL_PREFIX: lambda word: word[-1],
@@ -101,11 +103,25 @@ def make_second_skill_demonstrations(n: int, seed: int = 3) -> list[dict[str, st
     return [{"prompt": prompt, "response": ideal_response(prompt)} for prompt in make_second_skill_prompts(n, seed)]
 
 
+def _demonstrated() -> set[str]:
+    return {record["prompt"] for record in make_second_skill_demonstrations(SECOND_SKILL_DEMONSTRATIONS)}
+
+
 def second_skill_held_out(n: int, seed: int = 1234) -> list[str]:
-    """``n`` prompts to evaluate the second skill on, none of them demonstrated."""
-    return make_second_skill_prompts(
-        n, seed, exclude={record["prompt"] for record in make_second_skill_demonstrations(SECOND_SKILL_DEMONSTRATIONS)}
-    )
+    """``n`` (at most ``SECOND_SKILL_HELD_OUT``) prompts to evaluate the second skill on, none of them demonstrated
+    nor among PPO-ptx's texts."""
+    if n > SECOND_SKILL_HELD_OUT:
+        raise ValueError(f"the toy's second skill holds out {SECOND_SKILL_HELD_OUT} prompts, not {n}")
+    return make_second_skill_prompts(SECOND_SKILL_HELD_OUT, seed, exclude=_demonstrated())[:n]
+
+
+def second_skill_texts(n: int, seed: int = 5) -> list[dict[str, str]]:
+    """PPO-ptx's "pretraining" text: ``n`` fresh examples of the second skill as text (prompt then answer, as SFT
+    renders a demonstration), none of them demonstrated or held out. Fresh ones rather than the 100 demonstrations:
+    a γ-weighted pass over 64 of 100 texts every rollout memorised them, and on seed 1 the held-out skill fell
+    (0.966 -> 0.912) under the very term meant to keep it."""
+    exclude = _demonstrated() | set(second_skill_held_out(SECOND_SKILL_HELD_OUT))
+    return [{"text": prompt + ideal_response(prompt)} for prompt in make_second_skill_prompts(n, seed, exclude)]
 
 
 def with_second_skill(

@@ -3,7 +3,7 @@ held-out prompts. Without options, the embedded toy task on a CPU with honest go
 job, also ``python scripts/pipeline.py``); with ``--demonstrations``, ``--prompts`` and ``--judge package.fn``, your
 task with your judge; with ``--label people``, people rank the samples instead of a judge:
 
-    lightning-rlhf pipeline                     # one seed, one round: about 3.7 minutes on 2 CPU cores
+    lightning-rlhf pipeline                     # one seed, one round: about 5 minutes on 2 CPU cores
     lightning-rlhf pipeline --seeds 0 1 2       # three seeds: the README's means and spreads
     lightning-rlhf pipeline --rounds 2          # iterated RLHF (and iterated DPO)
     lightning-rlhf pipeline --demonstrations demos.jsonl --prompts prompts.jsonl --judge mypkg.judge.score \\

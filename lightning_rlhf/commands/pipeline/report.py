@@ -28,7 +28,7 @@ from lightning_rlhf.evaluation.diagnosis import diagnose
 from lightning_rlhf.evaluation.judges import import_reward_fn, reward_model_scorer
 from lightning_rlhf.evaluation.ratings import plot_win_rates, rating_report
 from lightning_rlhf.io import save_figure_atomic, write_json_atomic
-from lightning_rlhf.toy import second_skill_held_out
+from lightning_rlhf.toy import SECOND_SKILL_HELD_OUT, second_skill_held_out
 
 BEST_OF = 16
 
@@ -72,9 +72,10 @@ def summarise(
         summary["evaluation_note"] = NO_JUDGE
     own_judge = judge if args.judge != GOLD else None
     toy_run = args.demonstrations is None and args.prompts is None
-    second_skill = (
-        second_skill_held_out(args.eval_prompts) if toy_run else None
-    )  # the toy's second skill, which RL never sees
+    # The toy's second skill, which RL never sees, on as many of its held-out prompts as the task's.
+    second_skill = second_skill_held_out(min(args.eval_prompts, SECOND_SKILL_HELD_OUT)) if toy_run else None
+    if second_skill:
+        summary["second_skill_prompts"] = len(second_skill)
     if judge is not None:
         for name, directory in policies.items():
             summary[name] = model_scores(directory, held_out, args.temperature, own_judge, second_skill)
