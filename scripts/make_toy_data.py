@@ -14,6 +14,7 @@ from lightning_rlhf.toy.reverse import (
     second_skill_texts,
     with_second_skill,
 )
+from lightning_rlhf.toy.tools import TOOL_HELD_OUT, TOOL_PROMPTS, make_tool_demonstrations, make_tool_prompts
 
 
 def write_jsonl(name: str, records: list[dict]) -> None:
@@ -27,3 +28,6 @@ if __name__ == "__main__":
     write_jsonl("second_skill_texts", second_skill_texts(SECOND_SKILL_TEXTS))  # PPO-ptx's
     write_jsonl("prompts", make_prompts(500, seed=1))
     write_jsonl("comparisons", make_comparisons(2000, seed=2))
+    write_jsonl("tool_demonstrations", make_tool_demonstrations())  # conversations (toy.tools)
+    write_jsonl("tool_prompts", make_tool_prompts(TOOL_PROMPTS, seed=11))
+    write_jsonl("tool_held_out", make_tool_prompts(TOOL_HELD_OUT, seed=12))

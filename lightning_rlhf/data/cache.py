@@ -37,7 +37,7 @@ from lightning_rlhf.io import unwritable_reason
 from lightning_rlhf.toy import resolve_source
 
 # Raise when the layout of the cached rows or the tokenization rules change: old caches are then never read.
-CACHE_VERSION = 2  # 2: rows carry prompt_key
+CACHE_VERSION = 3  # 2: rows carry prompt_key; 3: prompt rows carry their fields (environments reset from them)
 REASONS_KEPT = 5  # skipped records' reasons kept with the cache (the count is exact)
 
 
@@ -109,6 +109,8 @@ class _TokenizeBatch:
         for record, (example, counts) in zip(records, examples, strict=True):
             row = {**EMPTY[self.kind], **(example or {}), "skipped": example is None}
             row["prompt_key"] = prompt_key(record.fields)
+            if self.kind == "prompt":  # the whole record, for an environment's reset (``rl.episodes``)
+                row["fields"] = json.dumps(record.fields, ensure_ascii=False)
             row |= {"truncated": counts.truncated, "texts_truncated": counts.texts_truncated}
             for name, value in row.items():
                 out.setdefault(name, []).append(value)
@@ -128,7 +130,7 @@ EMPTY: dict[str, dict[str, Any]] = {
     "demonstration": {"input_ids": [], "labels": []},
     "comparison": {"prompt_ids": [], "response_ids": [], "ranks": []},
     "unpaired": {"prompt_ids": [], "response_ids": [], "desirable": []},
-    "prompt": {"input_ids": []},
+    "prompt": {"input_ids": [], "fields": "{}"},
     "text": {"input_ids": [], "labels": []},
 }
 ids = datasets.Sequence(datasets.Value("int32"))
@@ -136,7 +138,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "demonstration": {"input_ids": ids, "labels": ids},
     "comparison": {"prompt_ids": ids, "response_ids": datasets.Sequence(ids), "ranks": ids},
     "unpaired": {"prompt_ids": ids, "response_ids": datasets.Sequence(ids), "desirable": ids},
-    "prompt": {"input_ids": ids},
+    "prompt": {"input_ids": ids, "fields": datasets.Value("string")},
     "text": {"input_ids": ids, "labels": ids},
 }
 

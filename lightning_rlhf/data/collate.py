@@ -8,6 +8,8 @@ With packing, demonstrations are instead concatenated into rows with ``position_
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,7 +158,8 @@ class ComparisonCollator:
 
 
 class PromptCollator:
-    """Left-padded ``input_ids`` and ``attention_mask``, ``(b, t)``, ready for ``generate``.
+    """Left-padded ``input_ids`` and ``attention_mask``, ``(b, t)``, ready for ``generate``, and ``records``: each
+    prompt's record (its fields, for an environment's ``reset``).
 
     Examples that carry pretraining text under ``"ptx"`` (PPO-ptx) add it right-padded as ``ptx_input_ids``,
     ``ptx_attention_mask`` and ``ptx_labels``, ``(b, s)``, as ``DemonstrationCollator`` would.
@@ -172,6 +175,8 @@ class PromptCollator:
             "input_ids": pad(input_ids, self.pad_token_id, left=True),
             "attention_mask": _attention_mask(input_ids, left=True),
         }
+        if "fields" in examples[0]:  # each prompt's record, for an environment's reset
+            batch["records"] = [json.loads(ex["fields"]) for ex in examples]
         if "ptx" in examples[0]:
             texts = self.texts([ex["ptx"] for ex in examples])
             batch.update({f"ptx_{name}": value for name, value in texts.items()})

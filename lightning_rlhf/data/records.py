@@ -107,7 +107,9 @@ def validate_scored(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate_prompt(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {"prompt": _check_text_or_messages(record, "prompt", EMPTY_PROMPT)}
+    """The prompt checked; the record's other fields kept as they are (an environment may reset from them, e.g. an
+    answer to check)."""
+    return {**record, "prompt": _check_text_or_messages(record, "prompt", EMPTY_PROMPT)}
 
 
 def validate_text(record: Mapping[str, Any]) -> dict[str, Any]:

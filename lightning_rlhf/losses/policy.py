@@ -44,27 +44,31 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016) over right-padded response tokens.
+    """Generalised advantage estimation (Schulman et al. 2016) over the policy's tokens of each row.
 
-    ``δ_t = r_t + γ V_{t+1} - V_t``, ``A_t = δ_t + γλ A_{t+1}``, ``returns = A + V``. The value after the last real
-    token is 0 (the episode ends there), whatever lies past the mask is ignored, and both outputs are 0 there.
+    ``δ_t = r_t + γ V_{t'} - V_t``, ``A_t = δ_t + γλ A_{t'}``, ``returns = A + V``, where ``t'`` is the next token of
+    the mask after ``t``: tokens outside it (an episode's environment and tool turns, padding) are no steps, and the
+    discount passes over them, so the value at the end of one policy turn bootstraps from the start of the next.
+    The value after the last real token is 0 (the episode ends there); both outputs are 0 outside the mask.
 
     Args:
         rewards, values: ``(b, t)`` per-token rewards and value estimates.
-        mask: ``(b, t)`` real response tokens.
+        mask: ``(b, t)`` the policy's tokens (a single response's: its tokens, right-padded).
 
     Returns:
         ``(advantages, returns)``, each ``(b, t)``.
     """
-    mask = mask.to(values.dtype)
+    mask = mask.bool()
     next_value = torch.zeros_like(values[:, 0])
     next_advantage = torch.zeros_like(values[:, 0])
     advantages = torch.zeros_like(values)
     for t in reversed(range(values.size(1))):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
-        next_value = values[:, t] * mask[:, t]
-        next_advantage = advantages[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        step = mask[:, t]
+        advantages[:, t] = torch.where(step, advantage, 0.0)
+        next_value = torch.where(step, values[:, t], next_value)  # carried over the tokens that are no steps
+        next_advantage = torch.where(step, advantage, next_advantage)
     return advantages, (advantages + values) * mask
 
 
@@ -119,12 +123,13 @@ def ppo_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float | Tenso
     Args:
         scores: ``(b,)`` reward model score of each whole response.
         kl: ``(b, t)`` per-token KL estimate to the reference (``kl_penalty``).
-        mask: ``(b, t)`` real response tokens, right-padded (a row's last real token holds its score).
+        mask: ``(b, t)`` the policy's tokens (a row's last one holds its score; an episode's may have gaps).
         kl_coef: β.
     """
+    columns = torch.arange(mask.size(1), device=mask.device)
+    last = torch.where(mask.bool(), columns, 0).amax(-1)  # (b,) column of the last policy token
     mask = mask.to(kl.dtype)
     rewards = -kl_coef * kl * mask
-    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (b,) column of the last real token
     has_tokens = mask.sum(-1) > 0
     return rewards.scatter_add(1, last[:, None], (scores.to(kl.dtype) * has_tokens)[:, None])
 

@@ -19,6 +19,7 @@ their paths). The arguments are checked in ``ppo_options``.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import partial
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.environments import import_environment
 from lightning_rlhf.evaluation.judges import import_reward_fn
 from lightning_rlhf.losses.policy import adaptive_kl_coef
 from lightning_rlhf.models.causal_lm import keep_out_of_checkpoints
@@ -51,7 +53,9 @@ from lightning_rlhf.rl.engines import build_engine
 from lightning_rlhf.rl.experience import Experience
 from lightning_rlhf.rl.generation import Rollout, check_prompts_fit
 from lightning_rlhf.rl.layouts import PaddedRollouts, SharedRollouts
+from lightning_rlhf.rl.episodes import EpisodeOptions, sample_episodes
 from lightning_rlhf.rl.rollouts import (
+    EPISODE_METRICS,
     RolloutOptions,
     experience_from,
     sample_rollout,
@@ -130,6 +134,9 @@ class PPOModule(L.LightningModule):
         rollout_mode: Literal["sync", "async"] = "sync",
         max_staleness: int = 1,
         sync_every: int = 1,
+        environment: str | None = None,
+        max_turns: int = 4,
+        max_episode_tokens: int = 256,
     ):
         """
         Args:
@@ -210,6 +217,13 @@ class PPOModule(L.LightningModule):
                 process samples the next ``max_staleness`` while the trainer trains, none used more than that many
                 policy versions old, its weights sent every ``sync_every`` updates; the loss is AReaL's decoupled one
                 at ``engine_is_correction``'s level (``none``: ``token``) and cap (``rl.async_rollouts``).
+            environment: instead of a reward model, the import path of an environment class (``environments``;
+                e.g. ``lightning_rlhf.toy.ToolEnv``): each prompt record starts an episode of several turns, scored by
+                the environment's reward, trained on the policy's tokens only (``rl.episodes``); ``max_new_tokens``
+                is then per turn. It runs the code it names, as ``reward_fn`` does.
+            max_turns, max_episode_tokens: an episode's limits, the policy's turns and the tokens after the prompt
+                (the policy's and the environment's); one they cut is logged in ``episode/truncated`` and loses
+                ``missing_eos_penalty`` (if set) from its reward.
         """
         super().__init__()
         lora = lora_hparams(lora)
@@ -219,6 +233,8 @@ class PPOModule(L.LightningModule):
         weighted = reward_fns or ({reward_fn: 1.0} if reward_fn is not None else {})
         self.reward_fns = {path.rpartition(".")[2]: (import_reward_fn(path), float(w)) for path, w in weighted.items()}
         self.judge_fn = import_reward_fn(judge_fn) if judge_fn is not None else None
+        self.environment = import_environment(environment) if environment is not None else None
+        self.episode_options = EpisodeOptions(**{f.name: self.hparams[f.name] for f in fields(EpisodeOptions)})
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.rollout_options = RolloutOptions.of(self.hparams)  # how rollouts are sampled and scored
@@ -234,7 +250,8 @@ class PPOModule(L.LightningModule):
         self.async_rollouts = None  # async: the worker and its staleness bound, from on_train_start to fit's end
         if rollout_mode == "async":  # the engine correction moves from the advantages into the updates' loss
             self.rollout_options, self.updates = decoupled(self.rollout_options, self.updates, self.hparams)
-        watched = VAL_METRICS + (("objective/judge",) if judge_fn is not None else ())
+        watched = VAL_METRICS + (("objective/judge",) if judge_fn is not None or environment is not None else ())
+        watched += tuple(f"episode/{name}" for name in EPISODE_METRICS) if environment is not None else ()
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in watched})
         keep_out_of_checkpoints(self, "ref_model", "reward_model")  # rebuilt from their paths
         if lora is not None:  # the frozen bases too
@@ -296,11 +313,19 @@ class PPOModule(L.LightningModule):
         """Sample ``num_generations`` responses per prompt of ``batch`` (``rollouts.sample_rollout``) and score them
         (``score_rollout``)."""
         hp = self.hparams
-        check_prompts_fit(self.model, batch["input_ids"].shape[1], hp.max_new_tokens)
+        length = hp.max_episode_tokens if self.environment is not None else hp.max_new_tokens
+        check_prompts_fit(self.model, batch["input_ids"].shape[1], length)
         if self.engine is None:
             self.engine = build_engine(hp.rollout_engine, hp.model_name_or_path, hp.dtype, hp.engine_options)
         sharded = self.device_mesh is not None and self.device_mesh.size() > 1
-        rollout = sample_rollout(self.engine, self.model, self.tokenizer, batch, self.rollout_options, sharded)
+        if self.environment is not None:  # G episodes of each prompt, in consecutive rows
+            records = [record for record in batch["records"] for _ in range(hp.num_generations)]
+            envs = [self.environment() for _ in records]
+            rollout = sample_episodes(
+                self.engine, self.model, self.tokenizer, envs, records, self.episode_options, sharded
+            )
+        else:
+            rollout = sample_rollout(self.engine, self.model, self.tokenizer, batch, self.rollout_options, sharded)
         return self.score_rollout(rollout)
 
     @torch.no_grad()
@@ -312,7 +337,10 @@ class PPOModule(L.LightningModule):
         return experience_from(rollout, forwards, self.reward_fns, self.tokenizer, self.kl_coef, self.rollout_options)
 
     def judge_scores(self, experience: Experience) -> Tensor | None:
-        """``(b,)`` the ``judge_fn``'s scores of the responses (``None`` without one)."""
+        """``(b,)`` the ``judge_fn``'s scores of the responses (``None`` without one); of episodes without one, their
+        environment's reward."""
+        if self.judge_fn is None and experience.rollout.episodes is not None:
+            return experience.rollout.episodes.rewards
         judge = {"judge": self.judge_fn} if self.judge_fn is not None else {}
         return text_scores(judge, self.tokenizer, experience.rollout).get("judge")
 

@@ -38,15 +38,24 @@ RANGES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
     ("dpo_nll_weight", ">= 0", lambda weight: weight >= 0),
     ("max_staleness", ">= 0", lambda versions: versions >= 0),
     ("sync_every", ">= 1", lambda updates: updates >= 1),
+    ("max_turns", ">= 1", lambda turns: turns >= 1),
+    ("max_episode_tokens", ">= 1", lambda tokens: tokens >= 1),
 )
 
 
 def check_ppo_options(options: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the first of PPOModule's arguments (``options``: name -> value, its hparams) that
     is out of range or not one of its choices; the reward imports and models are not touched."""
-    sources = ("reward_model_name_or_path", "reward_fn", "reward_fns")
+    sources = ("reward_model_name_or_path", "reward_fn", "reward_fns", "environment")
     if sum(options[source] is not None for source in sources) != 1:
-        raise ValueError("give PPOModule exactly one of reward_model_name_or_path, reward_fn and reward_fns")
+        raise ValueError(
+            "give PPOModule exactly one of reward_model_name_or_path, reward_fn, reward_fns and environment"
+        )
+    if options["environment"] is not None and (options["rollout_mode"], options["objective"]) != ("sync", "clipped"):
+        raise ValueError(
+            "environment: episodes are sampled with rollout_mode='sync' and trained with objective='clipped' "
+            f"(got {options['rollout_mode']!r}, {options['objective']!r})"
+        )
     check_critic_free_args(
         options["advantage_estimator"], options["num_generations"], options["loss_aggregation"], options["value_head"]
     )

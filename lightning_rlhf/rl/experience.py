@@ -49,7 +49,7 @@ class Experience(NamedTuple):
         returns: ``(b, r)`` value targets, ``advantages + values`` before whitening (``None`` without GAE).
         scores: ``(b,)`` reward of each whole response (after any missing-EOS penalty).
         kl: ``(b,)`` per-token KL estimate to the reference, summed over the response.
-        ended: ``(b,)`` responses that ended with EOS.
+        ended: ``(b,)`` responses that ended with EOS (episodes: that their environment ended, not a limit).
         ref_logprobs: ``(b, r)`` log-probs of the response tokens under the reference (for a KL loss term).
         reward_parts: ``(b,)`` score of each reward function, by name, before weighting (``reward_fns``).
     """
@@ -103,6 +103,8 @@ def build_experience(
     """
     mask = rollout.response_mask
     ended = ((rollout.responses == eos_token_id) & mask).any(-1)
+    if rollout.episodes is not None:  # an episode ends when its environment says so, not at its first turn's EOS
+        ended = ~rollout.episodes.truncated
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~ended).float()
     kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)

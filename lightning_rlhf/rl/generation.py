@@ -23,6 +23,17 @@ from lightning_rlhf.validation import check_range
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")  # transformers' names; the two tested here
 
 
+class Episodes(NamedTuple):
+    """``(b,)`` per episode of a multi-turn rollout (``rl.episodes``): its reward (the sum of its steps'), the policy's
+    turns, its tool calls and the failed ones, and whether a limit (turns, tokens) cut it."""
+
+    rewards: Tensor
+    turns: Tensor
+    tool_calls: Tensor
+    tool_errors: Tensor
+    truncated: Tensor
+
+
 class Rollout(NamedTuple):
     """Prompts and the responses sampled for them.
 
@@ -33,6 +44,8 @@ class Rollout(NamedTuple):
         prompt_length: ``p``, the column where responses start.
         logprobs: ``(b, r)`` log-probs of the response tokens under the distribution they were drawn from, recorded
             during generation (``generate(return_logprobs=True)``; ``None`` otherwise), 0 past the mask.
+        episodes: multi-turn episodes (``rl.episodes``): the "response" is the whole episode after the prompt,
+            ``response_mask`` its policy tokens only, and this their statistics; ``None`` for single responses.
     """
 
     sequences: Tensor
@@ -40,6 +53,7 @@ class Rollout(NamedTuple):
     response_mask: Tensor
     prompt_length: int
     logprobs: Tensor | None = None
+    episodes: Episodes | None = None
 
     @property
     def responses(self) -> Tensor:

@@ -26,6 +26,7 @@ from lightning_rlhf.rl.generation import Rollout
 RowsForward = Callable[[Tensor, Tensor, int], Tensor]  # (sequences, attention_mask, prompt_length) -> outputs
 PolicyForward = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor | None]]  # -> (log-probs, values or None)
 TextScore = Callable[[str, str], float]  # (prompt, response) -> score
+EPISODE_METRICS = ("turns", "tool_calls", "tool_errors", "truncated")  # logged as episode/<name>, means per episode
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,13 @@ def experience_from(
 
     ``forwards``: the policy's ``(b, r)`` log-probs and values (``None`` without a value function), the reference's
     log-probs, and the reward model's ``(b,)`` scores (``None`` without one: then the score is the weighted sum of
-    ``reward_fns``, name -> (function, weight), whose parts are kept in ``reward_parts``)."""
+    ``reward_fns``, name -> (function, weight), whose parts are kept in ``reward_parts``). Episodes
+    (``rl.episodes``) are scored by their environment: the score is the episode's reward."""
     logprobs, values, ref_logprobs, scores = score_in_chunks(rollout, options.forward_batch_size, *forwards)
     parts = text_scores({name: fn for name, (fn, _) in reward_fns.items()}, tokenizer, rollout)
-    if scores is None:
+    if rollout.episodes is not None:  # the environment's rewards
+        scores = rollout.episodes.rewards
+    elif scores is None:
         scores = sum(weight * parts[name] for name, (_, weight) in reward_fns.items())
     experience = build_experience(
         rollout,
@@ -166,6 +170,18 @@ def rollout_texts(tokenizer: PreTrainedTokenizerBase, rollout: Rollout, n: int |
     return list(zip(prompts, responses, strict=True))
 
 
+def episode_texts(tokenizer: PreTrainedTokenizerBase, rollout: Rollout, n: int | None = None) -> list[tuple[str, str]]:
+    """``(prompt, episode)`` texts of the first ``n`` episodes, special tokens kept (they mark the turns), padding
+    removed."""
+    rows = range(len(rollout.sequences))[:n]
+    real = [rollout.sequences[row][rollout.attention_mask[row].bool()] for row in rows]
+    prompt_lengths = rollout.attention_mask[:n, : rollout.prompt_length].sum(-1).tolist()
+    return [
+        (tokenizer.decode(ids[:length]), tokenizer.decode(ids[length:]))
+        for ids, length in zip(real, prompt_lengths, strict=True)
+    ]
+
+
 def text_scores(fns: dict[str, TextScore], tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> dict[str, Tensor]:
     """``(b,)`` float32 ``fn(prompt, response)`` of each function of ``fns`` on the rollout's texts, decoded once."""
     texts = rollout_texts(tokenizer, rollout) if fns else []
@@ -178,7 +194,8 @@ def text_scores(fns: dict[str, TextScore], tokenizer: PreTrainedTokenizerBase, r
 
 def sequence_statistics(experience: Experience, kl_coef: float, judge: Tensor | None = None) -> dict[str, Tensor]:
     """``(b,)`` per response: its score, its KL to the reference (summed over its tokens), the KL-penalised reward
-    ``score - β · KL`` the policy maximises, its length, and the ``judge``'s score when there is one."""
+    ``score - β · KL`` the policy maximises, its length (the policy's tokens), the ``judge``'s score when there is
+    one, and an episode's turns, tool calls, failed calls and whether a limit cut it (``episode/<name>``)."""
     scores, kl = experience.scores, experience.kl
     stats = {
         "objective/scores": scores,
@@ -188,6 +205,8 @@ def sequence_statistics(experience: Experience, kl_coef: float, judge: Tensor | 
     }
     if judge is not None:
         stats["objective/judge"] = judge
+    if (episodes := experience.rollout.episodes) is not None:
+        stats.update({f"episode/{name}": getattr(episodes, name).float() for name in EPISODE_METRICS})
     return stats
 
 
@@ -214,6 +233,8 @@ def samples_table(tokenizer: PreTrainedTokenizerBase, experience: Experience, n:
     """The first ``n`` prompts, responses and scores of ``experience`` as a Markdown table (TensorBoard text)."""
     rows = ["| prompt | response | score |", "|---|---|---|"]
     texts = rollout_texts(tokenizer, experience.rollout, n)
+    if experience.rollout.episodes is not None:
+        texts = episode_texts(tokenizer, experience.rollout, n)
     for (prompt, response), score in zip(texts, experience.scores[:n].tolist(), strict=True):
         rows.append(f"| {prompt!r} | {response!r} | {score:.3f} |")
     return "\n".join(rows)
