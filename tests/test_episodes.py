@@ -13,7 +13,7 @@ from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.rl.episodes import EpisodeOptions, sample_episodes
 from lightning_rlhf.rl.generation import Rollout, mask_after_eos
 from lightning_rlhf.rl.layouts import PaddedRollouts, SharedRollouts
-from lightning_rlhf.toy.tools import ToolEnv, tool_call_text
+from lightning_rlhf.toy.tools import ToolEnv, question, tool_call_text
 from tests.helpers import TINY_CONFIG
 
 TOKENIZER = load_tokenizer(None)
@@ -36,7 +36,9 @@ class ScriptedEngine:
         responses = torch.tensor([ids] * len(input_ids))
         sequences = torch.cat([input_ids, responses], dim=1)
         response_mask = mask_after_eos(responses, tokenizer.eos_token_id)
-        return Rollout(sequences, torch.cat([attention_mask, response_mask.long()], 1), response_mask, input_ids.size(1))
+        return Rollout(
+            sequences, torch.cat([attention_mask, response_mask.long()], 1), response_mask, input_ids.size(1)
+        )
 
 
 def tiny_model():
@@ -44,29 +46,29 @@ def tiny_model():
     return load_causal_lm(None, TOKENIZER, "float32", TINY_CONFIG)
 
 
-def toy_record(word: str = "abcdefghijk") -> dict:
-    return {"prompt": [{"role": "user", "content": f"Reverse: {word}"}]}
+def toy_record() -> dict:
+    return {"prompt": question(1234, 5678)}
 
 
 def two_turn_episode(options: EpisodeOptions | None = None) -> Rollout:
-    """The toy tool task's episode: a call of ``reverse``, the tool's answer, then the answer."""
-    engine = ScriptedEngine(tool_call_text("abcdefghijk") + "\n" + EOS, "kjihgfedcba\n" + EOS)
+    """The toy tool task's episode: a call of ``add``, the tool's answer, then the answer."""
+    engine = ScriptedEngine(tool_call_text(1234, 5678) + "\n" + EOS, "6912\n" + EOS)
     options = options or EpisodeOptions(max_new_tokens=96, max_episode_tokens=200)
     return sample_episodes(engine, tiny_model(), TOKENIZER, [ToolEnv()], [toy_record()], options)
 
 
 def test_a_two_turn_episodes_mask_covers_exactly_the_policys_tokens():
-    """The byte tokenizer's template renders ``<|user|>Reverse: abcdefghijk\\n<|assistant|>`` as the prompt; the
-    policy's first turn is the call, ``\\n`` and EOS; the tool's turn is ``<|tool|>kjihgfedcba\\n<|assistant|>``
-    (context); the policy's second turn is ``kjihgfedcba\\n`` and EOS. Catches: environment tokens in the mask (the
+    """The byte tokenizer's template renders ``<|user|>Add: 1234+5678\\n<|assistant|>`` as the prompt; the policy's
+    first turn is the call, ``\\n`` and EOS; the tool's turn is ``<|tool|>6912\\n<|assistant|>`` (context); the
+    policy's second turn is ``6912\\n`` and EOS. Catches: environment tokens in the mask (the
     tool's answer trained), a turn's EOS left out of it, the tool's turn not appended."""
     rollout = two_turn_episode()
-    call, answer = tool_call_text("abcdefghijk") + "\n", "kjihgfedcba\n"
-    tool_turn = "<|tool|>kjihgfedcba\n<|assistant|>"
+    call, answer = tool_call_text(1234, 5678) + "\n", "6912\n"
+    tool_turn = "<|tool|>6912\n<|assistant|>"
     region = rollout.responses[0][rollout.attention_mask[0, rollout.prompt_length :].bool()]
     mask = rollout.response_mask[0][: len(region)]
     decode = TOKENIZER.decode
-    assert decode(rollout.sequences[0, : rollout.prompt_length]) == "<|user|>Reverse: abcdefghijk\n<|assistant|>"
+    assert decode(rollout.sequences[0, : rollout.prompt_length]) == "<|user|>Add: 1234+5678\n<|assistant|>"
     assert decode(region[mask]) == call + EOS + answer + EOS
     assert decode(region[~mask]) == tool_turn
     assert decode(region) == call + EOS + tool_turn + answer + EOS
@@ -82,16 +84,16 @@ def test_an_episode_past_its_turn_limit_is_flagged_truncated_with_the_reward_it_
     rollout = two_turn_episode(EpisodeOptions(max_turns=1, max_new_tokens=96, max_episode_tokens=200))
     assert rollout.episodes.truncated.tolist() == [True]
     assert rollout.episodes.turns.tolist() == [1] and rollout.episodes.rewards.tolist() == [0.0]
-    assert rollout.response_mask.sum().item() == len(tool_call_text("abcdefghijk")) + 2  # the call, "\n", EOS
+    assert rollout.response_mask.sum().item() == len(tool_call_text(1234, 5678)) + 2  # the call, "\n", EOS
 
 
 def test_an_episode_past_its_token_budget_ends_there_never_cut_silently():
-    """A budget of 100 tokens: the call (82 tokens with "\\n" and EOS) fits, the tool's 33-token answer does not. The
+    """A budget of 90 tokens: the call (77 tokens with "\\n" and EOS) fits, the tool's 26-token answer does not. The
     episode ends after the call, truncated; with a budget of 20 even the call is cut (no EOS), truncated too.
     Catches: an observation cut to fit, an over-budget turn kept whole."""
-    rollout = two_turn_episode(EpisodeOptions(max_new_tokens=96, max_episode_tokens=100))
+    rollout = two_turn_episode(EpisodeOptions(max_new_tokens=96, max_episode_tokens=90))
     assert rollout.episodes.truncated.tolist() == [True]
-    assert rollout.responses.size(1) == len(tool_call_text("abcdefghijk")) + 2
+    assert rollout.responses.size(1) == len(tool_call_text(1234, 5678)) + 2
     cut = two_turn_episode(EpisodeOptions(max_new_tokens=96, max_episode_tokens=20))
     assert cut.episodes.truncated.tolist() == [True] and cut.response_mask.sum().item() == 20
 
@@ -198,20 +200,22 @@ def test_shared_prompt_layout_scores_episodes_as_padded_rows():
         def generate(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, temperature, **_):
             rollout = super().generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, temperature)
             if len(input_ids) == 2:  # the first turn: the second episode answers at once
-                answer = tokenizer("kjihgfedcba\n" + EOS, add_special_tokens=False)["input_ids"]
+                answer = tokenizer("6912\n" + EOS, add_special_tokens=False)["input_ids"]
                 ids = rollout.sequences[1, input_ids.size(1) :].clone().fill_(tokenizer.pad_token_id)
                 ids[: len(answer)] = torch.tensor(answer)
                 rollout.sequences[1, input_ids.size(1) :] = ids
                 rollout.response_mask[1] = mask_after_eos(ids[None], tokenizer.eos_token_id)[0]
             return rollout
 
-    engine = Alternating(tool_call_text("abcdefghijk") + "\n" + EOS, "kjihgfedcba\n" + EOS)
+    engine = Alternating(tool_call_text(1234, 5678) + "\n" + EOS, "6912\n" + EOS)
     records = [toy_record(), toy_record()]
     options = EpisodeOptions(max_new_tokens=96, max_episode_tokens=200)
     rollout = sample_episodes(engine, tiny_model(), TOKENIZER, [ToolEnv(), ToolEnv()], records, options)
     assert rollout.episodes.turns.tolist() == [2, 1] and rollout.episodes.tool_calls.tolist() == [1, 0]
     model, start = tiny_model(), rollout.prompt_length
     padded = PaddedRollouts().logprobs(model, rollout.sequences, rollout.attention_mask, start, 1.0)
-    shared = SharedRollouts(TOKENIZER.pad_token_id).logprobs(model, rollout.sequences, rollout.attention_mask, start, 1.0)
+    shared = SharedRollouts(TOKENIZER.pad_token_id).logprobs(
+        model, rollout.sequences, rollout.attention_mask, start, 1.0
+    )
     mask = rollout.response_mask
     torch.testing.assert_close(shared[mask], padded[mask], rtol=1e-4, atol=1e-5)

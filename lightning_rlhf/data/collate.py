@@ -9,7 +9,6 @@ With packing, demonstrations are instead concatenated into rows with ``position_
 from __future__ import annotations
 
 import json
-
 from collections.abc import Sequence
 from typing import Any
 

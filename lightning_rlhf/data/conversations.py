@@ -10,9 +10,7 @@ Messages = list[dict[str, Any]]
 
 
 def _render(tokenizer, messages, tools, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
-    )
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _encode(tokenizer, text: str) -> list[int]:

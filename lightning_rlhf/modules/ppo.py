@@ -28,7 +28,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -45,17 +44,16 @@ from lightning_rlhf.models.lora import (
     keep_frozen_weights_out_of_checkpoints,
     lora_hparams,
 )
-from lightning_rlhf.modules.ppo_logs import log_rollout, log_samples
+from lightning_rlhf.modules.ppo_logs import log_rollout, log_samples, val_metrics
 from lightning_rlhf.modules.ppo_options import check_last_batch, check_ppo_options, check_rollout_batch
 from lightning_rlhf.rl.actor_critic import MODEL_ROLES, ModelOptions, PPOModels, load_ppo_models, policy_outputs
 from lightning_rlhf.rl.async_rollouts import AsyncRolloutsLifetime, decoupled
 from lightning_rlhf.rl.engines import build_engine
+from lightning_rlhf.rl.episodes import EpisodeOptions, episodes_of, sample_episodes
 from lightning_rlhf.rl.experience import Experience
 from lightning_rlhf.rl.generation import Rollout, check_prompts_fit
 from lightning_rlhf.rl.layouts import PaddedRollouts, SharedRollouts
-from lightning_rlhf.rl.episodes import EpisodeOptions, sample_episodes
 from lightning_rlhf.rl.rollouts import (
-    EPISODE_METRICS,
     RolloutOptions,
     experience_from,
     sample_rollout,
@@ -65,11 +63,10 @@ from lightning_rlhf.rl.rollouts import (
 )
 from lightning_rlhf.rl.updates import PPOUpdates, ptx_loss
 from lightning_rlhf.training.memory import check_memory, ppo_generation
-from lightning_rlhf.training.optim import clip_grad_norms, optimizer_config, trainable
+from lightning_rlhf.training.optim import manual_step, optimizer_config, policy_value_groups
 from lightning_rlhf.training.strategies import Rank0Load, fully_shard_models, reset_float32
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # random streams of rollouts for training and for validation
-VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -217,13 +214,10 @@ class PPOModule(L.LightningModule):
                 process samples the next ``max_staleness`` while the trainer trains, none used more than that many
                 policy versions old, its weights sent every ``sync_every`` updates; the loss is AReaL's decoupled one
                 at ``engine_is_correction``'s level (``none``: ``token``) and cap (``rl.async_rollouts``).
-            environment: instead of a reward model, the import path of an environment class (``environments``;
-                e.g. ``lightning_rlhf.toy.ToolEnv``): each prompt record starts an episode of several turns, scored by
-                the environment's reward, trained on the policy's tokens only (``rl.episodes``); ``max_new_tokens``
-                is then per turn. It runs the code it names, as ``reward_fn`` does.
-            max_turns, max_episode_tokens: an episode's limits, the policy's turns and the tokens after the prompt
-                (the policy's and the environment's); one they cut is logged in ``episode/truncated`` and loses
-                ``missing_eos_penalty`` (if set) from its reward.
+            environment, max_turns, max_episode_tokens: instead of a reward model, an environment class's import path
+                (``environments``, e.g. ``lightning_rlhf.toy.ToolEnv``; it runs the code it names): each prompt starts
+                episodes of at most ``max_turns`` turns (``max_new_tokens`` each) and ``max_episode_tokens`` tokens
+                after the prompt, scored by their reward, trained on the policy's tokens only (``rl.episodes``).
         """
         super().__init__()
         lora = lora_hparams(lora)
@@ -250,9 +244,7 @@ class PPOModule(L.LightningModule):
         self.async_rollouts = None  # async: the worker and its staleness bound, from on_train_start to fit's end
         if rollout_mode == "async":  # the engine correction moves from the advantages into the updates' loss
             self.rollout_options, self.updates = decoupled(self.rollout_options, self.updates, self.hparams)
-        watched = VAL_METRICS + (("objective/judge",) if judge_fn is not None or environment is not None else ())
-        watched += tuple(f"episode/{name}" for name in EPISODE_METRICS) if environment is not None else ()
-        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in watched})
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in val_metrics(judge_fn, environment)})
         keep_out_of_checkpoints(self, "ref_model", "reward_model")  # rebuilt from their paths
         if lora is not None:  # the frozen bases too
             keep_frozen_weights_out_of_checkpoints(self)
@@ -317,15 +309,12 @@ class PPOModule(L.LightningModule):
         check_prompts_fit(self.model, batch["input_ids"].shape[1], length)
         if self.engine is None:
             self.engine = build_engine(hp.rollout_engine, hp.model_name_or_path, hp.dtype, hp.engine_options)
-        sharded = self.device_mesh is not None and self.device_mesh.size() > 1
-        if self.environment is not None:  # G episodes of each prompt, in consecutive rows
-            records = [record for record in batch["records"] for _ in range(hp.num_generations)]
-            envs = [self.environment() for _ in records]
-            rollout = sample_episodes(
-                self.engine, self.model, self.tokenizer, envs, records, self.episode_options, sharded
-            )
-        else:
-            rollout = sample_rollout(self.engine, self.model, self.tokenizer, batch, self.rollout_options, sharded)
+        sharded, models = self.device_mesh is not None and self.device_mesh.size() > 1, (self.model, self.tokenizer)
+        if self.environment is None:
+            rollout = sample_rollout(self.engine, *models, batch, self.rollout_options, sharded)
+        else:  # G episodes of each prompt, in consecutive rows
+            envs, records = episodes_of(self.environment, batch["records"], hp.num_generations)
+            rollout = sample_episodes(self.engine, *models, envs, records, self.episode_options, sharded)
         return self.score_rollout(rollout)
 
     @torch.no_grad()
@@ -337,25 +326,13 @@ class PPOModule(L.LightningModule):
         return experience_from(rollout, forwards, self.reward_fns, self.tokenizer, self.kl_coef, self.rollout_options)
 
     def judge_scores(self, experience: Experience) -> Tensor | None:
-        """``(b,)`` the ``judge_fn``'s scores of the responses (``None`` without one); of episodes without one, their
-        environment's reward."""
+        """``(b,)`` the ``judge_fn``'s scores (``None`` without one; an episode's reward without one)."""
         if self.judge_fn is None and experience.rollout.episodes is not None:
             return experience.rollout.episodes.rewards
         judge = {"judge": self.judge_fn} if self.judge_fn is not None else {}
         return text_scores(judge, self.tokenizer, experience.rollout).get("judge")
 
     # -- PPO --------------------------------------------------------------------------------------------
-    def optimiser_step(self, loss: Tensor) -> list[Tensor]:
-        """One step on ``loss``; returns the gradient norms before clipping, the policy's and the value function's."""
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        norms = clip_grad_norms(optimizer.optimizer, self.hparams.max_grad_norm)  # the two groups clipped apart
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        return norms
-
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams
         check_rollout_batch(batch, hp.ptx_coef, hp.num_mini_batches)
@@ -377,7 +354,9 @@ class PPOModule(L.LightningModule):
             log_samples(self, "train/samples", experience)
         self.log("train/kl_coef", self.kl_coef)
         ptx = partial(ptx_loss, self.model, batch, group_size=hp.num_generations) if hp.ptx_coef else None
-        for name, value in self.updates.run(experience, orders, self.policy_outputs, self.optimiser_step, ptx).items():
+        for name, value in self.updates.run(
+            experience, orders, self.policy_outputs, partial(manual_step, self), ptx
+        ).items():
             self.log(f"train/{name}", value, sync_dist=True)
         if hp.target_kl is not None:  # every rank the same β (``reduce`` works in place: on a copy)
             kl = self.trainer.strategy.reduce(rollout_stats["objective/kl"].clone(), reduce_op="mean")
@@ -405,21 +384,14 @@ class PPOModule(L.LightningModule):
     # -- optimisation and export ------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         value = self.value_head if self.value_head is not None else self.value_model
-        groups = [{"params": trainable(self.model)}]  # policy, value function (if any): clipped apart
-        if value is not None:
-            groups.append({"params": trainable(value)})
-        if value is not None and self.hparams.value_lr is not None:
-            groups[1]["lr"] = self.hparams.value_lr
+        groups = policy_value_groups(self.model, value, self.hparams.value_lr)
         return optimizer_config(groups, self.optimizer_factory, self.scheduler_factory)
 
     def setup(self, stage: str) -> None:
         check_fit_setup(self, stage)
 
     def on_train_start(self) -> None:
-        loader = self.trainer.train_dataloader
-        if isinstance(loader, DataLoader) and loader.batch_size is not None:
-            # On each rank: Lightning's distributed sampler splits the prompts.
-            check_last_batch(len(loader.sampler), loader.batch_size, self.hparams.num_mini_batches)
+        check_last_batch(self.trainer.train_dataloader, self.hparams.num_mini_batches)
 
     def configure_callbacks(self) -> list[Callback]:
         return [AsyncRolloutsLifetime()] if self.hparams.rollout_mode == "async" else []  # starts and ends the worker

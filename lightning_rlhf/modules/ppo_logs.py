@@ -9,7 +9,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_rlhf.rl.experience import Experience, engine_mismatch
-from lightning_rlhf.rl.rollouts import rollout_statistics, samples_table
+from lightning_rlhf.rl.rollouts import EPISODE_METRICS, rollout_statistics, samples_table
+
+VAL_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response_length")
+
+
+def val_metrics(judge_fn: str | None, environment: str | None) -> tuple[str, ...]:
+    """What validation averages: ``VAL_METRICS``, the judge's score (an environment's reward is its judge), and an
+    environment's episode statistics."""
+    episodes = tuple(f"episode/{name}" for name in EPISODE_METRICS) if environment is not None else ()
+    return VAL_METRICS + (("objective/judge",) if judge_fn or environment else ()) + episodes
 
 
 def log_rollout(module: L.LightningModule, experience: Experience, judge: Tensor | None) -> dict[str, Tensor]:

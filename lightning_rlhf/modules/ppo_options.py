@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from lightning_rlhf.losses.policy import KL_ESTIMATORS
 from lightning_rlhf.rl.async_rollouts import ROLLOUT_MODES
@@ -103,9 +104,13 @@ def check_rollout_batch(batch: dict[str, Tensor], ptx_coef: float, num_mini_batc
         )
 
 
-def check_last_batch(prompts: int, batch_size: int, num_mini_batches: int) -> None:
-    """Refuse, before the first rollout, an epoch of ``prompts`` (per process) whose last, short batch has fewer
-    prompts than ``num_mini_batches``: it would otherwise fail in the middle of the run."""
+def check_last_batch(loader: Any, num_mini_batches: int) -> None:
+    """Refuse, before the first rollout, an epoch of prompts (per process: Lightning's distributed sampler splits
+    them) whose last, short batch has fewer prompts than ``num_mini_batches``: it would otherwise fail in the middle
+    of the run."""
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return
+    prompts, batch_size = len(loader.sampler), loader.batch_size
     last = prompts % batch_size
     if 0 < last < num_mini_batches:
         raise ValueError(

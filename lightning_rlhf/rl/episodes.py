@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_rlhf.data.collate import pad
@@ -99,6 +98,15 @@ class _Episode:
         ids = observation_ids(self.tokenizer, self.history, new, self.tools)
         self.history += new
         return ids
+
+
+def episodes_of(
+    environment: type, records: Sequence[Mapping[str, Any]], group_size: int
+) -> tuple[list[Environment], list[Mapping[str, Any]]]:
+    """``group_size`` episodes of each record, in consecutive rows (a GRPO group), each with an environment of its
+    own."""
+    rows = [record for record in records for _ in range(group_size)]
+    return [environment() for _ in rows], rows
 
 
 def sample_episodes(

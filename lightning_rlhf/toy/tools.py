@@ -1,13 +1,14 @@
-"""The toy tool task: reversing words too long for the 2-layer default model to reverse itself, with a ``reverse``
+"""The toy tool task: adding two numbers too long for the 2-layer default model to add itself, with an ``add``
 tool it can call (``ToolEnv``, an environment of several turns; ``lightning_rlhf.environments``).
 
-An episode: the user asks ``"Reverse: <word>"`` (a word of ``MIN_LENGTH``-``MAX_LENGTH`` letters, twice the
-embedded task's); the policy either answers at once or calls the tool, reads its result and answers with it. The
-episode's reward is the gold judge's similarity of the answer to the reversed word (``reverse.gold_score``).
+An episode: the user asks ``"Add: 48213+9927"`` (numbers of ``MIN_DIGITS``-``MAX_DIGITS`` digits); the policy
+either answers at once or calls the tool (Toolformer's calculator, Schick et al. 2023), reads its result and answers
+with it. The episode's reward is 1 for the right sum and 0 otherwise.
 
 The demonstrations (``toy:tool_demonstrations``, conversations) use the tool in only ``TOOL_SHARE`` of them and
-reverse the word themselves in the rest, always rightly: SFT learns both ways, and mostly the one it cannot do well.
-RL, rewarded for right answers, has to find out that calling the tool pays.
+answer at once in the rest, always rightly: SFT learns both ways, and mostly the one it cannot do (a 2-layer model
+does not learn multi-digit addition from 2,000 sums; it reverses 16-letter words nearly perfectly, which is why the
+task is not the embedded one's). RL, rewarded for right answers, has to find out that calling the tool pays.
 """
 
 from __future__ import annotations
@@ -18,81 +19,85 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_rlhf.environments import Observation, ToolEnvironment
-from lightning_rlhf.toy.reverse import ALPHABET, PROMPT_PREFIX, gold_score
 
-MIN_LENGTH, MAX_LENGTH = 10, 16
+PROMPT_PREFIX = "Add: "
+MIN_DIGITS, MAX_DIGITS = 4, 6
 TOOL_SHARE = 0.3  # of the demonstrations call the tool
 TOOL_DEMONSTRATIONS, TOOL_PROMPTS, TOOL_HELD_OUT = 2000, 1000, 300
 
 
-def reverse(text: str) -> str:
-    """Reverse a text, character by character.
+def add(a: int, b: int) -> int:
+    """Add two integers.
 
     Args:
-        text: The text to reverse.
+        a: The first number.
+        b: The second number.
     """
-    return text[::-1]
+    return a + b
 
 
-def tool_call_text(word: str) -> str:
-    """The policy's turn that calls ``reverse`` on ``word`` (``environments``' plain-text format)."""
-    return "<tool_call>" + json.dumps({"name": "reverse", "arguments": {"text": word}}) + "</tool_call>"
+def tool_call_text(a: int, b: int) -> str:
+    """The policy's turn that calls ``add`` on ``a`` and ``b`` (``environments``' plain-text format)."""
+    return "<tool_call>" + json.dumps({"name": "add", "arguments": {"a": a, "b": b}}) + "</tool_call>"
 
 
-def _question(word: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"{PROMPT_PREFIX}{word}"}]
+def question(a: int, b: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{PROMPT_PREFIX}{a}+{b}"}]
 
 
-def _word_of(prompt: Any) -> str:
+def operands(prompt: Any) -> tuple[int, int]:
+    """``(a, b)`` of a toy tool prompt (its chat messages, or the text of its last one)."""
     content = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-    if not content.startswith(PROMPT_PREFIX):
-        raise ValueError(f"not a toy tool prompt: {prompt!r}")
-    return content[len(PROMPT_PREFIX) :].strip()
+    a, plus, b = content.removeprefix(PROMPT_PREFIX).strip().partition("+")
+    if not content.startswith(PROMPT_PREFIX) or not plus or not (a.isdigit() and b.isdigit()):
+        raise ValueError(f"not a toy tool prompt ({PROMPT_PREFIX!r} then a sum such as 12+34): {prompt!r}")
+    return int(a), int(b)
 
 
 class ToolEnv(ToolEnvironment):
-    """``"Reverse: <word>"``, answered at once or after calling ``reverse``; rewarded by the gold judge."""
+    """``"Add: a+b"``, answered at once or after calling ``add``; reward 1 for the right sum, else 0."""
 
-    tools = (reverse,)
+    tools = (add,)
 
     def reset(self, record: Mapping[str, Any]) -> Observation:
-        self.word = _word_of(record["prompt"])
-        return _question(self.word)
+        self.a, self.b = operands(record["prompt"])
+        return question(self.a, self.b)
 
     def score(self, answer: str) -> float:
-        return gold_score(f"{PROMPT_PREFIX}{self.word}\n", answer)
+        return float(answer.strip() == str(self.a + self.b))
 
 
-def _words(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
-    rng, words = random.Random(seed), {}
-    while len(words) < n:
-        word = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(MIN_LENGTH, MAX_LENGTH)))
-        if word not in exclude:
-            words[word] = None
-    return list(words)
+def _sums(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset()) -> list[tuple[int, int]]:
+    rng, sums = random.Random(seed), {}
+
+    def number() -> int:
+        digits = rng.randint(MIN_DIGITS, MAX_DIGITS)
+        return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+    while len(sums) < n:
+        pair = (number(), number())
+        if pair not in exclude:
+            sums[pair] = None
+    return list(sums)
 
 
 def make_tool_demonstrations(n: int = TOOL_DEMONSTRATIONS, seed: int = 10) -> list[dict[str, Any]]:
     """``n`` conversations: a share ``TOOL_SHARE`` call the tool, then answer with its result; the rest answer."""
     rng, records = random.Random(seed), []
-    for word in _words(n, seed):
-        answer = {"role": "assistant", "content": reverse(word)}
+    for a, b in _sums(n, seed):
+        answer = {"role": "assistant", "content": str(a + b)}
+        turns = [answer]
         if rng.random() < TOOL_SHARE:
-            turns = [
-                {"role": "assistant", "content": tool_call_text(word)},
-                {"role": "tool", "content": reverse(word)},
-                answer,
-            ]
-        else:
-            turns = [answer]
-        records.append({"messages": _question(word) + turns})
+            call = {"role": "assistant", "content": tool_call_text(a, b)}
+            turns = [call, {"role": "tool", "content": str(add(a, b))}, answer]
+        records.append({"messages": question(a, b) + turns})
     return records
 
 
 def make_tool_prompts(n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` prompt records (chat messages), none of their words demonstrated (nor, for the held-out seed, among
-    the training prompts')."""
-    exclude = set(_words(TOOL_DEMONSTRATIONS, 10))
+    """``n`` prompt records (chat messages), none of their sums demonstrated (nor, for the held-out seed, among the
+    training prompts')."""
+    exclude = set(_sums(TOOL_DEMONSTRATIONS, 10))
     if seed != 11:
-        exclude |= set(_words(TOOL_PROMPTS, 11, exclude))
-    return [{"prompt": _question(word)} for word in _words(n, seed, exclude)]
+        exclude |= set(_sums(TOOL_PROMPTS, 11, exclude))
+    return [{"prompt": question(a, b)} for a, b in _sums(n, seed, exclude)]
