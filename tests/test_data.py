@@ -41,7 +41,11 @@ def ids(text):
         ([{"prompt": "a", "response": "b"}, "{not json"], "demonstration", r"bad\.jsonl line 2: invalid JSON"),
         ([{"prompt": "a"}], "demonstration", r"bad\.jsonl line 1: field 'response' is missing"),
         ([{"prompt": "a", "response": 7}], "demonstration", r"line 1: field 'response' must be a string .* got int"),
-        ([{"prompt": [{"role": "user"}], "response": "b"}], "demonstration", r"line 1: field 'prompt' must be"),
+        (
+            [{"prompt": [{"role": "user"}], "response": "b"}],
+            "demonstration",
+            r"line 1: field 'prompt': message 0 has role 'user' but no 'content' string",
+        ),
         ([["a", "b"]], "demonstration", r"line 1: expected a JSON object, got list"),
         ([{"prompt": "p", "responses": ["a", "b"], "ranks": [0]}], "comparison", r"'ranks' has 1 entries but 'resp"),
         ([{"prompt": "p", "responses": ["a"], "ranks": [0]}], "comparison", r"has 1 response; a comparison needs"),

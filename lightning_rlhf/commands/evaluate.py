@@ -26,11 +26,13 @@ import torch
 
 from lightning_rlhf.data.records import read_records
 from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.environments import import_environment
 from lightning_rlhf.evaluation.judges import import_reward_fn, make_scorer
 from lightning_rlhf.evaluation.ratings import format_table, plot_win_rates, rating_report
 from lightning_rlhf.io import save_figure_atomic, write_json_atomic
 from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.rl.engines import ENGINES, build_engine
+from lightning_rlhf.rl.episodes import EpisodeOptions, run_episodes
 from lightning_rlhf.rl.sampling import sample_and_judge
 from lightning_rlhf.toy import make_prompts, toy_path
 
@@ -48,8 +50,12 @@ def evaluate_models(
     device: str = "cpu",
     progress: bool = False,
     engine: str = "hf",
+    environment: type | None = None,
+    max_turns: int = 4,
+    max_episode_tokens: int = 256,
 ) -> dict[str, Any]:
-    """Sample one response per prompt from each model, judge them, and return ``rating_report`` of the scores.
+    """Sample one response per prompt from each model, judge them, and return ``rating_report`` of the scores; with an
+    ``environment``, one episode per prompt record, scored by its reward.
 
     Args:
         named_models: name -> Hugging Face directory of a causal LM (e.g. ``{"sft": "outputs/sft/hf"}``); the
@@ -67,9 +73,13 @@ def evaluate_models(
         progress: show a bar (done/total, rate, time left) on stderr while each model samples and while a reward
             model judges.
         engine: what samples (``engines.ENGINES``): ``hf`` or ``vllm`` (one engine per model, built from its export).
+        environment, max_turns, max_episode_tokens: an environment class (``lightning_rlhf.environments``) instead of
+            a judge: ``prompts`` are then prompt records (what ``reset`` reads), each model plays one episode of each
+            (``rl.episodes.run_episodes``; ``max_new_tokens`` per turn) and its score is the episode's reward.
 
     Returns:
-        ``rating_report``'s keys, plus ``judge``, ``temperature``, ``max_new_tokens`` and ``seed``.
+        ``rating_report``'s keys, plus ``judge``, ``temperature``, ``max_new_tokens`` and ``seed``; with an
+        environment, ``episodes``: each model's mean ``turns``, ``tool_calls``, ``tool_errors`` and ``truncated``.
     """
     for name, path in named_models.items():
         if not Path(path).is_dir():
@@ -78,13 +88,20 @@ def evaluate_models(
         raise ValueError(f"baseline {baseline!r} is not one of the models {list(named_models)}")
     if not prompts:
         raise ValueError("no prompts to evaluate on")
-    score = make_scorer(judge, batch_size, device, progress)
-    scores = []
+    score = make_scorer(judge, batch_size, device, progress) if environment is None else None
+    scores, episodes = [], {}
+    options = EpisodeOptions(max_turns, max_new_tokens, max_episode_tokens, temperature)
     for name, path in named_models.items():
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path, tokenizer).to(device)
         sampler = build_engine(engine, path, str(model.dtype).removeprefix("torch."))
         torch.manual_seed(seed)
+        if environment is not None:
+            rewards, episodes[name], _ = run_episodes(
+                sampler, model, tokenizer, environment, prompts, options, batch_size
+            )
+            scores.append(rewards)
+            continue
         _, judged = sample_and_judge(
             model,
             tokenizer,
@@ -103,6 +120,8 @@ def evaluate_models(
         scores.append([prompt_scores[0] for prompt_scores in judged])
     report = rating_report(list(named_models), scores, baseline, bootstrap, seed)
     judge_name = judge if isinstance(judge, str) else getattr(judge, "__qualname__", repr(judge))
+    if environment is not None:
+        report["episodes"], judge_name = episodes, f"{environment.__module__}.{environment.__qualname__}"
     return {**report, "judge": judge_name, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
 
 
@@ -117,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--judge", choices=["gold"], default=None, help="the toy task's gold judge")
     parser.add_argument("--reward_fn", default=None, help="a function (prompt, response) -> float: package.module.fn")
     parser.add_argument("--reward_model", default=None, help="a reward model export directory")
+    parser.add_argument(
+        "--environment", default=None, help="an environment class (package.module.Class): episodes, scored by reward"
+    )
+    parser.add_argument("--max_turns", type=int, default=4, help="policy turns per episode (--environment)")
+    parser.add_argument("--max_episode_tokens", type=int, default=256, help="tokens after the prompt (--environment)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 decodes greedily")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -127,9 +151,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", required=True, help="directory for evaluation.json and win_rates.png")
     args = parser.parse_args(argv)
 
-    judges = [j for j in (args.judge, args.reward_fn, args.reward_model) if j is not None]
+    judges = [j for j in (args.judge, args.reward_fn, args.reward_model, args.environment) if j is not None]
     if len(judges) != 1:
-        parser.error("give exactly one judge: --judge gold, --reward_fn package.module.fn or --reward_model DIR")
+        parser.error(
+            "give exactly one judge: --judge gold, --reward_fn package.module.fn, --reward_model DIR or --environment "
+            "package.module.Class"
+        )
     for path in [*args.models, *([args.reward_model] if args.reward_model else [])]:
         if not Path(path).is_dir():
             parser.error(f"{path}: no such directory (expected a Hugging Face export)")
@@ -138,10 +165,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--names must give {len(args.models)} distinct names, one per model; got {names}")
     if args.baseline is not None and args.baseline not in names:
         parser.error(f"--baseline {args.baseline!r} is not one of the names {names}")
+    if args.environment is not None and args.prompts is None:
+        parser.error("--environment needs --prompts: the records its reset reads (e.g. toy:tool_held_out)")
     if args.toy_held_out is not None and args.prompts is not None:
         parser.error("give --prompts or --toy_held_out, not both")
     try:
         judge = import_reward_fn(args.reward_fn) if args.reward_fn else judges[0]
+        environment = import_environment(args.environment) if args.environment else None
     except ValueError as err:
         parser.error(str(err))
 
@@ -149,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prompts = [record["prompt"] for record in make_prompts(args.toy_held_out, seed=1234)]
     else:
         records, _ = read_records(args.prompts or toy_path("prompts"), "prompt")
-        prompts = [record.fields["prompt"] for record in records]
+        prompts = [record.fields if environment else record.fields["prompt"] for record in records]
     prompts = prompts[: args.limit]
     report = evaluate_models(
         dict(zip(names, args.models, strict=True)),
@@ -164,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.device,
         progress=True,
         engine=args.engine,
+        environment=environment,
+        max_turns=args.max_turns,
+        max_episode_tokens=args.max_episode_tokens,
     )
     if args.reward_fn:
         report["judge"] = args.reward_fn

@@ -5,8 +5,9 @@ valid ones to Arrow (``datasets.Dataset.from_generator``), tokenizes them with `
 worker processes) through the same ``Tokenizer`` as the list-based path (each map batch's texts in one tokenizer call),
 writing its Arrow file(s) into ``cache_dir/<kind>-<key>``: ``key`` hashes the source's content (a file's bytes, a
 ``datasets`` fingerprint), the record kind, the column mapping, the tokenizer (vocabulary, special tokens, chat
-template), ``max_length`` and ``skip_invalid``, so a changed file or setting never reuses a stale cache. A later call
-with the same key memory-maps those files (``datasets.Dataset.from_file``): nothing is read or tokenized again.
+template), ``max_length``, ``skip_invalid`` and ``Tokenizer``'s options (``all_assistant_turns``), so a changed file or
+setting never reuses a stale cache. A later call with the same key memory-maps those files
+(``datasets.Dataset.from_file``): nothing is read or tokenized again.
 
 Rows keep the record's ``location`` (``file line N``), ``prompt_key`` (a hash of its prompt: a held-out split keeps
 every record of a prompt on one side, ``split_by_prompt``) and what tokenizing it found: ``skipped`` (an over-long
@@ -37,7 +38,8 @@ from lightning_rlhf.io import unwritable_reason
 from lightning_rlhf.toy import resolve_source
 
 # Raise when the layout of the cached rows or the tokenization rules change: old caches are then never read.
-CACHE_VERSION = 3  # 2: rows carry prompt_key; 3: prompt rows carry their fields (environments reset from them)
+CACHE_VERSION = 3  # 2: rows carry prompt_key; 3: prompt rows carry their fields (environments reset from them),
+# messages keep their keys (tool_calls, ...), conversations
 REASONS_KEPT = 5  # skipped records' reasons kept with the cache (the count is exact)
 
 
@@ -96,21 +98,20 @@ def _valid_rows(
 class _TokenizeBatch:
     """``datasets.map`` function: a batch of ``{"location", "record"}`` rows -> their tokenized columns."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, kind: str, max_length: int, skip_invalid: bool):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, kind: str, max_length: int, skip_invalid: bool, **options):
         self.tokenizer, self.kind, self.max_length, self.skip_invalid = tokenizer, kind, max_length, skip_invalid
+        self.options = options  # the Tokenizer's own (all_assistant_turns)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         records = [
             Record(loc, json.loads(fields)) for loc, fields in zip(batch["location"], batch["record"], strict=True)
         ]
-        tokenizer = Tokenizer(self.tokenizer, self.max_length, self.skip_invalid)
+        tokenizer = Tokenizer(self.tokenizer, self.max_length, self.skip_invalid, **self.options)
         out: dict[str, list] = {}
         examples = tokenizer.examples(self.kind, records)  # the batch's texts tokenized together
         for record, (example, counts) in zip(records, examples, strict=True):
             row = {**EMPTY[self.kind], **(example or {}), "skipped": example is None}
             row["prompt_key"] = prompt_key(record.fields)
-            if self.kind == "prompt":  # the whole record, for an environment's reset (``rl.episodes``)
-                row["fields"] = json.dumps(record.fields, ensure_ascii=False)
             row |= {"truncated": counts.truncated, "texts_truncated": counts.texts_truncated}
             for name, value in row.items():
                 out.setdefault(name, []).append(value)
@@ -153,6 +154,7 @@ def _build(
     skip_invalid: bool,
     split: str,
     num_proc: int | None,
+    options: dict[str, Any],
 ) -> None:
     if reason := unwritable_reason(target.parent):
         raise OSError(
@@ -179,7 +181,7 @@ def _build(
         staging = work / "dataset"
         staging.mkdir()
         records.map(
-            _TokenizeBatch(tokenizer, kind, max_length, skip_invalid),
+            _TokenizeBatch(tokenizer, kind, max_length, skip_invalid, **options),
             batched=True,
             num_proc=num_proc,
             remove_columns=["record"],
@@ -208,21 +210,24 @@ def tokenized(
     split: str = "train",
     cache_dir: str | os.PathLike | None = None,
     num_proc: int | None = None,
+    all_assistant_turns: bool = True,
 ) -> tuple[datasets.Dataset, ReadReport]:
     """Every valid record of ``source`` tokenized (rows in source order), and what reading it found.
 
     Loads ``cache_dir/<key>`` when it exists (see the module's docstring), else builds it first.
+    ``all_assistant_turns``: as ``Tokenizer``'s (a conversation's labels train every assistant turn, or the last).
 
     Raises:
         RecordError: on the first invalid record (naming file, record and field), or when no record is valid.
     """
     columns = dict(columns or {})
     described = [CACHE_VERSION, source_fingerprint(source, split), kind, sorted(columns.items()), max_length]
-    described += [skip_invalid, tokenizer_fingerprint(tokenizer)]
+    options = {"all_assistant_turns": all_assistant_turns}
+    described += [skip_invalid, tokenizer_fingerprint(tokenizer), options]
     key = hashlib.blake2b(json.dumps(described).encode(), digest_size=16).hexdigest()
     target = Path(cache_dir or default_cache_dir()) / f"{kind}-{key}"
     if not target.exists():
-        _build(target, source, kind, tokenizer, max_length, columns, skip_invalid, split, num_proc)
+        _build(target, source, kind, tokenizer, max_length, columns, skip_invalid, split, num_proc, options)
     shards = sorted(target.glob("examples*.arrow"))  # in order: one per num_proc worker, zero-padded names
     dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(shard)) for shard in shards])
     found = json.loads((target / "read_report.json").read_text())

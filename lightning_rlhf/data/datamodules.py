@@ -30,7 +30,6 @@ from lightning_rlhf.data.collate import (
 from lightning_rlhf.data.loader import EpochShuffleSampler, ResumableDataLoader
 from lightning_rlhf.data.records import ReadReport
 from lightning_rlhf.data.shared_prompt import SharedPromptCollator
-from lightning_rlhf.data.tokenization import TokenizeReport
 from lightning_rlhf.data.tokenizer import load_tokenizer
 from lightning_rlhf.validation import check_range
 
@@ -134,6 +133,7 @@ class RecordDataModule(L.LightningDataModule):
             split,
             hp.cache_dir,
             hp.num_proc,
+            all_assistant_turns=hp.get("all_assistant_turns", True),  # DemonstrationDataModule's option
         )
 
     @staticmethod
@@ -186,9 +186,8 @@ class RecordDataModule(L.LightningDataModule):
                 f"{hp.val_path}: {self.split_report.shared_prompts} of its {len(val_prompts)} prompts are training "
                 f"prompts too ({train_path}): validation on them measures memory as well as generalisation"
             )
-        self.tokenize_report = TokenizeReport(
-            **{name: getattr(train_report, name) + getattr(val_report, name) for name in vars(train_report)}
-        )
+        self.tokenize_report = train_report  # with validation's counts added
+        self.tokenize_report.add(val_report)
         if not len(self.train_examples):
             raise ValueError(
                 f"{train_path}: no training examples left after tokenization ({self.tokenize_report.summary()})"
@@ -221,21 +220,23 @@ class RecordDataModule(L.LightningDataModule):
 
 
 class DemonstrationDataModule(RecordDataModule):
-    """``{"prompt", "response"}`` records for supervised fine-tuning; batches from ``DemonstrationCollator``, or
-    with ``packing`` from ``PackedDemonstrationCollator``."""
+    """``{"prompt", "response"}`` records (or whole conversations, ``{"messages"}``) for supervised fine-tuning;
+    batches from ``DemonstrationCollator``, or with ``packing`` from ``PackedDemonstrationCollator``."""
 
     kind = "demonstration"
     default_train_path = "toy:demonstrations"
 
-    def __init__(self, *args, packing: bool = False, **kwargs):
+    def __init__(self, *args, packing: bool = False, all_assistant_turns: bool = True, **kwargs):
         """
         Args:
             packing: padding-free batches: each batch's ``batch_size`` demonstrations concatenated into rows of at
                 most ``max_length`` tokens, attention kept inside each (``PackedDemonstrationCollator``).
+            all_assistant_turns: the loss on every assistant turn of a conversation (TRL's ``assistant_only_loss``);
+                ``False``: on its last one only.
             *args, **kwargs: as ``RecordDataModule``.
         """
         super().__init__(*args, **kwargs)
-        self.packing = packing
+        self.packing = packing  # all_assistant_turns is read from hparams (RecordDataModule._tokenized)
 
     def collator(self) -> DemonstrationCollator | PackedDemonstrationCollator:
         if self.packing:

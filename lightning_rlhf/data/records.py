@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_rlhf.data.conversations import check_turns, checked_messages
 from lightning_rlhf.toy import resolve_source
 
 FILE_TYPES = (".jsonl", ".json", ".parquet")
@@ -52,15 +53,12 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _is_messages(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and all(
-            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-    )
+def _checked(name: str, check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)``, its ``ValueError`` raised as the ``RecordError`` of field ``name``."""
+    try:
+        return check(*args)
+    except ValueError as err:
+        raise RecordError(f"field {name!r}: {err}") from None
 
 
 # Where an empty string is refused, why. Anywhere else a response may be empty: the end-of-turn token at once is a real
@@ -83,8 +81,8 @@ def _check_text_or_messages(record: Mapping[str, Any], name: str, empty_refused:
         if not value and empty_refused:
             raise RecordError(f"field {name!r} is an empty string: {empty_refused}")
         return value
-    if _is_messages(value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if isinstance(value, list) and value:
+        return _checked(name, checked_messages, value)
     raise RecordError(
         f"field {name!r} must be a string or a list of chat messages {{'role': str, 'content': str}}, "
         f"got {type(value).__name__}"
@@ -92,10 +90,41 @@ def _check_text_or_messages(record: Mapping[str, Any], name: str, empty_refused:
 
 
 def validate_demonstration(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "prompt": _check_text_or_messages(record, "prompt", EMPTY_PROMPT),
-        "response": _check_text_or_messages(record, "response", EMPTY_DEMONSTRATION),
-    }
+    """``{"prompt", "response"}``, or a whole conversation: TRL's ``{"messages"}`` (no ``response``), read as the
+    messages before the first assistant one for the prompt and the rest for the response, which trains every
+    assistant turn. Either may carry ``tools`` (JSON schemas, ``transformers.utils.get_json_schema``'s) for the
+    chat template; a response of several messages is a conversation: assistant turns with tool or user messages
+    between them, ending with the assistant's."""
+    if "messages" in record and "response" not in record:
+        messages = _check_text_or_messages(record, "messages")
+        if isinstance(messages, str):
+            raise RecordError("field 'messages' must be a list of chat messages, got a string")
+        _checked("messages", check_turns, messages)
+        first = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        fields = {"prompt": messages[:first], "response": messages[first:]}
+    else:
+        fields = {
+            "prompt": _check_text_or_messages(record, "prompt", EMPTY_PROMPT),
+            "response": _check_text_or_messages(record, "response", EMPTY_DEMONSTRATION),
+        }
+    tools = record.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(tool, Mapping) for tool in tools):
+            raise RecordError(f"field 'tools' must be a list of JSON schemas (objects), got {tools!r:.80}")
+        fields["tools"] = tools
+    response = fields["response"]
+    if tools is not None or (isinstance(response, list) and len(response) > 1):  # tokenized turn by turn
+        if isinstance(fields["prompt"], str):
+            what = "'tools' go" if tools is not None else "a conversation in 'response' goes"
+            raise RecordError(f"field 'prompt' is a string, but {what} with chat messages: give it as messages")
+        if isinstance(response, list):
+            _checked("response", check_turns, response, True)
+        if fields["prompt"][-1]["role"] == "assistant":
+            raise RecordError(
+                "field 'prompt' ends with an assistant message and the response is the assistant's: merge the two, "
+                "or put the user's or tool's message between them"
+            )
+    return fields
 
 
 def validate_scored(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,17 +22,24 @@ Truncation policy, for ``max_length`` = prompt + response tokens:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
+from lightning_rlhf.data.conversations import (
+    Ids,
+    Messages,
+    NotPrefixStable,
+    check_turn_end,
+    prompt_and_response_ids,
+    prompt_ids,
+)
 from lightning_rlhf.data.records import Record, RecordError
 from lightning_rlhf.losses.tokens import IGNORE_INDEX
 
-Messages = list[dict[str, str]]
-Ids = list[int]
 T = TypeVar("T")
 
 
@@ -113,6 +120,13 @@ def render_responses(
     return texts
 
 
+def is_conversation(fields: dict[str, Any]) -> bool:
+    """A demonstration tokenized turn by turn (``conversations.py``): one that gives tools, or whose response is
+    several messages (assistant turns with tool or user messages between them)."""
+    response = fields["response"]
+    return "tools" in fields or (isinstance(response, list) and len(response) > 1)
+
+
 def _ok(value: T | RecordError) -> T:
     """A record's text or token ids, or raise the error found making them."""
     if isinstance(value, RecordError):
@@ -123,13 +137,24 @@ def _ok(value: T | RecordError) -> T:
 class Tokenizer:
     """Tokenizes records of each kind under one truncation policy, counting what it cut or skipped."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, skip_invalid: bool = False):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        skip_invalid: bool = False,
+        all_assistant_turns: bool = True,
+    ):
+        """
+        Args:
+            all_assistant_turns: a conversation's labels train every assistant turn; ``False``: the last one only.
+        """
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs an EOS token to end responses")
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id  # read once: a tokenizer's attribute lookup is slow
         self.max_length = max_length
         self.skip_invalid = skip_invalid
+        self.all_assistant_turns = all_assistant_turns
         self.report = TokenizeReport()
 
     def _encode(self, texts: list[str | RecordError], add_special_tokens: bool) -> list[Ids | RecordError]:
@@ -171,24 +196,13 @@ class Tokenizer:
             ids = ids[: ids.index(eos) + 1]
         else:
             if chat:
-                self._check_turn_end(ids)
+                check_turn_end(self.tokenizer, ids, self._special_ids)
             ids = ids + [eos]
         return ids[:room], int(len(ids) > room)
 
     @cached_property
     def _special_ids(self) -> set[int]:
         return {i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special}
-
-    def _check_turn_end(self, response_ids: Ids) -> None:
-        """Refuse a chat template that closes the assistant's turn with a special token other than EOS: EOS after
-        it would end every response twice, and generation, which stops at EOS, would run past the turn's end."""
-        closing = [i for i in response_ids if i in self._special_ids]
-        if closing:
-            token, eos = self.tokenizer.convert_ids_to_tokens(closing[-1]), self.tokenizer.eos_token
-            raise ValueError(
-                f"the chat template ends a turn with {token!r} but the tokenizer's EOS is {eos!r}: set the tokenizer's "
-                f"eos_token to {token!r} (tokenizer.eos_token = {token!r}; tokenizer.save_pretrained(...))"
-            )
 
     def _guard(self, record: Record, build, *args) -> tuple[dict[str, Any] | None, TokenizeReport]:
         """``build(*args)`` for ``record``: its example and counts, or, when it raises a ``RecordError``, ``None`` and
@@ -203,6 +217,37 @@ class Tokenizer:
         return example, counts
 
     def _demonstrations(self, records: list[Record]) -> list[tuple[dict[str, Any] | None, TokenizeReport]]:
+        """Conversations turn by turn (``_conversation``); single replies a list at a time, in their places."""
+        replies = iter(self._replies([record for record in records if not is_conversation(record.fields)]))
+        return [
+            self._guard(record, self._conversation, record.fields) if is_conversation(record.fields) else next(replies)
+            for record in records
+        ]
+
+    def _conversation(self, fields: dict[str, Any]) -> tuple[dict[str, Ids], TokenizeReport]:
+        """A demonstration whose response is several messages (or that gives tools): ``prompt_and_response_ids``,
+        cut to ``max_length`` from its end."""
+        if self.tokenizer.chat_template is None:
+            raise RecordError("field 'response' holds chat messages but the tokenizer has no chat template")
+        prompt, response, tools = fields["prompt"], fields["response"], fields.get("tools")
+        if isinstance(response, str):
+            response = [{"role": "assistant", "content": response}]
+        self._fitting(prompt_ids(self.tokenizer, prompt, tools))
+        try:
+            input_ids, labels = prompt_and_response_ids(
+                self.tokenizer, prompt, response, tools, self.all_assistant_turns
+            )
+        except NotPrefixStable as err:
+            raise RecordError(f"field 'response': {err}") from None
+        cut, labels = int(len(input_ids) > self.max_length), labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise RecordError(
+                f"field 'response': its last assistant turn starts past max_length={self.max_length}; raise "
+                "max_length, or train every turn (all_assistant_turns)"
+            )
+        return {"input_ids": input_ids[: self.max_length], "labels": labels}, TokenizeReport(truncated=cut)
+
+    def _replies(self, records: list[Record]) -> list[tuple[dict[str, Any] | None, TokenizeReport]]:
         prompts = [record.fields["prompt"] for record in records]
         prompt_texts = render_prompts(self.tokenizer, prompts)
         responses = [record.fields["response"] for record in records]
@@ -254,10 +299,12 @@ class Tokenizer:
     def _prompts(self, records: list[Record]) -> list[tuple[dict[str, Any] | None, TokenizeReport]]:
         prompts = [record.fields["prompt"] for record in records]
         prompt_ids = self._prompt_ids(prompts, render_prompts(self.tokenizer, prompts))
-        return [self._guard(record, self._prompt, ids) for record, ids in zip(records, prompt_ids, strict=True)]
+        return [self._guard(record, self._prompt, record, ids) for record, ids in zip(records, prompt_ids, strict=True)]
 
-    def _prompt(self, prompt_ids: Ids | RecordError) -> tuple[dict[str, Ids], TokenizeReport]:
-        return {"input_ids": self._fitting(_ok(prompt_ids), reserve=0)}, TokenizeReport()
+    def _prompt(self, record: Record, prompt_ids: Ids | RecordError) -> tuple[dict[str, Any], TokenizeReport]:
+        """The prompt's ids and its record as JSON (``fields``: an environment resets from it, ``rl.episodes``)."""
+        fields = json.dumps(record.fields, ensure_ascii=False)
+        return {"input_ids": self._fitting(_ok(prompt_ids), reserve=0), "fields": fields}, TokenizeReport()
 
     def _texts(self, records: list[Record]) -> list[tuple[dict[str, Any] | None, TokenizeReport]]:
         text_ids = self._encode([record.fields["text"] for record in records], add_special_tokens=True)

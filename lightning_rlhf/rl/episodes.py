@@ -30,6 +30,7 @@ from lightning_rlhf.data.collate import pad
 from lightning_rlhf.data.conversations import observation_ids, observation_text_ids, prompt_ids
 from lightning_rlhf.environments import Environment, Observation, tool_schemas
 from lightning_rlhf.rl.generation import Episodes, Rollout
+from lightning_rlhf.rl.rollouts import episode_texts
 
 
 @dataclass(frozen=True)
@@ -178,3 +179,26 @@ def episodes_rollout(episodes: list[_Episode], pad_token_id: int, device: torch.
         )
     )
     return Rollout(sequences, attention_mask, policy.to(device), prompts.size(1), engine_logprobs, stats)
+
+
+def run_episodes(
+    engine: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    environment: type,
+    records: Sequence[Mapping[str, Any]],
+    options: EpisodeOptions,
+    batch_size: int = 64,
+) -> tuple[list[float], dict[str, float], list[str]]:
+    """One episode of each record, ``batch_size`` at a time (``sample_episodes``): the rewards in record order, the
+    mean over episodes of each ``Episodes`` statistic but the reward (``turns``, ``tool_calls``, ...), and each
+    episode's text after its prompt (special tokens kept: the turns' ends show)."""
+    rewards, texts, totals = [], [], dict.fromkeys(Episodes._fields[1:], 0.0)
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        rollout = sample_episodes(engine, model, tokenizer, [environment() for _ in batch], batch, options)
+        rewards += rollout.episodes.rewards.tolist()
+        for name in totals:
+            totals[name] += float(getattr(rollout.episodes, name).float().sum())
+        texts += [episode for _, episode in episode_texts(tokenizer, rollout)]
+    return rewards, {name: total / max(len(records), 1) for name, total in totals.items()}, texts

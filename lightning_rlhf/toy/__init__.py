@@ -1,5 +1,5 @@
 """The embedded default task: string reversal, and naming a word's last letter as a second skill, with a programmatic
-gold judge (see ``reverse.py``); and a tool task, reversing long words with a ``reverse`` tool (``tools.py``)."""
+gold judge (see ``reverse.py``); and a tool task, adding long numbers with an ``add`` tool (``tools.py``)."""
 
 from lightning_rlhf.toy.reverse import (
     DATA_DIR,

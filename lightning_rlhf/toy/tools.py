@@ -5,10 +5,12 @@ An episode: the user asks ``"Add: 48213+9927"`` (numbers of ``MIN_DIGITS``-``MAX
 either answers at once or calls the tool (Toolformer's calculator, Schick et al. 2023), reads its result and answers
 with it. The episode's reward is 1 for the right sum and 0 otherwise.
 
-The demonstrations (``toy:tool_demonstrations``, conversations) use the tool in only ``TOOL_SHARE`` of them and
-answer at once in the rest, always rightly: SFT learns both ways, and mostly the one it cannot do (a 2-layer model
-does not learn multi-digit addition from 2,000 sums; it reverses 16-letter words nearly perfectly, which is why the
-task is not the embedded one's). RL, rewarded for right answers, has to find out that calling the tool pays.
+The demonstrations (``toy:tool_demonstrations``, conversations) call the tool in ``TOOL_SHARE`` of them and answer
+at once in the rest, always rightly. SFT learns both ways; the second it cannot do (a 2-layer model does not learn
+multi-digit addition from a few hundred sums; it reverses 16-letter words nearly perfectly, which is why the task is
+not the embedded one's), so its episodes score about ``TOOL_SHARE`` times its accuracy through the tool. RL, rewarded
+for right sums, has to find out that calling the tool pays. (With fewer tool demonstrations, 0.3 or 0.5, the 2-layer
+model had not learnt to copy the numbers into the call after 1,000 steps: the unlearnable sums drown that signal.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lightning_rlhf.environments import Observation, ToolEnvironment
 
 PROMPT_PREFIX = "Add: "
 MIN_DIGITS, MAX_DIGITS = 4, 6
-TOOL_SHARE = 0.3  # of the demonstrations call the tool
+TOOL_SHARE = 0.7  # of the demonstrations call the tool
 TOOL_DEMONSTRATIONS, TOOL_PROMPTS, TOOL_HELD_OUT = 2000, 1000, 300
 
 
