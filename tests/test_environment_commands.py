@@ -68,3 +68,27 @@ def test_evaluate_refuses_an_environment_without_its_records_or_beside_a_judge(t
     with pytest.raises(SystemExit):
         evaluate.main(["--models", model, "--output", str(tmp_path / "out"), *args])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("environment", "expected"), [(True, 200), (False, 32)])
+def test_evaluate_bounds_a_turn_by_the_episode_budget_unless_told(tmp_path, monkeypatch, environment, expected):
+    """Without ``--max_new_tokens`` an episode's turn may use the whole ``--max_episode_tokens`` (a tool call of the
+    toy task is ~60 byte tokens: the single-response default of 32 would cut every call short); a single response
+    keeps 32. Catches: the judge's default applied to episodes, or the episode budget to single responses."""
+    seen = {}
+
+    def evaluate_models(named_models, prompts, judge, baseline, temperature, max_new_tokens, *args, **kwargs):
+        seen["max_new_tokens"] = max_new_tokens
+        return {}
+
+    monkeypatch.setattr(evaluate, "evaluate_models", evaluate_models)
+    monkeypatch.setattr(evaluate, "write_json_atomic", lambda *args: None)
+    monkeypatch.setattr(evaluate, "save_figure_atomic", lambda *args: None)
+    monkeypatch.setattr(evaluate, "plot_win_rates", lambda report: None)
+    monkeypatch.setattr(evaluate, "format_table", lambda report: "")
+    judge = ["--environment", "lightning_rlhf.toy.ToolEnv", "--prompts", "toy:tool_held_out"] if environment else []
+    evaluate.main(
+        ["--models", str(tmp_path), *(judge or ["--judge", "gold"]), "--max_episode_tokens", "200"]
+        + ["--output", str(tmp_path / "out")]
+    )
+    assert seen["max_new_tokens"] == expected

@@ -101,23 +101,23 @@ def evaluate_models(
                 sampler, model, tokenizer, environment, prompts, options, batch_size
             )
             scores.append(rewards)
-            continue
-        _, judged = sample_and_judge(
-            model,
-            tokenizer,
-            prompts,
-            score,
-            1,
-            512,
-            batch_size,
-            progress,
-            f"sampling {name}",
-            sampler,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-        )
+        else:
+            _, judged = sample_and_judge(
+                model,
+                tokenizer,
+                prompts,
+                score,
+                1,
+                512,
+                batch_size,
+                progress,
+                f"sampling {name}",
+                sampler,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+            )
+            scores.append([prompt_scores[0] for prompt_scores in judged])
         del model, sampler  # before loading the next one
-        scores.append([prompt_scores[0] for prompt_scores in judged])
     report = rating_report(list(named_models), scores, baseline, bootstrap, seed)
     judge_name = judge if isinstance(judge, str) else getattr(judge, "__qualname__", repr(judge))
     if environment is not None:
@@ -142,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max_turns", type=int, default=4, help="policy turns per episode (--environment)")
     parser.add_argument("--max_episode_tokens", type=int, default=256, help="tokens after the prompt (--environment)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 decodes greedily")
-    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=None,
+        help="most tokens per response (default 32); per policy turn with --environment (default --max_episode_tokens)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the prompts for the intervals")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -181,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         records, _ = read_records(args.prompts or toy_path("prompts"), "prompt")
         prompts = [record.fields if environment else record.fields["prompt"] for record in records]
     prompts = prompts[: args.limit]
+    if args.max_new_tokens is None:  # a turn is bounded by the episode's budget anyway
+        args.max_new_tokens = args.max_episode_tokens if environment else 32
     report = evaluate_models(
         dict(zip(names, args.models, strict=True)),
         prompts,
