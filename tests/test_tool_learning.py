@@ -14,9 +14,12 @@ import lightning as L
 import torch
 
 from lightning_rlhf import PPOModule, PromptDataModule
+from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.models.causal_lm import load_causal_lm
+from lightning_rlhf.models.export import export_pretrained
 from lightning_rlhf.rl.generation import Rollout, mask_after_eos
 from lightning_rlhf.toy.tools import operands, tool_call_text
-from tests.helpers import make_tiny_export
+from tests.helpers import TINY_CONFIG
 from tests.test_ppo import fit
 
 RESULT = re.compile(r"<\|tool\|>(\d+)\n<\|assistant\|>$")
@@ -39,8 +42,10 @@ def tool_probability(model, tokenizer, context_ids: torch.Tensor) -> torch.Tenso
     """P(the tool's call) among the two first turns: a softmax of their mean per-token log-probs (the call is ~75
     tokens, the answer 3; summed log-probs would make an untrained model's choice certain)."""
     context = tokenizer.decode(context_ids)
-    scores = [mean_logprob(model, context_ids, torch.tensor(tokenizer.encode(t, add_special_tokens=False)))
-              for t in first_turns(context, tokenizer.eos_token)]
+    scores = [
+        mean_logprob(model, context_ids, torch.tensor(tokenizer.encode(t, add_special_tokens=False)))
+        for t in first_turns(context, tokenizer.eos_token)
+    ]
     return torch.stack(scores).softmax(0)[0]
 
 
@@ -67,7 +72,9 @@ class TwoTurnEngine:
         responses = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in encoded])
         response_mask = mask_after_eos(responses, tokenizer.eos_token_id)
         sequences = torch.cat([input_ids, responses], 1)
-        return Rollout(sequences, torch.cat([attention_mask, response_mask.long()], 1), response_mask, input_ids.size(1))
+        return Rollout(
+            sequences, torch.cat([attention_mask, response_mask.long()], 1), response_mask, input_ids.size(1)
+        )
 
 
 def expected_reward(module: PPOModule, batch: dict) -> float:
@@ -75,10 +82,16 @@ def expected_reward(module: PPOModule, batch: dict) -> float:
     always answered rightly, ``0`` never is)."""
     tokenizer = module.tokenizer
     with torch.no_grad():
-        return torch.stack(
-            [tool_probability(module.policy, tokenizer, ids[mask.bool()])
-             for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
-        ).mean().item()
+        return (
+            torch.stack(
+                [
+                    tool_probability(module.model, tokenizer, ids[mask.bool()])
+                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+                ]
+            )
+            .mean()
+            .item()
+        )
 
 
 def test_grpo_on_tool_episodes_learns_to_call_the_tool(tmp_path):
@@ -86,7 +99,10 @@ def test_grpo_on_tool_episodes_learns_to_call_the_tool(tmp_path):
     the policy's probability of calling the tool on held-out prompts, which is its expected episode reward, rises
     from about one half. Catches: the advantage's sign flipped, the episode's reward not reaching the policy's
     tokens, the update not applied (all of which leave it flat or falling)."""
-    model = make_tiny_export(tmp_path / "model")
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(None)  # the tiny config's 128 positions are too few for a prompt, a call and the answer
+    policy = load_causal_lm(None, tokenizer, "float32", {**TINY_CONFIG, "max_position_embeddings": 256})
+    model = str(export_pretrained(policy, tokenizer, tmp_path / "model"))
     data = PromptDataModule(
         train_path="toy:tool_prompts", tokenizer_name_or_path=model, batch_size=4, max_length=48, val_fraction=0.02
     )
@@ -98,7 +114,7 @@ def test_grpo_on_tool_episodes_learns_to_call_the_tool(tmp_path):
         environment="lightning_rlhf.toy.ToolEnv",
         max_turns=2,
         max_new_tokens=96,
-        max_episode_tokens=200,
+        max_episode_tokens=160,
         advantage_estimator="grpo",
         num_generations=4,
         kl_in_reward=False,
@@ -110,4 +126,4 @@ def test_grpo_on_tool_episodes_learns_to_call_the_tool(tmp_path):
     before = expected_reward(module, held_out)
     fit(module, data, 12, tmp_path)
     after = expected_reward(module, held_out)
-    assert after > before + 0.3, (before, after)
+    assert after > before + 0.3, (before, after)  # measured: 0.50 -> 0.84 (advantages negated: 0.17)
