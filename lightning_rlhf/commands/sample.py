@@ -67,14 +67,34 @@ def judge_records(prompts: list, samples: list[list[str]], judge: Scorer, noise:
     ``judge`` scores a batch of (prompt, response) pairs (``judges.make_scorer`` makes one of ``"gold"``, a
     reward-model directory or a function); all distinct responses go to it in one call (``sampling.judge_samples``).
     """
+    unique = [list(dict.fromkeys(responses)) for responses in samples]
+    return rank_records(prompts, samples, unique, judge_samples(prompts, unique, judge), noise, seed)
+
+
+def episode_records(prompts: list, samples: list[list[str]], rewards: list[list[float]], noise: float, seed: int):
+    """``judge_records`` for episodes already scored by their environment: ``rewards[i][j]`` of ``samples[i][j]``;
+    identical episodes are merged, the first one's reward kept."""
+    merged = []
+    for texts, scores in zip(samples, rewards, strict=True):
+        first: dict[str, float] = {}
+        for text, reward in zip(texts, scores, strict=True):
+            first.setdefault(text, reward)
+        merged.append(first)
+    return rank_records(prompts, samples, [list(m) for m in merged], [list(m.values()) for m in merged], noise, seed)
+
+
+def rank_records(
+    prompts: list, samples: list[list[str]], unique: list[list[str]], scores: list[list[float]], noise: float, seed: int
+):
+    """Records of each prompt's distinct responses ``unique`` (of ``samples``), ranked by ``scores`` + N(0, noise²)
+    under ``seed``; a prompt whose responses all tie is left out and counted."""
     rng = random.Random(seed)
     report = SampleReport(prompts=len(prompts))
     # An empty response (EOS at once) is a response: ranked like any other, so that a reward model learns its score.
-    unique = [list(dict.fromkeys(responses)) for responses in samples]
     report.empty = sum(not r for responses in samples for r in responses)
     report.merged_duplicates = sum(len(r) - len(u) for r, u in zip(samples, unique, strict=True))
     records = []
-    for prompt, responses, judged in zip(prompts, unique, judge_samples(prompts, unique, judge), strict=True):
+    for prompt, responses, judged in zip(prompts, unique, scores, strict=True):
         ranks = rank([score + (rng.gauss(0, noise) if noise else 0.0) for score in judged])
         if len(set(ranks)) < 2:
             report.all_tied += 1
