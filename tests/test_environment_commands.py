@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lightning_rlhf.commands import evaluate
+from lightning_rlhf.commands import evaluate, sample
 from lightning_rlhf.rl.episodes import EpisodeOptions, run_episodes
 from lightning_rlhf.toy.tools import ToolEnv, question, tool_call_text
 from tests.helpers import make_tiny_export
@@ -92,3 +92,28 @@ def test_evaluate_bounds_a_turn_by_the_episode_budget_unless_told(tmp_path, monk
         + ["--output", str(tmp_path / "out")]
     )
     assert seen["max_new_tokens"] == expected
+
+
+def test_episode_records_merge_identical_episodes_keeping_the_first_reward_and_count_ties():
+    """Prompt p: episodes (A, B, A) rewarded (1, 0, 0): A's first reward, 1, is kept, so A ranks 0 and B 1, and one
+    duplicate is merged. Prompt q: (C, C) both 0, one response left: all tied, left out and counted. Catches: the last
+    duplicate's reward kept (A and B would tie at 0 and p be dropped), duplicates not merged, a tied prompt written."""
+    records, report = sample.episode_records(["p", "q"], [["A", "B", "A"], ["C", "C"]], [[1, 0, 0], [0, 0]], 0.0, 0)
+    assert records == [{"prompt": "p", "responses": ["A", "B"], "ranks": [0, 1]}]
+    assert (report.prompts, report.written, report.all_tied, report.merged_duplicates) == (2, 1, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--environment", "lightning_rlhf.toy.ToolEnv", "--judge", "gold"], "drop --judge"),
+        (["--environment", "lightning_rlhf.toy.ToolEnv", "--k", "1"], "--k must be at least 2"),
+        (["--environment", "lightning_rlhf.toy.nothing"], "cannot be imported"),
+    ],
+)
+def test_sample_refuses_an_environment_beside_a_judge_or_with_one_episode(tmp_path, capsys, args, message):
+    """Catches: two rankings at once, a single episode "ranked", an import error as a traceback."""
+    model = make_tiny_export(tmp_path / "model")
+    with pytest.raises(SystemExit):
+        sample.main(["--model", model, "--prompts", "toy:tool_prompts", "--output", str(tmp_path / "o.jsonl"), *args])
+    assert message in capsys.readouterr().err

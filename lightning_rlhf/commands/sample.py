@@ -16,6 +16,11 @@ done (``data.resumable``). An interrupted run (Ctrl-C, a crash, ``kill -9``) kee
 command continues it and writes what an uninterrupted run would have: every batch has its own seed, from ``--seed``
 and its first prompt, for the sampling and the labeller's noise alike. A partial file made with other arguments is
 refused; ``--restart`` discards it.
+
+With ``--environment package.module.Class`` (``lightning_rlhf.environments``; e.g. ``lightning_rlhf.toy.ToolEnv`` on
+``--prompts toy:tool_prompts``) each prompt record starts K episodes instead, ranked by the environment's reward
+(plus ``--noise``): a response is the episode after the prompt as text, the policy's turns and the environment's
+as the chat template writes them.
 """
 
 from __future__ import annotations
@@ -25,16 +30,19 @@ import random
 import sys
 from dataclasses import asdict, astuple, dataclass
 
+import torch
 from tqdm import tqdm
 
 from lightning_rlhf.data.records import read_records
 from lightning_rlhf.data.resumable import ResumableJsonl, digest, fingerprint
 from lightning_rlhf.data.tokenizer import load_tokenizer
+from lightning_rlhf.environments import import_environment
 from lightning_rlhf.evaluation.judges import Scorer, make_scorer
 from lightning_rlhf.evaluation.ratings import rank
 from lightning_rlhf.io import check_output_file
 from lightning_rlhf.models.causal_lm import load_causal_lm
 from lightning_rlhf.rl.engines import ENGINES, build_engine
+from lightning_rlhf.rl.episodes import EpisodeOptions, run_episodes
 from lightning_rlhf.rl.generation import CACHE_IMPLEMENTATIONS
 from lightning_rlhf.rl.sampling import batch_seed, judge_samples, sample_batches
 from lightning_rlhf.toy import make_prompts
@@ -111,6 +119,21 @@ def unranked_records(prompts: list, samples: list[list[str]]) -> tuple[list[dict
     return records, SampleReport(prompts=len(prompts), written=len(records), empty=empty)
 
 
+def episode_batches(model, tokenizer, engine, environment: type, records: list, args, options, start: int):
+    """``sampling.sample_batches`` for episodes: ``args.k`` episodes of each record from ``start`` on, by batches of
+    whole records, each under ``batch_seed``; yields ``(first, texts, rewards)``, ``k`` of each per record."""
+    per_batch, k = max(1, args.batch_size // args.k), args.k
+    for first in range(start, len(records), per_batch):
+        torch.manual_seed(batch_seed(args.seed, first))
+        repeated = [record for record in records[first : first + per_batch] for _ in range(k)]
+        rewards, _, texts = run_episodes(engine, model, tokenizer, environment, repeated, options, len(repeated))
+        yield (
+            first,
+            [texts[i : i + k] for i in range(0, len(texts), k)],
+            [rewards[i : i + k] for i in range(0, len(rewards), k)],
+        )
+
+
 def main(argv: list[str] | None = None) -> SampleReport:
     parser = argparse.ArgumentParser(prog="lightning-rlhf sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face directory (e.g. the SFT export)")
@@ -126,7 +149,12 @@ def main(argv: list[str] | None = None) -> SampleReport:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=None,
+        help="most tokens per response (default 32); per policy turn with --environment (default --max_episode_tokens)",
+    )
     parser.add_argument("--max_length", type=int, default=512, help="most prompt tokens")
     parser.add_argument("--batch_size", type=int, default=64, help="responses per batch, in whole prompts (>= 1)")
     parser.add_argument(
@@ -142,16 +170,28 @@ def main(argv: list[str] | None = None) -> SampleReport:
         help="rank with a simulated labeller: gold (the toy task), a reward-model directory, or package.module.fn "
         "naming a function (prompt, response) -> float",
     )
+    parser.add_argument(
+        "--environment", default=None, help="an environment class (package.module.Class): K episodes, ranked by reward"
+    )
+    parser.add_argument("--max_turns", type=int, default=4, help="policy turns per episode (--environment)")
+    parser.add_argument("--max_episode_tokens", type=int, default=256, help="tokens after the prompt (--environment)")
     parser.add_argument("--noise", type=float, default=0.0, help="std of the labeller's noise on judge scores")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restart", action="store_true", help="discard an interrupted run's results, start over")
     args = parser.parse_args(argv)
+    if args.max_new_tokens is None:  # a turn is bounded by the episode's budget anyway
+        args.max_new_tokens = args.max_episode_tokens if args.environment else 32
     if args.compile and args.cache_implementation != "static":
         parser.error("--compile needs --cache_implementation static")
     if args.engine != "hf" and (args.compile or args.cache_implementation != "dynamic"):
         parser.error(f"--compile and --cache_implementation are the hf engine's; --engine {args.engine} has its own")
-    if args.k < 2 and args.judge:
+    if args.k < 2 and (args.judge or args.environment):
         parser.error("--k must be at least 2 to rank responses")
+    if args.environment and (args.judge or args.toy_prompts is not None or args.engine != "hf"):
+        parser.error(
+            "--environment ranks by its own reward on --prompts records, with the hf engine: drop --judge, "
+            "--toy_prompts and --engine"
+        )
     for name, ok, allowed in [
         ("k", args.k >= 1, ">= 1"),
         ("batch_size", args.batch_size >= 1, ">= 1"),
@@ -167,6 +207,10 @@ def main(argv: list[str] | None = None) -> SampleReport:
     # Built first, so that a judge that cannot be found fails before the sampling; no bar of its own: it judges a
     # batch at a time, under the sampling bar.
     judge = make_scorer(args.judge, args.batch_size) if args.judge else None
+    try:
+        environment = import_environment(args.environment) if args.environment else None
+    except ValueError as err:
+        parser.error(str(err))
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model, tokenizer)
     engine = build_engine(args.engine, args.model, str(model.dtype).removeprefix("torch."))
@@ -175,11 +219,13 @@ def main(argv: list[str] | None = None) -> SampleReport:
     else:
         records, _ = read_records(args.prompts, "prompt")
         prompts = [r.fields["prompt"] for r in records[: args.limit]]
+        fields = [r.fields for r in records[: args.limit]]
     settings = {
         "command": "sample",
         "model": fingerprint(args.model),
         "prompts": digest(prompts),
         "judge": fingerprint(args.judge),
+        "environment": args.environment and [args.environment, args.max_turns, args.max_episode_tokens],
         **{
             name: getattr(args, name)
             for name in (
@@ -200,35 +246,39 @@ def main(argv: list[str] | None = None) -> SampleReport:
         report = SampleReport(**out.counts)
         if out.done:
             print(f"{out.records_path}: continuing after {out.done} of {len(prompts)} prompts", file=sys.stderr)
-        batches = sample_batches(
-            model,
-            tokenizer,
-            prompts,
-            args.k,
-            args.max_length,
-            args.batch_size,
-            args.seed,
-            out.done,
-            engine,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            cache_implementation=args.cache_implementation,
-            compile=args.compile,
-        )
+        if environment is not None:
+            options = EpisodeOptions(args.max_turns, args.max_new_tokens, args.max_episode_tokens, args.temperature)
+            batches = episode_batches(model, tokenizer, engine, environment, fields, args, options, out.done)
+        else:
+            batches = sample_batches(
+                model,
+                tokenizer,
+                prompts,
+                args.k,
+                args.max_length,
+                args.batch_size,
+                args.seed,
+                out.done,
+                engine,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                cache_implementation=args.cache_implementation,
+                compile=args.compile,
+            )
         total = len(prompts) * args.k
         with tqdm(total=total, initial=out.done * args.k, desc="sampling", unit="response") as bar:
-            for first, samples in batches:
-                batch_prompts = prompts[first : first + len(samples)]
-                if judge:  # the labeller's noise seeded per batch too
-                    rows, batch_report = judge_records(
-                        batch_prompts, samples, judge, args.noise, batch_seed(args.seed, first)
-                    )
+            for first, samples, *rewards in batches:
+                batch_prompts, seed = prompts[first : first + len(samples)], batch_seed(args.seed, first)
+                if rewards:  # episodes, scored by their environment; the labeller's noise seeded per batch too
+                    rows, batch_report = episode_records(batch_prompts, samples, rewards[0], args.noise, seed)
+                elif judge:
+                    rows, batch_report = judge_records(batch_prompts, samples, judge, args.noise, seed)
                 else:
                     rows, batch_report = unranked_records(batch_prompts, samples)
                 report += batch_report
                 out.append(rows, first + len(samples), asdict(report))
                 bar.update(len(samples) * args.k)
         out.finish()
-    print(f"{args.output}: {report.summary(ranked=judge is not None)}")
+    print(f"{args.output}: {report.summary(ranked=judge is not None or environment is not None)}")
     return report
